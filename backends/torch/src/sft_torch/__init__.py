@@ -1,0 +1,1 @@
+"""PyTorch backend for sft (transformers + peft). Importing this package imports no torch."""

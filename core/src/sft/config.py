@@ -1,0 +1,332 @@
+"""Loading a job spec: YAML + `key.sub=value` overrides + `--backend`, validated all at once.
+
+    from sft.config import load_config
+    config = load_config("configs/smollm2-135m/lora.yaml", ["train.max_steps=10"], backend=None)
+
+Every problem (unknown keys with a suggestion, bad values with the allowed ones, a method the
+backend cannot run, missing data files ...) is collected into one `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from sft.errors import ConfigError, Problem, SftError, did_you_mean
+from sft.plugins import Plugins, get_plugins
+from sft.specs import METHOD_NAMES, RunConfig
+
+#: Backends that ship with sft, listed even when not installed (with their install command).
+KNOWN_BACKENDS = {
+    "torch": "pip install -e backends/torch   (or: make venv-torch)",
+    "mindspore": "pip install -e backends/mindspore   (or: make venv-ms)",
+}
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from `path`, with a clear error for syntax mistakes."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SftError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError([Problem(where, f"invalid YAML: {getattr(exc, 'problem', exc)}")])
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(str(path), "a config must be a YAML mapping of sections")])
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> list[Problem]:
+    """Set `a.b.c=value` items (values parsed as YAML) into `data`; returns problems."""
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(Problem(item, "an override must look like key.sub=value"))
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(
+                    Problem(".".join(parts[: i + 1]), f"is {child!r}, not a section: cannot set {key}")
+                )
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
+    return problems
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    # pydantic puts the discriminator value in the path (method.lora.r); users wrote method.r.
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p in METHOD_NAMES)]
+    return ".".join(parts)
+
+
+def pydantic_problems(exc: ValidationError, prefix: str = "") -> list[Problem]:
+    """One Problem per pydantic error, with key path, bad value and a suggestion."""
+    problems = []
+    for err in exc.errors():
+        path = _loc(((prefix,) if prefix else ()) + tuple(err["loc"]))
+        kind, msg, value = err["type"], err["msg"], err.get("input")
+        hint = ""
+        if kind == "extra_forbidden":
+            parent_loc, key = tuple(err["loc"][:-1]), str(err["loc"][-1])
+            fields = _fields_at(exc.title, parent_loc, prefix)
+            guess = did_you_mean(key, fields)
+            msg = "unknown key"
+            hint = f"did you mean {guess!r}?" if guess else f"allowed: {', '.join(sorted(fields))}"
+        elif kind == "union_tag_invalid":
+            msg = f"unknown method {value!r}" if "name" in str(err.get("ctx")) else msg
+            guess = did_you_mean(str((value or {}).get("name", "")) if isinstance(value, dict) else str(value), METHOD_NAMES)
+            hint = (f"did you mean {guess!r}? " if guess else "") + f"allowed: {', '.join(METHOD_NAMES)}"
+        elif kind == "literal_error":
+            expected = str(err.get("ctx", {}).get("expected", ""))
+            guess = did_you_mean(str(value), [e.strip(" '") for e in expected.replace(" or ", ",").split(",")])
+            msg = f"got {value!r}; expected {expected}"
+            hint = f"did you mean {guess!r}?" if guess else ""
+        elif not isinstance(value, (dict, list)) and value is not None and kind != "missing":
+            msg = f"{msg} (got {value!r})"
+        problems.append(Problem(path, msg, hint))
+    return problems
+
+
+_MODELS: dict[str, type[BaseModel]] = {}
+
+
+def _fields_at(title: str, loc: tuple[Any, ...], prefix: str) -> list[str]:
+    """Field names of the model at `loc` inside RunConfig (for did-you-mean on unknown keys)."""
+    model: Any = _MODELS.get(title, RunConfig)
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if isinstance(part, str) and part in METHOD_NAMES:
+            from sft import specs
+
+            model = {
+                "full": specs.FullMethod,
+                "lora": specs.LoraMethod,
+                "qlora": specs.QLoraMethod,
+                "freeze": specs.FreezeMethod,
+            }[part]
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        model = _unwrap_model(ann)
+        if model is None:
+            return []
+    fields = list(getattr(model, "model_fields", {}))
+    if model is RunConfig:
+        fields = [f for f in fields if f != "backend_options"]
+    return fields
+
+
+def _unwrap_model(ann: Any) -> Any:
+    import typing
+
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in typing.get_args(ann):
+        found = _unwrap_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    p = Path(os.path.expanduser(value))
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or value.endswith((".gguf", ".jinja"))
+
+
+def resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Make config-relative paths absolute (data sources, templates, prompts, model files)."""
+    d = data.get("data")
+    if isinstance(d, dict):
+        for key in ("train", "eval"):
+            srcs = d.get(key)
+            items = srcs if isinstance(srcs, list) else [srcs]
+            for i, src in enumerate(items):
+                if isinstance(src, str):
+                    items[i] = _resolve_path(src, base)
+                elif isinstance(src, dict) and isinstance(src.get("path"), str):
+                    src["path"] = _resolve_path(src["path"], base)
+            if srcs is not None:
+                d[key] = items if isinstance(srcs, list) else items[0]
+        tpl = d.get("template")
+        if isinstance(tpl, str) and _looks_like_path(tpl):
+            d["template"] = _resolve_path(tpl, base)
+    m = data.get("model")
+    name = m if isinstance(m, str) else (m.get("name_or_path") if isinstance(m, dict) else None)
+    if isinstance(name, str) and (_looks_like_path(name) or (base / name).exists()):
+        resolved = _resolve_path(name, base)
+        if isinstance(m, str):
+            data["model"] = resolved
+        else:
+            m["name_or_path"] = resolved
+    ev = data.get("eval")
+    if isinstance(ev, dict) and isinstance(ev.get("prompts"), str):
+        ev["prompts"] = _resolve_path(ev["prompts"], base)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None,
+    overrides: list[str] | None = None,
+    backend: str | None = None,
+    plugins: Plugins | None = None,
+) -> RunConfig:
+    """Read, override, resolve and validate a job spec. Raises ConfigError listing everything."""
+    plugins = plugins or get_plugins()
+    cfg_path = Path(path).resolve() if path else None
+    data = read_yaml(cfg_path) if cfg_path else {}
+    problems = apply_overrides(data, list(overrides or []))
+    if backend:
+        data["backend"] = backend
+    base = cfg_path.parent if cfg_path else Path.cwd()
+    resolve_paths(data, base)
+    if data.get("output_dir") is None and cfg_path is not None:
+        data["output_dir"] = str(Path.cwd() / "runs" / f"{cfg_path.parent.name}-{cfg_path.stem}")
+    elif isinstance(data.get("output_dir"), str):
+        data["output_dir"] = _resolve_path(data["output_dir"], Path.cwd())
+
+    names = set(plugins.backends) | set(KNOWN_BACKENDS)
+    sections = {k: data.pop(k) for k in list(data) if k in names}
+    for name, section in sections.items():
+        if section is not None and not isinstance(section, dict):
+            problems.append(Problem(name, "backend section must be a mapping"))
+    data["backend_options"] = {k: v or {} for k, v in sections.items() if isinstance(v or {}, dict)}
+
+    config = None
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems += pydantic_problems(exc)
+    if config is not None:
+        problems += semantic_problems(config, plugins)
+    if problems:
+        raise ConfigError(problems, str(cfg_path) if cfg_path else "")
+    assert config is not None
+    return config
+
+
+def backend_options(config: RunConfig, plugins: Plugins) -> BaseModel:
+    """The chosen backend's section validated by its Options model."""
+    be = plugins.backends.get(config.backend)
+    return be.Options.model_validate(config.options)
+
+
+def semantic_problems(config: RunConfig, plugins: Plugins) -> list[Problem]:
+    """Checks that need the registries: backend, capabilities, names, files."""
+    problems: list[Problem] = []
+    d = config.data
+    for key, srcs in (("data.train", d.train), ("data.eval", d.eval or [])):
+        for i, src in enumerate(srcs):
+            where = f"{key}[{i}]" if len(srcs) > 1 else key
+            if not (os.path.exists(src.path) or glob.glob(src.path)):
+                problems.append(Problem(f"{where}.path", f"no file or directory matches {src.path}"))
+            if src.format != "auto" and src.format not in plugins.formats:
+                guess = did_you_mean(src.format, plugins.formats)
+                problems.append(
+                    Problem(
+                        f"{where}.format",
+                        f"unknown format {src.format!r}",
+                        (f"did you mean {guess!r}? " if guess else "")
+                        + f"allowed: auto, {', '.join(plugins.formats)}",
+                    )
+                )
+    tpl = d.template
+    if tpl != "auto" and tpl not in plugins.templates and not os.path.isfile(tpl):
+        guess = did_you_mean(tpl, plugins.templates)
+        problems.append(
+            Problem(
+                "data.template",
+                f"{tpl!r} is neither a built-in template nor a file",
+                (f"did you mean {guess!r}? " if guess else "")
+                + f"built-ins: auto, {', '.join(plugins.templates)}",
+            )
+        )
+    if config.eval.prompts and not os.path.isfile(config.eval.prompts):
+        problems.append(Problem("eval.prompts", f"file not found: {config.eval.prompts}"))
+    for fmt in config.export.formats:
+        if fmt not in plugins.exporters:
+            guess = did_you_mean(fmt, plugins.exporters)
+            problems.append(
+                Problem(
+                    "export.formats",
+                    f"unknown export format {fmt!r}",
+                    (f"did you mean {guess!r}? " if guess else "")
+                    + f"installed: {', '.join(plugins.exporters)}",
+                )
+            )
+    problems += backend_problems(config, plugins)
+    for extra in plugins.hook.sft_validate_config(config=config):
+        for text in extra or []:
+            path, _, msg = text.partition(": ")
+            problems.append(Problem(path, msg) if msg else Problem("", text))
+    return problems
+
+
+def backend_problems(config: RunConfig, plugins: Plugins) -> list[Problem]:
+    """The chosen backend exists, its section is valid, and it can do what the config asks."""
+    name = config.backend
+    if name not in plugins.backends:
+        if name in KNOWN_BACKENDS:
+            return [Problem("backend", f"backend {name!r} is not installed",
+                            f"install it with: {KNOWN_BACKENDS[name]}")]
+        guess = did_you_mean(name, set(plugins.backends) | set(KNOWN_BACKENDS))
+        return [Problem("backend", f"unknown backend {name!r}",
+                        (f"did you mean {guess!r}? " if guess else "")
+                        + f"installed: {', '.join(plugins.backends) or '(none)'}")]
+    be = plugins.backends.get(name)
+    problems: list[Problem] = []
+    try:
+        be.Options.model_validate(config.options)
+    except ValidationError as exc:
+        problems += pydantic_problems(exc, prefix=name)
+    caps = be.capabilities
+    others = lambda cap: [b for b, x in plugins.backends.items() if cap in x.capabilities]  # noqa: E731
+    wanted = [("method.name", config.method.name, f"method {config.method.name!r}")]
+    par = config.parallel
+    if par.world_size > 1 or par.strategy != "ddp":
+        wanted.append(("parallel.strategy", par.strategy, f"strategy {par.strategy!r}"))
+    if par.nnodes > 1:
+        wanted.append(("parallel.nnodes", "multi_node", "more than one node"))
+    for key, cap in (("tensor_parallel", "tensor_parallel"), ("pipeline_parallel", "pipeline_parallel"),
+                     ("context_parallel", "context_parallel")):
+        if getattr(par, key) > 1:
+            wanted.append((f"parallel.{key}", cap, key.replace("_", " ")))
+    if config.data.packing is True:
+        wanted.append(("data.packing", "packing", "packing"))
+    for key, cap, what in wanted:
+        if cap not in caps:
+            have = others(cap)
+            problems.append(Problem(
+                key, f"backend {name!r} does not support {what}",
+                f"backends that do: {', '.join(have)}" if have else "no installed backend does",
+            ))
+    for text in be.validate(config):
+        path, _, msg = text.partition(": ")
+        problems.append(Problem(path, msg) if msg else Problem("", text))
+    return problems

@@ -1,0 +1,1 @@
+"""Framework-free data preparation: records -> conversations -> tokens + loss masks -> cache."""

@@ -1,0 +1,1 @@
+"""Record formats (alpaca, sharegpt, messages, prompt_completion, text) -> Conversation."""

@@ -1,0 +1,1 @@
+"""Built-in chat templates for models whose tokenizer has none."""

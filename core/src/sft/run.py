@@ -1,0 +1,109 @@
+"""`sft run`: the one linear flow from a validated spec to a finished run directory.
+
+    config -> backend check -> run dir + resolved config.yaml -> model (local HF dir)
+      -> tokenized data (cached) -> backend.train(plan, events) -> summary.json -> exports
+
+Run directory: config.yaml, data.json (record accounting), rejects.jsonl, metrics.jsonl,
+checkpoints/step-NNNNNN/, final/ (adapter or model + tokenizer + generation_config.json),
+loss.png, summary.json, exports/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sft.backend import TrainPlan
+from sft.checkpoints import resolve_resume
+from sft.config import backend_options
+from sft.events import RunEvents
+from sft.plugins import Plugins, get_plugins
+from sft.specs import RunConfig
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """The config as the user would write it (backend sections back at the top level)."""
+    data = config.model_dump(mode="json", exclude={"backend_options"})
+    for name, section in config.backend_options.items():
+        data[name] = section
+    return data
+
+
+def write_config(config: RunConfig, path: Path) -> None:
+    path.write_text(
+        "# Resolved by sft; rerun with: sft run --config " + str(path) + "\n"
+        + yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    )
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def resolve_packing(config: RunConfig, backend: Any, options: Any) -> bool:
+    if config.data.packing != "auto":
+        return bool(config.data.packing)
+    if "packing" not in backend.capabilities:
+        return False
+    default = getattr(backend, "default_packing", None)
+    return bool(default(options)) if default else True
+
+
+def build_plan(config: RunConfig, plugins: Plugins | None = None) -> tuple[TrainPlan, Any]:
+    """Everything before training: returns the plan and the backend that will run it."""
+    from sft.data.pipeline import prepare_data
+    from sft.models import resolve_model
+
+    plugins = plugins or get_plugins()
+    backend = plugins.backends.get(config.backend)
+    backend.check_available()
+    options = backend_options(config, plugins)
+    run_dir = Path(config.output_dir or "runs/run").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        write_config(config, run_dir / "config.yaml")
+    model = resolve_model(config.model.name_or_path)
+    data = prepare_data(config, model, run_dir=run_dir)
+    plan = TrainPlan(
+        config=config,
+        options=options,
+        run_dir=run_dir,
+        model=model,
+        data=data,
+        resume_from=resolve_resume(config.checkpoint.resume, run_dir),
+        packing=resolve_packing(config, backend, options),
+    )
+    return plan, backend
+
+
+def run(config: RunConfig, plugins: Plugins | None = None) -> dict[str, Any]:
+    """Train as the config says; returns the contents of summary.json."""
+    plugins = plugins or get_plugins()
+    start = time.time()
+    plan, backend = build_plan(config, plugins)
+    events = RunEvents(config, plan.run_dir, plugins.hook, is_main=is_main_process())
+    result = backend.train(plan, events)
+    summary: dict[str, Any] = {
+        "backend": config.backend,
+        "model": config.model.name_or_path,
+        "method": config.method.name,
+        "run_dir": str(plan.run_dir),
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+        "outputs": result.outputs,
+        "metrics": result.metrics,
+        "data": plan.data.stats,
+        "data_cache": str(plan.data.cache_dir),
+        "packing": plan.packing,
+        "resumed_from": str(plan.resume_from) if plan.resume_from else None,
+        "wall_time_s": round(time.time() - start, 2),
+    }
+    if is_main_process():
+        (plan.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        events.train_end(summary)
+    return summary

@@ -1,0 +1,1 @@
+"""A template third-party backend for sft (see plugin.py)."""
