@@ -182,6 +182,22 @@ def models() -> None:
         typer.echo(f"{m.name}\n    {m.description}\n    weights: {m.filename} from `{m.install}`")
 
 
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (or an HF model dir).")],
+    format: Annotated[str, typer.Option("--format", "-f", help="hf, adapter, ckpt, gguf ...")],
+    out: Annotated[Optional[Path], typer.Option(help="Output dir (default RUN_DIR/exports/FMT).")] = None,
+    dtype: Annotated[str, typer.Option(help="f32, f16, bf16 or q8_0 (gguf).")] = "f16",
+) -> None:
+    """Export a run (merged HF model, adapter, MindSpore ckpt, GGUF) and verify the export."""
+    from sft.export import ExportRequest, run_export
+
+    target = out or run_dir / "exports" / format
+    report = run_export(format, ExportRequest(run_dir=run_dir.resolve(), out=target.resolve(), dtype=dtype))
+    typer.echo(report.to_json())
+    typer.echo(f"{format} export written to {report.path} (verified)")
+
+
 def _command() -> click.Command:
     from sft.plugins import get_plugins
 

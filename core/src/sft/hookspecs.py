@@ -59,6 +59,13 @@ def sft_register_commands(cli: Any) -> None:
 
 
 @hookspec(firstresult=True)
+def sft_write_data(fmt: str, data: Any, out_dir: str, config: RunConfig) -> str | None:
+    """Write a prepared dataset (`sft.data.cache.PreparedData`) in a backend's own format
+    (e.g. `mindrecord`) into `out_dir`; return the path written, or None if `fmt` is not yours.
+    Used by `sft data prepare --format FMT`. Stops at the first non-None result."""
+
+
+@hookspec(firstresult=True)
 def sft_resolve_model(spec: str, cache_dir: str) -> str | None:
     """Turn a model spec (built-in name, `.gguf` file, hub id) into a local Hugging Face model
     directory (config.json, safetensors, tokenizer). Return None if not yours. Stops at the
