@@ -80,22 +80,27 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
-def pydantic_problems(exc: ValidationError, prefix: str = "") -> list[Problem]:
+def pydantic_problems(
+    exc: ValidationError, prefix: str = "", model: type[BaseModel] = RunConfig
+) -> list[Problem]:
     """One Problem per pydantic error, with key path, bad value and a suggestion."""
     problems = []
     for err in exc.errors():
+        if err["type"] == "union_tag_invalid":
+            err["loc"] = (*err["loc"], "name")
         path = _loc(((prefix,) if prefix else ()) + tuple(err["loc"]))
         kind, msg, value = err["type"], err["msg"], err.get("input")
         hint = ""
         if kind == "extra_forbidden":
             parent_loc, key = tuple(err["loc"][:-1]), str(err["loc"][-1])
-            fields = _fields_at(exc.title, parent_loc, prefix)
+            fields = _fields_at(model, parent_loc)
             guess = did_you_mean(key, fields)
             msg = "unknown key"
             hint = f"did you mean {guess!r}?" if guess else f"allowed: {', '.join(sorted(fields))}"
         elif kind == "union_tag_invalid":
-            msg = f"unknown method {value!r}" if "name" in str(err.get("ctx")) else msg
-            guess = did_you_mean(str((value or {}).get("name", "")) if isinstance(value, dict) else str(value), METHOD_NAMES)
+            tag = value.get("name") if isinstance(value, dict) else value
+            msg = f"unknown method {tag!r}"
+            guess = did_you_mean(str(tag), METHOD_NAMES)
             hint = (f"did you mean {guess!r}? " if guess else "") + f"allowed: {', '.join(METHOD_NAMES)}"
         elif kind == "literal_error":
             expected = str(err.get("ctx", {}).get("expected", ""))
@@ -108,12 +113,9 @@ def pydantic_problems(exc: ValidationError, prefix: str = "") -> list[Problem]:
     return problems
 
 
-_MODELS: dict[str, type[BaseModel]] = {}
-
-
-def _fields_at(title: str, loc: tuple[Any, ...], prefix: str) -> list[str]:
-    """Field names of the model at `loc` inside RunConfig (for did-you-mean on unknown keys)."""
-    model: Any = _MODELS.get(title, RunConfig)
+def _fields_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model at `loc` inside `root` (for did-you-mean on unknown keys)."""
+    model: Any = root
     for part in loc:
         if isinstance(part, int):
             continue
@@ -223,6 +225,7 @@ def load_config(
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
         problems += pydantic_problems(exc)
+        problems += raw_backend_problems(data, plugins)
     if config is not None:
         problems += semantic_problems(config, plugins)
     if problems:
@@ -288,23 +291,49 @@ def semantic_problems(config: RunConfig, plugins: Plugins) -> list[Problem]:
     return problems
 
 
+def raw_backend_problems(data: dict[str, Any], plugins: Plugins) -> list[Problem]:
+    """Backend and method checks on the raw mapping, so that they are reported together with
+    schema errors elsewhere in the file (the full checks need a valid config)."""
+    name = data.get("backend", RunConfig.model_fields["backend"].default)
+    method = data.get("method", "lora")
+    method = method.get("name") if isinstance(method, dict) else method
+    if isinstance(name, str) and name not in plugins.backends:
+        return _unknown_backend(name, plugins)
+    if not isinstance(name, str) or method not in METHOD_NAMES:
+        return []
+    if method in plugins.backends.get(name).capabilities:
+        return []
+    have = [b for b, x in plugins.backends.items() if method in x.capabilities]
+    return [Problem("method.name", f"backend {name!r} does not support method {method!r}",
+                    f"backends that do: {', '.join(have)}" if have else "no installed backend does")]
+
+
 def backend_problems(config: RunConfig, plugins: Plugins) -> list[Problem]:
     """The chosen backend exists, its section is valid, and it can do what the config asks."""
     name = config.backend
     if name not in plugins.backends:
-        if name in KNOWN_BACKENDS:
-            return [Problem("backend", f"backend {name!r} is not installed",
-                            f"install it with: {KNOWN_BACKENDS[name]}")]
-        guess = did_you_mean(name, set(plugins.backends) | set(KNOWN_BACKENDS))
-        return [Problem("backend", f"unknown backend {name!r}",
-                        (f"did you mean {guess!r}? " if guess else "")
-                        + f"installed: {', '.join(plugins.backends) or '(none)'}")]
+        return _unknown_backend(name, plugins)
     be = plugins.backends.get(name)
+    return _backend_checks(config, plugins, be)
+
+
+def _unknown_backend(name: str, plugins: Plugins) -> list[Problem]:
+    if name in KNOWN_BACKENDS:
+        return [Problem("backend", f"backend {name!r} is not installed",
+                        f"install it with: {KNOWN_BACKENDS[name]}")]
+    guess = did_you_mean(name, set(plugins.backends) | set(KNOWN_BACKENDS))
+    return [Problem("backend", f"unknown backend {name!r}",
+                    (f"did you mean {guess!r}? " if guess else "")
+                    + f"installed: {', '.join(plugins.backends) or '(none)'}")]
+
+
+def _backend_checks(config: RunConfig, plugins: Plugins, be: Any) -> list[Problem]:
+    name = config.backend
     problems: list[Problem] = []
     try:
         be.Options.model_validate(config.options)
     except ValidationError as exc:
-        problems += pydantic_problems(exc, prefix=name)
+        problems += pydantic_problems(exc, prefix=name, model=be.Options)
     caps = be.capabilities
     others = lambda cap: [b for b, x in plugins.backends.items() if cap in x.capabilities]  # noqa: E731
     wanted = [("method.name", config.method.name, f"method {config.method.name!r}")]

@@ -461,7 +461,11 @@ class RunConfig(Section):
     @field_validator("method", mode="before")
     @classmethod
     def _method_shorthand(cls, v: Any) -> Any:
-        return {"name": v} if isinstance(v, str) else v
+        if isinstance(v, str):
+            return {"name": v}
+        if isinstance(v, dict) and "name" not in v:
+            return {"name": "lora", **v}  # the default method, given only its parameters
+        return v
 
     @property
     def options(self) -> dict[str, Any]:
