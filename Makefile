@@ -59,7 +59,7 @@ lint: venv-torch
 	$(TORCH)/ruff check core backends plugins tests
 	$(TORCH)/ruff format --check core backends plugins tests
 	$(TORCH)/mypy
-	$(TORCH)/lint-imports
+	PYTHONPATH=backends/mindspore/src $(TORCH)/lint-imports
 
 demo: venv-torch
 	$(TORCH)/python configs/smollm2-135m/demo.py

@@ -202,7 +202,8 @@ def _command() -> click.Command:
     from sft.plugins import get_plugins
 
     get_plugins().hook.sft_register_commands(cli=app)
-    return typer.main.get_command(app)
+    command: click.Command = typer.main.get_command(app)  # type: ignore[assignment]
+    return command
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -184,10 +184,10 @@ def resolve_paths(data: dict[str, Any], base: Path) -> None:
     name = m if isinstance(m, str) else (m.get("name_or_path") if isinstance(m, dict) else None)
     if isinstance(name, str) and (_looks_like_path(name) or (base / name).exists()):
         resolved = _resolve_path(name, base)
-        if isinstance(m, str):
-            data["model"] = resolved
-        else:
+        if isinstance(m, dict):
             m["name_or_path"] = resolved
+        else:
+            data["model"] = resolved
     ev = data.get("eval")
     if isinstance(ev, dict) and isinstance(ev.get("prompts"), str):
         ev["prompts"] = _resolve_path(ev["prompts"], base)
@@ -336,7 +336,9 @@ def _backend_checks(config: RunConfig, plugins: Plugins, be: Any) -> list[Proble
         problems += pydantic_problems(exc, prefix=name, model=be.Options)
     caps = be.capabilities
     others = lambda cap: [b for b, x in plugins.backends.items() if cap in x.capabilities]  # noqa: E731
-    wanted = [("method.name", config.method.name, f"method {config.method.name!r}")]
+    wanted: list[tuple[str, str, str]] = [
+        ("method.name", config.method.name, f"method {config.method.name!r}")
+    ]
     par = config.parallel
     if par.world_size > 1 or par.strategy != "ddp":
         wanted.append(("parallel.strategy", par.strategy, f"strategy {par.strategy!r}"))
