@@ -9,7 +9,7 @@ TORCH     := $(V)/torch/bin
 MS        := $(V)/ms/bin
 PIP_FLAGS := -q --disable-pip-version-check
 TORCH_PIN := torch==2.13.0
-DEV_DEPS  := pytest>=8 hypothesis>=6.100 pytest-timeout
+DEV_DEPS  := "pytest>=8" "hypothesis>=6.100" pytest-timeout
 PKGS_CORE := -e core -e plugins/example-backend
 PKGS_TORCH := $(PKGS_CORE) -e backends/torch $(wildcard plugins/gguf) $(wildcard plugins/tensorboard)
 
