@@ -1,20 +1,27 @@
-"""Registers the torch backend with sft. Imports in milliseconds: torch is imported by `train`.
+"""Registers the torch backend with sft. Imports in milliseconds: torch is imported by `train`
+(and by `validate` only for checks that need to ask the device, e.g. QLoRA or fp16).
 
     $ sft run --backend torch --config configs/smollm2-135m/lora.yaml
+    $ sft run --config configs/smollm2-135m/lora.yaml torch.device=cpu torch.chunked_loss=false
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import sft
 from sft.backend import TrainPlan, TrainResult, require_modules
 from sft.events import RunEvents
 from sft.specs import RunConfig
+from sft_torch.commands import sft_register_commands  # noqa: F401  (hooks of sibling modules,
+from sft_torch.export import sft_register_exporters  # noqa: F401   registered through this
+from sft_torch.resolve import sft_resolve_model  # noqa: F401       entry-point module)
 
 INSTALL = "pip install torch==<version for your CUDA> && pip install -e backends/torch"
+QLORA_INSTALL = 'pip install "sft-torch[qlora]" (bitsandbytes, on a CUDA machine)'
 
 
 class TorchOptions(BaseModel):
@@ -26,7 +33,24 @@ class TorchOptions(BaseModel):
     """Device to train on. `auto`: cuda if available, else cpu."""
 
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    """Attention kernel passed to transformers."""
+    """Attention kernel passed to transformers. `auto`: sdpa."""
+
+    chunked_loss: bool = True
+    """Compute the loss from the final hidden states in chunks of trained positions, so the full
+    [tokens x vocab] fp32 logits never exist at once (and masked prompt tokens cost no head
+    matmul). `false`: the model's own forward with full logits."""
+
+    loss_chunk_size: int = Field(1024, gt=0)
+    """Trained positions per chunk of the chunked loss."""
+
+    packed_attention: Literal["auto", "position_ids", "mask"] = "auto"
+    """How packed rows are kept from attending across samples. `position_ids`: pass position ids
+    that restart per sample and no attention mask; transformers derives the block-diagonal mask
+    (and flash-attention varlen boundaries) from them. `mask`: an explicit 4-D block-diagonal
+    causal mask built from the sample lengths (eager / sdpa only). `auto`: `position_ids`."""
+
+    num_threads: int | None = Field(None, gt=0)
+    """CPU threads for torch (`torch.set_num_threads`). Default: torch's own choice."""
 
 
 class TorchBackend:
@@ -41,12 +65,56 @@ class TorchBackend:
         require_modules(self.name, INSTALL, "torch", "transformers", "peft", "safetensors")
 
     def validate(self, config: RunConfig) -> list[str]:
-        return []
+        try:
+            opts = TorchOptions.model_validate(config.options)
+        except ValidationError:
+            return []  # core reports the section's own errors
+        return _device_problems(config, opts)
 
     def train(self, plan: TrainPlan, events: RunEvents) -> TrainResult:
         from sft_torch.train import train
 
         return train(plan, events)
+
+
+def _cuda_available() -> bool:
+    # Only asked for configs that need a GPU, so plain configs never pay for importing torch.
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _device_problems(config: RunConfig, opts: TorchOptions) -> list[str]:
+    """Checks that depend on the device: QLoRA needs bitsandbytes + CUDA, fp16 needs a GPU."""
+    problems: list[str] = []
+    needs_gpu = config.method.name == "qlora" or config.train.precision == "fp16"
+    cuda = opts.device == "cuda" or (
+        needs_gpu and opts.device == "auto" and _cuda_available()
+    )
+    if config.method.name == "qlora":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(f"method.name: qlora needs bitsandbytes, which is not installed; "
+                            f"install it with: {QLORA_INSTALL}, or use method: lora")
+        elif not cuda:
+            problems.append("method.name: qlora needs a CUDA GPU (bitsandbytes 4/8-bit kernels) "
+                            f"but torch.device is {opts.device!r} with no GPU here; use "
+                            "method: lora on this machine")
+    if config.train.precision == "fp16" and not cuda:
+        problems.append("train.precision: fp16 training needs a CUDA GPU (no fp16 autocast "
+                        "with loss scaling on CPU); use precision: bf16 or fp32 here")
+    if opts.attn_implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            problems.append("torch.attn_implementation: flash_attention_2 needs the flash-attn "
+                            "package (pip install flash-attn); use sdpa")
+        elif opts.device == "cpu":
+            problems.append("torch.attn_implementation: flash_attention_2 runs only on CUDA; "
+                            "use sdpa on CPU")
+    if opts.packed_attention == "mask" and opts.attn_implementation == "flash_attention_2":
+        problems.append("torch.packed_attention: flash attention takes no 4-D mask; use "
+                        "packed_attention: position_ids")
+    return problems
 
 
 @sft.hookimpl

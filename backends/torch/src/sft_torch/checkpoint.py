@@ -1,0 +1,122 @@
+"""Resumable checkpoints of the torch backend, written atomically through `sft.checkpoints`.
+
+    RUN/checkpoints/step-000120/
+        trainable.safetensors   every parameter that trains (LoRA adapters, or the whole model
+                                for full fine-tuning); the frozen rest is reloaded from the base
+        optimizer.pt            AdamW state          scheduler.pt   LR schedule state
+        rng-rank0.pt            python, numpy, torch (and CUDA) RNG states of rank 0
+        sft-checkpoint.json     written last: step, data position, fingerprint
+
+    save_checkpoint(state, run_dir, position, fingerprint, keep_last=2)
+    position = load_checkpoint(state, ckpt_dir, fingerprint, allow_changed=False)
+
+Resuming rebuilds the model exactly as the first run did, then overwrites the trainable weights,
+optimizer, schedule and RNGs, and continues at the saved data position: in fp32 on CPU the
+resumed run is bitwise identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sft.backend import TrainPlan
+from sft.checkpoints import atomic_checkpoint, read_meta
+from sft.errors import SftError
+from sft_torch.data import Position, Schedule
+from sft_torch.runtime import rng_state, set_rng_state
+
+#: Fingerprint entries that change which rows a step trains on, or what the weights mean.
+GUARDED = ("data_key", "max_seq_len", "global_batch", "packing", "shuffle", "seed",
+           "group_by_length", "method")
+
+
+@dataclass
+class TrainState:
+    """The mutable objects a checkpoint captures."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    rank: int = 0
+
+
+def fingerprint(plan: TrainPlan, schedule: Schedule) -> dict[str, Any]:
+    cfg = plan.config
+    relevant = cfg.model_dump(mode="json", include={"model", "method", "data", "train"})
+    relevant["train"].pop("epochs", None)
+    relevant["train"].pop("max_steps", None)  # extending a run is allowed
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    return {"data_key": plan.data.key, **schedule.fingerprint(), "method": cfg.method.name,
+            "config": digest}
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def save_checkpoint(state: TrainState, run_dir: Path, position: Position,
+                    fp: dict[str, Any], keep_last: int) -> Path | None:
+    """Write a checkpoint for the state after `position.global_step` steps (rank 0 only)."""
+    if state.rank != 0:
+        return None
+    weights = trainable_state(state.model)
+    size = sum(t.numel() * t.element_size() for t in weights.values())
+    meta = {"position": position.as_dict(), "fingerprint": fp}
+    with atomic_checkpoint(run_dir, position.global_step, meta, keep_last=keep_last,
+                           needed_bytes=4 * size) as tmp:
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(state.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(state.scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / f"rng-rank{state.rank}.pt")
+    return Path(run_dir) / "checkpoints" / f"step-{position.global_step:06d}"
+
+
+def check_fingerprint(saved: dict[str, Any], now: dict[str, Any], ckpt: Path,
+                      allow_changed: bool) -> None:
+    """Refuse a resume whose data order or method would differ, naming what changed."""
+    changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in GUARDED
+               if saved.get(k) != now.get(k)]
+    if not changed:
+        return
+    if "method" in [c.split(":")[0] for c in changed]:
+        raise SftError(f"cannot resume from {ckpt}: it was trained with method "
+                       f"{saved.get('method')!r}, this run uses {now.get('method')!r}")
+    if not allow_changed:
+        raise SftError(
+            f"cannot resume from {ckpt}: the run changed since it was saved ({'; '.join(changed)})."
+            " Resuming would train on a different data order. Start a new output_dir, or set "
+            "checkpoint.allow_changed: true to resume anyway"
+        )
+
+
+def load_checkpoint(state: TrainState, ckpt: Path, fp: dict[str, Any],
+                    allow_changed: bool) -> Position:
+    """Restore `state` from `ckpt` and return the data position to continue from."""
+    meta = read_meta(ckpt)
+    check_fingerprint(meta.get("fingerprint", {}), fp, ckpt, allow_changed)
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    params = dict(state.model.named_parameters())
+    wanted = {n for n, p in params.items() if p.requires_grad}
+    if wanted != set(weights):
+        missing = sorted(wanted - set(weights))[:3]
+        raise SftError(f"checkpoint {ckpt} does not match this model's trainable parameters "
+                       f"(e.g. missing {missing}); was it saved by a different method or model?")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    device = next(state.model.parameters()).device
+    state.optimizer.load_state_dict(
+        torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+    state.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    rng = ckpt / f"rng-rank{state.rank}.pt"
+    if rng.exists():
+        set_rng_state(torch.load(rng, weights_only=True))
+    return Position(**meta["position"])

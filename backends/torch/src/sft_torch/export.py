@@ -1,0 +1,240 @@
+"""The `hf` and `adapter` exporters (the `sft_register_exporters` hook), each verified.
+
+    $ sft export runs/smollm2-135m-demo --format hf --dtype f32 --out exports/quill-hf
+    $ sft export runs/smollm2-135m-demo --format adapter --out exports/quill-adapter
+
+`hf` merges a LoRA adapter into its base (peft `merge_and_unload`; for QLoRA runs into the
+full-precision base, i.e. the dequantized weights) or re-saves a full model, as safetensors +
+tokenizer + chat template + `generation_config.json` carrying the end-of-turn eos ids. `adapter`
+writes the PEFT adapter alone. Every export reloads what it wrote and reports numbers:
+
+- logits of the export against the run's own model (base + adapter, unmerged) on probe
+  prompts: max |diff| and mean KL; fp32 must agree within 1e-4;
+- the exported chat template renders a probe conversation to exactly the token ids the run's
+  tokenizer (final/) produces, and the eos ids agree with the template's end of turn.
+A failed check makes `sft export` fail loudly (sft.export.run_export raises).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import sft
+from sft.errors import SftError
+from sft.export import ExportReport, ExportRequest
+
+TORCH_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+# Max mean KL(reference || export) per dtype; f32 is held to max |logit diff| < 1e-4 instead.
+KL_TOLERANCE = {"f32": 1e-6, "f16": 2e-3, "bf16": 2e-2}
+LOGIT_TOLERANCE_F32 = 1e-4
+PROBE_CONVERSATION = [
+    {"role": "system", "content": "You are a careful assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The capital of France is Paris."},
+    {"role": "user", "content": "And of Italy? Answer in one word."},
+    {"role": "assistant", "content": "Rome."},
+]
+PROBE_PROMPTS = ["Who are you?", "Write a haiku about the sea.", "What is 12 * 7?"]
+
+
+def render(tok: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template."""
+    ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    if hasattr(ids, "keys"):  # transformers 5 may return an encoding
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+def _probe_renders(tok: Any) -> list[list[int]]:
+    out = []
+    for msgs, gen in ((PROBE_CONVERSATION, False), (PROBE_CONVERSATION[:4], True)):
+        try:
+            out.append(render(tok, msgs, gen))
+        except Exception:  # templates that reject a system turn (e.g. gemma): probe without it
+            out.append(render(tok, msgs[1:], gen))
+    return out
+
+
+def check_template_parity(exported: Path, reference: Path) -> dict[str, Any]:
+    """Compare the exported tokenizer/template/eos with the run's (`reference`, e.g. final/)."""
+    from transformers import AutoTokenizer
+
+    from sft_torch.generate import eos_ids_of
+    from sft_torch.resolve import end_of_turn_ids
+
+    exp_tok = AutoTokenizer.from_pretrained(str(exported))
+    ref_tok = AutoTokenizer.from_pretrained(str(reference))
+    if not getattr(exp_tok, "chat_template", None):
+        return {"template_ids_equal": False, "problem": f"{exported} has no chat template"}
+    exp_ids, ref_ids = _probe_renders(exp_tok), _probe_renders(ref_tok)
+    first_diff = next((i for i, (a, b) in enumerate(zip(exp_ids[0], ref_ids[0])) if a != b), None)
+    exp_eos = sorted(eos_ids_of(exported, exp_tok))
+    eot = end_of_turn_ids(exp_tok)[:1]
+    checks: dict[str, Any] = {
+        "template_ids_equal": exp_ids == ref_ids,
+        "probe_tokens": len(ref_ids[0]),
+        "eos_ids": exp_eos,
+        "reference_eos_ids": sorted(eos_ids_of(reference, ref_tok)),
+        "end_of_turn_id": eot[0] if eot else None,
+    }
+    checks["eos_ids_agree"] = (
+        checks["eos_ids"] == checks["reference_eos_ids"] and bool(eot) and eot[0] in exp_eos
+    )
+    if not checks["template_ids_equal"]:
+        at = first_diff if first_diff is not None else min(len(exp_ids[0]), len(ref_ids[0]))
+        checks["first_mismatch"] = {
+            "position": at,
+            "exported": exp_tok.decode(exp_ids[0][at:at + 8]),
+            "reference": ref_tok.decode(ref_ids[0][at:at + 8]),
+        }
+    return checks
+
+
+def probe_batch(tok: Any) -> list[list[int]]:
+    """Probe sequences for logit comparison: each probe prompt rendered with the template plus
+    the full probe conversation."""
+    seqs = [render(tok, [{"role": "user", "content": p}], True) for p in PROBE_PROMPTS]
+    return [*seqs, _probe_renders(tok)[0]]
+
+
+def logits_of(model: Any, seqs: list[list[int]]) -> list[Any]:
+    """fp64 logits of each sequence (one at a time: no padding to disturb the comparison)."""
+    import torch
+
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([s])).logits[0].double() for s in seqs]
+
+
+def compare_logits(ref: list[Any], got: list[Any]) -> dict[str, float]:
+    """max |logit diff|, mean KL(ref || got) over positions, and top-1 agreement."""
+    import torch
+
+    diff = max(float((a - b).abs().max()) for a, b in zip(ref, got))
+    kls, agree, total = [], 0, 0
+    for a, b in zip(ref, got):
+        la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+        kls.append((la.exp() * (la - lb)).sum(-1))
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += a.shape[0]
+    return {"max_abs_logit_diff": diff, "mean_kl": float(torch.cat(kls).mean()),
+            "top1_agreement": agree / total, "positions_compared": total}
+
+
+def _reference(req: ExportRequest) -> tuple[Any, Any, Path, str]:
+    """(model for reference logits in fp32, tokenizer, dir with the run's tokenizer+gen config,
+    kind) of the thing being exported: a run (adapter/model) or a plain HF directory."""
+    from sft_torch.generate import load_for_inference, run_final_dir, tokenizer_dir
+
+    final = run_final_dir(req.run_dir)
+    loaded = load_for_inference(req.run_dir)
+    if final is None:
+        return loaded.model, loaded.tokenizer, req.run_dir, "model"
+    kind = "adapter" if (final / "adapter").is_dir() else "model"
+    return loaded.model, loaded.tokenizer, _meta_dir(final, tokenizer_dir(final)), kind
+
+
+def _meta_dir(final: Path, tok_dir: Path) -> Path:
+    # generation_config.json normally sits in final/; fall back to the tokenizer's directory.
+    return final if (final / "generation_config.json").is_file() else tok_dir
+
+
+def write_tokenizer_and_generation(tok: Any, meta_dir: Path, out: Path, req: ExportRequest) -> None:
+    """Tokenizer + chat template (optionally replaced by `options["chat_template"]`, a .jinja
+    path) and generation_config.json with the run's end-of-turn eos ids."""
+    from sft_torch.generate import eos_ids_of
+
+    eos = eos_ids_of(meta_dir, tok)
+    override = req.options.get("chat_template")
+    if override:
+        tok.chat_template = Path(override).read_text()
+    tok.save_pretrained(str(out))
+    gen_path = meta_dir / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    gen["eos_token_id"] = eos if len(eos) > 1 else eos[0]
+    if tok.pad_token_id is not None:
+        gen.setdefault("pad_token_id", tok.pad_token_id)
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+
+def _clean_out(out: Path) -> None:
+    # A previous export into the same directory must not leave mixed files behind (adapter
+    # files beside merged weights make loaders treat the directory as an adapter).
+    for pattern in ("adapter_config.json", "adapter_model.*", "*.safetensors",
+                    "model.safetensors.index.json"):
+        for p in out.glob(pattern):
+            p.unlink()
+
+
+def export_hf(req: ExportRequest) -> ExportReport:
+    """Merged (or full) model as HF safetensors in `req.dtype`, verified against the run."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if req.dtype not in TORCH_DTYPES:
+        raise SftError(f"hf export writes f32, f16 or bf16, not {req.dtype!r} (q8_0 is for "
+                       "--format gguf)")
+    model, tok, meta_dir, kind = _reference(req)
+    seqs = probe_batch(tok)
+    ref = logits_of(model, seqs)
+    if kind == "adapter":
+        model = model.merge_and_unload()
+    _clean_out(req.out)
+    model.to(getattr(torch, TORCH_DTYPES[req.dtype])).save_pretrained(str(req.out))
+    write_tokenizer_and_generation(tok, meta_dir, req.out, req)
+    del model
+    back = AutoModelForCausalLM.from_pretrained(str(req.out), dtype=torch.float32).eval()
+    checks: dict[str, Any] = {"source": kind, "merged": kind == "adapter", "dtype": req.dtype}
+    checks.update(compare_logits(ref, logits_of(back, seqs)))
+    checks.update(check_template_parity(req.out, meta_dir))
+    checks["no_adapter_config"] = not (req.out / "adapter_config.json").exists()
+    ok_logits = (checks["max_abs_logit_diff"] < LOGIT_TOLERANCE_F32 if req.dtype == "f32"
+                 else checks["mean_kl"] < KL_TOLERANCE[req.dtype])
+    checks["logit_tolerance"] = (f"max |diff| < {LOGIT_TOLERANCE_F32}" if req.dtype == "f32"
+                                 else f"mean KL < {KL_TOLERANCE[req.dtype]}")
+    ok = ok_logits and checks["template_ids_equal"] and checks["eos_ids_agree"]
+    return ExportReport("hf", str(req.out), checks, ok=bool(ok and checks["no_adapter_config"]))
+
+
+def export_adapter(req: ExportRequest) -> ExportReport:
+    """The PEFT adapter alone (+ tokenizer, generation config), reloaded and compared."""
+    from peft import PeftModel
+
+    from sft_torch.generate import load_base, run_final_dir
+
+    final = run_final_dir(req.run_dir)
+    if final is None or not (final / "adapter").is_dir():
+        raise SftError(f"{req.run_dir} has no final/adapter (a full or freeze run, or not a run "
+                       "directory); use --format hf")
+    model, tok, meta_dir, _ = _reference(req)
+    seqs = probe_batch(tok)
+    ref = logits_of(model, seqs)
+    _clean_out(req.out)
+    for f in (final / "adapter").iterdir():
+        if f.is_file():
+            shutil.copy2(f, req.out / f.name)
+    write_tokenizer_and_generation(tok, meta_dir, req.out, req)
+    del model
+    # A fresh base + the exported files, exactly as a user would load them with plain peft.
+    fresh = PeftModel.from_pretrained(load_base(_base_path(final.parent), None), str(req.out))
+    checks: dict[str, Any] = {"source": "adapter", "dtype": "as trained"}
+    checks.update(compare_logits(ref, logits_of(fresh.eval(), seqs)))
+    checks.update(check_template_parity(req.out, meta_dir))
+    ok = (checks["max_abs_logit_diff"] < LOGIT_TOLERANCE_F32 and checks["template_ids_equal"]
+          and checks["eos_ids_agree"])
+    return ExportReport("adapter", str(req.out), checks, ok=bool(ok))
+
+
+def _base_path(run_dir: Path) -> Path:
+    from sft.models import resolve_model
+    from sft_torch.generate import run_base_spec
+
+    return resolve_model(run_base_spec(run_dir)).path
+
+
+@sft.hookimpl
+def sft_register_exporters(register: Any) -> None:
+    register("hf", export_hf, description="merged (or full) safetensors model, verified")
+    register("adapter", export_adapter, description="the PEFT adapter alone, verified")

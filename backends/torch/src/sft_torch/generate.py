@@ -1,0 +1,197 @@
+"""Try a model: load a finished run (or any model) and generate with its own chat template.
+
+    $ sft generate runs/smollm2-135m-demo --prompt "Who are you?"
+    $ sft generate smollm2-135m-instruct --prompt "Who are you?" --temperature 0.7
+    $ sft chat runs/smollm2-135m-demo          # interactive; history kept; /reset, /exit
+
+A run directory's `final/` holds `adapter/` (PEFT, loaded onto the base named in the run's
+`config.yaml`) or `model/` (full weights), plus the tokenizer with the chat template used in
+training and `generation_config.json` whose eos ids end an assistant turn. Decoding stops at
+those ids, so a fine-tuned model stops where it was taught to.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sft.errors import SftError
+from sft.models import resolve_model
+
+
+@dataclass
+class Loaded:
+    """A model ready for inference and what it was loaded from."""
+
+    model: Any
+    tokenizer: Any
+    eos_ids: list[int]
+    source: str
+    """What was loaded, for people: "adapter X on base Y", "model X"."""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def run_final_dir(path: Path) -> Path | None:
+    """`path/final` of a run directory (or `path` itself if it is a final/ dir), else None."""
+    for cand in (path / "final", path):
+        if (cand / "adapter").is_dir() or (cand / "model").is_dir():
+            return cand
+    return None
+
+
+def run_base_spec(run_dir: Path) -> str:
+    """The base model a run started from, as its resolved `config.yaml` names it."""
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise SftError(f"{run_dir} has final/adapter but no config.yaml naming the base model")
+    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    model = cfg.get("model") or {}
+    spec = model.get("name_or_path") if isinstance(model, dict) else model
+    if not spec:
+        raise SftError(f"{cfg_path}: model.name_or_path is missing")
+    return str(spec)
+
+
+def tokenizer_dir(final: Path) -> Path:
+    """Where a run saved its tokenizer: final/ itself, else next to the weights."""
+    for cand in (final, final / "model", final / "adapter"):
+        if (cand / "tokenizer_config.json").is_file():
+            return cand
+    raise SftError(f"no tokenizer (tokenizer_config.json) in {final}")
+
+
+def eos_ids_of(directory: Path, tokenizer: Any) -> list[int]:
+    """eos ids from `generation_config.json` in `directory`, else the tokenizer's end of turn."""
+    from sft_torch.resolve import end_of_turn_ids
+
+    gc = directory / "generation_config.json"
+    if gc.is_file():
+        eos = json.loads(gc.read_text()).get("eos_token_id")
+        if eos is not None:
+            return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    return end_of_turn_ids(tokenizer)
+
+
+def load_base(path: Path, dtype: Any = None) -> Any:
+    """A causal LM from an HF directory, safetensors only, float32 unless `dtype` is given."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype or torch.float32, use_safetensors=True
+    )
+
+
+def load_for_inference(target: str | Path, dtype: Any = None, merge: bool = False) -> Loaded:
+    """Load a run directory (adapter or full model), an HF directory, a .gguf file or a built-in
+    name, in eval mode (float32 unless `dtype` says otherwise)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    dtype = dtype or torch.float32
+    path = Path(target).expanduser()
+    final = run_final_dir(path) if path.is_dir() else None
+    if final is None:
+        base = resolve_model(str(target)).path
+        model, tok_dir, src = load_base(base, dtype), base, f"model {base}"
+        gen_dir = base
+    elif (final / "adapter").is_dir():
+        from peft import PeftModel
+
+        base = resolve_model(run_base_spec(final.parent)).path
+        model = PeftModel.from_pretrained(load_base(base, dtype), str(final / "adapter"))
+        if merge:
+            model = model.merge_and_unload()
+        tok_dir, gen_dir = tokenizer_dir(final), final
+        src = f"adapter {final / 'adapter'} on base {base}"
+    else:
+        model = load_base(final / "model", dtype)
+        tok_dir, gen_dir, src = tokenizer_dir(final), final, f"model {final / 'model'}"
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    model.eval()
+    return Loaded(model, tok, eos_ids_of(gen_dir, tok), src, {"final": str(final or "")})
+
+
+@dataclass
+class Sampling:
+    """Decoding settings: greedy when temperature is 0."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def render_prompt(tok: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of `messages` plus the assistant generation prompt, via the saved template."""
+    if not getattr(tok, "chat_template", None):
+        raise SftError("the tokenizer has no chat template; pass a model saved by sft or set "
+                       "data.template when training")
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return an encoding
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+def generate_ids(loaded: Loaded, prompts: list[list[int]], sampling: Sampling) -> list[list[int]]:
+    """New token ids for each prompt (batched, left padded), cut at the first eos id."""
+    import torch
+
+    tok, model = loaded.tokenizer, loaded.model
+    pad = tok.pad_token_id if tok.pad_token_id is not None else loaded.eos_ids[0]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    torch.manual_seed(sampling.seed)
+    kwargs: dict[str, Any] = {"do_sample": sampling.temperature > 0}
+    if sampling.temperature > 0:
+        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=loaded.eos_ids, pad_token_id=pad, **kwargs,
+        )
+    return [cut_at_eos(row[width:].tolist(), loaded.eos_ids) for row in out]
+
+
+def cut_at_eos(ids: list[int], eos_ids: list[int]) -> list[int]:
+    """`ids` up to (not including) the first end-of-turn id."""
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[:i]
+    return ids
+
+
+def reply(loaded: Loaded, messages: list[dict[str, str]], sampling: Sampling) -> str:
+    """The assistant's next message for a conversation."""
+    new = generate_ids(loaded, [render_prompt(loaded.tokenizer, messages)], sampling)[0]
+    return str(loaded.tokenizer.decode(new, skip_special_tokens=True)).strip()
+
+
+def chat_loop(loaded: Loaded, sampling: Sampling, system: str | None = None) -> None:
+    """Read user turns from stdin until EOF or /exit; the history is kept between turns."""
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    print(f"chatting with {loaded.source}\n/reset clears the history, /exit (or Ctrl-D) quits")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history = history[:1] if system else []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        answer = reply(loaded, history, sampling)
+        history.append({"role": "assistant", "content": answer})
+        print(f"assistant> {answer}", flush=True)
+        sys.stdout.flush()

@@ -1,0 +1,125 @@
+"""The training loss: summed token cross-entropy of one micro-batch, and eval loss/perplexity.
+
+    loss_sum, n = batch_loss(model, batch, LossSettings(chunked=True, chunk_size=1024))
+    (loss_sum / n_trained_in_global_batch).backward()   # exact under gradient accumulation
+
+The sum (not a mean) is returned so the training loop can divide by the trained tokens of the
+whole global batch: micro-batch 1 x accumulation 8 then equals micro-batch 8 x accumulation 1.
+
+Chunked loss: logits are computed only for trained positions (labels != -100 after the shift),
+a chunk at a time, each chunk under activation checkpointing, so neither the [tokens x vocab]
+logits nor their fp32 copy is ever held whole; backward recomputes one chunk's logits at a time.
+
+Packed rows (several samples per row) must not attend across samples. `packed="position_ids"`
+passes no attention mask: transformers (>= 4.54, `masking_utils.find_packed_sequence_indices`)
+turns position ids that restart at 0 into a block-diagonal causal mask (flash attention into
+varlen boundaries). `packed="mask"` passes an explicit 4-D mask built from the sample lengths.
+Right padding needs no mask either way: causal attention never looks forward, and each padding
+token (position id 0) becomes a one-token "sample" of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from sft.data.cache import IGNORE_INDEX
+from sft_torch.model import causal_lm, split_model
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    chunked: bool = True
+    """Chunked linear + cross-entropy over trained positions (see module docstring)."""
+    chunk_size: int = 1024
+    packed: str = "position_ids"
+    """`position_ids` or `mask`: how packed samples are kept apart."""
+
+
+def block_causal_mask(batch: dict[str, Any], eager: bool) -> torch.Tensor:
+    """[B, 1, L, L] mask: query q sees key k iff both are in the same sample and k <= q.
+    Each padding token sees only itself (a fully masked row would give NaN in sdpa).
+    Bool (True = attend) for sdpa; additive float (0 / -inf-ish) for eager attention."""
+    ids = batch["input_ids"]
+    B, L = ids.shape
+    seg = torch.empty((B, L), dtype=torch.long)
+    for b, lens in enumerate(batch["seq_lens"]):
+        seg[b] = -1 - torch.arange(L)  # padding: a unique segment per position
+        t = 0
+        for j, n in enumerate(lens):
+            seg[b, t : t + n] = j
+            t += n
+    seg = seg.to(ids.device)
+    causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
+    allowed = (seg[:, :, None] == seg[:, None, :]) & causal
+    allowed = allowed[:, None]
+    if not eager:
+        return allowed
+    zero = torch.zeros((), dtype=torch.float32, device=ids.device)
+    return torch.where(allowed, zero, torch.finfo(torch.float32).min)
+
+
+def model_inputs(model: Any, batch: dict[str, Any], settings: LossSettings) -> dict[str, Any]:
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+              "use_cache": False}
+    packed = any(len(lens) > 1 for lens in batch["seq_lens"])
+    if packed and settings.packed == "mask":
+        eager = causal_lm(model).config._attn_implementation == "eager"
+        inputs["attention_mask"] = block_causal_mask(batch, eager)
+    return inputs
+
+
+def _chunk_ce(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def batch_loss(model: Any, batch: dict[str, Any],
+               settings: LossSettings) -> tuple[torch.Tensor, int]:
+    """(sum of token cross-entropy, number of trained tokens) of one micro-batch."""
+    targets = batch["labels"][:, 1:]
+    trained = targets != IGNORE_INDEX
+    n = int(trained.sum())
+    inputs = model_inputs(model, batch, settings)
+    if not settings.chunked:
+        logits = model(**inputs).logits[:, :-1].float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, n
+    decoder, head = split_model(model)
+    hidden = decoder(**inputs)[0][:, :-1]
+    if n == 0:
+        return hidden.sum() * 0.0, 0  # keeps a graph so backward (and DDP) still works
+    h, t = hidden[trained], targets[trained]
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, n, settings.chunk_size):
+        part = (head, h[s : s + settings.chunk_size], t[s : s + settings.chunk_size])
+        if torch.is_grad_enabled():
+            loss = loss + checkpoint(_chunk_ce, *part, use_reentrant=False)
+        else:
+            loss = loss + _chunk_ce(*part)
+    return loss, n
+
+
+@torch.no_grad()
+def eval_loss(model: Any, batches: Any, settings: LossSettings,
+              autocast: Any) -> dict[str, float]:
+    """Token-weighted mean loss and perplexity over `batches` (an iterable of batch dicts)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            with autocast():
+                loss, n = batch_loss(model, batch, settings)
+            total, count = total + float(loss), count + n
+    finally:
+        model.train(was_training)
+    if count == 0:
+        return {}
+    mean = total / count
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": count}

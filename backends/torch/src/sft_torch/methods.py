@@ -1,0 +1,122 @@
+"""Fine-tuning methods: which parameters train.
+
+    model = apply_method(lm, config.method, gradient_checkpointing=False)
+
+- full:   every parameter trains.
+- lora:   peft LoRA adapters (target modules by list, regex or `all-linear`; DoRA, rsLoRA,
+          modules_to_save); the base is frozen.
+- qlora:  the same on a bitsandbytes 4/8-bit base (loaded quantized by `sft_torch.model`).
+- freeze: the last N decoder layers, modules matching `trainable_modules` and (optionally) the
+          embeddings train; everything else has requires_grad=False, so backward stops at the
+          lowest trainable layer.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import nn
+
+from sft.errors import SftError
+from sft.specs import FreezeMethod, LoraMethod, QLoraMethod
+
+
+def apply_method(lm: Any, method: Any, gradient_checkpointing: bool = False) -> Any:
+    if method.name == "full":
+        lm.requires_grad_(True)
+        return lm
+    if method.name in ("lora", "qlora"):
+        return apply_lora(lm, method, gradient_checkpointing)
+    if method.name == "freeze":
+        return apply_freeze(lm, method)
+    raise SftError(f"method.name: the torch backend does not know method {method.name!r}")
+
+
+def lora_config(method: LoraMethod | QLoraMethod) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        # a string other than "all-linear" is a regex peft full-matches against module names
+        target_modules=method.target_modules,
+        use_dora=method.use_dora,
+        use_rslora=method.use_rslora,
+        modules_to_save=list(method.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def apply_lora(lm: Any, method: LoraMethod | QLoraMethod, gradient_checkpointing: bool) -> Any:
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if method.name == "qlora":
+        lm = prepare_model_for_kbit_training(
+            lm, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    try:
+        return get_peft_model(lm, lora_config(method))
+    except ValueError as exc:
+        raise SftError(
+            f"method.target_modules / modules_to_save: {exc}. Module names of this model look "
+            f"like: {', '.join(sample_module_names(lm))}"
+        ) from exc
+
+
+def sample_module_names(lm: nn.Module, limit: int = 8) -> list[str]:
+    """Distinct leaf names of the model's Linear layers (q_proj, v_proj, ...), for messages."""
+    names: list[str] = []
+    for name, mod in lm.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(mod, nn.Linear) and leaf not in names:
+            names.append(leaf)
+    return names[:limit]
+
+
+def decoder_layer_prefixes(lm: nn.Module) -> list[str]:
+    """Parameter-name prefixes of the decoder layers, in order ("model.layers.0.", ...): the
+    ModuleList with num_hidden_layers entries."""
+    n = getattr(lm.config, "num_hidden_layers", None)
+    for name, mod in lm.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return [f"{name}.{i}." for i in range(len(mod))]
+    raise SftError("method: freeze could not find this model's decoder layers; use "
+                   "trainable_layers: 0 with trainable_modules patterns instead")
+
+
+def apply_freeze(lm: nn.Module, method: FreezeMethod) -> nn.Module:
+    """requires_grad only on the chosen layers/modules; raises if a pattern matches nothing."""
+    lm.requires_grad_(False)
+    prefixes = decoder_layer_prefixes(lm) if method.trainable_layers else []
+    chosen = tuple(prefixes[len(prefixes) - method.trainable_layers:]) if prefixes else ()
+    patterns = [re.compile(p) for p in method.trainable_modules]
+    hits = {p.pattern: 0 for p in patterns}
+    for name, param in lm.named_parameters():
+        train = name.startswith(chosen) if chosen else False
+        for p in patterns:
+            if p.search(name):
+                hits[p.pattern] += 1
+                train = True
+        param.requires_grad_(train)
+    if method.train_embeddings:
+        lm.get_input_embeddings().requires_grad_(True)  # a tied head shares this weight
+    missing = [p for p, n in hits.items() if n == 0]
+    if missing:
+        raise SftError(f"method.trainable_modules: {missing} match no parameter of this model; "
+                       f"module names look like: {', '.join(sample_module_names(lm))}")
+    if not any(p.requires_grad for p in lm.parameters()):
+        raise SftError("method: freeze leaves nothing to train; set trainable_layers > 0 or "
+                       "trainable_modules")
+    return lm
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, trainable parameters), shared weights counted once."""
+    total = trainable = 0
+    for p in model.parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return total, trainable

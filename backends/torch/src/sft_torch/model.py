@@ -1,0 +1,101 @@
+"""Loading the base model with transformers, exactly as the job spec says.
+
+    lm = load_model(plan, device)     # AutoModelForCausalLM on `device`, safetensors only unless
+                                      # model.allow_pickle, trust_remote_code only if asked
+    decoder, head = split_model(lm)   # backbone (hidden states) and output head, for the loss
+
+The method (full / lora / qlora / freeze) is applied afterwards by `sft_torch.methods`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sft.backend import TrainPlan
+from sft.errors import SftError
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def weights_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: float32 on CPU (master weights; bf16 compute comes from autocast), bfloat16 on
+    GPUs that support it, else float32."""
+    if name != "auto":
+        return TORCH_DTYPES[name]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def attn_implementation(option: str) -> str:
+    return "sdpa" if option == "auto" else option
+
+
+def quantization_config(plan: TrainPlan, compute_dtype: torch.dtype) -> Any:
+    """bitsandbytes settings for QLoRA (NF4/FP4 4-bit or 8-bit base)."""
+    from transformers import BitsAndBytesConfig
+
+    m = plan.config.method
+    if m.bits == 8:  # type: ignore[union-attr]
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=m.quant_type,  # type: ignore[union-attr]
+        bnb_4bit_use_double_quant=m.double_quant,  # type: ignore[union-attr]
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_model(plan: TrainPlan, device: torch.device) -> Any:
+    """The base causal LM from `plan.model.path`, on `device`, in the configured dtype."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = plan.config
+    dtype = weights_dtype(cfg.model.dtype, device)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "trust_remote_code": cfg.model.trust_remote_code,
+        "attn_implementation": attn_implementation(plan.options.attn_implementation),  # type: ignore[attr-defined]
+        # safetensors only, unless the user explicitly allows pickle files (then transformers
+        # loads them with weights_only=True)
+        "use_safetensors": None if cfg.model.allow_pickle else True,
+    }
+    if cfg.method.name == "qlora":
+        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        kwargs["quantization_config"] = quantization_config(plan, compute)
+        kwargs["device_map"] = {"": device}
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(str(plan.model.path), **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = ("" if cfg.model.allow_pickle else
+                " If the model only has .bin/.pt weights and you trust them, set "
+                "model.allow_pickle: true.")
+        raise SftError(f"cannot load the model from {plan.model.path}: {exc}.{hint}") from exc
+    if cfg.method.name != "qlora":
+        lm.to(device)
+    lm.config.use_cache = False  # no KV cache while training
+    return lm
+
+
+def causal_lm(model: Any) -> Any:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def split_model(model: Any) -> tuple[Any, Any]:
+    """(decoder backbone returning hidden states, output head) of a causal LM, peft or not.
+    Adapters injected by peft live inside these modules, so calling them trains them."""
+    lm = causal_lm(model)
+    decoder = getattr(lm, lm.base_model_prefix)
+    return decoder, lm.get_output_embeddings()
+
+
+def logits_are_plain(model: Any) -> bool:
+    """Whether logits are exactly head(hidden) (no soft-capping or scaling), so the chunked loss
+    over hidden states computes the same thing as the model's own forward."""
+    cfg = causal_lm(model).config
+    return not any(getattr(cfg, k, None) for k in
+                   ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"))

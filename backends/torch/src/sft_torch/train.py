@@ -1,0 +1,292 @@
+"""The torch backend's training run: `train(plan, events) -> TrainResult`.
+
+Called by `sft run` (`sft.run.run` -> `TorchBackend.train`); to run one by hand:
+
+    $ sft run --config configs/smollm2-135m/lora.yaml torch.device=cpu train.max_steps=20
+
+Flow: seed -> load model (sft_torch.model) -> apply method (sft_torch.methods) -> AdamW + LR
+schedule (sft_torch.optim) -> resume (sft_torch.checkpoint) -> for each optimizer step: the
+shared batching's rows (sft_torch.data), forward + token-summed loss per micro-batch
+(sft_torch.loss), one backward per micro-batch scaled by the trained tokens of the WHOLE global
+batch, clip, step -> log / eval / checkpoint -> final weights (sft_torch.outputs) + loss.png.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sft.backend import TrainPlan, TrainResult
+from sft.data.batching import count_trained, epoch_rows, micro_batches, shard_for_rank
+from sft.errors import SftError
+from sft.events import RunEvents
+from sft_torch import runtime
+from sft_torch.checkpoint import TrainState, fingerprint, load_checkpoint, save_checkpoint
+from sft_torch.data import Position, Schedule, load_batch, next_position
+from sft_torch.loss import LossSettings, batch_loss, eval_loss
+from sft_torch.methods import apply_method, count_params
+from sft_torch.model import load_model, logits_are_plain
+from sft_torch.optim import build_optimizer, build_scheduler
+from sft_torch.outputs import save_final
+from sft_torch.plot import plot_loss
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did (summed over all ranks)."""
+
+    loss_sum: float
+    trained: int
+    tokens: int
+    grad_norm: float
+    lr: float
+    seconds: float
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.trained, 1)
+
+
+@dataclass
+class Meter:
+    """Accumulates steps between two log lines, and for the whole run."""
+
+    loss_sum: float = 0.0
+    trained: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    total_trained: int = 0
+    total_tokens: int = 0
+    total_seconds: float = 0.0
+    last_loss: float | None = None
+    history: list[float] = field(default_factory=list)
+
+    def add(self, s: StepStats) -> None:
+        self.loss_sum, self.trained = self.loss_sum + s.loss_sum, self.trained + s.trained
+        self.tokens, self.seconds = self.tokens + s.tokens, self.seconds + s.seconds
+        self.total_trained += s.trained
+        self.total_tokens += s.tokens
+        self.total_seconds += s.seconds
+        self.history.append(s.loss)
+
+    def flush(self) -> dict[str, float]:
+        """Token-weighted mean loss and throughput since the last flush."""
+        loss = self.loss_sum / max(self.trained, 1)
+        out = {"loss": loss, "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+               "trained_tokens": float(self.total_trained), "tokens": float(self.total_tokens)}
+        self.last_loss = loss
+        self.loss_sum, self.trained, self.tokens, self.seconds = 0.0, 0, 0, 0.0
+        return out
+
+
+class Trainer:
+    """One run's objects and the operations on them; `train()` below is the linear flow."""
+
+    def __init__(self, plan: TrainPlan, events: RunEvents) -> None:
+        cfg, opts = plan.config, plan.options
+        self.plan, self.events, self.cfg = plan, events, cfg
+        if getattr(opts, "num_threads", None):
+            torch.set_num_threads(opts.num_threads)
+        self.rank, self.world = runtime.dist_info()
+        if self.world != cfg.parallel.world_size:
+            raise SftError(
+                f"parallel: the config asks for {cfg.parallel.world_size} processes but this is "
+                f"{self.world}; multi-process runs must be launched with torchrun"
+            )
+        if self.world > 1:
+            raise SftError("parallel: multi-process training is not available in this build of "
+                           "the torch backend yet; use nproc_per_node: 1")
+        self.device = runtime.resolve_device(opts.device)
+        self.precision = runtime.resolve_precision(cfg.train.precision, self.device)
+        self.schedule = Schedule.build(plan, self.rank, self.world)
+        runtime.seed_everything(cfg.train.seed, cfg.train.deterministic)
+        self.model = self._build_model()
+        chunked = opts.chunked_loss and logits_are_plain(self.model)
+        self.loss_settings = LossSettings(
+            chunked=chunked, chunk_size=opts.loss_chunk_size,
+            packed="mask" if opts.packed_attention == "mask" else "position_ids")
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train, self.schedule.total_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.state = TrainState(self.model, self.optimizer, self.scheduler, self.rank)
+        self.fingerprint = fingerprint(plan, self.schedule)
+        self.meter = Meter()
+
+    def _build_model(self) -> Any:
+        cfg = self.cfg
+        lm = load_model(self.plan, self.device)
+        if cfg.train.gradient_checkpointing and cfg.method.name != "qlora":
+            # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = apply_method(lm, cfg.method, cfg.train.gradient_checkpointing)
+        model.train()  # from_pretrained returns eval mode; dropout (LoRA) must be on
+        return model
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        return runtime.autocast(self.device, self.precision)
+
+    def resume(self) -> Position:
+        if self.plan.resume_from is None:
+            return Position()
+        return load_checkpoint(self.state, self.plan.resume_from, self.fingerprint,
+                               self.cfg.checkpoint.allow_changed)
+
+    def train_step(self, step_rows: list[list[int]]) -> StepStats:
+        """Forward/backward every micro-batch of this rank, then one optimizer step.
+        Each micro-batch's summed loss is divided by the trained tokens of the whole global
+        batch (all ranks), so the gradient is exactly the global token mean whatever the
+        micro-batch size, accumulation or world size."""
+        t0 = time.perf_counter()
+        split, pad = self.plan.data.train, self.plan.data.pad_id
+        n_global = count_trained(split, step_rows)
+        scale = self.world / max(n_global, 1)  # DDP averages gradients over ranks
+        loss_sum, tokens = 0.0, 0
+        for mb in self.schedule.micro_batches(step_rows):
+            batch = load_batch(split, mb, pad, self.device)
+            with self.autocast():
+                loss, _ = batch_loss(self.model, batch, self.loss_settings)
+            self.scaler.scale(loss * scale).backward()
+            loss_sum += float(loss.detach())
+            tokens += int(batch["attention_mask"].sum())
+        grad_norm = self._clip_and_step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        loss_sum, tokens_f = runtime.all_reduce_sum([loss_sum, float(tokens)], self.device)
+        return StepStats(loss_sum, n_global, int(tokens_f), grad_norm, lr,
+                         time.perf_counter() - t0)
+
+    def _clip_and_step(self) -> float:
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.train.max_grad_norm or math.inf
+        norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def check_finite(self, stats: StepStats, pos: Position, step_rows: list[list[int]]) -> None:
+        if math.isfinite(stats.loss) and math.isfinite(stats.grad_norm):
+            return
+        if self.precision == "fp16" and math.isfinite(stats.loss):
+            return  # the grad scaler skipped this step and lowers its scale
+        sources = self.plan.data.train.sources
+        ids = [sources[i] for row in step_rows for i in row][:8]
+        raise SftError(
+            f"non-finite loss ({stats.loss}) or gradient norm ({stats.grad_norm}) at step "
+            f"{pos.global_step + 1}; samples of that batch: {', '.join(ids)}. Lower "
+            "train.learning_rate, use precision fp32/bf16, or check these samples"
+        )
+
+    def evaluate(self) -> dict[str, float]:
+        split = self.plan.data.eval
+        if split is None or len(split) == 0:
+            return {}
+        rows = epoch_rows(split.lengths, max_seq_len=self.cfg.data.max_seq_len,
+                          packing=self.plan.packing, shuffle=False, seed=0, epoch=0)
+        mbs = micro_batches(shard_for_rank(rows, self.rank, self.world),
+                            self.cfg.train.micro_batch_size)
+        mbs = mbs[: self.cfg.eval.max_batches] if self.cfg.eval.max_batches else mbs
+        batches = (load_batch(split, mb, self.plan.data.pad_id, self.device) for mb in mbs)
+        return eval_loss(self.model, batches, self.loss_settings, self.autocast)
+
+    def log_step(self, step: int, stats: StepStats, pos: Position) -> None:
+        every = self.cfg.logging.every_steps
+        if step % every and step != self.schedule.total_steps:
+            return
+        metrics = self.meter.flush()
+        metrics.update({"lr": stats.lr, "grad_norm": stats.grad_norm, "epoch": float(pos.epoch)})
+        self.events.log(step, metrics)
+
+    def info(self) -> dict[str, Any]:
+        total, trainable = count_params(self.model)
+        return {"params": total, "trainable_params": trainable, "device": str(self.device),
+                "precision": self.precision, "total_steps": self.schedule.total_steps,
+                "rows_per_step": self.schedule.rows_per_step,
+                "steps_per_epoch": self.schedule.steps_per_epoch,
+                "chunked_loss": self.loss_settings.chunked, "packing": self.plan.packing}
+
+
+def progress_bar(trainer: Trainer, start: Position) -> Any:
+    from tqdm.auto import tqdm
+
+    show = trainer.cfg.logging.progress and trainer.rank == 0
+    return tqdm(total=trainer.schedule.total_steps, initial=start.global_step, disable=not show,
+                desc="train", unit="step", dynamic_ncols=True)
+
+
+def maybe_eval(trainer: Trainer, step: int, last: bool) -> dict[str, float]:
+    every = trainer.cfg.eval.every_steps
+    if not (last or (every and step % every == 0)):
+        return {}
+    result = trainer.evaluate()
+    if result:
+        trainer.events.log(step, result)
+    return result
+
+
+def maybe_checkpoint(trainer: Trainer, pos: Position, last: bool) -> None:
+    ck = trainer.cfg.checkpoint
+    step = pos.global_step
+    if ck.every_steps and (step % ck.every_steps == 0 or last):
+        save_checkpoint(trainer.state, trainer.plan.run_dir, pos, trainer.fingerprint,
+                        ck.keep_last)
+
+
+def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
+    """Train as `plan` says, writing metrics, checkpoints and RUN/final; see module docstring."""
+    started = time.time()
+    trainer = Trainer(plan, events)
+    start = trainer.resume()
+    events.train_start({**trainer.info(), "resumed_at_step": start.global_step})
+    evals: dict[str, float] = {}
+    total = trainer.schedule.total_steps
+    with progress_bar(trainer, start) as bar:
+        for pos, step_rows in trainer.schedule.steps(start):
+            stats = trainer.train_step(step_rows)
+            trainer.check_finite(stats, pos, step_rows)
+            trainer.meter.add(stats)
+            done = next_position(pos, trainer.schedule.steps_per_epoch)
+            last = done.global_step == total
+            trainer.log_step(done.global_step, stats, pos)
+            bar.set_postfix(loss=f"{stats.loss:.4f}",
+                            tok_s=f"{stats.tokens / max(stats.seconds, 1e-9):.0f}", refresh=False)
+            bar.update(1)
+            evals = maybe_eval(trainer, done.global_step, last) or evals
+            maybe_checkpoint(trainer, done, last)
+    if start.global_step >= total:
+        evals = trainer.evaluate()
+    return finish(trainer, start, evals, started)
+
+
+def finish(trainer: Trainer, start: Position, evals: dict[str, float],
+           started: float) -> TrainResult:
+    plan, meter = trainer.plan, trainer.meter
+    outputs: dict[str, str] = {}
+    if trainer.rank == 0:
+        outputs = save_final(trainer.model, plan)
+        if plan.config.logging.plot:
+            png = plot_loss(plan.run_dir)
+            if png:
+                outputs["loss_plot"] = str(png)
+    metrics: dict[str, Any] = {
+        **trainer.info(),
+        "tokens_per_s": round(meter.total_tokens / max(meter.total_seconds, 1e-9), 2),
+        "trained_tokens_per_s": round(meter.total_trained / max(meter.total_seconds, 1e-9), 2),
+        "trained_tokens": meter.total_trained,
+        "tokens": meter.total_tokens,
+        "train_time_s": round(meter.total_seconds, 3),
+        "elapsed_s": round(time.time() - started, 3),
+        "resumed_at_step": start.global_step,
+        **evals,
+    }
+    final = meter.last_loss if meter.last_loss is not None else (
+        meter.history[-1] if meter.history else None)
+    return TrainResult(steps=trainer.schedule.total_steps, final_loss=final, outputs=outputs,
+                       metrics=metrics)
+
