@@ -46,14 +46,14 @@ test: test-core test-torch test-ms
 
 # Core alone, with neither torch nor mindspore installed.
 test-core: venv-core
-	SFT_TEST_ENV=core $(CORE)/python -m pytest tests/core tests/plugins -m "not torch and not mindspore" -q
+	SFT_TEST_ENV=core $(CORE)/python -m pytest tests/core tests/plugins tests/reliability -m "not torch and not mindspore" -q
 
 test-torch: venv-torch
 	SFT_TEST_ENV=torch $(TORCH)/python -m pytest tests -m "not mindspore" -q
 
 test-ms: venv-ms venv-torch
 	SFT_TEST_ENV=mindspore SFT_TORCH_PYTHON=$(abspath $(TORCH))/python \
-	    $(MS)/python -m pytest tests/core tests/backends/mindspore -m "not torch" -q
+	    $(MS)/python -m pytest tests/core tests/reliability tests/backends/mindspore -m "not torch" -q
 
 lint: venv-torch
 	$(TORCH)/ruff check core backends plugins tests

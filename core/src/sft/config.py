@@ -34,8 +34,14 @@ def read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SftError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as exc:  # found by tests/reliability/test_config_fuzz.py
+        raise SftError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:  # a directory, no permission ...
+        raise SftError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:  # absurdly deep nesting; found by the config fuzz tests
+        raise ConfigError([Problem(str(path), "invalid YAML: nested too deeply")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
