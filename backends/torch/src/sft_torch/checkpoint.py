@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-
 from sft.backend import TrainPlan
 from sft.checkpoints import atomic_checkpoint, read_meta
 from sft.errors import SftError
+
 from sft_torch.data import Position, Schedule
 from sft_torch.runtime import rng_state, set_rng_state
 

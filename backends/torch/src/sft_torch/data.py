@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from sft.backend import TrainPlan
 from sft.data.batching import (
     Row,

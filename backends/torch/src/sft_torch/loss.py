@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from sft.data.cache import IGNORE_INDEX
 from torch.utils.checkpoint import checkpoint
 
-from sft.data.cache import IGNORE_INDEX
 from sft_torch.model import causal_lm, split_model
 
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from torch import nn
-
 from sft.errors import SftError
 from sft.specs import FreezeMethod, LoraMethod, QLoraMethod
+from torch import nn
 
 
 def apply_method(lm: Any, method: Any, gradient_checkpointing: bool = False) -> Any:

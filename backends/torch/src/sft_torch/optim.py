@@ -16,7 +16,6 @@ from functools import partial
 from typing import Any
 
 import torch
-
 from sft.specs import TrainSpec
 
 
@@ -50,10 +49,7 @@ def lr_factor(step: int, *, total: int, warmup: int, kind: str, min_ratio: float
         return 1.0
     decay_steps = max(1, total - warmup - 1)
     progress = min(1.0, (step - warmup) / decay_steps)
-    if kind == "linear":
-        shape = 1.0 - progress
-    else:
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    shape = 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return min_ratio + (1.0 - min_ratio) * shape
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sft.backend import TrainPlan
+
 from sft_torch.model import causal_lm
 
 

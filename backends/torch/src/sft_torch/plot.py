@@ -28,9 +28,9 @@ def plot_loss(run_dir: Path, title: str = "") -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", linewidth=1.2)
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", markersize=4)
+        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss", markersize=4)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean token cross-entropy)")
     ax.set_title(title or Path(run_dir).name)

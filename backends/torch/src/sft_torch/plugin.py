@@ -10,12 +10,12 @@ from __future__ import annotations
 import importlib.util
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 import sft
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sft.backend import TrainPlan, TrainResult, require_modules
 from sft.events import RunEvents
 from sft.specs import RunConfig
+
 from sft_torch.commands import sft_register_commands  # noqa: F401  (hooks of sibling modules,
 from sft_torch.export import sft_register_exporters  # noqa: F401   registered through this
 from sft_torch.resolve import sft_resolve_model  # noqa: F401       entry-point module)

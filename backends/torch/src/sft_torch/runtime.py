@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
-
 from sft.errors import SftError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

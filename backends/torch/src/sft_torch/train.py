@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
 from sft.backend import TrainPlan, TrainResult
 from sft.data.batching import count_trained, epoch_rows, micro_batches, shard_for_rank
 from sft.errors import SftError
 from sft.events import RunEvents
+
 from sft_torch import runtime
 from sft_torch.checkpoint import TrainState, fingerprint, load_checkpoint, save_checkpoint
 from sft_torch.data import Position, Schedule, load_batch, next_position
