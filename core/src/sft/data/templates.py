@@ -1,1 +1,179 @@
-"""Built-in chat templates for models whose tokenizer has none."""
+"""Chat templates: the tokenizer's own Jinja template, a built-in one, or a user's .jinja file.
+
+A built-in plugin: `chatml`, `llama2`, `llama3`, `vicuna_v1.1` and `alpaca` are registered through
+`sft_register_chat_templates`, the hook a plugin uses to add more. `data.template` picks one:
+
+    template: auto                  # the tokenizer's chat_template (error if it has none)
+    template: llama3                # a built-in
+    template: prompts/mine.jinja    # a file (relative to the config)
+
+Templates are rendered exactly as `tokenizer.apply_chat_template` renders them (same Jinja
+environment, same special-token variables), so masks computed here match what the model saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sft.errors import SftError
+from sft.plugins import hookimpl
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+LLAMA3 = (
+    "{% for message in messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set loop_messages = messages[1:] %}"
+    "{% set system_message = '<<SYS>>\n' + messages[0]['content'] | trim + '\n<</SYS>>\n\n' %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = '' %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if loop.index0 == 0 %}{% set content = system_message + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content | trim + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content | trim + ' ' + eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+VICUNA = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] | trim + ' ' }}{% set loop_messages = messages[1:] %}"
+    "{% else %}{{ 'A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user\\'s questions. ' }}"
+    "{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] | trim + ' ' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + message['content'] | trim + eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+ALPACA = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] + '\n\n' }}{% set loop_messages = messages[1:] %}"
+    "{% else %}{{ 'Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n' }}"
+    "{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+)
+
+BUILTIN = {
+    "chatml": (CHATML, "<|im_end|>"),
+    "llama2": (LLAMA2, "{eos_token}"),
+    "llama3": (LLAMA3, "<|eot_id|>"),
+    "vicuna_v1.1": (VICUNA, "{eos_token}"),
+    "alpaca": (ALPACA, "{eos_token}"),
+}
+
+
+@hookimpl
+def sft_register_chat_templates(register: Any) -> None:
+    for name, (source, stop) in BUILTIN.items():
+        register(name, source, stop=stop)
+
+
+@dataclass(frozen=True)
+class Template:
+    """A chosen chat template: where it came from and its Jinja source."""
+
+    name: str
+    """`auto (tokenizer)`, a built-in name or the file path."""
+    source: str
+    stop: str = ""
+    """End-of-turn text when known (built-ins); otherwise derived from renderings."""
+
+
+def resolve_template(spec: str, tokenizer: Any, plugins: Any) -> Template:
+    """The template `data.template` names, for this tokenizer."""
+    if spec == "auto":
+        source = getattr(tokenizer, "chat_template", None)
+        if isinstance(source, dict):  # several named templates: the default one
+            source = source.get("default")
+        if not source:
+            raise SftError(
+                "data.template is `auto` but the tokenizer has no chat template; set data.template "
+                f"to a built-in ({', '.join(plugins.templates)}) or to a .jinja file"
+            )
+        return Template("auto (tokenizer)", source)
+    if spec in plugins.templates:
+        t = plugins.templates.get(spec)
+        stop = t.stop.replace("{eos_token}", str(getattr(tokenizer, "eos_token", "") or ""))
+        return Template(spec, t.source, stop)
+    path = Path(spec)
+    if path.is_file():
+        return Template(str(path), path.read_text(encoding="utf-8"))
+    raise SftError(
+        f"data.template {spec!r} is neither a built-in ({', '.join(plugins.templates)}) "
+        "nor an existing .jinja file"
+    )
+
+
+class Renderer:
+    """Renders message lists with one compiled template, like `apply_chat_template(tokenize=False)`."""
+
+    def __init__(self, template: Template, tokenizer: Any) -> None:
+        self.template = template
+        self._jinja = compile_template(template.source)
+        # The variables apply_chat_template passes: bos_token, eos_token, pad_token, ...
+        self._vars = {
+            k: v for k, v in getattr(tokenizer, "special_tokens_map", {}).items() if isinstance(v, str)
+        }
+
+    def __call__(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        try:
+            return self._jinja.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self._vars
+            )
+        except Exception as exc:
+            raise TemplateError(f"{type(exc).__name__}: {exc}") from exc
+
+
+class TemplateError(Exception):
+    """The template refused or failed to render a conversation (e.g. raise_exception)."""
+
+
+def compile_template(source: str) -> Any:
+    """A Jinja template compiled in transformers' own chat-template environment."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # pragma: no cover - a transformers that moved it; same settings here
+        return _own_environment().from_string(source)
+    return _compile_jinja_template(source)
+
+
+def _own_environment() -> Any:
+    import json
+
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+    env.globals["raise_exception"] = raise_exception
+    return env

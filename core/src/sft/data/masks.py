@@ -1,0 +1,183 @@
+"""Token ids and loss masks for any chat template, derived from the rendering itself.
+
+For a conversation m0..mn the template renders prefixes m[:i] (with and without the generation
+prompt); each must be a prefix of the full rendering, so the differences are exactly the
+characters each message added. For an assistant message that is
+
+    render(m[:i], add_generation_prompt=True)  ->  the header ("<|im_start|>assistant\\n"), masked
+    up to render(m[:i+1])                      ->  content + end-of-turn marker, trained
+
+(trailing whitespace after the marker, such as chatml's "\\n", stays masked). The full rendering
+is tokenized once and character spans map to tokens through the tokenizer's offsets, so the ids
+are exactly `tokenizer(render(m), add_special_tokens=False)`. A token that straddles a boundary
+is trained if any of its characters is. Labels are the token id where trained, -100 elsewhere,
+not shifted:
+
+    enc = Encoder(tokenizer, renderer, mask="assistant")
+    ids, labels = enc.encode([conv])[0]
+    # chatml: <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello<|im_end|>\\n
+    # labels:   -100 ... -100                                        Hello <|im_end|>  -100
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sft.data.cache import IGNORE_INDEX
+from sft.data.conversation import Conversation, Message, RecordError
+from sft.data.templates import Renderer, TemplateError
+from sft.errors import SftError
+
+Spans = list[tuple[int, int]]
+
+
+class Encoder:
+    """Conversations -> (ids, labels) with one tokenizer, template and mask policy."""
+
+    def __init__(
+        self, tokenizer: Any, renderer: Renderer, mask: str = "assistant",
+        system_prompt: str | None = None,
+    ) -> None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise SftError(
+                f"tokenizer {type(tokenizer).__name__} is not a fast (Rust) tokenizer; sft needs "
+                "character offsets: save the model with a tokenizer.json"
+            )
+        self.tok, self.backend, self.render = tokenizer, backend, renderer
+        self.mask, self.system_prompt = mask, system_prompt
+        self.eos_text = tokenizer.eos_token or ""
+        # Plain text gets the BOS the tokenizer would add itself (llama-style tokenizers).
+        bos = tokenizer.bos_token_id
+        adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
+        self.bos_text = tokenizer.bos_token if adds_bos else ""
+
+    def text_and_spans(self, conv: Conversation) -> tuple[str, Spans]:
+        """The rendered text and its trained character spans; raises RecordError."""
+        if conv.plain:
+            return self._plain(conv)
+        msgs = list(conv.messages)
+        if self.system_prompt and msgs[0].role != "system":
+            msgs.insert(0, Message("system", self.system_prompt))
+        return _chat_spans(self.render, msgs, self._trained(msgs), self.mask)
+
+    def _trained(self, msgs: Sequence[Message]) -> list[bool]:
+        last = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=-1)
+        out = []
+        for i, m in enumerate(msgs):
+            default = self.mask == "all" or (
+                m.role == "assistant" and (self.mask == "assistant" or i == last)
+            )
+            out.append(default if m.train is None else m.train)
+        return out
+
+    def _plain(self, conv: Conversation) -> tuple[str, Spans]:
+        text, spans = self.bos_text, []
+        trained = self._trained(conv.messages)
+        for m, t in zip(conv.messages, trained):
+            if t:
+                spans.append((len(text), len(text) + len(m.content)))
+            text += m.content
+        if trained[-1]:  # EOS belongs to the last piece: the model learns where text ends
+            spans.append((len(text), len(text) + len(self.eos_text)))
+        text += self.eos_text
+        if self.mask == "all" and not any(m.train is False for m in conv.messages):
+            spans = [(0, len(text))]
+        return text, spans
+
+    def encode(self, convs: Sequence[Conversation]) -> list[tuple[np.ndarray, np.ndarray] | RecordError]:
+        """Encode many conversations with one batched tokenizer call; bad ones give RecordError."""
+        texts, spans, out = [], [], []
+        for conv in convs:
+            try:
+                t, s = self.text_and_spans(conv)
+            except RecordError as exc:
+                out.append(exc)
+                continue
+            out.append(None)
+            texts.append(t)
+            spans.append(s)
+        encs = iter(self.backend.encode_batch(texts, add_special_tokens=False))
+        it = iter(zip(texts, spans))
+        result: list[tuple[np.ndarray, np.ndarray] | RecordError] = []
+        for item in out:
+            if item is not None:
+                result.append(item)
+                continue
+            enc = next(encs)
+            text, sp = next(it)
+            ids = np.asarray(enc.ids, dtype=np.int32)
+            result.append((ids, labels_from_spans(ids, enc.offsets, sp, len(text))))
+        return result
+
+
+def labels_from_spans(ids: np.ndarray, offsets: Any, spans: Spans, n_chars: int) -> np.ndarray:
+    """Label each token with its id if any of its characters lies in a trained span."""
+    chars = np.zeros(n_chars + 1, dtype=np.int32)
+    for a, b in spans:
+        chars[a:b] = 1
+    csum = np.concatenate([[0], np.cumsum(chars)])
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    start, end = off[:, 0], np.maximum(off[:, 1], off[:, 0] + 1)  # zero-width: its position
+    hit = (csum[np.minimum(end, n_chars + 1)] - csum[start]) > 0
+    return np.where(hit, ids, IGNORE_INDEX).astype(np.int32)
+
+
+def _chat_spans(render: Renderer, msgs: list[Message], trained: list[bool], mask: str) -> tuple[str, Spans]:
+    dicts = [{"role": m.role, "content": m.content} for m in msgs]
+    cache: dict[tuple[int, bool], str] = {}
+
+    def prefix(k: int, gen: bool = False) -> str:
+        if k == 0 and not gen:
+            return ""
+        if (k, gen) not in cache:
+            try:
+                cache[k, gen] = render(dicts[:k], add_generation_prompt=gen)
+            except TemplateError as exc:
+                raise RecordError("template_error", f"the chat template refused it: {exc}") from None
+        return cache[k, gen]
+
+    full = prefix(len(msgs))
+    if mask == "all":  # everything except the whole turns switched off with `train: false`
+        off = [_bounds(render, prefix, full, i, False) for i, t in enumerate(trained) if not t]
+        return full, _complement(off, len(full))
+    spans = [
+        _bounds(render, prefix, full, i, m.role == "assistant")
+        for i, m in enumerate(msgs)
+        if trained[i]
+    ]
+    return full, spans
+
+
+def _bounds(render: Renderer, prefix: Any, full: str, i: int, trained_part: bool) -> tuple[int, int]:
+    """Characters of message i: the whole turn, or (trained_part) from the end of the
+    generation prompt to the end-of-turn marker, without the whitespace after it."""
+    before, after = prefix(i), prefix(i + 1)
+    head = prefix(i, True) if trained_part else before
+    for piece in (before, head, after):
+        if not full.startswith(piece):
+            raise SftError(
+                f"chat template {render.template.name!r} does not render conversations "
+                f"incrementally (a rendering of the first messages is not a prefix of the whole "
+                "rendering), so loss masks cannot be derived from it. Use a built-in template "
+                "(data.template: chatml, llama3, ...) or a .jinja file without history rewriting"
+            )
+    if not len(before) <= len(head) <= len(after):
+        raise SftError(f"chat template {render.template.name!r}: the generation prompt is not a "
+                       "prefix of the assistant turn, so loss masks cannot be derived from it")
+    end = len(after.rstrip()) if trained_part else len(after)
+    return len(head), max(end, len(head))
+
+
+def _complement(spans: Spans, n: int) -> Spans:
+    out, pos = [], 0
+    for a, b in sorted(spans):
+        if a > pos:
+            out.append((pos, a))
+        pos = max(pos, b)
+    if pos < n:
+        out.append((pos, n))
+    return out

@@ -1,0 +1,242 @@
+"""`prepare_data`: the job spec's data section -> a content-hashed tokenized cache.
+
+    records (sources.py) -> Conversation (formats.py) -> ids + labels (masks.py)
+      -> length policy + accounting (accounting.py) -> eval split, mixing -> cache (cache.py)
+
+The cache lives in `data.cache_dir/<key>` (default `$SFT_CACHE_DIR/data/<key>`); the key covers
+the data files' bytes, the tokenizer files, the template source, every data policy, max_seq_len
+and PIPELINE_VERSION, so a second `sft run` or `sft data prepare` reuses it. It is built in a
+temporary directory and renamed into place under a file lock, so concurrent processes (one per
+rank) never both build it nor read a half-written one.
+
+    $ sft data prepare --config configs/smollm2-135m/lora.yaml
+    data: 1000 records -> 990 trained, 6 dropped (too_long 6), 4 rejected (malformed_json 4); ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sft.data.accounting import Accounting, Sample, apply_length, summary_line
+from sft.data.cache import PreparedData, TokenizedSplit
+from sft.data.conversation import Conversation, RecordError
+from sft.data.formats import convert_record, detect_format
+from sft.data.masks import Encoder
+from sft.data.sources import fingerprint, read_source, source_files
+from sft.data.stats import check_drop_fraction, split_stats, write_report
+from sft.data.templates import Renderer, resolve_template
+from sft.data.tokenizer import end_of_turn_ids, load_tokenizer, pad_id, save_tokenizer
+from sft.errors import SftError
+from sft.paths import cache_root
+from sft.plugins import Plugins, get_plugins
+from sft.specs import DataSource, RunConfig
+
+PIPELINE_VERSION = "1"
+BATCH = 512  # conversations tokenized per batched tokenizer call
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+    "vocab.txt",
+)
+
+
+def prepare_data(config: RunConfig, model: Any, run_dir: Path | None = None) -> PreparedData:
+    """Tokenize (or reuse) the data of `config` for `model` (a ResolvedModel); writes
+    RUN_DIR/data.json and rejects.jsonl, prints a one-line summary, and raises SftError when more
+    than data.max_drop_fraction of the records was dropped or rejected."""
+    data = load_or_build(config, Path(model.path), trust_remote_code=config.model.trust_remote_code)
+    if run_dir is not None and os.environ.get("RANK", "0") == "0":
+        write_report(data, Path(run_dir))
+        print(summary_line(data.stats["train"]), flush=True)
+    check_drop_fraction(data.stats, config.data.max_drop_fraction)
+    return data
+
+
+def load_or_build(config: RunConfig, tokenizer_path: Path, trust_remote_code: bool = False) -> PreparedData:
+    """The cache for this config and tokenizer, built once under a lock."""
+    plugins = get_plugins()
+    key = cache_key(config, tokenizer_path, plugins)
+    root = Path(config.data.cache_dir) if config.data.cache_dir else cache_root() / "data"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / key
+    with _file_lock(root / f"{key}.lock"):
+        if not (final / "meta.json").is_file():
+            tmp = root / f".tmp-{key}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                build(config, tokenizer_path, trust_remote_code, plugins, tmp, final, key)
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return PreparedData.load(final)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def cache_key(config: RunConfig, tokenizer_path: Path, plugins: Plugins) -> str:
+    """Hash of everything that changes the tokens: data bytes, tokenizer files, template,
+    policies, max_seq_len, seed (eval split, mixing) and the pipeline version."""
+    d = config.data
+    h = hashlib.sha256(f"sft-data-v{PIPELINE_VERSION}".encode())
+    policy = d.model_dump(mode="json", exclude={"train", "eval", "cache_dir", "max_drop_fraction",
+                                                "packing", "group_by_length", "shuffle"})
+    h.update(json.dumps([policy, config.train.seed], sort_keys=True).encode())
+    for split, srcs in (("train", d.train), ("eval", d.eval or [])):
+        for src in srcs:
+            spec = src.model_dump(mode="json") | {"weighted": "weight" in src.model_fields_set}
+            h.update(json.dumps([split, spec], sort_keys=True).encode())
+            h.update(fingerprint(source_files(src.path)).encode())
+    for name in TOKENIZER_FILES:
+        f = tokenizer_path / name
+        if f.is_file():
+            h.update(name.encode() + hashlib.sha256(f.read_bytes()).digest())
+    h.update(_template_source(d.template, plugins).encode())
+    return h.hexdigest()[:24]
+
+
+def _template_source(spec: str, plugins: Plugins) -> str:
+    if spec in plugins.templates:
+        return plugins.templates.get(spec).source
+    if spec != "auto" and Path(spec).is_file():
+        return Path(spec).read_text(encoding="utf-8")
+    return spec  # auto: the tokenizer files (hashed) hold the template
+
+
+# ------------------------------------------------------------------------------------- build
+
+
+def build(config: RunConfig, tokenizer_path: Path, trust_remote_code: bool, plugins: Plugins,
+          out: Path, final: Path, key: str) -> None:
+    """Tokenize every source into `out` (renamed to `final` by the caller)."""
+    d = config.data
+    tok = load_tokenizer(tokenizer_path, trust_remote_code)
+    template = resolve_template(d.template, tok, plugins)
+    renderer = Renderer(template, tok)
+    encoder = Encoder(tok, renderer, d.mask, d.system_prompt)
+    acc = Accounting(on_bad_record=d.on_bad_record)
+    parts = [list(_source_samples(src, plugins, encoder, config, acc)) for src in d.train]
+    eval_acc, eval_samples = None, []
+    if d.eval:
+        eval_acc = Accounting(on_bad_record=d.on_bad_record)
+        for src in d.eval:
+            eval_samples += _source_samples(src, plugins, encoder, config, eval_acc)
+    elif d.eval_fraction > 0:
+        parts, eval_samples = _hold_out(parts, d.eval_fraction, config.train.seed)
+    train = _mix(parts, d.train, config.train.seed)
+    if not train:
+        raise SftError(f"no training samples left: {summary_line(acc.as_dict())}")
+    tok_dir = out / "tokenizer"
+    save_tokenizer(tok, template, tok_dir)
+    data = PreparedData(
+        cache_dir=out,
+        key=key,
+        train=_split(train),
+        eval=_split(eval_samples) if eval_samples else None,
+        tokenizer_dir=str(final / "tokenizer"),
+        pad_id=pad_id(tok),
+        eos_ids=end_of_turn_ids(tok, renderer, template),
+    )
+    data.stats = split_stats(data.train, d.max_seq_len)
+    data.stats |= {"train": acc.as_dict(), "eval": eval_acc.as_dict() if eval_acc else None,
+                   "template": template.name, "eval_samples": len(eval_samples)}
+    rejects = acc.rejects + (eval_acc.rejects if eval_acc else [])
+    (out / "rejects.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+    data.save()
+
+
+def _source_samples(src: DataSource, plugins: Plugins, encoder: Encoder, config: RunConfig,
+                    acc: Accounting) -> Iterator[tuple[Sample, str, int]]:
+    """(sample, where, record number) for every piece this source trains on."""
+    batch: list[Conversation] = []
+    fmt = None if src.format == "auto" else src.format
+    for n, rec in enumerate(read_source(src)):
+        if rec.data is None:
+            assert rec.error is not None
+            acc.reject(rec.where, rec.error)
+            continue
+        fmt = fmt or detect_format(plugins, rec.data, rec.where)
+        try:
+            conv = convert_record(plugins, fmt, src, rec.data, rec.where)
+        except RecordError as exc:
+            acc.reject(rec.where, exc)
+            continue
+        conv.meta["record"] = n
+        batch.append(conv)
+        if len(batch) >= BATCH:
+            yield from _encode(batch, encoder, config, acc)
+            batch = []
+    yield from _encode(batch, encoder, config, acc)
+
+
+def _encode(batch: list[Conversation], encoder: Encoder, config: RunConfig,
+            acc: Accounting) -> Iterator[tuple[Sample, str, int]]:
+    d = config.data
+    for conv, enc in zip(batch, encoder.encode(batch)):
+        if isinstance(enc, RecordError):
+            acc.reject(conv.source, enc)
+            continue
+        for piece in apply_length(enc, where=conv.source, max_seq_len=d.max_seq_len,
+                                  policy=d.length_policy, plain=conv.plain, acc=acc):
+            yield piece, conv.source, int(conv.meta["record"])  # type: ignore[call-overload]
+
+
+Tagged = tuple[Sample, str, int]
+
+
+def _hold_out(parts: list[list[Tagged]], fraction: float, seed: int) -> tuple[list[list[Tagged]], list[Tagged]]:
+    """Move `fraction` of each source's records (all pieces of a record together) to eval."""
+    rng = np.random.default_rng([seed, 7])
+    train_parts, held = [], []
+    for s, part in enumerate(parts):
+        records = sorted({r for _, _, r in part})
+        k = int(round(fraction * len(records)))
+        chosen = set(rng.permutation(records)[:k].tolist()) if k else set()
+        train_parts.append([t for t in part if t[2] not in chosen])
+        held += [t for t in part if t[2] in chosen]
+        del s
+    return train_parts, held
+
+
+def _mix(parts: list[list[Tagged]], sources: list[DataSource], seed: int) -> list[Tagged]:
+    """Concatenate sources; with explicit weights, source i gets weight_i / sum(weights) of the
+    samples (its own samples without replacement first, then repeated)."""
+    if len(parts) == 1 or not any("weight" in s.model_fields_set for s in sources):
+        return [t for p in parts for t in p]
+    total = sum(len(p) for p in parts)
+    wsum = sum(s.weight for s in sources)
+    rng = np.random.default_rng([seed, 11])
+    out: list[Tagged] = []
+    for part, src in zip(parts, sources):
+        want = int(round(total * src.weight / wsum))
+        if not part:
+            continue
+        idx = np.concatenate([rng.permutation(len(part)) for _ in range(-(-want // len(part)))])
+        out += [part[i] for i in idx[:want]]
+    return out
+
+
+def _split(tagged: list[Tagged]) -> TokenizedSplit:
+    lengths = np.array([len(ids) for (ids, _), _, _ in tagged], dtype=np.int64)
+    offsets = np.zeros(len(tagged) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.concatenate([i for (i, _), _, _ in tagged]).astype(np.int32)
+    labels = np.concatenate([lab for (_, lab), _, _ in tagged]).astype(np.int32)
+    return TokenizedSplit(ids, labels, offsets, [w for _, w, _ in tagged])

@@ -1,0 +1,225 @@
+"""Reading raw records from files: jsonl, json arrays, parquet, csv, arrow, globs and HF
+`save_to_disk` directories, streamed, each record tagged with where it came from.
+
+    for rec in read_source(DataSource(path="data/*.jsonl", max_samples=100)):
+        rec.where      # "data/a.jsonl:12" (1-based line; `file:row` for columnar files)
+        rec.data       # the record as a dict (columns already renamed), or None when bad
+        rec.error      # RecordError for malformed JSON / invalid UTF-8 / not an object
+
+pyarrow reads parquet and arrow (the `datasets` library is not needed). A bad record is
+yielded, not raised, so the caller decides between `on_bad_record: error` and `skip`.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sft.data.conversation import RecordError
+from sft.errors import SftError
+from sft.specs import DataSource
+
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
+
+
+@dataclass
+class RawRecord:
+    where: str
+    data: dict[str, Any] | None
+    error: RecordError | None = None
+
+
+def source_files(path: str) -> list[Path]:
+    """The files a source path names: a file, a glob, or a directory (save_to_disk or files)."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return _dir_files(p)
+    if any(c in path for c in "*?["):
+        files = sorted(Path(f) for f in glob.glob(path, recursive=True) if Path(f).is_file())
+        if files:
+            return files
+    raise SftError(f"data source {path}: no such file, directory or matching glob")
+
+
+def _dir_files(d: Path) -> list[Path]:
+    if (d / "dataset_dict.json").is_file():
+        splits = json.loads((d / "dataset_dict.json").read_text()).get("splits", [])
+        if "train" not in splits:
+            raise SftError(
+                f"{d} is a DatasetDict with splits {splits}; point data.train at one split "
+                f"directory, e.g. {d / (splits[0] if splits else 'train')}"
+            )
+        d = d / "train"
+    state = d / "state.json"
+    if state.is_file():  # HF datasets save_to_disk: arrow shards listed in state.json
+        return [d / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+    if not files:
+        raise SftError(f"data directory {d} holds no {'/'.join(SUFFIXES)} files")
+    return files
+
+
+def fingerprint(files: list[Path]) -> str:
+    """Hash of the files' bytes (for the cache key)."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def read_source(src: DataSource) -> Iterator[RawRecord]:
+    """Records of one source, in file order, at most `src.max_samples`, columns renamed."""
+    n = 0
+    for f in source_files(src.path):
+        for rec in read_file(f):
+            if rec.data is not None and src.columns:
+                rec.data = rename_columns(rec.data, src.columns)
+            yield rec
+            n += 1
+            if src.max_samples is not None and n >= src.max_samples:
+                return
+
+
+def rename_columns(data: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """`columns` maps the format's field name to the user's column name."""
+    out = dict(data)
+    for field, column in columns.items():
+        if column in out:
+            out[field] = out.pop(column)
+    return out
+
+
+def read_file(path: Path) -> Iterator[RawRecord]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return read_jsonl(path)
+    if suffix == ".json":
+        return read_json(path)
+    if suffix == ".parquet":
+        return read_parquet(path)
+    if suffix == ".csv":
+        return read_csv(path)
+    if suffix == ".arrow":
+        return read_arrow(path)
+    raise SftError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
+
+
+def _parse(text: str, where: str) -> RawRecord:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return RawRecord(where, None, RecordError("malformed_json", f"malformed JSON: {exc}"))
+    if not isinstance(obj, dict):
+        kind = type(obj).__name__
+        return RawRecord(where, None, RecordError("wrong_type", f"expected a JSON object, got {kind}"))
+    return RawRecord(where, obj)
+
+
+def read_jsonl(path: Path) -> Iterator[RawRecord]:
+    """One JSON object per line; 1-based line numbers; blank lines are skipped."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield RawRecord(where, None, RecordError("invalid_utf8", f"invalid UTF-8: {exc}"))
+                continue
+            if line.strip():
+                yield _parse(line, where)
+
+
+def read_json(path: Path) -> Iterator[RawRecord]:
+    """A JSON array of objects (line numbers are where each object starts), or JSON lines."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        yield RawRecord(f"{path}:1", None, RecordError("invalid_utf8", f"invalid UTF-8: {exc}"))
+        return
+    start = len(text) - len(text.lstrip())
+    if not text[start:].startswith("["):
+        yield from read_jsonl(path)  # many ".json" files are really JSON lines
+        return
+    yield from _json_array(text, start + 1, path)
+
+
+def _json_array(text: str, pos: int, path: Path) -> Iterator[RawRecord]:
+    # Decode element by element so each record knows its line and one bad element is one
+    # bad record, not a failed file.
+    dec = json.JSONDecoder()
+    line, seen = 1, 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        line += text.count("\n", seen, pos)
+        seen = pos
+        where = f"{path}:{line}"
+        try:
+            obj, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            yield RawRecord(where, None, RecordError("malformed_json", f"malformed JSON: {exc}"))
+            return  # the rest of the array cannot be located reliably
+        if isinstance(obj, dict):
+            yield RawRecord(where, obj)
+        else:
+            err = RecordError("wrong_type", f"expected a JSON object, got {type(obj).__name__}")
+            yield RawRecord(where, None, err)
+
+
+def read_csv(path: Path) -> Iterator[RawRecord]:
+    """A header row, then records; `where` is the line each record starts on."""
+    with open(path, newline="", encoding="utf-8", errors="strict") as fh:
+        reader = csv.DictReader(fh)
+        start = 2
+        try:
+            for row in reader:
+                yield RawRecord(f"{path}:{start}", {k: v for k, v in row.items() if k is not None})
+                start = reader.line_num + 1
+        except UnicodeDecodeError as exc:
+            where = f"{path}:{start}"
+            yield RawRecord(where, None, RecordError("invalid_utf8", f"invalid UTF-8: {exc}"))
+
+
+def _table_rows(batches: Any, path: Path) -> Iterator[RawRecord]:
+    row = 0
+    for batch in batches:
+        for rec in batch.to_pylist():
+            row += 1
+            yield RawRecord(f"{path}:{row}", rec)
+
+
+def read_parquet(path: Path) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+
+    yield from _table_rows(pq.ParquetFile(path).iter_batches(batch_size=1024), path)
+
+
+def read_arrow(path: Path) -> Iterator[RawRecord]:
+    """Arrow IPC stream (what `datasets` writes) or IPC file."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path), "r") as mm:
+        try:
+            reader: Any = pa.ipc.open_stream(mm)
+            batches: Any = iter(reader)
+        except pa.ArrowInvalid:
+            mm.seek(0)
+            f = pa.ipc.open_file(mm)
+            batches = (f.get_batch(i) for i in range(f.num_record_batches))
+        yield from _table_rows(batches, path)
+
