@@ -20,6 +20,7 @@ import click
 import typer
 from pydantic import BaseModel
 
+from sft.data.commands import data_app
 from sft.errors import SftError
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Validate, show and document job specs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Job spec YAML file.")]
 BackendOpt = Annotated[
