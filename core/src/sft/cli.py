@@ -175,11 +175,17 @@ def plugins() -> None:
         typer.echo(f"{name}  ({dist})\n    {', '.join(hooks) or '-'}")
 
 
-@app.command()
-def models() -> None:
+models_app = typer.Typer(help="Built-in models; backends add `prepare` (convert once).")
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback(invoke_without_command=True)
+def models(ctx: typer.Context) -> None:
     """List built-in model names and where their weights come from."""
     from sft.models import BUILTIN_MODELS
 
+    if ctx.invoked_subcommand is not None:
+        return
     for m in BUILTIN_MODELS.values():
         typer.echo(f"{m.name}\n    {m.description}\n    weights: {m.filename} from `{m.install}`")
 

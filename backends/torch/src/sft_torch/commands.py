@@ -13,12 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import sft
 import typer
 
-import sft
-
-ModelArg = Annotated[str, typer.Argument(help="A run directory, HF model dir, .gguf file or "
-                                              "built-in name.")]
+ModelArg = Annotated[
+    str, typer.Argument(help="A run directory, HF model dir, .gguf file or built-in name.")
+]
 MaxNew = Annotated[int, typer.Option(help="Most tokens to generate.")]
 Temp = Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling mass (with temperature > 0).")]
@@ -39,6 +39,7 @@ def models_prepare(
     """Convert a built-in model or a .gguf file once into a cached safetensors directory."""
     from sft.errors import SftError
     from sft.paths import cache_root
+
     from sft_torch.resolve import resolve
 
     found = resolve(spec, cache_root() / "models", dtype)
@@ -86,10 +87,16 @@ def chat(
 
 def eval_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="Run dir, HF dir, .gguf or name.")],
-    data: Annotated[Path, typer.Option(help="jsonl: chat samples (loss) and/or generation tasks "
-                                            "(prompt|messages + expected|contains|regex).")],
-    compare: Annotated[Optional[str], typer.Option(help="Base model to compare against "
-                                                        "(before/after table).")] = None,
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="jsonl: chat samples (loss) and/or generation tasks "
+            "(prompt|messages + expected|contains|regex)."
+        ),
+    ],
+    compare: Annotated[
+        Optional[str], typer.Option(help="Base model to compare against (before/after table).")
+    ] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results here.")] = None,
     max_new_tokens: MaxNew = 64,
 ) -> None:

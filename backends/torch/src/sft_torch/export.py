@@ -70,7 +70,9 @@ def check_template_parity(exported: Path, reference: Path) -> dict[str, Any]:
     if not getattr(exp_tok, "chat_template", None):
         return {"template_ids_equal": False, "problem": f"{exported} has no chat template"}
     exp_ids, ref_ids = _probe_renders(exp_tok), _probe_renders(ref_tok)
-    first_diff = next((i for i, (a, b) in enumerate(zip(exp_ids[0], ref_ids[0])) if a != b), None)
+    first_diff = next(
+        (i for i, (a, b) in enumerate(zip(exp_ids[0], ref_ids[0], strict=False)) if a != b), None
+    )
     exp_eos = sorted(eos_ids_of(exported, exp_tok))
     eot = end_of_turn_ids(exp_tok)[:1]
     checks: dict[str, Any] = {
@@ -87,8 +89,8 @@ def check_template_parity(exported: Path, reference: Path) -> dict[str, Any]:
         at = first_diff if first_diff is not None else min(len(exp_ids[0]), len(ref_ids[0]))
         checks["first_mismatch"] = {
             "position": at,
-            "exported": exp_tok.decode(exp_ids[0][at:at + 8]),
-            "reference": ref_tok.decode(ref_ids[0][at:at + 8]),
+            "exported": exp_tok.decode(exp_ids[0][at : at + 8]),
+            "reference": ref_tok.decode(ref_ids[0][at : at + 8]),
         }
     return checks
 
@@ -112,15 +114,19 @@ def compare_logits(ref: list[Any], got: list[Any]) -> dict[str, float]:
     """max |logit diff|, mean KL(ref || got) over positions, and top-1 agreement."""
     import torch
 
-    diff = max(float((a - b).abs().max()) for a, b in zip(ref, got))
+    diff = max(float((a - b).abs().max()) for a, b in zip(ref, got, strict=True))
     kls, agree, total = [], 0, 0
-    for a, b in zip(ref, got):
+    for a, b in zip(ref, got, strict=True):
         la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
         kls.append((la.exp() * (la - lb)).sum(-1))
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         total += a.shape[0]
-    return {"max_abs_logit_diff": diff, "mean_kl": float(torch.cat(kls).mean()),
-            "top1_agreement": agree / total, "positions_compared": total}
+    return {
+        "max_abs_logit_diff": diff,
+        "mean_kl": float(torch.cat(kls).mean()),
+        "top1_agreement": agree / total,
+        "positions_compared": total,
+    }
 
 
 def _reference(req: ExportRequest) -> tuple[Any, Any, Path, str]:
@@ -162,8 +168,12 @@ def write_tokenizer_and_generation(tok: Any, meta_dir: Path, out: Path, req: Exp
 def _clean_out(out: Path) -> None:
     # A previous export into the same directory must not leave mixed files behind (adapter
     # files beside merged weights make loaders treat the directory as an adapter).
-    for pattern in ("adapter_config.json", "adapter_model.*", "*.safetensors",
-                    "model.safetensors.index.json"):
+    for pattern in (
+        "adapter_config.json",
+        "adapter_model.*",
+        "*.safetensors",
+        "model.safetensors.index.json",
+    ):
         for p in out.glob(pattern):
             p.unlink()
 
@@ -174,8 +184,9 @@ def export_hf(req: ExportRequest) -> ExportReport:
     from transformers import AutoModelForCausalLM
 
     if req.dtype not in TORCH_DTYPES:
-        raise SftError(f"hf export writes f32, f16 or bf16, not {req.dtype!r} (q8_0 is for "
-                       "--format gguf)")
+        raise SftError(
+            f"hf export writes f32, f16 or bf16, not {req.dtype!r} (q8_0 is for --format gguf)"
+        )
     model, tok, meta_dir, kind = _reference(req)
     seqs = probe_batch(tok)
     ref = logits_of(model, seqs)
@@ -190,10 +201,16 @@ def export_hf(req: ExportRequest) -> ExportReport:
     checks.update(compare_logits(ref, logits_of(back, seqs)))
     checks.update(check_template_parity(req.out, meta_dir))
     checks["no_adapter_config"] = not (req.out / "adapter_config.json").exists()
-    ok_logits = (checks["max_abs_logit_diff"] < LOGIT_TOLERANCE_F32 if req.dtype == "f32"
-                 else checks["mean_kl"] < KL_TOLERANCE[req.dtype])
-    checks["logit_tolerance"] = (f"max |diff| < {LOGIT_TOLERANCE_F32}" if req.dtype == "f32"
-                                 else f"mean KL < {KL_TOLERANCE[req.dtype]}")
+    ok_logits = (
+        checks["max_abs_logit_diff"] < LOGIT_TOLERANCE_F32
+        if req.dtype == "f32"
+        else checks["mean_kl"] < KL_TOLERANCE[req.dtype]
+    )
+    checks["logit_tolerance"] = (
+        f"max |diff| < {LOGIT_TOLERANCE_F32}"
+        if req.dtype == "f32"
+        else f"mean KL < {KL_TOLERANCE[req.dtype]}"
+    )
     ok = ok_logits and checks["template_ids_equal"] and checks["eos_ids_agree"]
     return ExportReport("hf", str(req.out), checks, ok=bool(ok and checks["no_adapter_config"]))
 
@@ -206,8 +223,10 @@ def export_adapter(req: ExportRequest) -> ExportReport:
 
     final = run_final_dir(req.run_dir)
     if final is None or not (final / "adapter").is_dir():
-        raise SftError(f"{req.run_dir} has no final/adapter (a full or freeze run, or not a run "
-                       "directory); use --format hf")
+        raise SftError(
+            f"{req.run_dir} has no final/adapter (a full or freeze run, or not a run "
+            "directory); use --format hf"
+        )
     model, tok, meta_dir, _ = _reference(req)
     seqs = probe_batch(tok)
     ref = logits_of(model, seqs)
@@ -222,13 +241,17 @@ def export_adapter(req: ExportRequest) -> ExportReport:
     checks: dict[str, Any] = {"source": "adapter", "dtype": "as trained"}
     checks.update(compare_logits(ref, logits_of(fresh.eval(), seqs)))
     checks.update(check_template_parity(req.out, meta_dir))
-    ok = (checks["max_abs_logit_diff"] < LOGIT_TOLERANCE_F32 and checks["template_ids_equal"]
-          and checks["eos_ids_agree"])
+    ok = (
+        checks["max_abs_logit_diff"] < LOGIT_TOLERANCE_F32
+        and checks["template_ids_equal"]
+        and checks["eos_ids_agree"]
+    )
     return ExportReport("adapter", str(req.out), checks, ok=bool(ok))
 
 
 def _base_path(run_dir: Path) -> Path:
     from sft.models import resolve_model
+
     from sft_torch.generate import run_base_spec
 
     return resolve_model(run_base_spec(run_dir)).path

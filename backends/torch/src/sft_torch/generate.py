@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from sft.errors import SftError
 from sft.models import resolve_model
 
@@ -130,8 +129,10 @@ class Sampling:
 def render_prompt(tok: Any, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of `messages` plus the assistant generation prompt, via the saved template."""
     if not getattr(tok, "chat_template", None):
-        raise SftError("the tokenizer has no chat template; pass a model saved by sft or set "
-                       "data.template when training")
+        raise SftError(
+            "the tokenizer has no chat template; pass a model saved by sft or set "
+            "data.template when training"
+        )
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return an encoding
         ids = ids["input_ids"]
@@ -153,8 +154,12 @@ def generate_ids(loaded: Loaded, prompts: list[list[int]], sampling: Sampling) -
         kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
     with torch.no_grad():
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
-            eos_token_id=loaded.eos_ids, pad_token_id=pad, **kwargs,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=loaded.eos_ids,
+            pad_token_id=pad,
+            **kwargs,
         )
     return [cut_at_eos(row[width:].tolist(), loaded.eos_ids) for row in out]
 

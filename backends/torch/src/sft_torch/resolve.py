@@ -123,7 +123,7 @@ def end_of_turn_ids(tok: Any) -> list[int]:
             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
             tokenize=False,
         )
-        tail = text[text.rindex(marker) + len(marker):] if marker in text else ""
+        tail = text[text.rindex(marker) + len(marker) :] if marker in text else ""
         special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
         for tid in tok(tail, add_special_tokens=False)["input_ids"][:3]:
             if tid in special:
@@ -149,8 +149,7 @@ def download_hub(repo_id: str, cache_dir: Path) -> Path:
         path = snapshot_download(
             repo_id,
             cache_dir=str(cache_dir / "hub"),
-            allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model",
-                            "*.txt"],
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"],
         )
     except Exception as exc:  # network, auth, missing repo: all user-facing
         raise SftError(
@@ -158,8 +157,10 @@ def download_hub(repo_id: str, cache_dir: Path) -> Path:
             "your network, or point model.name_or_path at a local directory"
         ) from exc
     if not any(Path(path).glob("*.safetensors")):
-        raise SftError(f"hub model {repo_id!r} has no safetensors weights; sft loads only "
-                       "safetensors from the hub")
+        raise SftError(
+            f"hub model {repo_id!r} has no safetensors weights; sft loads only "
+            "safetensors from the hub"
+        )
     return Path(path)
 
 
