@@ -1,0 +1,211 @@
+"""Read a written GGUF back with gguf-py's reader and compare it with the HF model it came from.
+
+Every tensor is dequantized (`gguf.quants.dequantize`), its llama q/k permutation undone, and
+compared with the source tensor element by element against the tolerance of its GGML type:
+F32 must be bit-exact, F16/BF16 within half a unit in the last place, Q8_0 within 0.6 of its
+block's quantization step (half a step for rounding, plus the scale's own F16 rounding).
+Metadata (architecture, hyperparameters, file type), the tokenizer (tokens, types, merges,
+special ids, add-BOS) and the chat template are compared with what the source says.
+
+    >>> checks, problems = verify_gguf(Path("model-q8_0.gguf"), Path("merged-model"), "q8_0")
+    >>> problems          # [] when everything agrees
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from sft_gguf.arch import (
+    SKIPPED_SUFFIXES,
+    ArchSpec,
+    arch_spec,
+    from_gguf_layout,
+    gguf_name,
+    hparams,
+    to_gguf_layout,
+)
+from sft_gguf.source import load_config, read_tensors
+from sft_gguf.vocab import Vocab, load_vocab
+from sft_gguf.writer import tensor_qtype
+
+Q = gguf.GGMLQuantizationType
+RELATIVE_TOLERANCE = {Q.F32: 0.0, Q.F16: 2.0**-11, Q.BF16: 2.0**-8}
+"""Half an ulp: the largest relative error of round-to-nearest into each float type."""
+ABSOLUTE_TOLERANCE = {Q.F32: 0.0, Q.F16: 2.0**-25, Q.BF16: 0.0}
+"""Half the smallest subnormal step (F16 flushes tiny values to its subnormals)."""
+Q8_0_STEP_FRACTION = 0.6
+
+
+def verify_gguf(path: Path, model_dir: Path, dtype: str) -> tuple[dict[str, Any], list[str]]:
+    """(checks with numbers, problems); an empty problem list means the file is faithful."""
+    reader = gguf.GGUFReader(path)
+    cfg = load_config(model_dir)
+    spec = arch_spec(cfg)
+    problems: list[str] = []
+    checks: dict[str, Any] = {"architecture": spec.name}
+    checks.update(check_metadata(reader, cfg, spec, dtype, problems))
+    checks.update(check_vocab(reader, load_vocab(model_dir, cfg, spec), problems))
+    checks.update(check_tensors(reader, model_dir, cfg, spec, dtype, problems))
+    return checks, problems
+
+
+def field_value(reader: gguf.GGUFReader, key: str) -> Any:
+    """A metadata value as Python data (None when the key is absent)."""
+    f = reader.fields.get(key)
+    return None if f is None else f.contents()
+
+
+def check_metadata(
+    reader: gguf.GGUFReader, cfg: dict, spec: ArchSpec, dtype: str, problems: list[str]
+) -> dict[str, Any]:
+    arch = field_value(reader, gguf.Keys.General.ARCHITECTURE)
+    if arch != spec.name:
+        problems.append(f"general.architecture is {arch!r}, expected {spec.name!r}")
+    compared = 0
+    for key, expected, kind in hparams(cfg, spec, dtype):
+        got = field_value(reader, key)
+        want = float(np.float32(expected)) if kind == "f32" else expected
+        if got is None or (float(got) if kind == "f32" else got) != want:
+            problems.append(f"{key} is {got!r}, config.json says {want!r}")
+        compared += 1
+    return {
+        "metadata_keys_compared": compared,
+        "block_count": field_value(reader, f"{spec.name}.block_count"),
+        "vocab_size": field_value(reader, f"{spec.name}.vocab_size"),
+        "file_type": field_value(reader, gguf.Keys.General.FILE_TYPE),
+    }
+
+
+def check_vocab(reader: gguf.GGUFReader, vocab: Vocab, problems: list[str]) -> dict[str, Any]:
+    t = gguf.Keys.Tokenizer
+    expected: dict[str, Any] = {
+        t.MODEL: vocab.model,
+        t.PRE: vocab.pre,
+        t.LIST: vocab.tokens,
+        t.TOKEN_TYPE: vocab.toktypes,
+        t.MERGES: vocab.special.merges,
+        t.CHAT_TEMPLATE: vocab.special.chat_template,
+    }
+    for typ, tid in vocab.special.special_token_ids.items():
+        expected[f"tokenizer.ggml.{_ID_KEYS.get(typ, typ)}_token_id"] = tid
+    for typ, flag in vocab.special.add_special_token.items():
+        expected[f"tokenizer.ggml.add_{typ}_token"] = flag
+    for key, want in expected.items():
+        got = field_value(reader, key)
+        if got != want:
+            problems.append(f"{key} differs from the source tokenizer ({_short(got)} != {_short(want)})")
+    return {
+        "tokens": len(vocab.tokens),
+        "merges": len(vocab.special.merges),
+        "tokenizer_pre": vocab.pre,
+        "chat_template_chars": len(vocab.special.chat_template or ""),
+        **check_eos(reader, vocab, problems),
+    }
+
+
+_ID_KEYS = {"unk": "unknown", "pad": "padding", "sep": "seperator"}
+"""SpecialVocab's short names -> the GGUF key spelling (gguf-py spells `seperator`)."""
+
+
+def check_eos(reader: gguf.GGUFReader, vocab: Vocab, problems: list[str]) -> dict[str, Any]:
+    """The end of a chat turn (generation_config.json) must stop llama.cpp: it is EOS or EOT."""
+    eos = field_value(reader, gguf.Keys.Tokenizer.EOS_ID)
+    eot = field_value(reader, gguf.Keys.Tokenizer.EOT_ID)
+    if eos is None:
+        problems.append("the GGUF has no tokenizer.ggml.eos_token_id; llama.cpp would not stop")
+    if vocab.hf_eos_ids and vocab.hf_eos_ids[0] not in (eos, eot):
+        problems.append(
+            f"generation_config.json ends turns with token {vocab.hf_eos_ids[0]}, but the GGUF's "
+            f"EOS is {eos} and EOT {eot}: llama.cpp would not stop at the end of a reply"
+        )
+    text = vocab.tokens[eos] if isinstance(eos, int) and 0 <= eos < len(vocab.tokens) else None
+    return {"eos_token_id": eos, "eos_token": text, "eot_token_id": eot}
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list):
+        return f"list of {len(value)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_tensors(
+    reader: gguf.GGUFReader, model_dir: Path, cfg: dict, spec: ArchSpec, dtype: str,
+    problems: list[str],
+) -> dict[str, Any]:
+    """Compare every tensor; per GGML type: how many, the max |diff| and the tolerance used."""
+    tensor_map = gguf.get_tensor_name_map(spec.arch, int(cfg["num_hidden_layers"]))
+    source = {
+        gguf_name(n, tensor_map): (n, t)
+        for n, t in read_tensors(model_dir).items()
+        if not n.endswith(SKIPPED_SUFFIXES)
+    }
+    stored = {t.name: t for t in reader.tensors}
+    for name in sorted(source.keys() - stored.keys()):
+        problems.append(f"tensor {name} ({source[name][0]}) is missing from the GGUF")
+    for name in sorted(stored.keys() - source.keys()):
+        problems.append(f"tensor {name} in the GGUF has no source tensor")
+    by_type: dict[str, dict[str, Any]] = {}
+    for name in sorted(source.keys() & stored.keys()):
+        hf_name, src = source[name]
+        diff, bound_ratio = compare_tensor(stored[name], hf_name, src, cfg, spec, dtype, problems)
+        entry = by_type.setdefault(stored[name].tensor_type.name, {"tensors": 0, "max_abs_diff": 0.0,
+                                                                   "max_diff_over_tolerance": 0.0})
+        entry["tensors"] += 1
+        entry["max_abs_diff"] = max(entry["max_abs_diff"], diff)
+        entry["max_diff_over_tolerance"] = max(entry["max_diff_over_tolerance"], bound_ratio)
+    return {
+        "tensors_compared": sum(e["tensors"] for e in by_type.values()),
+        "tensors_in_source": len(source),
+        "max_abs_diff": {k: v["max_abs_diff"] for k, v in sorted(by_type.items())},
+        "by_type": dict(sorted(by_type.items())),
+    }
+
+
+def compare_tensor(
+    t: Any, hf_name: str, src: np.ndarray, cfg: dict, spec: ArchSpec, dtype: str,
+    problems: list[str],
+) -> tuple[float, float]:
+    """(max |gguf - source|, max |diff| / tolerance); records a problem when out of tolerance."""
+    src = np.asarray(src, dtype=np.float32)
+    want_type = tensor_qtype(t.name, src, dtype)
+    if t.tensor_type != want_type:
+        problems.append(f"{t.name} is stored as {t.tensor_type.name}, expected {want_type.name}")
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    if shape != src.shape:
+        problems.append(f"{t.name} has shape {shape}, the source {hf_name} {src.shape}")
+        return float("inf"), float("inf")
+    values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(src.shape)
+    values = from_gguf_layout(hf_name, values.astype(np.float32), cfg, spec)
+    diff = np.abs(values.astype(np.float64) - src.astype(np.float64))
+    bound = tolerance(t.tensor_type, hf_name, src, cfg, spec)
+    bad = ~(diff <= bound)  # NaN and inf count as out of tolerance
+    worst = float(np.max(diff)) if diff.size else 0.0
+    worst = worst if np.isfinite(worst) else float("inf")
+    over = np.divide(diff, bound, out=np.where(diff > 0, np.inf, 0.0), where=bound > 0)
+    ratio = float(np.max(over)) if over.size else 0.0
+    if bad.any():
+        problems.append(
+            f"{t.name} ({t.tensor_type.name}) differs from {hf_name}: {int(bad.sum())} values "
+            f"out of tolerance, max |diff| {worst:.3g}"
+        )
+    return worst, ratio
+
+
+def tolerance(qtype: Any, hf_name: str, src: np.ndarray, cfg: dict, spec: ArchSpec) -> np.ndarray:
+    """Per-element allowed |diff| for a source tensor stored as `qtype`."""
+    magnitude = np.abs(src.astype(np.float64))
+    if qtype in RELATIVE_TOLERANCE:
+        return magnitude * RELATIVE_TOLERANCE[qtype] + ABSOLUTE_TOLERANCE[qtype]
+    if qtype != Q.Q8_0:
+        raise ValueError(f"no tolerance defined for {qtype.name}")
+    # Q8_0 blocks are 32 consecutive values of a row in GGUF layout: bound each by its scale.
+    laid_out = to_gguf_layout(hf_name, magnitude, cfg, spec)
+    blocks = laid_out.reshape(-1, 32)
+    step = blocks.max(axis=1, keepdims=True) / 127.0
+    bound = np.broadcast_to(step * Q8_0_STEP_FRACTION, blocks.shape).reshape(laid_out.shape)
+    return from_gguf_layout(hf_name, np.ascontiguousarray(bound), cfg, spec)
