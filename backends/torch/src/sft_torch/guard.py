@@ -1,0 +1,73 @@
+"""The torch loop's guards: stop signals (preemption) and the NaN policy, as small pieces that
+`sft_torch.train` calls. The decisions and exit codes live in core (`sft.guard`), shared with
+every backend; this module adds what needs torch.
+
+    guard = StepGuard.build(plan)               # NaN policy + test hook
+    loss = guard.poison(loss, step)             # NaN at SFT_TEST_INJECT_NAN_STEP (test hook)
+    if not guard.allow(step, loss, grad_norm, step_rows, optimizer):
+        ...                                     # skipped: grads zeroed, no optimizer/LR step
+    with StopSignals() as stop:
+        ...
+        if stop.requested:
+            stop_for_signal(stop.requested, state, run_dir, position, fingerprint, keep_last)
+
+See docs/reliability.md for what users see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from sft.backend import TrainPlan
+from sft.checkpoints import MARKER, checkpoint_dir
+from sft.guard import NanPolicy, Preempted, StopSignals, injected_nan_steps
+
+from sft_torch.checkpoint import TrainState, save_checkpoint
+from sft_torch.data import Position
+
+__all__ = ["StepGuard", "StopSignals", "stop_for_signal"]
+
+
+@dataclass
+class StepGuard:
+    """The NaN policy of one run plus the test hook that injects NaN losses."""
+
+    policy: NanPolicy
+    poison_steps: frozenset[int] = field(default_factory=frozenset)
+
+    @classmethod
+    def build(cls, plan: TrainPlan) -> StepGuard:
+        tr = plan.config.train
+        policy = NanPolicy(tr.nan_policy, tr.max_consecutive_skips, plan.data.train.sources)
+        return cls(policy, injected_nan_steps())
+
+    def poison(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """The loss, or NaN at a step named in SFT_TEST_INJECT_NAN_STEP (1-based). Multiplying
+        keeps the graph, so backward really produces NaN gradients, as a diverged step would."""
+        if step in self.poison_steps:
+            return loss * float("nan")
+        return loss
+
+    def allow(self, step: int, loss: float, grad_norm: float, step_rows: list[list[int]],
+              optimizer: torch.optim.Optimizer) -> bool:
+        """Whether to apply this step's update (1-based `step`). On a skip the gradients are
+        dropped here, so nothing of the bad step leaks into the next one; the caller then steps
+        neither the optimizer nor the LR schedule. Raises `sft.guard.Diverged` to stop."""
+        ids = [i for row in step_rows for i in row]
+        if self.policy.check(step, loss, grad_norm, ids):
+            return True
+        optimizer.zero_grad(set_to_none=True)
+        return False
+
+
+def stop_for_signal(signame: str, state: TrainState, run_dir: Path, position: Position,
+                    fingerprint: dict[str, Any], keep_last: int) -> NoReturn:
+    """After a stop signal: make sure a complete checkpoint exists for the step just finished
+    (the regular schedule may have written it already), then raise `Preempted` (exit 143/130)."""
+    ckpt = checkpoint_dir(run_dir, position.global_step)
+    if state.rank == 0 and not (ckpt / MARKER).is_file():
+        save_checkpoint(state, run_dir, position, fingerprint, keep_last)
+    raise Preempted(signame, position.global_step, ckpt if state.rank == 0 else None)
