@@ -10,8 +10,8 @@ MS        := $(V)/ms/bin
 PIP_FLAGS := -q --disable-pip-version-check
 TORCH_PIN := torch==2.13.0
 DEV_DEPS  := "pytest>=8" "hypothesis>=6.100" pytest-timeout
-PKGS_CORE := -e core -e plugins/example-backend
-PKGS_TORCH := $(PKGS_CORE) -e backends/torch $(wildcard plugins/gguf) $(wildcard plugins/tensorboard)
+PKGS_CORE := -e core -e plugins/example-backend $(addprefix -e ,$(wildcard plugins/gguf))
+PKGS_TORCH := $(PKGS_CORE) -e backends/torch $(wildcard plugins/tensorboard)
 
 .PHONY: demo test test-core test-torch test-ms lint venv-core venv-torch venv-ms clean help
 
@@ -21,7 +21,7 @@ help:
 	@echo "make lint   - ruff, mypy (core), import-linter"
 
 venv-core: $(V)/core/.stamp
-$(V)/core/.stamp: core/pyproject.toml plugins/example-backend/pyproject.toml
+$(V)/core/.stamp: core/pyproject.toml plugins/example-backend/pyproject.toml $(wildcard plugins/gguf/pyproject.toml)
 	rm -rf $(V)/core && $(PY) -m venv $(V)/core
 	$(CORE)/pip install $(PIP_FLAGS) $(PKGS_CORE) $(DEV_DEPS)
 	touch $@

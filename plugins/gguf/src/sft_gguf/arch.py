@@ -17,7 +17,6 @@ from typing import Any
 
 import gguf
 import numpy as np
-
 from sft.errors import SftError
 
 FILE_TYPES = {
@@ -102,7 +101,9 @@ def hparams(cfg: dict[str, Any], spec: ArchSpec, dtype: str) -> list[tuple[str, 
 def check_unsupported_features(cfg: dict[str, Any]) -> None:
     """Refuse what this exporter would silently get wrong (rope scaling types it doesn't write)."""
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else None
+    rope_type = (
+        rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else None
+    )
     if rope_type not in (None, "default"):
         raise SftError(
             f"config.json asks for rope scaling {rope_type!r}, which this GGUF exporter does not "
@@ -123,12 +124,20 @@ def gguf_name(hf_name: str, tensor_map: gguf.TensorNameMap) -> str:
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF q/k rows -> llama.cpp's order: per head, interleave the two rope halves."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """The inverse of `permute` (used by verification to compare with the HF tensor)."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def qk_heads(hf_name: str, cfg: dict[str, Any], spec: ArchSpec) -> int | None:
@@ -148,6 +157,8 @@ def to_gguf_layout(hf_name: str, w: np.ndarray, cfg: dict[str, Any], spec: ArchS
     return w if heads is None else permute(w, heads)
 
 
-def from_gguf_layout(hf_name: str, w: np.ndarray, cfg: dict[str, Any], spec: ArchSpec) -> np.ndarray:
+def from_gguf_layout(
+    hf_name: str, w: np.ndarray, cfg: dict[str, Any], spec: ArchSpec
+) -> np.ndarray:
     heads = qk_heads(hf_name, cfg, spec)
     return w if heads is None else unpermute(w, heads)

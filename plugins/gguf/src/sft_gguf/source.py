@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from sft.errors import SftError
 
 MERGED_DIRNAME = ".hf-merged"

@@ -97,7 +97,9 @@ def check_vocab(reader: gguf.GGUFReader, vocab: Vocab, problems: list[str]) -> d
     for key, want in expected.items():
         got = field_value(reader, key)
         if got != want:
-            problems.append(f"{key} differs from the source tokenizer ({_short(got)} != {_short(want)})")
+            problems.append(
+                f"{key} differs from the source tokenizer ({_short(got)} != {_short(want)})"
+            )
     return {
         "tokens": len(vocab.tokens),
         "merges": len(vocab.special.merges),
@@ -134,7 +136,11 @@ def _short(value: Any) -> str:
 
 
 def check_tensors(
-    reader: gguf.GGUFReader, model_dir: Path, cfg: dict, spec: ArchSpec, dtype: str,
+    reader: gguf.GGUFReader,
+    model_dir: Path,
+    cfg: dict,
+    spec: ArchSpec,
+    dtype: str,
     problems: list[str],
 ) -> dict[str, Any]:
     """Compare every tensor; per GGML type: how many, the max |diff| and the tolerance used."""
@@ -153,8 +159,10 @@ def check_tensors(
     for name in sorted(source.keys() & stored.keys()):
         hf_name, src = source[name]
         diff, bound_ratio = compare_tensor(stored[name], hf_name, src, cfg, spec, dtype, problems)
-        entry = by_type.setdefault(stored[name].tensor_type.name, {"tensors": 0, "max_abs_diff": 0.0,
-                                                                   "max_diff_over_tolerance": 0.0})
+        entry = by_type.setdefault(
+            stored[name].tensor_type.name,
+            {"tensors": 0, "max_abs_diff": 0.0, "max_diff_over_tolerance": 0.0},
+        )
         entry["tensors"] += 1
         entry["max_abs_diff"] = max(entry["max_abs_diff"], diff)
         entry["max_diff_over_tolerance"] = max(entry["max_diff_over_tolerance"], bound_ratio)
@@ -167,7 +175,12 @@ def check_tensors(
 
 
 def compare_tensor(
-    t: Any, hf_name: str, src: np.ndarray, cfg: dict, spec: ArchSpec, dtype: str,
+    t: Any,
+    hf_name: str,
+    src: np.ndarray,
+    cfg: dict,
+    spec: ArchSpec,
+    dtype: str,
     problems: list[str],
 ) -> tuple[float, float]:
     """(max |gguf - source|, max |diff| / tolerance); records a problem when out of tolerance."""

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-
 from sft.errors import SftError
+
 from sft_gguf.arch import ArchSpec
 
 
