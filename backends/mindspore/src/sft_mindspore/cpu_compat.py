@@ -1,0 +1,81 @@
+"""CPU compatibility for MindFormers 1.9.0's legacy llama trainer: the four documented workarounds.
+
+MindFormers targets Ascend; its legacy llama trainer trips over four Ascend-only paths on CPU.
+Each workaround below is minimal and applied ONLY when `device_target` is CPU, so on Ascend the
+trainer runs unmodified. (Facts: ../shared/notes/mindspore.md, "Running ... on CPU".)
+
+1. rotary embedding `BatchMatMul ... cannot be broadcast on CPU`  -> `use_rope_slice: True`
+2. `Unsupported op [RmsNorm] on CPU`                            -> `fused_rms_norm: False`
+   (and `compute_dtype: float32`: bf16 Transpose has no CPU kernel)
+3. the train step's overflow check uses Ascend float-status ops  -> an `isfinite` check on the
+   gradients, written with ops that exist on CPU
+4. `Unsupported op [Barrier] on CPU` with `use_parallel: True`   -> barrier becomes a no-op (the
+   CPU collective backend synchronizes in its collectives; checkpoint I/O is per rank)
+
+    from sft_mindspore.cpu_compat import cpu_model_config, apply_runtime_patches
+    model_config.update(cpu_model_config())      # 1, 2 (at YAML generation time)
+    apply_runtime_patches("CPU")                 # 3, 4 (in the entry script, before training)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def cpu_model_config() -> dict[str, Any]:
+    """Workarounds 1 and 2: model_config keys for a CPU run."""
+    return {
+        "use_rope_slice": True,
+        "fused_rms_norm": False,
+        "compute_dtype": "float32",
+        "layernorm_compute_type": "float32",
+        "softmax_compute_type": "float32",
+        "rotary_dtype": "float32",
+        "param_init_type": "float32",
+        "use_flash_attention": False,
+    }
+
+
+def apply_runtime_patches(device_target: str) -> list[str]:
+    """Workarounds 3 and 4; returns what was patched (logged by the entry script)."""
+    if device_target != "CPU":
+        return []
+    return [_patch_overflow_check(), _patch_barrier()]
+
+
+def _patch_overflow_check() -> str:
+    import mindspore.ops as ops
+    from mindformers.wrapper.wrapper import MFTrainOneStepCell
+
+    original_init = MFTrainOneStepCell.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        # The base class picks Ascend status ops from these flags; CPU has neither.
+        self.ascend_910a_target = False
+        self.ascend_910b_target = False
+        self.gpu_target = False
+
+    def get_overflow_status(self: Any, status: Any, compute_output: Any) -> Any:
+        # A real check (any non-finite gradient = overflow) with ops CPU implements.
+        finite = [ops.isfinite(g).all() for g in compute_output]
+        return ops.logical_not(ops.stack(finite).all())
+
+    MFTrainOneStepCell.__init__ = __init__
+    MFTrainOneStepCell.get_overflow_status = get_overflow_status
+    return "MFTrainOneStepCell.get_overflow_status: isfinite over gradients"
+
+
+def _patch_barrier() -> str:
+    import mindspore.communication.comm_func as comm_func
+    import mindformers.trainer.utils as trainer_utils
+    import mindformers.utils.load_checkpoint_utils as ckpt_utils
+    import mindformers.version_control as version_control
+
+    def barrier(*_: Any, **__: Any) -> None:
+        return None
+
+    for module in (comm_func, trainer_utils, ckpt_utils, version_control):
+        if hasattr(module, "barrier"):
+            module.barrier = barrier
+    return "barrier: no-op"

@@ -1,0 +1,151 @@
+"""The core's tokenized cache written as MindRecord, in MindFormers' legacy SFT schema.
+
+Each record is one row of core batching (`sft.data.batching`), padded to `seq_length + 1`:
+
+    input_ids  int32 [seq_length + 1]   pad_id after the row's tokens
+    labels     int32 [seq_length + 1]   NOT shifted; -100 on prompt, padding and each sample's
+                                        first token (exactly `sft.data.batching.collate`)
+
+Records are written in the order MindFormers consumes them, so the MindSpore backend trains on
+the same rows, in the same optimizer steps, as the torch backend: global step after global step,
+each step's rows in core order. `MindDataset(num_shards=W, shard_id=r)` hands rank r every W-th
+record, which is exactly `shard_for_rank(step_rows, r, W)` when a rank's batch is
+`rows_per_step / W` rows.
+
+    $ sft data prepare --config configs/qwen2-tiny/lora.yaml --format mindrecord --out data/
+    >>> import mindspore.dataset as ds
+    >>> ds.MindDataset("data/train.mindrecord", columns_list=["input_ids", "labels"])
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sft.data.batching import Row, collate, epoch_rows, global_steps
+from sft.data.cache import TokenizedSplit
+from sft.errors import SftError
+
+COLUMNS = ["input_ids", "labels"]
+_PAGE = 1 << 15  # small pages: MindRecord's defaults make a 64-row file ~50 MB
+
+
+@dataclass
+class Schedule:
+    """The optimizer steps of a run: `steps[s]` is the list of rows of global step s."""
+
+    steps: list[list[Row]]
+    rows_per_step: int
+    seq_length: int
+    dropped_rows: int
+    """Rows of a last, incomplete step (MindFormers drops the remainder of a batch)."""
+
+    @property
+    def rows(self) -> list[Row]:
+        return [r for step in self.steps for r in step]
+
+
+def seq_length_for(split: TokenizedSplit, max_seq_len: int) -> int:
+    """The static sequence length MindFormers compiles for: the longest sample (rows hold
+    `seq_length + 1` tokens because the model drops one on the shift), rounded up to 8."""
+    longest = int(split.lengths.max()) if len(split) else 8
+    return min(max(8, -(-longest // 8) * 8), max(max_seq_len, longest))
+
+
+def build_schedule(split: TokenizedSplit, config: Any, world: int = 1) -> Schedule:
+    """The run's global steps, exactly as the torch backend walks them (core `epoch_rows`,
+    same seed, same grouping; `max_steps` or ceil(epochs x steps per epoch) steps), except that
+    an epoch's last incomplete step is skipped: MindFormers compiles one static batch shape."""
+    t, d = config.train, config.data
+    rows_per_step = t.micro_batch_size * t.accumulation(world) * world
+
+    def rows(epoch: int) -> list[Row]:
+        return epoch_rows(split.lengths, max_seq_len=d.max_seq_len, packing=False,
+                          shuffle=d.shuffle, seed=t.seed, epoch=epoch,
+                          group_by_length=d.group_by_length,
+                          rows_per_group=t.micro_batch_size * world)
+
+    per_epoch = len(split) // rows_per_step
+    if per_epoch == 0:
+        raise SftError(f"data.train: {len(split)} samples do not fill one optimizer step of "
+                       f"{rows_per_step} rows (train.micro_batch_size x accumulation x processes); "
+                       "add data or lower the batch size")
+    total = t.max_steps or max(1, int(np.ceil(t.epochs * per_epoch)))
+    steps: list[list[Row]] = []
+    epoch = 0
+    while len(steps) < total:
+        full = [c for c in global_steps(rows(epoch), rows_per_step) if len(c) == rows_per_step]
+        steps += full[: total - len(steps)]
+        epoch += 1
+    dropped = (len(split) - per_epoch * rows_per_step) * epoch
+    return Schedule(steps, rows_per_step, seq_length_for(split, d.max_seq_len), dropped)
+
+
+def row_arrays(split: TokenizedSplit, rows: list[Row], pad_id: int, seq_length: int) -> \
+        dict[str, np.ndarray]:
+    """input_ids / labels [len(rows), seq_length + 1] int32, as the legacy schema wants."""
+    batch = collate(split, rows, pad_id=pad_id, pad_to=seq_length + 1)
+    return {k: batch[k].astype(np.int32) for k in COLUMNS}
+
+
+def write_mindrecord(split: TokenizedSplit, rows: list[Row], pad_id: int, seq_length: int,
+                     path: str | Path) -> Path:
+    """Write `rows` (in this order) as one MindRecord file (plus its `.db` index)."""
+    from mindspore.mindrecord import FileWriter
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = FileWriter(str(path), shard_num=1, overwrite=True)
+    writer.set_page_size(_PAGE)
+    writer.set_header_size(_PAGE)
+    writer.add_schema({c: {"type": "int32", "shape": [-1]} for c in COLUMNS}, "sft legacy SFT")
+    for s in range(0, len(rows), 256):  # bounded memory for large caches
+        arrays = row_arrays(split, rows[s : s + 256], pad_id, seq_length)
+        writer.write_raw_data([{c: arrays[c][i] for c in COLUMNS} for i in range(len(arrays["labels"]))])
+    writer.commit()
+    return path
+
+
+def write_training_data(split: TokenizedSplit, schedule: Schedule, pad_id: int,
+                        out_dir: str | Path) -> Path:
+    """The run's training MindRecord plus `schedule.json` (which samples each step holds)."""
+    out_dir = Path(out_dir)
+    path = write_mindrecord(split, schedule.rows, pad_id, schedule.seq_length,
+                            out_dir / "train.mindrecord")
+    (out_dir / "schedule.json").write_text(json.dumps({
+        "rows_per_step": schedule.rows_per_step, "seq_length": schedule.seq_length,
+        "dropped_rows": schedule.dropped_rows, "steps": schedule.steps}))
+    return path
+
+
+def read_mindrecord(path: str | Path, num_shards: int | None = None, shard_id: int | None = None
+                    ) -> list[dict[str, np.ndarray]]:
+    """Read records back through `mindspore.dataset.MindDataset` (tests and `sft data` checks)."""
+    import mindspore.dataset as ds
+
+    dataset = ds.MindDataset(str(path), columns_list=COLUMNS, shuffle=False,
+                             num_shards=num_shards, shard_id=shard_id)
+    return list(dataset.create_dict_iterator(output_numpy=True, num_epochs=1))
+
+
+def write_prepared(data: Any, out_dir: str | Path, config: Any) -> str:
+    """`sft data prepare --format mindrecord`: train (and eval) splits in core order, one
+    record per sample, padded to the split's longest sample."""
+    out_dir = Path(out_dir)
+    for name in ("train", "eval"):
+        split = getattr(data, name)
+        if split is None or not len(split):
+            continue
+        rows = epoch_rows(split.lengths, max_seq_len=config.data.max_seq_len, packing=False,
+                          shuffle=config.data.shuffle and name == "train",
+                          seed=config.train.seed, epoch=0)
+        seq = seq_length_for(split, config.data.max_seq_len)
+        write_mindrecord(split, rows, data.pad_id, seq, out_dir / f"{name}.mindrecord")
+    (out_dir / "mindrecord.json").write_text(json.dumps(
+        {"columns": COLUMNS, "cache": str(data.cache_dir), "key": data.key,
+         "pad_id": data.pad_id, "labels": "not shifted, -100 where not trained"}, indent=2))
+    return str(out_dir / "train.mindrecord")

@@ -1,0 +1,217 @@
+"""The job spec translated into a MindFormers legacy finetune YAML (written to RUN_DIR/mindformers.yaml).
+
+The YAML is complete and standalone: users can inspect it, or rerun it with MindFormers directly
+(`python run_mindformer.py --config RUN_DIR/mindformers.yaml` on Ascend, or sft's own entry
+script: `python -m sft_mindspore.entry --config RUN_DIR/mindformers.yaml`).
+
+    from sft_mindspore.mfconfig import build_yaml
+    doc = build_yaml(plan, schedule, ckpt_path, dataset_path, device="CPU")
+
+What maps to what (spec -> MindFormers):
+    model config.json          -> model.model_config (LlamaConfig; qwen2 = qkv_has_bias: True)
+    method lora r/alpha/...    -> model_config.pet_config (mindpet LoRA; q_proj -> wq ... regex)
+    train.* optimizer/schedule -> optimizer (AdamW), lr_schedule, runner_wrapper (clipping)
+    micro batch x accumulation -> runner_config (batch_size per card, gradient_accumulation_steps)
+    parallel.*                 -> parallel_config (dp x mp x cp x pp must equal the device count)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sft.errors import ConfigError
+from sft_mindspore.cpu_compat import cpu_model_config
+from sft_mindspore.weights import MODULE_MAP
+
+ALL_LINEAR = list(MODULE_MAP.values())
+_SCHEDULES = {"cosine": "CosineWithWarmUpLR", "linear": "LinearWithWarmUpLR",
+              "constant": "ConstantWarmUpLR"}
+
+
+def parallel_degrees(config: Any) -> dict[str, int]:
+    """dp, mp, cp, pp from `parallel`; dp is what remains of the device count. Raises a
+    ConfigError when the product does not equal the device count."""
+    p = config.parallel
+    world = p.world_size
+    mp, cp, pp = p.tensor_parallel, p.context_parallel, p.pipeline_parallel
+    if world % (mp * cp * pp):
+        raise ConfigError([
+            f"parallel: tensor_parallel {mp} x context_parallel {cp} x pipeline_parallel {pp} = "
+            f"{mp * cp * pp} does not divide the device count {world} (nproc_per_node "
+            f"{p.nproc_per_node} x nnodes {p.nnodes}); MindFormers needs data x model x context x "
+            f"pipeline = devices: choose degrees whose product divides {world}"])
+    return {"dp": world // (mp * cp * pp), "mp": mp, "cp": cp, "pp": pp}
+
+
+def lora_targets(target_modules: str | list[str]) -> str:
+    """The spec's LoRA targets as mindpet's regex over cell names (q_proj -> wq ...)."""
+    if target_modules == "all-linear":
+        names = ALL_LINEAR
+    elif isinstance(target_modules, list):
+        unknown = [m for m in target_modules if m not in MODULE_MAP]
+        if unknown:
+            raise ConfigError([f"method.target_modules: {unknown} have no MindFormers "
+                               f"counterpart; use names from {sorted(MODULE_MAP)}"])
+        names = [MODULE_MAP[m] for m in target_modules]
+    else:  # a regex over HF names: keep the MindFormers cells whose HF name it matches
+        names = [ms for hf, ms in MODULE_MAP.items() if re.search(target_modules, hf)]
+        if not names:
+            raise ConfigError([f"method.target_modules: regex {target_modules!r} matches none "
+                               f"of {sorted(MODULE_MAP)}"])
+    return "|".join(f".*{n}$" for n in names)
+
+
+def model_config(hf: dict[str, Any], seq_length: int, device: str, batch_size: int) -> dict:
+    """LlamaConfig keys from an HF config.json (llama or qwen2)."""
+    rope = hf.get("rope_parameters") or {}
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    mc: dict[str, Any] = {
+        "type": "LlamaConfig",
+        "batch_size": batch_size,
+        "seq_length": seq_length,
+        "hidden_size": hf["hidden_size"],
+        "num_layers": hf["num_hidden_layers"],
+        "num_heads": hf["num_attention_heads"],
+        "n_kv_heads": hf.get("num_key_value_heads", hf["num_attention_heads"]),
+        "vocab_size": hf["vocab_size"],
+        "intermediate_size": hf["intermediate_size"],
+        "max_position_embedding": hf.get("max_position_embeddings", seq_length),
+        "rms_norm_eps": hf.get("rms_norm_eps", 1e-6),
+        "theta": float(theta),
+        "qkv_has_bias": hf["model_type"] == "qwen2" or bool(hf.get("attention_bias")),
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        # -1 matches no token: sft's labels already mask padding, and a real id here would
+        # also mask (and hide from attention) every genuine occurrence of it (pad == eos).
+        "pad_token_id": -1,
+        "ignore_token_id": -100,
+        "compute_dtype": "bfloat16",
+        "layernorm_compute_type": "float32",
+        "softmax_compute_type": "float32",
+        "rotary_dtype": "float32",
+        "param_init_type": "float32",
+        "use_past": False,
+        "use_flash_attention": device != "CPU",
+        "offset": 0,
+        "checkpoint_name_or_path": "",
+    }
+    if device == "CPU":
+        mc.update(cpu_model_config())
+    return mc
+
+
+def lr_schedule(train: Any, total_steps: int) -> dict[str, Any]:
+    warmup = train.warmup_steps
+    if warmup is None:
+        warmup = int(math.ceil(train.warmup_ratio * total_steps))
+    sched: dict[str, Any] = {"type": _SCHEDULES[train.lr_scheduler],
+                             "learning_rate": train.learning_rate,
+                             "warmup_steps": warmup, "total_steps": total_steps}
+    if train.lr_scheduler == "cosine":
+        sched["lr_end"] = train.learning_rate * train.min_lr_ratio
+    return sched
+
+
+def batch_layout(config: Any, device: str, dp: int) -> tuple[int, int]:
+    """(runner_config.batch_size per card, gradient_accumulation_steps). On CPU the accumulation
+    is folded into the batch (MindFormers accumulates only under semi-auto parallel on Ascend);
+    the loss of a step is then one token-mean over the rank's whole share of the global batch."""
+    world = config.parallel.world_size
+    accum = config.train.accumulation(world)
+    per_card = config.train.micro_batch_size * (world // dp)
+    if device == "CPU":
+        return per_card * accum, 1
+    return per_card, accum
+
+
+def build_yaml(plan: Any, schedule: Any, load_checkpoint: str, dataset: str, device: str,
+               output_dir: str) -> dict[str, Any]:
+    """The whole MindFormers YAML as a dict."""
+    cfg = plan.config
+    deg = parallel_degrees(cfg)
+    batch, accum = batch_layout(cfg, device, deg["dp"])
+    mc = model_config(plan.model.config, schedule.seq_length, device, batch)
+    if cfg.method.name == "lora":
+        m = cfg.method
+        mc["pet_config"] = {"pet_type": "lora", "lora_rank": m.r, "lora_alpha": int(m.alpha)
+                            if float(m.alpha).is_integer() else m.alpha,
+                            "lora_dropout": m.dropout,
+                            "target_modules": lora_targets(m.target_modules)}
+    t = cfg.train
+    multi = cfg.parallel.world_size > 1
+    return {
+        "seed": t.seed,
+        "run_mode": "finetune",
+        "use_legacy": True,
+        "output_dir": output_dir,
+        "load_checkpoint": load_checkpoint,
+        "load_ckpt_format": "ckpt",
+        "auto_trans_ckpt": False,
+        "resume_training": False,
+        "only_save_strategy": False,
+        "use_parallel": multi,
+        "trainer": {"type": "CausalLanguageModelingTrainer", "model_name": "llama"},
+        "context": _context(device, t),
+        "parallel": {"parallel_mode": 1 if device != "CPU" else 0, "gradients_mean": True,
+                     "enable_alltoall": False, "full_batch": device != "CPU",
+                     "search_mode": "sharding_propagation", "enable_parallel_optimizer": False,
+                     "strategy_ckpt_save_file": f"{output_dir}/strategy/ckpt_strategy.ckpt"},
+        "parallel_config": {"data_parallel": deg["dp"], "model_parallel": deg["mp"],
+                            "context_parallel": deg["cp"], "pipeline_stage": deg["pp"],
+                            "use_seq_parallel": False, "micro_batch_num": max(1, deg["pp"]),
+                            "vocab_emb_dp": True, "gradient_aggregation_group": 4},
+        "micro_batch_interleave_num": 1,
+        "runner_config": {"epochs": 1, "batch_size": batch, "sink_mode": False,
+                          "sink_size": 1, "gradient_accumulation_steps": accum},
+        "runner_wrapper": {"type": "MFTrainOneStepCell", "scale_sense": 1.0,
+                           "use_clip_grad": t.max_grad_norm is not None,
+                           "max_grad_norm": t.max_grad_norm or 1.0},
+        "optimizer": {"type": "AdamW", "betas": list(t.betas), "eps": t.eps,
+                      "weight_decay": t.weight_decay},
+        "lr_schedule": lr_schedule(t, len(schedule.steps)),
+        "train_dataset": _dataset(dataset, batch),
+        "train_dataset_task": {"type": "CausalLanguageModelDataset",
+                               "dataset_config": _dataset(dataset, batch)},
+        "do_eval": False,
+        "callbacks": [{"type": "MFLossMonitor", "per_print_times": 1},
+                      {"type": "CheckpointMonitor", "prefix": "sft",
+                       "save_checkpoint_steps": cfg.checkpoint.every_steps or len(schedule.steps),
+                       "keep_checkpoint_max": cfg.checkpoint.keep_last, "integrated_save": False,
+                       "async_save": False, "checkpoint_format": "ckpt"}],
+        "model": {"model_config": mc, "arch": {"type": "LlamaForCausalLM"}},
+        "profile": False,
+    }
+
+
+def _context(device: str, t: Any) -> dict[str, Any]:
+    ctx: dict[str, Any] = {"mode": 0, "device_target": device, "max_call_depth": 10000,
+                           "save_graphs": False, "deterministic": "ON" if t.deterministic else "OFF"}
+    if device != "CPU":
+        ctx.update({"device_id": 0, "max_device_memory": "58GB", "jit_config": {"jit_level": "O1"},
+                    "memory_optimize_level": "O0"})
+    return ctx
+
+
+def _dataset(path: str, batch: int) -> dict[str, Any]:
+    return {
+        "data_loader": {"type": "MindDataset", "dataset_dir": path, "shuffle": False},
+        "input_columns": ["input_ids", "labels"],
+        "construct_args_key": ["input_ids", "labels"],
+        "num_parallel_workers": 1,
+        "python_multiprocessing": False,
+        "drop_remainder": True,
+        "batch_size": batch,
+        "repeat": 1,
+        "numa_enable": False,
+        "prefetch_size": 1,
+    }
+
+
+def write_yaml(doc: dict[str, Any], path: str | Path, header: str) -> Path:
+    path = Path(path)
+    path.write_text(header + yaml.safe_dump(doc, sort_keys=False))
+    return path

@@ -1,0 +1,236 @@
+"""Weights between Hugging Face safetensors and MindSpore `.ckpt` (MindFormers' legacy llama names).
+
+Works for llama and qwen2 (qwen2 is MindFormers' LlamaForCausalLM with `qkv_has_bias: True`).
+The names differ only by a rename table: no transpose, no RoPE permutation. numpy has no
+bfloat16, so safetensors are read and written here byte-for-byte (bf16 travels as its raw 16
+bits, widened exactly to float32 only when it must become a MindSpore tensor): a round trip
+HF -> ckpt -> HF is bit-exact.
+
+    $ sft convert weights --to ckpt  path/to/hf-model  model.ckpt
+    $ sft convert weights --to hf    model.ckpt  hf-out/  --config-from path/to/hf-model
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sft.errors import SftError
+
+# (HF pattern, MindFormers replacement); applied to the part after "model.layers.N." or whole.
+_RULES = [
+    (r"^model\.embed_tokens\.weight$", "model.tok_embeddings.embedding_weight"),
+    (r"^model\.norm\.weight$", "model.norm_out.weight"),
+    (r"^lm_head\.weight$", "lm_head.weight"),
+    (r"^model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.", r"model.layers.\1.attention.w\2."),
+    (r"^model\.layers\.(\d+)\.mlp\.gate_proj\.", r"model.layers.\1.feed_forward.w1."),
+    (r"^model\.layers\.(\d+)\.mlp\.down_proj\.", r"model.layers.\1.feed_forward.w2."),
+    (r"^model\.layers\.(\d+)\.mlp\.up_proj\.", r"model.layers.\1.feed_forward.w3."),
+    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"model.layers.\1.attention_norm."),
+    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"model.layers.\1.ffn_norm."),
+]
+_REVERSE = [
+    (r"^model\.tok_embeddings\.embedding_weight$", "model.embed_tokens.weight"),
+    (r"^model\.norm_out\.weight$", "model.norm.weight"),
+    (r"^lm_head\.weight$", "lm_head.weight"),
+    (r"^model\.layers\.(\d+)\.attention\.w([qkvo])\.", r"model.layers.\1.self_attn.\2_proj."),
+    (r"^model\.layers\.(\d+)\.feed_forward\.w1\.", r"model.layers.\1.mlp.gate_proj."),
+    (r"^model\.layers\.(\d+)\.feed_forward\.w2\.", r"model.layers.\1.mlp.down_proj."),
+    (r"^model\.layers\.(\d+)\.feed_forward\.w3\.", r"model.layers.\1.mlp.up_proj."),
+    (r"^model\.layers\.(\d+)\.attention_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^model\.layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
+]
+#: HF module name -> MindFormers cell name, for LoRA targets.
+MODULE_MAP = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
+              "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+SUPPORTED = ("llama", "qwen2")
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
+              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+              "BF16": np.uint16}  # BF16 is carried as its raw bits
+
+
+def _rename(name: str, rules: list[tuple[str, str]]) -> str:
+    for pat, rep in rules:
+        new, n = re.subn(pat, rep, name)
+        if n:
+            return new
+    raise SftError(f"weight {name!r} has no MindFormers/HF counterpart; supported: {SUPPORTED}")
+
+
+def hf_to_ms_name(name: str) -> str:
+    return _rename(name, _RULES)
+
+
+def ms_to_hf_name(name: str) -> str:
+    return _rename(name, _REVERSE)
+
+
+def is_model_weight(name: str) -> bool:
+    """A MindFormers name of the model (or a LoRA delta), not training state such as
+    `adam_m.*`, `global_step`, `scale_sense` or `global_batch_size`."""
+    if name.startswith(("adam_m.", "adam_v.", "accu_grads.")):
+        return False
+    base = re.sub(r"\.mindpet_delta_lora_[ab]$", ".weight", name)
+    return any(re.match(pat, base) for pat, _ in _REVERSE)
+
+
+# ----------------------------------------------------------------------- safetensors, raw
+
+
+class Tensor:
+    """A weight as raw numpy data plus its safetensors dtype (`BF16` data is uint16 bits)."""
+
+    __slots__ = ("data", "dtype")
+
+    def __init__(self, data: np.ndarray, dtype: str) -> None:
+        self.data, self.dtype = data, dtype
+
+    def to_float32(self) -> np.ndarray:
+        if self.dtype == "BF16":  # widening bf16 -> f32 is exact: the bits become the high half
+            return (self.data.astype(np.uint32) << 16).view(np.float32)
+        return self.data.astype(np.float32)
+
+
+def read_safetensors_file(path: Path) -> dict[str, Tensor]:
+    raw = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise SftError(f"{path}: tensor {name} has dtype {info['dtype']}, not supported")
+        a, b = info["data_offsets"]
+        arr = np.frombuffer(raw[base + a : base + b], dtype=_ST_DTYPES[info["dtype"]])
+        out[name] = Tensor(arr.reshape(info["shape"]).copy(), info["dtype"])
+    return out
+
+
+def write_safetensors_file(tensors: dict[str, Tensor], path: Path) -> None:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset, blobs = 0, []
+    for name in sorted(tensors):
+        t = tensors[name]
+        blob = np.ascontiguousarray(t.data).tobytes()
+        header[name] = {"dtype": t.dtype, "shape": list(t.data.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format aligns the data start to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for blob in blobs:
+            f.write(blob)
+
+
+def read_hf_dir(model_dir: str | Path) -> dict[str, Tensor]:
+    """Every tensor of an HF model directory (one or many `*.safetensors` files)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise SftError(f"{model_dir}: no *.safetensors files; give a Hugging Face model directory")
+    out: dict[str, Tensor] = {}
+    for f in files:
+        out.update(read_safetensors_file(f))
+    return out
+
+
+def check_model_type(model_dir: str | Path) -> dict[str, Any]:
+    cfg_path = Path(model_dir) / "config.json"
+    if not cfg_path.exists():
+        raise SftError(f"{model_dir}: no config.json; give a Hugging Face model directory")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("model_type") not in SUPPORTED:
+        raise SftError(f"{model_dir}: model_type {cfg.get('model_type')!r} is not supported by "
+                       f"the MindSpore backend (MindFormers legacy llama): use one of {SUPPORTED}")
+    return cfg
+
+
+# ------------------------------------------------------------------------------- ckpt
+
+
+def _ms_dtype(st_dtype: str) -> Any:
+    import mindspore as ms
+
+    return {"F32": ms.float32, "F16": ms.float16, "BF16": ms.bfloat16, "F64": ms.float64,
+            "I64": ms.int64, "I32": ms.int32}[st_dtype]
+
+
+def to_ms_tensor(t: Tensor) -> Any:
+    import mindspore as ms
+
+    if t.dtype == "BF16":  # exact: f32 holding a bf16 value casts back without rounding
+        return ms.Tensor(t.to_float32(), dtype=ms.bfloat16)
+    return ms.Tensor(t.data, dtype=_ms_dtype(t.dtype))
+
+
+def from_ms_tensor(value: Any) -> Tensor:
+    import mindspore as ms
+
+    if value.dtype == ms.bfloat16:
+        bits = value.astype(ms.float32).asnumpy().view(np.uint32) >> 16
+        return Tensor(bits.astype(np.uint16), "BF16")
+    arr = value.asnumpy()
+    inverse = {np.dtype(v): k for k, v in _ST_DTYPES.items() if k != "BF16"}
+    return Tensor(arr, inverse[arr.dtype])
+
+
+def save_ckpt(tensors: dict[str, Tensor], path: str | Path) -> Path:
+    """Write MindFormers-named tensors as a MindSpore checkpoint."""
+    import mindspore as ms
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ms.save_checkpoint([{"name": k, "data": to_ms_tensor(v)} for k, v in tensors.items()],
+                       str(path))
+    return path
+
+
+def load_ckpt(path: str | Path, drop_state: bool = True) -> dict[str, Tensor]:
+    """A MindSpore checkpoint as raw tensors (optimizer and step state dropped by default)."""
+    import mindspore as ms
+
+    params = ms.load_checkpoint(str(path))
+    return {k: from_ms_tensor(v) for k, v in params.items()
+            if not drop_state or is_model_weight(k)}
+
+
+def hf_to_ckpt(model_dir: str | Path, out: str | Path) -> Path:
+    """HF safetensors directory -> one `.ckpt` with MindFormers names."""
+    check_model_type(model_dir)
+    tensors = {hf_to_ms_name(k): v for k, v in read_hf_dir(model_dir).items()}
+    return save_ckpt(tensors, out)
+
+
+def ckpt_to_hf(ckpt: str | Path, out_dir: str | Path, config_from: str | Path | None) -> Path:
+    """`.ckpt` (full model, MindFormers names) -> HF safetensors directory. `config_from` is the
+    HF directory whose config.json / tokenizer files are copied beside the weights."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = load_ckpt(ckpt)
+    lora = [k for k in tensors if "mindpet_delta" in k]
+    if lora:
+        raise SftError(f"{ckpt} holds LoRA weights ({lora[0]} ...): export the run with "
+                       "`sft export RUN_DIR --format hf` (merges them) instead")
+    write_safetensors_file({ms_to_hf_name(k): v for k, v in tensors.items()},
+                           out_dir / "model.safetensors")
+    if config_from:
+        copy_model_files(config_from, out_dir)
+    return out_dir
+
+
+def copy_model_files(src: str | Path, dst: str | Path) -> None:
+    """config.json, generation config and tokenizer files (never weights, never an adapter)."""
+    for f in Path(src).iterdir():
+        if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".ckpt", ".index.json")) \
+                and f.name not in ("adapter_config.json",):
+            shutil.copy2(f, Path(dst) / f.name)
