@@ -492,6 +492,7 @@ def register_command(cli: Any) -> None:
     cli.command("bench", context_settings={"allow_interspersed_args": True})(bench)
 
 
-@sft.hookimpl
-def sft_register_commands(cli: Any) -> None:
+# specname: plugin.py re-exports this beside commands.py's own `sft_register_commands`
+@sft.hookimpl(specname="sft_register_commands")
+def sft_register_bench_command(cli: Any) -> None:
     register_command(cli)

@@ -16,6 +16,7 @@ from sft.backend import TrainPlan, TrainResult, require_modules
 from sft.events import RunEvents
 from sft.specs import RunConfig
 
+from sft_torch.bench import sft_register_bench_command  # noqa: F401  (`sft bench`)
 from sft_torch.commands import sft_register_commands  # noqa: F401  (hooks of sibling modules,
 from sft_torch.export import sft_register_exporters  # noqa: F401   registered through this
 from sft_torch.resolve import sft_resolve_model  # noqa: F401       entry-point module)
