@@ -61,7 +61,7 @@ class Accounting:
 
     def check_totals(self) -> None:
         total = self.trained + sum(self.dropped.values()) + sum(self.rejected.values())
-        assert total == self.records, f"accounting bug: {total} != {self.records}"  # noqa: S101
+        assert total == self.records, f"accounting bug: {total} != {self.records}"
 
     def as_dict(self) -> dict[str, Any]:
         self.check_totals()
@@ -124,7 +124,10 @@ def apply_length(
             )
         pieces = [(ids[:max_seq_len], labels[:max_seq_len])]
     else:  # split text into consecutive windows
-        pieces = [(ids[s : s + max_seq_len], labels[s : s + max_seq_len]) for s in range(0, n, max_seq_len)]
+        pieces = [
+            (ids[s : s + max_seq_len], labels[s : s + max_seq_len])
+            for s in range(0, n, max_seq_len)
+        ]
     pieces = [p for p in pieces if has_trained(p[1])]
     if not pieces:
         acc.drop(where, "no_trained_tokens")

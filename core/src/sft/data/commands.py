@@ -21,7 +21,9 @@ data_app = typer.Typer(help="Prepare, check and inspect training data.", no_args
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Job spec YAML file.")]
 Overrides = Annotated[
     Optional[list[str]],
-    typer.Argument(help="Overrides as key.sub=value (values parsed as YAML), e.g. data.max_seq_len=512"),
+    typer.Argument(
+        help="Overrides as key.sub=value (values parsed as YAML), e.g. data.max_seq_len=512"
+    ),
 ]
 
 
@@ -41,7 +43,10 @@ def prepare(
     config: ConfigOpt,
     overrides: Overrides = None,
     format: Annotated[
-        str, typer.Option("--format", "-f", help="npy (the cache itself) or a plugin's format, e.g. mindrecord.")
+        str,
+        typer.Option(
+            "--format", "-f", help="npy (the cache itself) or a plugin's format, e.g. mindrecord."
+        ),
     ] = "npy",
 ) -> None:
     """Tokenize the config's data into the content-hashed cache (reused by `sft run`)."""
@@ -90,7 +95,9 @@ def stats(config: ConfigOpt, overrides: Overrides = None) -> None:
         f"({s['trained_fraction']:.1%}); length min {ln['min']} p50 {ln['p50']:.0f} "
         f"p90 {ln['p90']:.0f} p99 {ln['p99']:.0f} max {ln['max']} (max_seq_len {s['max_seq_len']})"
     )
-    console.print(f"packing: {s['packing']['rows']} rows, efficiency {s['packing']['efficiency']:.1%}")
+    console.print(
+        f"packing: {s['packing']['rows']} rows, efficiency {s['packing']['efficiency']:.1%}"
+    )
     hist = histogram(data.train.lengths, cfg.data.max_seq_len)
     top = max(c for _, _, c in hist) or 1
     for lo, hi, c in hist:
@@ -116,7 +123,7 @@ def inspect(
     for i in range(min(n, len(data.train))):
         ids, labels = data.train.sample(i)
         text = Text()
-        for t, lab in zip(ids.tolist(), labels.tolist()):
+        for t, lab in zip(ids.tolist(), labels.tolist(), strict=True):
             piece = tok.decode([t])
             text.append(piece, style="bold green" if lab != IGNORE_INDEX else "dim")
         console.rule(f"sample {i}  {data.train.sources[i]}  ({len(ids)} tokens)")

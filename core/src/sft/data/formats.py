@@ -80,8 +80,14 @@ def _train_flag(msg: dict[str, Any]) -> bool | None:
     raise RecordError("wrong_type", f"`train` must be true or false, got {flag!r}")
 
 
-def _message_list(items: Any, what: str, role_key: str, content_key: str,
-                  roles: dict[str, str], default: dict[str, str]) -> list[Message]:
+def _message_list(
+    items: Any,
+    what: str,
+    role_key: str,
+    content_key: str,
+    roles: dict[str, str],
+    default: dict[str, str],
+) -> list[Message]:
     if not isinstance(items, list):
         raise RecordError("wrong_type", f"{what} must be a list of messages")
     out = []
@@ -105,7 +111,10 @@ def alpaca(record: dict[str, Any], source: Any = None) -> Conversation:
     for turn in record.get("history") or []:
         if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
             raise RecordError("wrong_type", "history must be a list of [query, response] pairs")
-        msgs += [Message("user", _text(turn[0], "history")), Message("assistant", _text(turn[1], "history"))]
+        msgs += [
+            Message("user", _text(turn[0], "history")),
+            Message("assistant", _text(turn[1], "history")),
+        ]
     user = f"{instruction}\n{extra}" if extra.strip() else instruction
     msgs += [Message("user", user), Message("assistant", output)]
     return Conversation(msgs)
@@ -174,7 +183,9 @@ def detect_format(plugins: Any, record: dict[str, Any], where: str) -> str:
     )
 
 
-def convert_record(plugins: Any, fmt: str, source: Any, record: dict[str, Any], where: str) -> Conversation:
+def convert_record(
+    plugins: Any, fmt: str, source: Any, record: dict[str, Any], where: str
+) -> Conversation:
     """Record -> checked Conversation tagged with `where`; raises RecordError."""
     conv = plugins.formats.get(fmt).convert(record, source)
     if not isinstance(conv, Conversation):

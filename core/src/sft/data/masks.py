@@ -38,7 +38,10 @@ class Encoder:
     """Conversations -> (ids, labels) with one tokenizer, template and mask policy."""
 
     def __init__(
-        self, tokenizer: Any, renderer: Renderer, mask: str = "assistant",
+        self,
+        tokenizer: Any,
+        renderer: Renderer,
+        mask: str = "assistant",
         system_prompt: str | None = None,
     ) -> None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -77,7 +80,7 @@ class Encoder:
     def _plain(self, conv: Conversation) -> tuple[str, Spans]:
         text, spans = self.bos_text, []
         trained = self._trained(conv.messages)
-        for m, t in zip(conv.messages, trained):
+        for m, t in zip(conv.messages, trained, strict=True):
             if t:
                 spans.append((len(text), len(text) + len(m.content)))
             text += m.content
@@ -88,7 +91,9 @@ class Encoder:
             spans = [(0, len(text))]
         return text, spans
 
-    def encode(self, convs: Sequence[Conversation]) -> list[tuple[np.ndarray, np.ndarray] | RecordError]:
+    def encode(
+        self, convs: Sequence[Conversation]
+    ) -> list[tuple[np.ndarray, np.ndarray] | RecordError]:
         """Encode many conversations with one batched tokenizer call; bad ones give RecordError."""
         texts, spans, out = [], [], []
         for conv in convs:
@@ -101,7 +106,7 @@ class Encoder:
             texts.append(t)
             spans.append(s)
         encs = iter(self.backend.encode_batch(texts, add_special_tokens=False))
-        it = iter(zip(texts, spans))
+        it = iter(zip(texts, spans, strict=True))
         result: list[tuple[np.ndarray, np.ndarray] | RecordError] = []
         for item in out:
             if item is not None:
@@ -126,7 +131,9 @@ def labels_from_spans(ids: np.ndarray, offsets: Any, spans: Spans, n_chars: int)
     return np.where(hit, ids, IGNORE_INDEX).astype(np.int32)
 
 
-def _chat_spans(render: Renderer, msgs: list[Message], trained: list[bool], mask: str) -> tuple[str, Spans]:
+def _chat_spans(
+    render: Renderer, msgs: list[Message], trained: list[bool], mask: str
+) -> tuple[str, Spans]:
     dicts = [{"role": m.role, "content": m.content} for m in msgs]
     cache: dict[tuple[int, bool], str] = {}
 
@@ -137,7 +144,9 @@ def _chat_spans(render: Renderer, msgs: list[Message], trained: list[bool], mask
             try:
                 cache[k, gen] = render(dicts[:k], add_generation_prompt=gen)
             except TemplateError as exc:
-                raise RecordError("template_error", f"the chat template refused it: {exc}") from None
+                raise RecordError(
+                    "template_error", f"the chat template refused it: {exc}"
+                ) from None
         return cache[k, gen]
 
     full = prefix(len(msgs))
@@ -152,7 +161,9 @@ def _chat_spans(render: Renderer, msgs: list[Message], trained: list[bool], mask
     return full, spans
 
 
-def _bounds(render: Renderer, prefix: Any, full: str, i: int, trained_part: bool) -> tuple[int, int]:
+def _bounds(
+    render: Renderer, prefix: Any, full: str, i: int, trained_part: bool
+) -> tuple[int, int]:
     """Characters of message i: the whole turn, or (trained_part) from the end of the
     generation prompt to the end-of-turn marker, without the whitespace after it."""
     before, after = prefix(i), prefix(i + 1)
@@ -166,8 +177,10 @@ def _bounds(render: Renderer, prefix: Any, full: str, i: int, trained_part: bool
                 "(data.template: chatml, llama3, ...) or a .jinja file without history rewriting"
             )
     if not len(before) <= len(head) <= len(after):
-        raise SftError(f"chat template {render.template.name!r}: the generation prompt is not a "
-                       "prefix of the assistant turn, so loss masks cannot be derived from it")
+        raise SftError(
+            f"chat template {render.template.name!r}: the generation prompt is not a "
+            "prefix of the assistant turn, so loss masks cannot be derived from it"
+        )
     end = len(after.rstrip()) if trained_part else len(after)
     return len(head), max(end, len(head))
 

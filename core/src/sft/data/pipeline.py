@@ -44,8 +44,15 @@ from sft.specs import DataSource, RunConfig
 PIPELINE_VERSION = "1"
 BATCH = 512  # conversations tokenized per batched tokenizer call
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
     "vocab.txt",
 )
 
@@ -62,7 +69,9 @@ def prepare_data(config: RunConfig, model: Any, run_dir: Path | None = None) -> 
     return data
 
 
-def load_or_build(config: RunConfig, tokenizer_path: Path, trust_remote_code: bool = False) -> PreparedData:
+def load_or_build(
+    config: RunConfig, tokenizer_path: Path, trust_remote_code: bool = False
+) -> PreparedData:
     """The cache for this config and tokenizer, built once under a lock."""
     plugins = get_plugins()
     key = cache_key(config, tokenizer_path, plugins)
@@ -96,8 +105,18 @@ def cache_key(config: RunConfig, tokenizer_path: Path, plugins: Plugins) -> str:
     policies, max_seq_len, seed (eval split, mixing) and the pipeline version."""
     d = config.data
     h = hashlib.sha256(f"sft-data-v{PIPELINE_VERSION}".encode())
-    policy = d.model_dump(mode="json", exclude={"train", "eval", "cache_dir", "max_drop_fraction",
-                                                "packing", "group_by_length", "shuffle"})
+    policy = d.model_dump(
+        mode="json",
+        exclude={
+            "train",
+            "eval",
+            "cache_dir",
+            "max_drop_fraction",
+            "packing",
+            "group_by_length",
+            "shuffle",
+        },
+    )
     h.update(json.dumps([policy, config.train.seed], sort_keys=True).encode())
     for split, srcs in (("train", d.train), ("eval", d.eval or [])):
         for src in srcs:
@@ -123,8 +142,15 @@ def _template_source(spec: str, plugins: Plugins) -> str:
 # ------------------------------------------------------------------------------------- build
 
 
-def build(config: RunConfig, tokenizer_path: Path, trust_remote_code: bool, plugins: Plugins,
-          out: Path, final: Path, key: str) -> None:
+def build(
+    config: RunConfig,
+    tokenizer_path: Path,
+    trust_remote_code: bool,
+    plugins: Plugins,
+    out: Path,
+    final: Path,
+    key: str,
+) -> None:
     """Tokenize every source into `out` (renamed to `final` by the caller)."""
     d = config.data
     tok = load_tokenizer(tokenizer_path, trust_remote_code)
@@ -155,15 +181,22 @@ def build(config: RunConfig, tokenizer_path: Path, trust_remote_code: bool, plug
         eos_ids=end_of_turn_ids(tok, renderer, template),
     )
     data.stats = split_stats(data.train, d.max_seq_len)
-    data.stats |= {"train": acc.as_dict(), "eval": eval_acc.as_dict() if eval_acc else None,
-                   "template": template.name, "eval_samples": len(eval_samples)}
+    data.stats |= {
+        "train": acc.as_dict(),
+        "eval": eval_acc.as_dict() if eval_acc else None,
+        "template": template.name,
+        "eval_samples": len(eval_samples),
+    }
     rejects = acc.rejects + (eval_acc.rejects if eval_acc else [])
-    (out / "rejects.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+    (out / "rejects.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+    )
     data.save()
 
 
-def _source_samples(src: DataSource, plugins: Plugins, encoder: Encoder, config: RunConfig,
-                    acc: Accounting) -> Iterator[tuple[Sample, str, int]]:
+def _source_samples(
+    src: DataSource, plugins: Plugins, encoder: Encoder, config: RunConfig, acc: Accounting
+) -> Iterator[tuple[Sample, str, int]]:
     """(sample, where, record number) for every piece this source trains on."""
     batch: list[Conversation] = []
     fmt = None if src.format == "auto" else src.format
@@ -186,28 +219,37 @@ def _source_samples(src: DataSource, plugins: Plugins, encoder: Encoder, config:
     yield from _encode(batch, encoder, config, acc)
 
 
-def _encode(batch: list[Conversation], encoder: Encoder, config: RunConfig,
-            acc: Accounting) -> Iterator[tuple[Sample, str, int]]:
+def _encode(
+    batch: list[Conversation], encoder: Encoder, config: RunConfig, acc: Accounting
+) -> Iterator[tuple[Sample, str, int]]:
     d = config.data
-    for conv, enc in zip(batch, encoder.encode(batch)):
+    for conv, enc in zip(batch, encoder.encode(batch), strict=True):
         if isinstance(enc, RecordError):
             acc.reject(conv.source, enc)
             continue
-        for piece in apply_length(enc, where=conv.source, max_seq_len=d.max_seq_len,
-                                  policy=d.length_policy, plain=conv.plain, acc=acc):
+        for piece in apply_length(
+            enc,
+            where=conv.source,
+            max_seq_len=d.max_seq_len,
+            policy=d.length_policy,
+            plain=conv.plain,
+            acc=acc,
+        ):
             yield piece, conv.source, int(conv.meta["record"])  # type: ignore[call-overload]
 
 
 Tagged = tuple[Sample, str, int]
 
 
-def _hold_out(parts: list[list[Tagged]], fraction: float, seed: int) -> tuple[list[list[Tagged]], list[Tagged]]:
+def _hold_out(
+    parts: list[list[Tagged]], fraction: float, seed: int
+) -> tuple[list[list[Tagged]], list[Tagged]]:
     """Move `fraction` of each source's records (all pieces of a record together) to eval."""
     rng = np.random.default_rng([seed, 7])
     train_parts, held = [], []
     for s, part in enumerate(parts):
         records = sorted({r for _, _, r in part})
-        k = int(round(fraction * len(records)))
+        k = round(fraction * len(records))
         chosen = set(rng.permutation(records)[:k].tolist()) if k else set()
         train_parts.append([t for t in part if t[2] not in chosen])
         held += [t for t in part if t[2] in chosen]
@@ -224,8 +266,8 @@ def _mix(parts: list[list[Tagged]], sources: list[DataSource], seed: int) -> lis
     wsum = sum(s.weight for s in sources)
     rng = np.random.default_rng([seed, 11])
     out: list[Tagged] = []
-    for part, src in zip(parts, sources):
-        want = int(round(total * src.weight / wsum))
+    for part, src in zip(parts, sources, strict=True):
+        want = round(total * src.weight / wsum)
         if not part:
             continue
         idx = np.concatenate([rng.permutation(len(part)) for _ in range(-(-want // len(part)))])

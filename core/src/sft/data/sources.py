@@ -16,7 +16,6 @@ import csv
 import glob
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +122,9 @@ def _parse(text: str, where: str) -> RawRecord:
         return RawRecord(where, None, RecordError("malformed_json", f"malformed JSON: {exc}"))
     if not isinstance(obj, dict):
         kind = type(obj).__name__
-        return RawRecord(where, None, RecordError("wrong_type", f"expected a JSON object, got {kind}"))
+        return RawRecord(
+            where, None, RecordError("wrong_type", f"expected a JSON object, got {kind}")
+        )
     return RawRecord(where, obj)
 
 
@@ -222,4 +223,3 @@ def read_arrow(path: Path) -> Iterator[RawRecord]:
             f = pa.ipc.open_file(mm)
             batches = (f.get_batch(i) for i in range(f.num_record_batches))
         yield from _table_rows(batches, path)
-

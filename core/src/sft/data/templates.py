@@ -139,7 +139,9 @@ class Renderer:
         self._jinja = compile_template(template.source)
         # The variables apply_chat_template passes: bos_token, eos_token, pad_token, ...
         self._vars = {
-            k: v for k, v in getattr(tokenizer, "special_tokens_map", {}).items() if isinstance(v, str)
+            k: v
+            for k, v in getattr(tokenizer, "special_tokens_map", {}).items()
+            if isinstance(v, str)
         }
 
     def __call__(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
@@ -173,7 +175,9 @@ def _own_environment() -> Any:
     def raise_exception(message: str) -> None:
         raise ValueError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
     env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
     env.globals["raise_exception"] = raise_exception
     return env

@@ -73,4 +73,4 @@ def _rendered_stop(renderer: Renderer, probe: str = "Sure, here it is.") -> str:
     except Exception:
         return ""
     at = full.find(probe, len(head) if full.startswith(head) else 0)
-    return full[at + len(probe):].strip() if at >= 0 else ""
+    return full[at + len(probe) :].strip() if at >= 0 else ""
