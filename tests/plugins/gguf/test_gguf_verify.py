@@ -1,0 +1,139 @@
+"""The GGUF verifier catches a damaged file; inputs the exporter cannot handle fail clearly.
+
+$ .venvs/core/bin/python -m pytest tests/plugins/gguf/test_gguf_verify.py -q
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from sft.errors import SftError
+from sft.export import ExportRequest, run_export
+from sft_gguf.source import read_tensors, resolve_source
+from sft_gguf.verify import verify_gguf
+
+from tests.plugins.gguf.helpers import (
+    copy_model,
+    edit_json,
+    load_source,
+    to_bf16_bits,
+    write_safetensors_raw,
+)
+
+
+def export(model_dir: Path, out: Path, dtype: str):
+    return run_export("gguf", ExportRequest(run_dir=model_dir, out=out, dtype=dtype))
+
+
+def corrupt_tensor(path: Path, name: str, index: int = 0, delta: int = 1) -> None:
+    """Change one stored value of tensor `name` in place (for Q8_0: one int8 quant)."""
+    reader = gguf.GGUFReader(path)
+    t = next(t for t in reader.tensors if t.name == name)
+    offset = t.data_offset
+    with open(path, "r+b") as f:
+        if t.tensor_type == gguf.GGMLQuantizationType.F32:
+            f.seek(offset + 4 * index)
+            value = np.frombuffer(f.read(4), np.float32)[0]
+            f.seek(offset + 4 * index)
+            f.write(np.float32(value + delta * 1e-3).tobytes())
+        else:  # Q8_0 block: 2-byte f16 scale, then 32 int8 quants
+            f.seek(offset + 2 + index)
+            q = np.frombuffer(f.read(1), np.int8)[0]
+            f.seek(offset + 2 + index)
+            f.write(np.int8(np.clip(int(q) + delta, -127, 127)).tobytes())
+
+
+@pytest.mark.parametrize(
+    "dtype,name,delta", [("f32", "blk.1.ffn_up.weight", 1), ("q8_0", "blk.0.attn_v.weight", 40)]
+)
+def test_a_tensor_changed_after_writing_fails_verification(
+    tiny_llama, tmp_path, dtype, name, delta
+):
+    path = Path(export(tiny_llama, tmp_path, dtype).path)
+    corrupt_tensor(path, name, index=5, delta=delta)
+    checks, problems = verify_gguf(path, tiny_llama, dtype)
+    assert len(problems) == 1 and name in problems[0] and "1 values out of tolerance" in problems[0]
+    assert checks["by_type"][dtype.upper()]["max_diff_over_tolerance"] > 1
+
+
+def test_changed_metadata_fails_verification(tiny_qwen2, tmp_path):
+    path = Path(export(tiny_qwen2, tmp_path, "f16").path)
+    editable = gguf.GGUFReader(path, "r+")  # gguf-py edits scalar fields in place
+    editable.fields["tokenizer.ggml.eos_token_id"].parts[-1][0] = 1
+    editable.fields["qwen2.block_count"].parts[-1][0] = 3
+    del editable
+    _, problems = verify_gguf(path, tiny_qwen2, "f16")
+    assert any("eos_token_id" in p for p in problems)
+    assert any("qwen2.block_count is 3" in p for p in problems)
+
+
+def test_run_export_raises_when_the_written_file_disagrees(tiny_llama, tmp_path, monkeypatch):
+    import sft_gguf.writer as writer
+
+    real_write = writer.write_gguf
+
+    def write_then_damage(model_dir, out_path, dtype):  # a disk or writer fault, injected
+        result = real_write(model_dir, out_path, dtype)
+        corrupt_tensor(out_path, "blk.0.ffn_gate.weight")
+        return result
+
+    monkeypatch.setattr(writer, "write_gguf", write_then_damage)
+    with pytest.raises(SftError, match="failed its verification"):
+        export(tiny_llama, tmp_path, "f32")
+
+
+def test_bf16_sharded_source_is_widened_exactly(tiny_llama, tmp_path):
+    """A bf16 checkpoint in two shards: read with numpy alone, F32 export holds the exact values."""
+    model = copy_model(tiny_llama, tmp_path / "bf16-model")
+    src = load_source(tiny_llama)
+    (model / "model.safetensors").unlink()
+    names = sorted(src)
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        shard = {n: ("BF16", to_bf16_bits(src[n])) for n in part}
+        write_safetensors_raw(model / f"model-0000{i + 1}-of-00002.safetensors", shard)
+    widened = read_tensors(model)
+    bits = to_bf16_bits(src["lm_head.weight"]).astype(np.uint32) << 16
+    np.testing.assert_array_equal(widened["lm_head.weight"], bits.view(np.float32))
+    report = export(model, tmp_path / "out", "f32")
+    assert report.ok and report.checks["tensors_compared"] == len(src)
+    stored = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(report.path).tensors}
+    np.testing.assert_array_equal(stored["output.weight"], bits.view(np.float32))
+
+
+def test_full_finetuning_run_dir_uses_final_model(tiny_llama, tmp_path):
+    run = tmp_path / "my-run"
+    copy_model(tiny_llama, run / "final" / "model")
+    (run / "config.yaml").write_text("model: {name_or_path: tiny}\n")
+    report = export(run, tmp_path / "out", "q8_0")
+    assert report.ok and report.checks["source"] == str(run / "final" / "model")
+    assert Path(report.path).name == "my-run-q8_0.gguf"
+
+
+def test_lora_run_without_the_hf_exporter_says_what_to_install(tmp_path, monkeypatch):
+    from sft.plugins import reset_plugins
+
+    monkeypatch.setenv("SFT_DISABLE_PLUGIN_AUTOLOAD", "1")  # no torch backend, so no `hf`
+    reset_plugins()
+    run = tmp_path / "lora-run"
+    (run / "final" / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text("method: lora\n")
+    with pytest.raises(SftError, match="pip install -e backends/torch"):
+        resolve_source(run, tmp_path / "out")
+
+
+def test_user_mistakes_raise_clear_errors(tiny_llama, tmp_path):
+    with pytest.raises(SftError, match="f32, f16, bf16, q8_0, not 'q4_k'"):
+        export(tiny_llama, tmp_path / "a", "q4_k")
+    with pytest.raises(SftError, match="neither a Hugging Face model directory"):
+        export(tmp_path / "nothing-here", tmp_path / "b", "f16")
+    gpt2 = copy_model(tiny_llama, tmp_path / "gpt2-like")
+    edit_json(gpt2 / "config.json", model_type="gpt2")
+    with pytest.raises(SftError, match="supports model_type llama and qwen2, not 'gpt2'"):
+        export(gpt2, tmp_path / "c", "f16")
+    scaled = copy_model(tiny_llama, tmp_path / "yarn")
+    edit_json(scaled / "config.json", rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(SftError, match="rope scaling 'yarn'"):
+        export(scaled, tmp_path / "d", "f16")
