@@ -89,13 +89,14 @@ def gemm_rate(dtype: Any, device: Any, size: int = GEMM_SIZE, seconds: float = 0
     return best
 
 
-def gemm_probe(device: Any) -> dict[str, float]:
-    """{"fp32": FLOP/s, "bf16": FLOP/s} of this machine now (bf16 only where it is usable)."""
+def gemm_probe(device: Any, seconds: float = 0.3) -> dict[str, float]:
+    """{"fp32": FLOP/s, "bf16": FLOP/s} of this machine now."""
     import torch
 
-    rates = {"fp32": gemm_rate(torch.float32, device)}
-    rates["bf16"] = gemm_rate(torch.bfloat16, device)
-    return rates
+    return {
+        "fp32": gemm_rate(torch.float32, device, seconds=seconds),
+        "bf16": gemm_rate(torch.bfloat16, device, seconds=seconds),
+    }
 
 
 def cpu_features() -> list[str]:
@@ -251,6 +252,8 @@ class TimedEvents(RunEvents):
         self.step_times: list[float] = []
         self.losses: list[float] = []
         self.info: dict[str, Any] = {}
+        self.loop_counts: list[tuple[int, int]] = []
+        """(trained, non-padding) tokens so far, as the loop itself counted them."""
 
     def train_start(self, info: dict[str, Any]) -> None:
         self.info = dict(info)
@@ -260,6 +263,9 @@ class TimedEvents(RunEvents):
         if "loss" in metrics and "eval_loss" not in metrics:
             self.step_times.append(time.perf_counter())
             self.losses.append(float(metrics["loss"]))
+            self.loop_counts.append(
+                (int(metrics.get("trained_tokens", -1)), int(metrics.get("tokens", -1)))
+            )
         super().log(step, metrics)
 
 
@@ -326,7 +332,9 @@ def setup(plan: Any) -> Setup:
     return Setup(device, threads, runtime.resolve_precision(cfg.train.precision, device), levers)
 
 
-def run_bench(config_path: Path, steps: int, overrides: list[str] | None = None) -> dict[str, Any]:
+def run_bench(
+    config_path: Path, steps: int, overrides: list[str] | None = None, probe_seconds: float = 0.3
+) -> dict[str, Any]:
     """Prepare, probe, train `steps` steps through the real loop, and measure (see module doc)."""
     import torch
     from sft.config import load_config
@@ -346,13 +354,13 @@ def run_bench(config_path: Path, steps: int, overrides: list[str] | None = None)
         st = setup(plan)
         if st.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(st.device)
-        rates = gemm_probe(st.device)
+        rates = gemm_probe(st.device, probe_seconds)
         work = step_work(plan, steps)
         flops = flop_model(plan)
         events = TimedEvents(cfg, plan.run_dir, plugins.hook)
         t_train = time.perf_counter()
         backend.train(plan, events)
-        after = gemm_probe(st.device)
+        after = gemm_probe(st.device, probe_seconds)
         rates = {k: max(v, after[k]) for k, v in rates.items()}
         probe_s = t_train - prepared  # probe + meta model + replay, not part of any timing
         return report(
@@ -368,6 +376,19 @@ def run_bench(config_path: Path, steps: int, overrides: list[str] | None = None)
             probe_s=probe_s,
             config_path=config_path,
         )
+
+
+def check_replay(work: list[StepWork], events: TimedEvents) -> None:
+    """The replayed schedule must count the same tokens the loop counted while training; a
+    mismatch means the bench would report numbers for batches that were not trained on."""
+    trained = tokens = 0
+    for i, (w, (lt, ln)) in enumerate(zip(work, events.loop_counts, strict=True)):
+        trained, tokens = trained + w.trained, tokens + w.tokens
+        if lt >= 0 and (lt, ln) != (trained, tokens):
+            raise RuntimeError(
+                f"bench replay disagrees with the loop at step {i + 1}: "
+                f"{(trained, tokens)} vs {(lt, ln)} (trained, tokens)"
+            )
 
 
 def report(
@@ -388,6 +409,7 @@ def report(
     times = events.step_times
     if len(times) != len(work):
         raise SftError(f"bench: the loop logged {len(times)} steps, expected {len(work)}")
+    check_replay(work, events)
     steady, seconds = work[1:], times[-1] - times[0]
     trained, tokens = sum(w.trained for w in steady), sum(w.tokens for w in steady)
     slots = sum(w.slots for w in work)
