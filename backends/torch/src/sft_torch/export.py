@@ -25,6 +25,7 @@ from typing import Any
 import sft
 from sft.errors import SftError
 from sft.export import ExportReport, ExportRequest
+from sft.models import resolve_model
 
 TORCH_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 # Max mean KL(reference || export) per dtype; f32 is held to max |logit diff| < 1e-4 instead.
@@ -69,7 +70,15 @@ def check_template_parity(exported: Path, reference: Path) -> dict[str, Any]:
     ref_tok = AutoTokenizer.from_pretrained(str(reference))
     if not getattr(exp_tok, "chat_template", None):
         return {"template_ids_equal": False, "problem": f"{exported} has no chat template"}
-    exp_ids, ref_ids = _probe_renders(exp_tok), _probe_renders(ref_tok)
+    ref_ids = _probe_renders(ref_tok)
+    try:
+        exp_ids = _probe_renders(exp_tok)
+    except Exception as exc:  # a template that cannot even render the probe is a mismatch
+        return {
+            "template_ids_equal": False,
+            "eos_ids_agree": False,
+            "problem": f"the exported chat template fails on the probe: {exc}",
+        }
     first_diff = next(
         (i for i, (a, b) in enumerate(zip(exp_ids[0], ref_ids[0], strict=False)) if a != b), None
     )
@@ -129,22 +138,13 @@ def compare_logits(ref: list[Any], got: list[Any]) -> dict[str, float]:
     }
 
 
-def _reference(req: ExportRequest) -> tuple[Any, Any, Path, str]:
-    """(model for reference logits in fp32, tokenizer, dir with the run's tokenizer+gen config,
-    kind) of the thing being exported: a run (adapter/model) or a plain HF directory."""
-    from sft_torch.generate import load_for_inference, run_final_dir, tokenizer_dir
+def _reference(req: ExportRequest) -> tuple[Any, Any, Path, Any]:
+    """(model for reference logits in fp32, tokenizer, dir with the run's tokenizer + generation
+    config, RunWeights or None for a plain model directory) of what is being exported."""
+    from sft_torch.generate import load_for_inference
 
-    final = run_final_dir(req.run_dir)
     loaded = load_for_inference(req.run_dir)
-    if final is None:
-        return loaded.model, loaded.tokenizer, req.run_dir, "model"
-    kind = "adapter" if (final / "adapter").is_dir() else "model"
-    return loaded.model, loaded.tokenizer, _meta_dir(final, tokenizer_dir(final)), kind
-
-
-def _meta_dir(final: Path, tok_dir: Path) -> Path:
-    # generation_config.json normally sits in final/; fall back to the tokenizer's directory.
-    return final if (final / "generation_config.json").is_file() else tok_dir
+    return loaded.model, loaded.tokenizer, loaded.info["meta_dir"], loaded.info["run"]
 
 
 def write_tokenizer_and_generation(tok: Any, meta_dir: Path, out: Path, req: ExportRequest) -> None:
@@ -187,7 +187,8 @@ def export_hf(req: ExportRequest) -> ExportReport:
         raise SftError(
             f"hf export writes f32, f16 or bf16, not {req.dtype!r} (q8_0 is for --format gguf)"
         )
-    model, tok, meta_dir, kind = _reference(req)
+    model, tok, meta_dir, run = _reference(req)
+    kind = run.kind if run else "model"
     seqs = probe_batch(tok)
     ref = logits_of(model, seqs)
     if kind == "adapter":
@@ -219,27 +220,27 @@ def export_adapter(req: ExportRequest) -> ExportReport:
     """The PEFT adapter alone (+ tokenizer, generation config), reloaded and compared."""
     from peft import PeftModel
 
-    from sft_torch.generate import load_base, run_final_dir
+    from sft_torch.generate import find_run_weights, load_base, run_base_spec
 
-    final = run_final_dir(req.run_dir)
-    if final is None or not (final / "adapter").is_dir():
+    run = find_run_weights(req.run_dir)
+    if run is None or run.kind != "adapter":
         raise SftError(
-            f"{req.run_dir} has no final/adapter (a full or freeze run, or not a run "
+            f"{req.run_dir} holds no PEFT adapter (a full or freeze run, or not a run "
             "directory); use --format hf"
         )
     model, tok, meta_dir, _ = _reference(req)
     seqs = probe_batch(tok)
     ref = logits_of(model, seqs)
-    _clean_out(req.out)
-    for f in (final / "adapter").iterdir():
-        if f.is_file():
-            shutil.copy2(f, req.out / f.name)
-    write_tokenizer_and_generation(tok, meta_dir, req.out, req)
     del model
+    _clean_out(req.out)
+    for f in run.weights.glob("adapter_*"):
+        shutil.copy2(f, req.out / f.name)
+    write_tokenizer_and_generation(tok, meta_dir, req.out, req)
     # A fresh base + the exported files, exactly as a user would load them with plain peft.
-    fresh = PeftModel.from_pretrained(load_base(_base_path(final.parent), None), str(req.out))
-    checks: dict[str, Any] = {"source": "adapter", "dtype": "as trained"}
-    checks.update(compare_logits(ref, logits_of(fresh.eval(), seqs)))
+    base = resolve_model(run_base_spec(run)).path
+    fresh = PeftModel.from_pretrained(load_base(base), str(req.out)).eval()
+    checks: dict[str, Any] = {"source": "adapter", "dtype": "as trained", "base": str(base)}
+    checks.update(compare_logits(ref, logits_of(fresh, seqs)))
     checks.update(check_template_parity(req.out, meta_dir))
     ok = (
         checks["max_abs_logit_diff"] < LOGIT_TOLERANCE_F32
@@ -247,14 +248,6 @@ def export_adapter(req: ExportRequest) -> ExportReport:
         and checks["eos_ids_agree"]
     )
     return ExportReport("adapter", str(req.out), checks, ok=bool(ok))
-
-
-def _base_path(run_dir: Path) -> Path:
-    from sft.models import resolve_model
-
-    from sft_torch.generate import run_base_spec
-
-    return resolve_model(run_base_spec(run_dir)).path
 
 
 @sft.hookimpl

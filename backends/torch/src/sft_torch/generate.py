@@ -4,9 +4,10 @@
     $ sft generate smollm2-135m-instruct --prompt "Who are you?" --temperature 0.7
     $ sft chat runs/smollm2-135m-demo          # interactive; history kept; /reset, /exit
 
-A run directory's `final/` holds `adapter/` (PEFT, loaded onto the base named in the run's
-`config.yaml`) or `model/` (full weights), plus the tokenizer with the chat template used in
-training and `generation_config.json` whose eos ids end an assistant turn. Decoding stops at
+A run directory's `final/` holds a PEFT adapter (loaded onto the base named in the run's
+`config.yaml`) or a full model (in final/ itself, or in final/adapter/ or final/model/), plus the
+tokenizer with the chat template used in training and `generation_config.json` whose eos ids end
+an assistant turn. Decoding stops at
 those ids, so a fine-tuned model stops where it was taught to.
 """
 
@@ -35,33 +36,61 @@ class Loaded:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def run_final_dir(path: Path) -> Path | None:
-    """`path/final` of a run directory (or `path` itself if it is a final/ dir), else None."""
-    for cand in (path / "final", path):
-        if (cand / "adapter").is_dir() or (cand / "model").is_dir():
-            return cand
+@dataclass(frozen=True)
+class RunWeights:
+    """Where a finished run keeps its weights."""
+
+    final: Path
+    """RUN/final: tokenizer, chat template and generation_config.json live here."""
+    kind: str
+    """`adapter` (PEFT) or `model` (full safetensors)."""
+    weights: Path
+    """The adapter or model directory (final/ itself, or final/adapter, final/model)."""
+
+
+def find_run_weights(path: Path) -> RunWeights | None:
+    """The weights of a run directory (or of its final/ dir); None for anything else."""
+    for final in (path / "final", path):
+        for sub in ("", "adapter"):
+            if (final / sub / "adapter_config.json").is_file():
+                return RunWeights(final, "adapter", final / sub)
+        if (final / "model" / "config.json").is_file():
+            return RunWeights(final, "model", final / "model")
+    if (path / "final" / "config.json").is_file():
+        return RunWeights(path / "final", "model", path / "final")
     return None
 
 
-def run_base_spec(run_dir: Path) -> str:
-    """The base model a run started from, as its resolved `config.yaml` names it."""
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise SftError(f"{run_dir} has final/adapter but no config.yaml naming the base model")
-    cfg = yaml.safe_load(cfg_path.read_text()) or {}
-    model = cfg.get("model") or {}
-    spec = model.get("name_or_path") if isinstance(model, dict) else model
-    if not spec:
-        raise SftError(f"{cfg_path}: model.name_or_path is missing")
-    return str(spec)
+def run_final_dir(path: Path) -> Path | None:
+    found = find_run_weights(path)
+    return found.final if found else None
 
 
-def tokenizer_dir(final: Path) -> Path:
+def run_base_spec(weights: RunWeights) -> str:
+    """The base model of an adapter run: `model.name_or_path` of the run's resolved
+    config.yaml, else the adapter's own `base_model_name_or_path`."""
+    cfg_path = weights.final.parent / "config.yaml"
+    if cfg_path.is_file():
+        cfg = yaml.safe_load(cfg_path.read_text()) or {}
+        model = cfg.get("model") or {}
+        spec = model.get("name_or_path") if isinstance(model, dict) else model
+        if spec:
+            return str(spec)
+    adapter_cfg = json.loads((weights.weights / "adapter_config.json").read_text())
+    if adapter_cfg.get("base_model_name_or_path"):
+        return str(adapter_cfg["base_model_name_or_path"])
+    raise SftError(
+        f"cannot tell the base model of the adapter in {weights.weights}: no config.yaml in "
+        "the run directory and no base_model_name_or_path in adapter_config.json"
+    )
+
+
+def tokenizer_dir(weights: RunWeights) -> Path:
     """Where a run saved its tokenizer: final/ itself, else next to the weights."""
-    for cand in (final, final / "model", final / "adapter"):
+    for cand in (weights.final, weights.weights):
         if (cand / "tokenizer_config.json").is_file():
             return cand
-    raise SftError(f"no tokenizer (tokenizer_config.json) in {final}")
+    raise SftError(f"no tokenizer (tokenizer_config.json) in {weights.final}")
 
 
 def eos_ids_of(directory: Path, tokenizer: Any) -> list[int]:
@@ -89,31 +118,29 @@ def load_base(path: Path, dtype: Any = None) -> Any:
 def load_for_inference(target: str | Path, dtype: Any = None, merge: bool = False) -> Loaded:
     """Load a run directory (adapter or full model), an HF directory, a .gguf file or a built-in
     name, in eval mode (float32 unless `dtype` says otherwise)."""
-    import torch
     from transformers import AutoTokenizer
 
-    dtype = dtype or torch.float32
     path = Path(target).expanduser()
-    final = run_final_dir(path) if path.is_dir() else None
-    if final is None:
+    run = find_run_weights(path) if path.is_dir() else None
+    if run is None:
         base = resolve_model(str(target)).path
-        model, tok_dir, src = load_base(base, dtype), base, f"model {base}"
-        gen_dir = base
-    elif (final / "adapter").is_dir():
+        model, tok_dir, meta_dir, src = load_base(base, dtype), base, base, f"model {base}"
+    elif run.kind == "adapter":
         from peft import PeftModel
 
-        base = resolve_model(run_base_spec(final.parent)).path
-        model = PeftModel.from_pretrained(load_base(base, dtype), str(final / "adapter"))
+        base = resolve_model(run_base_spec(run)).path
+        model = PeftModel.from_pretrained(load_base(base, dtype), str(run.weights))
         if merge:
             model = model.merge_and_unload()
-        tok_dir, gen_dir = tokenizer_dir(final), final
-        src = f"adapter {final / 'adapter'} on base {base}"
+        tok_dir, meta_dir = tokenizer_dir(run), run.final
+        src = f"adapter {run.weights} on base {base}"
     else:
-        model = load_base(final / "model", dtype)
-        tok_dir, gen_dir, src = tokenizer_dir(final), final, f"model {final / 'model'}"
+        model = load_base(run.weights, dtype)
+        tok_dir, meta_dir, src = tokenizer_dir(run), run.final, f"model {run.weights}"
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     model.eval()
-    return Loaded(model, tok, eos_ids_of(gen_dir, tok), src, {"final": str(final or "")})
+    info = {"run": run, "meta_dir": meta_dir, "tokenizer_dir": tok_dir}
+    return Loaded(model, tok, eos_ids_of(meta_dir, tok), src, info)
 
 
 @dataclass
