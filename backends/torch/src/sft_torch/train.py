@@ -122,8 +122,7 @@ class Trainer:
         cfg = self.cfg
         lm = load_model(self.plan, self.device)
         if cfg.train.gradient_checkpointing and cfg.method.name != "qlora":
-            # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(lm)
         model = apply_method(lm, cfg.method, cfg.train.gradient_checkpointing)
         model.train()  # from_pretrained returns eval mode; dropout (LoRA) must be on
         return model
@@ -137,7 +136,7 @@ class Trainer:
         return load_checkpoint(self.state, self.plan.resume_from, self.fingerprint,
                                self.cfg.checkpoint.allow_changed)
 
-    def train_step(self, step_rows: list[list[int]]) -> StepStats:
+    def train_step(self, pos: Position, step_rows: list[list[int]]) -> StepStats:
         """Forward/backward every micro-batch of this rank, then one optimizer step.
         Each micro-batch's summed loss is divided by the trained tokens of the whole global
         batch (all ranks), so the gradient is exactly the global token mean whatever the
@@ -154,31 +153,34 @@ class Trainer:
             self.scaler.scale(loss * scale).backward()
             loss_sum += float(loss.detach())
             tokens += int(batch["attention_mask"].sum())
-        grad_norm = self._clip_and_step()
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
         loss_sum, tokens_f = runtime.all_reduce_sum([loss_sum, float(tokens)], self.device)
-        return StepStats(loss_sum, n_global, int(tokens_f), grad_norm, lr,
-                         time.perf_counter() - t0)
-
-    def _clip_and_step(self) -> float:
-        self.scaler.unscale_(self.optimizer)
-        max_norm = self.cfg.train.max_grad_norm or math.inf
-        norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+        grad_norm = self._unscale_and_clip()
+        self.check_finite(loss_sum / max(n_global, 1), grad_norm, pos, step_rows)
+        lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        self.scheduler.step()
+        return StepStats(loss_sum, n_global, int(tokens_f), grad_norm, lr,
+                         time.perf_counter() - t0)
 
-    def check_finite(self, stats: StepStats, pos: Position, step_rows: list[list[int]]) -> None:
-        if math.isfinite(stats.loss) and math.isfinite(stats.grad_norm):
+    def _unscale_and_clip(self) -> float:
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.train.max_grad_norm or math.inf
+        return float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+
+    def check_finite(self, loss: float, grad_norm: float, pos: Position,
+                     step_rows: list[list[int]]) -> None:
+        """Stop before a non-finite loss or gradient reaches the weights, naming the step and
+        the samples of its batch."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
             return
-        if self.precision == "fp16" and math.isfinite(stats.loss):
-            return  # the grad scaler skipped this step and lowers its scale
+        if self.precision == "fp16" and math.isfinite(loss):
+            return  # the grad scaler skips this step itself and lowers its scale
         sources = self.plan.data.train.sources
         ids = [sources[i] for row in step_rows for i in row][:8]
         raise SftError(
-            f"non-finite loss ({stats.loss}) or gradient norm ({stats.grad_norm}) at step "
+            f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step "
             f"{pos.global_step + 1}; samples of that batch: {', '.join(ids)}. Lower "
             "train.learning_rate, use precision fp32/bf16, or check these samples"
         )
@@ -212,6 +214,16 @@ class Trainer:
                 "chunked_loss": self.loss_settings.chunked, "packing": self.plan.packing}
 
 
+def enable_checkpointing(lm: Any) -> None:
+    """Recompute decoder-layer activations in backward. Non-reentrant: works with frozen inputs
+    (LoRA) without enable_input_require_grads. (transformers 5 renamed the method.)"""
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def progress_bar(trainer: Trainer, start: Position) -> Any:
     from tqdm.auto import tqdm
 
@@ -241,15 +253,21 @@ def maybe_checkpoint(trainer: Trainer, pos: Position, last: bool) -> None:
 def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
     """Train as `plan` says, writing metrics, checkpoints and RUN/final; see module docstring."""
     started = time.time()
-    trainer = Trainer(plan, events)
+    return fit(Trainer(plan, events), started)
+
+
+def fit(trainer: Trainer, started: float | None = None) -> TrainResult:
+    """Resume if asked, run every remaining step, write the final outputs. (Split from `train`
+    so tests and launchers can hold the Trainer and inspect its model afterwards.)"""
+    started = time.time() if started is None else started
+    events = trainer.events
     start = trainer.resume()
     events.train_start({**trainer.info(), "resumed_at_step": start.global_step})
     evals: dict[str, float] = {}
     total = trainer.schedule.total_steps
     with progress_bar(trainer, start) as bar:
         for pos, step_rows in trainer.schedule.steps(start):
-            stats = trainer.train_step(step_rows)
-            trainer.check_finite(stats, pos, step_rows)
+            stats = trainer.train_step(pos, step_rows)
             trainer.meter.add(stats)
             done = next_position(pos, trainer.schedule.steps_per_epoch)
             last = done.global_step == total

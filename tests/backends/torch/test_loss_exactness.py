@@ -1,0 +1,122 @@
+"""The loss is exact: gradient accumulation, packing and the chunked loss change nothing.
+
+    $ .venvs/torch/bin/python -m pytest tests/backends/torch/test_loss_exactness.py
+
+- micro-batch 1 x accumulation 8 == micro-batch 8 x accumulation 1 on variable-length data
+  (padding included): the loss is normalized by the trained tokens of the whole global batch.
+- a packed row (several samples, position ids restarting, no attention across samples) gives
+  the same loss and gradients as the same samples unpacked, for both ways of keeping samples
+  apart (position ids, explicit 4-D mask) and for sdpa and eager attention.
+- the chunked linear + cross-entropy equals the model's own full-logits loss.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sft.data.batching import collate
+from sft_torch.data import to_device
+from sft_torch.loss import LossSettings, batch_loss
+from sft_torch.methods import apply_method
+from sft_torch.model import load_model
+from sft_torch.train import Trainer, fit
+
+from tests.backends.torch.conftest import events_for, make_plan
+
+pytestmark = pytest.mark.torch
+TOL = 1e-5
+
+
+def final_weights(tmp_path, model_dir, **kw) -> dict[str, torch.Tensor]:
+    plan = make_plan(tmp_path, model_dir, **kw)
+    trainer = Trainer(plan, events_for(plan))
+    fit(trainer)
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_accumulation_equivalence_on_variable_length_data(tmp_path, tiny_llama, chunked):
+    common = {"method": "full", "n": 16, "torch_opts": {"chunked_loss": chunked}}
+    tr = {"max_steps": 2, "learning_rate": 1e-3}
+    a = final_weights(tmp_path / "a", tiny_llama, **common,
+                      train={**tr, "micro_batch_size": 1, "gradient_accumulation_steps": 8})
+    b = final_weights(tmp_path / "b", tiny_llama, **common,
+                      train={**tr, "micro_batch_size": 8, "gradient_accumulation_steps": 1})
+    # a per-micro-batch mean would differ by far more than this (see the control below)
+    assert max_diff(a, b) < TOL
+
+
+def test_per_micro_batch_mean_would_not_be_equivalent(tmp_path, tiny_llama):
+    """Control: the data really has unequal trained tokens per sample, so averaging each
+    micro-batch separately (the common bug) weights tokens differently than the global mean."""
+    plan = make_plan(tmp_path, tiny_llama, method="full", n=8)
+    split = plan.data.train
+    counts = [int((split.sample(i)[1][1:] != -100).sum()) for i in range(len(split))]
+    assert len(set(counts)) > 3
+
+
+def loss_and_grads(model, batch, settings):
+    model.zero_grad(set_to_none=True)
+    loss, n = batch_loss(model, batch, settings)
+    loss.backward()
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+    return float(loss.detach()), n, grads
+
+
+@pytest.fixture(scope="module")
+def samples_plan(tmp_path_factory, tiny_qwen2):
+    return make_plan(tmp_path_factory.mktemp("pack"), tiny_qwen2, method="full", n=5,
+                     data={"max_seq_len": 128})
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("packed", ["position_ids", "mask"])
+def test_packed_equals_unpacked(samples_plan, attn, packed):
+    plan = samples_plan
+    plan.options = plan.options.model_copy(update={"attn_implementation": attn})
+    cpu = torch.device("cpu")
+    model = apply_method(load_model(plan, cpu), plan.config.method)
+    model.train()
+    split, settings = plan.data.train, LossSettings(packed=packed)
+    rows = [[0, 1, 2], [3, 4]]  # two packed rows (the second one padded)
+    packed_batch = to_device(collate(split, rows, pad_id=0), cpu)
+    assert packed_batch["seq_lens"][0] == [len(split.sample(i)[0]) for i in rows[0]]
+    single = to_device(collate(split, [[i] for r in rows for i in r], pad_id=0), cpu)
+    lp, np_, gp = loss_and_grads(model, packed_batch, settings)
+    lu, nu, gu = loss_and_grads(model, single, settings)
+    assert np_ == nu > 0
+    assert abs(lp - lu) < TOL * max(1.0, abs(lu))
+    assert max_diff(gp, gu) < TOL
+
+    # Control: the same packed row with position ids that do NOT restart lets samples attend
+    # to each other, and the loss changes; so the equality above is not vacuous.
+    leaky = dict(packed_batch)
+    leaky["position_ids"] = torch.arange(packed_batch["input_ids"].shape[1]).expand_as(
+        packed_batch["position_ids"]).contiguous()
+    leaky["seq_lens"] = [[sum(r)] for r in packed_batch["seq_lens"]]
+    ll, _, _ = loss_and_grads(model, leaky, settings)
+    assert abs(ll - lu) > 1e-3
+
+
+def test_chunked_loss_equals_full_logits_loss(samples_plan):
+    plan = samples_plan
+    cpu = torch.device("cpu")
+    model = apply_method(load_model(plan, cpu), plan.config.method)
+    batch = to_device(collate(plan.data.train, [[0, 1], [2], [3, 4]], pad_id=0), cpu)
+    lc, nc, gc = loss_and_grads(model, batch, LossSettings(chunked=True, chunk_size=7))
+    lf, nf, gf = loss_and_grads(model, batch, LossSettings(chunked=False))
+    assert nc == nf and abs(lc - lf) < TOL * abs(lf)
+    assert max_diff(gc, gf) < TOL
+
+
+def test_gradient_checkpointing_changes_nothing(tmp_path, tiny_llama):
+    tr = {"max_steps": 2, "micro_batch_size": 4, "gradient_accumulation_steps": 1}
+    a = final_weights(tmp_path / "a", tiny_llama, method="lora", train=tr)
+    b = final_weights(tmp_path / "b", tiny_llama, method="lora",
+                      train={**tr, "gradient_checkpointing": True})
+    assert max_diff(a, b) < TOL
