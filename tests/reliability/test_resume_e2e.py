@@ -1,0 +1,231 @@
+"""Acceptance of exact resume, preemption and the NaN policy, end to end through `sft run`
+subprocesses on a tiny llama (fp32, CPU, 1 thread, deterministic):
+
+- killed with SIGKILL at a random step (when metrics.jsonl reaches it) and resumed with
+  `--resume auto`: final weights BITWISE equal to an uninterrupted run, same per-step losses
+  (LoRA and full fine-tuning);
+- SIGKILLed inside a checkpoint write (SFT_TEST_CRASH_IN_SAVE): the previous checkpoint is
+  resumed and the result is still bitwise equal;
+- SIGTERM mid-run: exit 143 within one step with a complete checkpoint of the step it finished;
+  the resumed run is bitwise equal;
+- NaN injected at step k (SFT_TEST_INJECT_NAN_STEP): stops with exit 3 naming step k and its
+  samples; with `nan_policy: skip` step k changes no weight and does not advance the LR.
+
+    $ .venvs/torch/bin/python -m pytest tests/reliability/test_resume_e2e.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip("torch")
+from safetensors.numpy import load_file  # noqa: E402
+
+from sft.events import read_metrics  # noqa: E402
+
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
+
+STEPS = 10
+WORDS = "the quick brown fox jumps over lazy dog hello help capital france paris".split()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
+    d = tmp_path_factory.mktemp("resume")
+    rng = random.Random(0)
+    with open(d / "train.jsonl", "w") as f:
+        for _ in range(48):
+            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
+            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
+            msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    os.symlink(tiny_llama, d / "model")
+    return d
+
+
+def job(workdir: Path, name: str, method: str, **train: Any) -> Path:
+    """A job spec whose run directory is workdir/name. LoRA dropout stays on (0.05), so the
+    resumed run is only equal if the RNG state is restored too."""
+    spec = {
+        "model": str(workdir / "model"),
+        "data": {"train": "train.jsonl", "max_seq_len": 128},
+        "method": method,
+        "train": {"max_steps": STEPS, "precision": "fp32", "micro_batch_size": 2,
+                  "gradient_accumulation_steps": 2, "learning_rate": 1e-2, "warmup_steps": 2,
+                  "seed": 7, "deterministic": True, **train},
+        "checkpoint": {"every_steps": 1, "keep_last": 20},
+        "logging": {"plot": False, "progress": False},
+        "torch": {"device": "cpu", "num_threads": 1},
+        "output_dir": str(workdir / name),
+    }
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def sft_run(cfg: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sft", "run", "--config", str(cfg), *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, expect: int = 0) -> str:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == expect, f"exit {proc.returncode}, expected {expect}:\n{out}"
+    assert "Traceback" not in out, out
+    return out
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
+    """Poll metrics.jsonl until `step` is logged (the process is then at step+1 or saving)."""
+    metrics, deadline = run_dir / "metrics.jsonl", time.time() + 240
+    while time.time() < deadline:
+        if metrics.exists() and any(json.loads(line)["step"] >= step
+                                    for line in metrics.read_text().splitlines() if line.strip()):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended (exit {proc.returncode}) before step {step}:\n"
+                        f"{proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.01)
+    pytest.fail(f"step {step} never logged")
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {int(r["step"]): r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def final_weights(run_dir: Path) -> dict[str, np.ndarray]:
+    final = run_dir / "final"
+    files = sorted(final.glob("*.safetensors"))
+    assert files, f"no safetensors in {final}: {os.listdir(final)}"
+    out: dict[str, np.ndarray] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+def assert_bitwise_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str) -> None:
+    assert a.keys() == b.keys(), what
+    differ = [k for k in a if a[k].dtype != b[k].dtype or a[k].tobytes() != b[k].tobytes()]
+    assert not differ, f"{what}: {len(differ)}/{len(a)} tensors differ, e.g. {differ[:3]}"
+
+
+def assert_same_run(reference: Path, resumed: Path, what: str) -> None:
+    ref, got = losses(reference), losses(resumed)
+    assert sorted(ref) == list(range(1, STEPS + 1)), ref
+    assert got == ref, f"{what}: per-step losses differ\nref {ref}\ngot {got}"
+    assert_bitwise_equal(final_weights(reference), final_weights(resumed), what)
+
+
+@pytest.fixture(scope="module")
+def lora_reference(workdir: Path) -> Path:
+    finish(sft_run(job(workdir, "lora-ref", "lora")))
+    return workdir / "lora-ref"
+
+
+@pytest.fixture(scope="module")
+def full_reference(workdir: Path) -> Path:
+    finish(sft_run(job(workdir, "full-ref", "full", learning_rate=1e-3)))
+    return workdir / "full-ref"
+
+
+def kill_and_resume(workdir: Path, name: str, method: str, **train: Any) -> int:
+    cfg = job(workdir, name, method, **train)
+    k = random.randint(2, STEPS - 2)
+    proc = sft_run(cfg)
+    wait_for_step(proc, workdir / name, k)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    out = finish(sft_run(cfg, "--resume", "auto"))
+    summary = json.loads((workdir / name / "summary.json").read_text())
+    assert summary["resumed_from"], f"killed at step {k} but the rerun did not resume:\n{out}"
+    return k
+
+
+def test_lora_killed_at_a_random_step_resumes_bitwise(workdir: Path, lora_reference: Path) -> None:
+    k = kill_and_resume(workdir, "lora-kill", "lora")
+    assert_same_run(lora_reference, workdir / "lora-kill", f"LoRA, SIGKILL after step {k}")
+
+
+def test_full_killed_at_a_random_step_resumes_bitwise(workdir: Path, full_reference: Path) -> None:
+    k = kill_and_resume(workdir, "full-kill", "full", learning_rate=1e-3)
+    assert_same_run(full_reference, workdir / "full-kill", f"full, SIGKILL after step {k}")
+
+
+def test_kill_inside_a_checkpoint_write_resumes_from_the_previous_one(
+    workdir: Path, lora_reference: Path
+) -> None:
+    cfg = job(workdir, "lora-crash", "lora")
+    run = workdir / "lora-crash"
+    proc = sft_run(cfg, env={"SFT_TEST_CRASH_IN_SAVE": "5"})
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    ckpts = run / "checkpoints"
+    partial = [p.name for p in ckpts.iterdir() if p.name.startswith(".tmp-step-000005")]
+    assert partial and any((ckpts / partial[0]).iterdir()), "the fault was not mid-save"
+    assert not (ckpts / "step-000005").exists()
+    out = finish(sft_run(cfg, "--resume", "auto"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step-000004"), out
+    assert_same_run(lora_reference, run, "LoRA, SIGKILL inside the save of step 5")
+
+
+def test_sigterm_checkpoints_within_one_step_and_exits_143(
+    workdir: Path, full_reference: Path
+) -> None:
+    cfg = job(workdir, "full-term", "full", learning_rate=1e-3)
+    run = workdir / "full-term"
+    # Regular checkpoints only every 4 steps, so the preemption checkpoint is the signal's own.
+    spec = yaml.safe_load(cfg.read_text())
+    spec["checkpoint"]["every_steps"] = 4
+    cfg.write_text(yaml.safe_dump(spec))
+    proc = sft_run(cfg)
+    wait_for_step(proc, run, 5)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc, expect=143)
+    assert "SIGTERM" in out and "--resume auto" in out
+    logged = max(losses(run))
+    saved = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+    # The step running when the signal came was finished, logged and checkpointed; no more.
+    assert saved[-1] == logged and logged in (5, 6), (saved, logged, out)
+    finish(sft_run(cfg, "--resume", "auto"))
+    assert_same_run(full_reference, run, f"full, SIGTERM after step {logged}")
+
+
+def nan_run(workdir: Path, name: str, step: int, **train: Any) -> tuple[subprocess.Popen, Path]:
+    cfg = job(workdir, name, "lora", **train)
+    return sft_run(cfg, env={"SFT_TEST_INJECT_NAN_STEP": str(step)}), workdir / name
+
+
+def test_nan_at_step_k_stops_naming_step_and_samples(workdir: Path) -> None:
+    proc, run = nan_run(workdir, "nan-stop", 4)
+    out = finish(proc, expect=3)
+    assert "at step 4" in out and "train.jsonl:" in out, out
+    assert max(losses(run)) == 3  # nothing of step 4 was logged or saved
+    assert not (run / "checkpoints" / "step-000004").exists()
+
+
+def test_nan_skip_leaves_the_weights_and_the_schedule_untouched(workdir: Path) -> None:
+    proc, run = nan_run(workdir, "nan-skip", 4, nan_policy="skip")
+    out = finish(proc)
+    assert "skipped step 4" in out, out
+    before = load_file(str(run / "checkpoints" / "step-000003" / "trainable.safetensors"))
+    after = load_file(str(run / "checkpoints" / "step-000004" / "trainable.safetensors"))
+    assert_bitwise_equal(before, after, "the skipped step 4")
+    rows = {int(r["step"]): r for r in read_metrics(run) if "loss" in r}
+    assert rows[5]["lr"] == rows[4]["lr"], "the LR schedule advanced on a skipped step"
+    assert all(np.isfinite(rows[s]["loss"]) for s in rows if s != 4)
