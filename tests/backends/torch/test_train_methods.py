@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from sft.events import read_metrics
+from sft_torch.data import Position
 from sft_torch.train import Trainer, fit
 
 from tests.backends.torch.conftest import events_for, make_plan
@@ -110,3 +111,27 @@ def test_dora_rslora_and_modules_to_save(tmp_path, tiny_llama):
     assert not any("k_proj" in n for n in changed)
     cfg = json.loads(open(result.outputs["adapter"] + "/adapter_config.json").read())
     assert cfg["use_dora"] and cfg["use_rslora"] and cfg["modules_to_save"] == ["lm_head"]
+
+
+def test_nan_policy_stop_names_the_step_and_skip_leaves_weights(tmp_path, tiny_llama,
+                                                                monkeypatch):
+    from sft.guard import Diverged
+
+    monkeypatch.setenv("SFT_TEST_INJECT_NAN_STEP", "2")
+    plan = make_plan(tmp_path / "stop", tiny_llama, train={"max_steps": 3})
+    with pytest.raises(Diverged, match="at step 2"):
+        fit(Trainer(plan, events_for(plan)))
+    tr = {"lr_scheduler": "constant", "nan_policy": "skip"}
+    plan = make_plan(tmp_path / "skip", tiny_llama, method="full", train={**tr, "max_steps": 3})
+    trainer = Trainer(plan, events_for(plan))
+    result = fit(trainer)
+    assert result.metrics["skipped_steps"] == [2]
+    skipped = snapshot(trainer.model)
+    monkeypatch.delenv("SFT_TEST_INJECT_NAN_STEP")
+    # The same run without step 2: step 1, then step 3's rows (its data position is kept)
+    plan = make_plan(tmp_path / "ref", tiny_llama, method="full", train={**tr, "max_steps": 3})
+    ref = Trainer(plan, events_for(plan))
+    rows = [r for _, r in ref.schedule.steps(Position())]
+    for k in (0, 2):
+        ref.train_step(Position(0, k, k), rows[k])
+    assert all(torch.equal(skipped[n], p) for n, p in ref.model.named_parameters())

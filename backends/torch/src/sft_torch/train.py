@@ -21,13 +21,14 @@ from typing import Any
 
 import torch
 from sft.backend import TrainPlan, TrainResult
-from sft.data.batching import count_trained, epoch_rows, micro_batches, shard_for_rank
+from sft.data.batching import count_trained, epoch_rows
 from sft.errors import SftError
 from sft.events import RunEvents
 
-from sft_torch import runtime
+from sft_torch import distributed, runtime
 from sft_torch.checkpoint import TrainState, fingerprint, load_checkpoint, save_checkpoint
 from sft_torch.data import Position, Schedule, load_batch, next_position
+from sft_torch.guard import StepGuard, StopSignals, stop_for_signal
 from sft_torch.loss import LossSettings, batch_loss, eval_loss
 from sft_torch.methods import apply_method, count_params
 from sft_torch.model import load_model, logits_are_plain
@@ -46,6 +47,8 @@ class StepStats:
     grad_norm: float
     lr: float
     seconds: float
+    applied: bool = True
+    """False when the NaN policy skipped the update."""
 
     @property
     def loss(self) -> float:
@@ -98,14 +101,14 @@ class Trainer:
                 f"parallel: the config asks for {cfg.parallel.world_size} processes but this is "
                 f"{self.world}; multi-process runs must be launched with torchrun"
             )
-        if self.world > 1:
-            raise SftError("parallel: multi-process training is not available in this build of "
-                           "the torch backend yet; use nproc_per_node: 1")
         self.device = runtime.resolve_device(opts.device)
         self.precision = runtime.resolve_precision(cfg.train.precision, self.device)
         self.schedule = Schedule.build(plan, self.rank, self.world)
         runtime.seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.model = self._build_model()
+        # DDP / FSDP2 wrapping for world > 1 (sft_torch.distributed); before the optimizer,
+        # because FSDP2 replaces the parameters with sharded DTensors
+        self.engine = distributed.wrap_model(self.model, plan, self.device)
         chunked = opts.chunked_loss and logits_are_plain(self.model)
         self.loss_settings = LossSettings(
             chunked=chunked, chunk_size=opts.loss_chunk_size,
@@ -116,6 +119,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.state = TrainState(self.model, self.optimizer, self.scheduler, self.rank)
         self.fingerprint = fingerprint(plan, self.schedule)
+        self.guard = StepGuard.build(plan)
         self.meter = Meter()
 
     def _build_model(self) -> Any:
@@ -140,50 +144,49 @@ class Trainer:
         """Forward/backward every micro-batch of this rank, then one optimizer step.
         Each micro-batch's summed loss is divided by the trained tokens of the whole global
         batch (all ranks), so the gradient is exactly the global token mean whatever the
-        micro-batch size, accumulation or world size."""
+        micro-batch size, accumulation or world size. A non-finite step goes to the NaN policy
+        (`sft_torch.guard`) before it can touch the weights."""
         t0 = time.perf_counter()
+        step = pos.global_step + 1
         split, pad = self.plan.data.train, self.plan.data.pad_id
         n_global = count_trained(split, step_rows)
         scale = self.world / max(n_global, 1)  # DDP averages gradients over ranks
         loss_sum, tokens = 0.0, 0
-        for mb in self.schedule.micro_batches(step_rows):
+        # sft_torch.distributed: the same number of micro-batches on every rank (weight 0 pads a
+        # short shard); the forward runs through the DDP/FSDP2 wrapper; grads sync on the last
+        mbs = distributed.rank_micro_batches(self.schedule, step_rows)
+        for i, (mb, weight) in enumerate(mbs):
             batch = load_batch(split, mb, pad, self.device)
-            with self.autocast():
-                loss, _ = batch_loss(self.model, batch, self.loss_settings)
-            self.scaler.scale(loss * scale).backward()
+            with self.engine.accumulate(last=i == len(mbs) - 1):
+                with self.autocast():
+                    loss, _ = self.engine.forward(batch_loss, batch, self.loss_settings)
+                loss = self.guard.poison(loss, step) * weight
+                self.scaler.scale(loss * scale).backward()
             loss_sum += float(loss.detach())
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["attention_mask"].sum()) * int(weight)
         loss_sum, tokens_f = runtime.all_reduce_sum([loss_sum, float(tokens)], self.device)
         grad_norm = self._unscale_and_clip()
-        self.check_finite(loss_sum / max(n_global, 1), grad_norm, pos, step_rows)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.scaler.step(self.optimizer)
+        applied = self._allowed(step, loss_sum / max(n_global, 1), grad_norm, step_rows)
+        if applied:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        if applied:
+            self.scheduler.step()
         return StepStats(loss_sum, n_global, int(tokens_f), grad_norm, lr,
-                         time.perf_counter() - t0)
+                         time.perf_counter() - t0, applied)
 
     def _unscale_and_clip(self) -> float:
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.max_grad_norm or math.inf
-        return float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+        return self.engine.clip_grad_norm(self.trainable, max_norm)  # FSDP2: DTensor grads
 
-    def check_finite(self, loss: float, grad_norm: float, pos: Position,
-                     step_rows: list[list[int]]) -> None:
-        """Stop before a non-finite loss or gradient reaches the weights, naming the step and
-        the samples of its batch."""
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            return
+    def _allowed(self, step: int, loss: float, grad_norm: float,
+                 step_rows: list[list[int]]) -> bool:
         if self.precision == "fp16" and math.isfinite(loss):
-            return  # the grad scaler skips this step itself and lowers its scale
-        sources = self.plan.data.train.sources
-        ids = [sources[i] for row in step_rows for i in row][:8]
-        raise SftError(
-            f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step "
-            f"{pos.global_step + 1}; samples of that batch: {', '.join(ids)}. Lower "
-            "train.learning_rate, use precision fp32/bf16, or check these samples"
-        )
+            return True  # an fp16 overflow: the grad scaler skips the step and lowers its scale
+        return self.guard.allow(step, loss, grad_norm, step_rows, self.optimizer)
 
     def evaluate(self) -> dict[str, float]:
         split = self.plan.data.eval
@@ -191,11 +194,14 @@ class Trainer:
             return {}
         rows = epoch_rows(split.lengths, max_seq_len=self.cfg.data.max_seq_len,
                           packing=self.plan.packing, shuffle=False, seed=0, epoch=0)
-        mbs = micro_batches(shard_for_rank(rows, self.rank, self.world),
-                            self.cfg.train.micro_batch_size)
-        mbs = mbs[: self.cfg.eval.max_batches] if self.cfg.eval.max_batches else mbs
-        batches = (load_batch(split, mb, self.plan.data.pad_id, self.device) for mb in mbs)
-        return eval_loss(self.model, batches, self.loss_settings, self.autocast)
+        # sft_torch.distributed: every rank evaluates its shard, padded to equal batch counts
+        # (padding batches count no tokens); token-weighted results are summed over ranks
+        mbs = distributed.eval_micro_batches(rows, self.cfg.train.micro_batch_size,
+                                             self.cfg.eval.max_batches)
+        batches = (distributed.eval_batch(load_batch(split, mb, self.plan.data.pad_id,
+                                                     self.device), real) for mb, real in mbs)
+        result = self.engine.evaluate(eval_loss, batches, self.loss_settings, self.autocast)
+        return distributed.reduce_eval(result, self.device)
 
     def log_step(self, step: int, stats: StepStats, pos: Position) -> None:
         every = self.cfg.logging.every_steps
@@ -203,6 +209,8 @@ class Trainer:
             return
         metrics = self.meter.flush()
         metrics.update({"lr": stats.lr, "grad_norm": stats.grad_norm, "epoch": float(pos.epoch)})
+        if self.guard.policy.skipped:
+            metrics["skipped_steps"] = float(len(self.guard.policy.skipped))
         self.events.log(step, metrics)
 
     def info(self) -> dict[str, Any]:
@@ -265,7 +273,7 @@ def fit(trainer: Trainer, started: float | None = None) -> TrainResult:
     events.train_start({**trainer.info(), "resumed_at_step": start.global_step})
     evals: dict[str, float] = {}
     total = trainer.schedule.total_steps
-    with progress_bar(trainer, start) as bar:
+    with progress_bar(trainer, start) as bar, StopSignals() as stop:
         for pos, step_rows in trainer.schedule.steps(start):
             stats = trainer.train_step(pos, step_rows)
             trainer.meter.add(stats)
@@ -277,6 +285,10 @@ def fit(trainer: Trainer, started: float | None = None) -> TrainResult:
             bar.update(1)
             evals = maybe_eval(trainer, done.global_step, last) or evals
             maybe_checkpoint(trainer, done, last)
+            if stop.requested:  # preempted: checkpoint this step, exit 143/130, resume later
+                ck = trainer.cfg.checkpoint
+                stop_for_signal(stop.requested, trainer.state, trainer.plan.run_dir, done,
+                                trainer.fingerprint, ck.keep_last)
     if start.global_step >= total:
         evals = trainer.evaluate()
     return finish(trainer, start, evals, started)
@@ -286,12 +298,13 @@ def finish(trainer: Trainer, start: Position, evals: dict[str, float],
            started: float) -> TrainResult:
     plan, meter = trainer.plan, trainer.meter
     outputs: dict[str, str] = {}
-    if trainer.rank == 0:
-        outputs = save_final(trainer.model, plan)
-        if plan.config.logging.plot:
-            png = plot_loss(plan.run_dir)
-            if png:
-                outputs["loss_plot"] = str(png)
+    with trainer.engine.full_weights():  # FSDP2: every rank gathers its shards; rank 0 saves
+        if trainer.rank == 0:
+            outputs = save_final(trainer.model, plan)
+    if trainer.rank == 0 and plan.config.logging.plot:
+        png = plot_loss(plan.run_dir)
+        if png:
+            outputs["loss_plot"] = str(png)
     metrics: dict[str, Any] = {
         **trainer.info(),
         "tokens_per_s": round(meter.total_tokens / max(meter.total_seconds, 1e-9), 2),
@@ -301,6 +314,7 @@ def finish(trainer: Trainer, start: Position, evals: dict[str, float],
         "train_time_s": round(meter.total_seconds, 3),
         "elapsed_s": round(time.time() - started, 3),
         "resumed_at_step": start.global_step,
+        "skipped_steps": list(trainer.guard.policy.skipped),
         **evals,
     }
     final = meter.last_loss if meter.last_loss is not None else (
