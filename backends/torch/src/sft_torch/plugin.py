@@ -73,9 +73,11 @@ class TorchBackend:
         return _device_problems(config, opts)
 
     def train(self, plan: TrainPlan, events: RunEvents) -> TrainResult:
-        from sft_torch.train import train
+        # Multi-process runs: re-launch through torchrun, or join the process group when this
+        # is a torchrun worker (sft_torch.launch); a single process just trains.
+        from sft_torch.launch import run_training
 
-        return train(plan, events)
+        return run_training(plan, events)
 
 
 def _cuda_available() -> bool:

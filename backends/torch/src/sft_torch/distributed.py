@@ -1,0 +1,357 @@
+"""Data parallelism for the torch backend: the process group, ranks, and one `Engine` per
+strategy (single process, DDP, FSDP2) that the training loop calls instead of touching
+torch.distributed itself.
+
+    $ sft run --config configs/smollm2-135m/lora.yaml parallel.nproc_per_node=2     # torchrun
+    $ torchrun --nproc_per_node 8 -m sft run --config cfg.yaml parallel.nproc_per_node=8
+
+Inside each process (started by torchrun; see `sft_torch.launch` for how `sft run` starts them):
+
+    init_process_group(plan)                    # gloo on CPU, nccl on CUDA, with a timeout
+    engine = wrap_model(model, plan, device)    # before the optimizer: FSDP2 swaps in DTensors
+    for mb, weight in rank_micro_batches(schedule, step_rows):     # same count on every rank
+        with engine.accumulate(last=...):                          # DDP no_sync / FSDP2 sync
+            loss, n = engine.forward(batch_loss, batch, settings)  # through DDP / FSDP root
+            (loss * weight * world / n_global).backward()
+    grad_norm = engine.clip_grad_norm(params, max_norm)            # DTensor-aware
+    with engine.full_weights():  save on rank 0                    # FSDP2: gathered params
+
+Why the loss goes through `engine.forward(fn, ...)`: the chunked loss calls the decoder and the
+output head separately, but DDP only syncs gradients of forwards that run through the DDP
+wrapper, and FSDP2's root unshards the embeddings/head only in the root module's forward. So the
+wrapper is a tiny root module whose forward runs `fn(model, *args)`.
+
+Every rank computes the same loss normalizer (trained tokens of the whole global batch) from
+the plan, without communication; DDP/FSDP average gradients over ranks, so the loop multiplies
+by the world size to get the exact global token mean at any world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from sft.backend import TrainPlan
+from sft.data.batching import Row, micro_batches, shard_for_rank
+from sft.data.cache import IGNORE_INDEX
+from sft.errors import SftError
+from torch import nn
+
+#: Seconds a collective may wait before the process group gives up (a dead peer never hangs a
+#: job forever; torchrun's agent normally stops the others within seconds of a crash).
+TIMEOUT_ENV = "SFT_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 1800
+
+
+# ------------------------------------------------------------------------------------ ranks
+
+
+def in_launcher_worker() -> bool:
+    """True inside a process started by torchrun (or another launcher that sets its env)."""
+    return "LOCAL_RANK" in os.environ or "RANK" in os.environ
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return env_world_size()
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------- process group
+
+
+def uses_cuda(device_option: str) -> bool:
+    return device_option == "cuda" or (device_option == "auto" and torch.cuda.is_available())
+
+
+def timeout() -> timedelta:
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        return timedelta(seconds=float(raw))
+    except ValueError as exc:
+        raise SftError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from exc
+
+
+def init_process_group(plan: TrainPlan) -> bool:
+    """Join the job's process group when started by torchrun with WORLD_SIZE > 1 (nccl on
+    CUDA, gloo on CPU). Returns whether this call created it (and so must destroy it)."""
+    world = env_world_size()
+    if world == 1 or dist.is_initialized():
+        return False
+    check_world(plan, world)
+    device_option = getattr(plan.options, "device", "auto")
+    if uses_cuda(device_option):
+        # before init: nccl binds each process to the device it is using
+        torch.cuda.set_device(local_rank() % max(torch.cuda.device_count(), 1))
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=timeout())
+    return True
+
+
+def check_world(plan: TrainPlan, world: int) -> None:
+    """The processes torchrun started must be the ones the config describes: the global batch
+    and the data shards depend on the world size."""
+    par = plan.config.parallel
+    if world != par.world_size:
+        raise SftError(
+            f"parallel: torchrun started {world} processes but the config says "
+            f"nproc_per_node {par.nproc_per_node} x nnodes {par.nnodes} = {par.world_size}; "
+            f"pass parallel.nproc_per_node=... parallel.nnodes=... matching the launch"
+        )
+
+
+def destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum floats over all ranks (identity in a single process)."""
+    if world_size() == 1 or not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# -------------------------------------------------------------------------------- batches
+
+
+def rank_micro_batches(schedule: Any, step_rows: list[Row]) -> list[tuple[list[Row], float]]:
+    """This rank's micro-batches of a global step as (rows, weight), padded with weight-0
+    copies to the micro-batch count of rank 0 (the largest), so every rank runs the same
+    number of forward/backward passes: FSDP2 all-gathers in every forward and DDP reduces in
+    the last backward, and a rank with fewer rows (the short last step) must still join them.
+    A weight-0 micro-batch adds exactly zero to the gradients and the loss."""
+    world, mbs = schedule.world, schedule.micro_batch_size
+    mine = micro_batches(shard_for_rank(step_rows, schedule.rank, world), mbs)
+    most = len(micro_batches(shard_for_rank(step_rows, 0, world), mbs))
+    filler = mine[0] if mine else [step_rows[0]]
+    return [(mb, 1.0) for mb in mine] + [(filler, 0.0)] * (most - len(mine))
+
+
+def eval_micro_batches(rows: list[Row], micro_batch_size: int,
+                       max_batches: int | None) -> list[tuple[list[Row], bool]]:
+    """This rank's eval micro-batches as (rows, real), padded like `rank_micro_batches`; a
+    padding batch (real=False) must be evaluated with every label masked so it counts 0 tokens."""
+    r, world = rank(), world_size()
+    per_rank = [micro_batches(shard_for_rank(rows, k, world), micro_batch_size)
+                for k in range(world)]
+    most = max(len(b) for b in per_rank)
+    if max_batches:
+        most = min(most, max_batches)
+    mine = per_rank[r][:most]
+    filler = mine[0] if mine else [rows[0]]
+    return [(mb, True) for mb in mine] + [(filler, False)] * (most - len(mine))
+
+
+def eval_batch(batch: dict[str, Any], real: bool) -> dict[str, Any]:
+    """The batch itself, or (a padding batch) the same tokens with every label masked."""
+    if not real:
+        batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    return batch
+
+
+def reduce_eval(result: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Per-rank eval results (token-weighted mean loss) -> the same over all ranks."""
+    if world_size() == 1:
+        return result
+    tokens = float(result.get("eval_tokens", 0.0))
+    total, count = all_reduce_sum([result.get("eval_loss", 0.0) * tokens, tokens], device)
+    if count == 0:
+        return {}
+    mean = total / count
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": count}
+
+
+# -------------------------------------------------------------------------------- engines
+
+
+class _Root(nn.Module):
+    """The module DDP / FSDP2 wrap: its forward runs `fn(model, *args)`, so a loss that calls
+    the model's pieces (decoder, head) still runs inside one wrapped forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(self.model, *args, **kwargs)
+
+
+class Engine:
+    """Single process: plain calls. Subclasses add the strategy's communication."""
+
+    strategy = "single"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(model, *args)` for training (gradients flow, and sync where the strategy does)."""
+        return fn(self.model, *args, **kwargs)
+
+    def evaluate(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(model, *args)` without gradients (eval, generation)."""
+        with torch.no_grad():
+            return fn(self.model, *args, **kwargs)
+
+    def accumulate(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """Context for one micro-batch's forward + backward; gradients sync only when `last`."""
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[None]:
+        """Inside, `self.model`'s parameters are whole ordinary tensors (for saving)."""
+        yield
+
+
+class DDPEngine(Engine):
+    strategy = "ddp"
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        super().__init__(model)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        # broadcast_buffers=False: buffers (rotary tables) are identical everywhere, and eval
+        # runs outside the wrapper, where an unmatched broadcast would hang
+        self.ddp = DDP(_Root(model), device_ids=ids, broadcast_buffers=False)
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self.ddp(fn, *args, **kwargs)
+
+    def accumulate(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext() if last else self.ddp.no_sync()
+
+
+class FSDPEngine(Engine):
+    """FSDP2: `fully_shard` on every decoder layer, then on a root holding the whole model
+    (embeddings, final norm, head and any adapters outside the layers)."""
+
+    strategy = "fsdp"
+
+    def __init__(self, model: nn.Module, device: torch.device, cpu_offload: bool) -> None:
+        super().__init__(model)
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+        policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+        mesh = init_device_mesh(device)
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=mesh, offload_policy=policy)
+        self.root = fully_shard(_Root(model), mesh=mesh, offload_policy=policy)
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self.root(fn, *args, **kwargs)
+
+    def evaluate(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return self.root(fn, *args, **kwargs)
+
+    def accumulate(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        self.root.set_requires_gradient_sync(last)  # type: ignore[operator]
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        full = getattr(norm, "full_tensor", None)  # a replicated DTensor over the mesh
+        return float(full() if callable(full) else norm)
+
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[None]:
+        """All-gather every shard (a collective: all ranks enter), so the usual transformers /
+        peft `save_pretrained` and checkpoint code see whole tensors; reshard afterwards."""
+        from torch.distributed.fsdp import FSDPModule
+
+        mods = [m for m in self.root.modules() if isinstance(m, FSDPModule)]
+        for m in mods:
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in mods:
+                m.reshard()
+
+
+def init_device_mesh(device: torch.device) -> Any:
+    from torch.distributed.device_mesh import init_device_mesh as mesh
+
+    return mesh(device.type, (world_size(),))
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers (the ModuleList with num_hidden_layers entries), peft or not."""
+    from sft_torch.model import causal_lm
+
+    lm = causal_lm(model)
+    n = getattr(lm.config, "num_hidden_layers", None)
+    for mod in lm.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return list(mod)
+    raise SftError("parallel.strategy: fsdp could not find this model's decoder layers to "
+                   "shard; use parallel.strategy: ddp")
+
+
+def wrap_model(model: nn.Module, plan: TrainPlan, device: torch.device) -> Engine:
+    """The engine for `parallel.strategy` at this world size. Call it after the method is
+    applied (LoRA/freeze) and before the optimizer is built."""
+    par = plan.config.parallel
+    if world_size() == 1:
+        return Engine(model)
+    if par.strategy == "ddp":
+        return DDPEngine(model, device)
+    if par.strategy == "fsdp":
+        if plan.config.method.name == "qlora":
+            raise SftError("parallel.strategy: fsdp with method qlora is not supported by the "
+                           "torch backend (4-bit weights cannot be sharded as DTensors); use ddp")
+        return FSDPEngine(model, device, par.cpu_offload)
+    raise SftError(
+        f"parallel.strategy: {par.strategy} runs through DeepSpeed, which the torch training "
+        "loop does not drive yet; use ddp or fsdp (see docs/distributed.md)"
+    )
+
+
+def check_resume_world(strategy: str, saved_world: int | None, world: int) -> None:
+    """Which strategies can resume at another world size: DDP checkpoints hold whole tensors
+    and the data position is global, so any world size works."""
+    if saved_world is None or saved_world == world or strategy == "ddp":
+        return
+    raise SftError(
+        f"checkpoint.resume: this checkpoint was written by {saved_world} processes with "
+        f"parallel.strategy {strategy}; resuming with {world} processes is supported only for "
+        f"ddp. Resume with nproc_per_node x nnodes = {saved_world}"
+    )

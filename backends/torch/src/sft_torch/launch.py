@@ -1,0 +1,149 @@
+"""How `sft run` becomes a multi-process job: re-launch through torchrun, and report a rank
+that fails as one clear error.
+
+    $ sft run --config cfg.yaml parallel.nproc_per_node=2                  # one node, 2 procs
+    $ sft run --config cfg.yaml parallel.nnodes=2 parallel.node_rank=0 \\
+          parallel.master_addr=10.0.0.1 parallel.master_port=29500         # on each node
+    $ torchrun --nproc_per_node 8 -m sft run --config cfg.yaml parallel.nproc_per_node=8
+
+`TorchBackend.train` calls `run_training(plan, events)`:
+
+- world size 1, or already inside a torchrun worker: train here (joining the process group
+  first when WORLD_SIZE > 1, and recording a failure where torchrun's agent can read it);
+- otherwise this process is the launcher: `sft run` has already prepared the data cache (it is
+  content-hashed, so the workers only read it) and written RUN/config.yaml; torchrun's elastic
+  agent (in-process, `torch.distributed.run`) starts `python -m sft run --config RUN/config.yaml`
+  on every local rank and waits. A rank that raises is recorded in its error file; the agent
+  then stops the others and the launcher raises `SftError` naming the rank, the cause and the
+  log file. On success the launcher returns rank 0's result from RUN/summary.json.
+
+`SFT_FAULT_RANK=N` makes rank N fail on purpose right after joining the process group, to check
+what your cluster does with a failed job (and in the tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from sft.backend import TrainPlan, TrainResult
+from sft.errors import SftError
+from sft.events import RunEvents
+
+from sft_torch import distributed
+
+FAULT_ENV = "SFT_FAULT_RANK"
+
+
+def needs_launch(plan: TrainPlan) -> bool:
+    return plan.config.parallel.world_size > 1 and not distributed.in_launcher_worker()
+
+
+def run_training(plan: TrainPlan, events: RunEvents) -> TrainResult:
+    """Train `plan` in this process, or launch the processes that will (see module docstring)."""
+    if needs_launch(plan):
+        return launch(plan)
+    from sft_torch.train import train
+
+    if not distributed.in_launcher_worker():
+        return train(plan, events)
+    created = distributed.init_process_group(plan)
+    try:
+        inject_fault()
+        return train(plan, events)
+    except BaseException as exc:
+        record_failure(exc)
+        raise
+    finally:
+        if created:
+            distributed.destroy_process_group()
+
+
+def inject_fault() -> None:
+    wanted = os.environ.get(FAULT_ENV)
+    if wanted is not None and wanted.strip() == str(distributed.rank()):
+        raise SftError(f"injected failure on rank {wanted} ({FAULT_ENV}={wanted})")
+
+
+def record_failure(exc: BaseException) -> None:
+    """Write the exception to the error file torchrun's agent gave this worker, so the
+    launcher can say which rank failed and why (torchrun's own `@record`, without its
+    decorator, because the CLI catches SftError before it would see it)."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE") or isinstance(exc, KeyboardInterrupt):
+        return
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    ErrorHandler().record_exception(exc)
+
+
+# -------------------------------------------------------------------------------- launcher
+
+
+def torchrun_args(plan: TrainPlan, log_dir: Path) -> list[str]:
+    """The torchrun command line that runs this plan's resolved config on every rank."""
+    par = plan.config.parallel
+    args = [f"--nproc_per_node={par.nproc_per_node}", f"--nnodes={par.nnodes}",
+            "--max_restarts=0", "--monitor_interval=0.5", f"--log_dir={log_dir}",
+            "--tee=3"]
+    if par.nnodes == 1:
+        # a free port on this machine: two single-node jobs never collide on master_port
+        args.append("--standalone")
+    else:
+        args += [f"--node_rank={par.node_rank}", f"--master_addr={par.master_addr}",
+                 f"--master_port={par.master_port}"]
+    return [*args, "-m", "sft", "run", "--config", str(plan.run_dir / "config.yaml")]
+
+
+def launch(plan: TrainPlan) -> TrainResult:
+    """Start this node's processes with torchrun's elastic agent and wait for them."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun
+
+    par = plan.config.parallel
+    log_dir = plan.run_dir / "logs" / f"node{par.node_rank}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if par.node_rank == 0:
+        (plan.run_dir / "summary.json").unlink(missing_ok=True)  # never report a stale one
+    args = parse_args(torchrun_args(plan, log_dir))
+    print(f"sft: launching {plan.config.parallel.world_size} processes with torchrun "
+          f"(logs: {log_dir})", file=sys.stderr, flush=True)
+    try:
+        torchrun(args)
+    except ChildFailedError as exc:
+        raise SftError(describe_failure(exc, log_dir)) from None
+    if par.node_rank != 0:
+        # This launcher speaks for the ranks of its node, none of them rank 0: mark it as
+        # such so `sft run` leaves the run's summary.json to node 0 (shared run directory).
+        os.environ["RANK"] = str(par.node_rank * par.nproc_per_node)
+        return TrainResult(steps=0, final_loss=None, metrics={"node_rank": par.node_rank})
+    return result_of(plan.run_dir)
+
+
+def describe_failure(exc: Any, log_dir: Path) -> str:
+    """One message naming the first failed rank, its error and where its logs are."""
+    rank, failure = exc.get_first_failure()
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    if not message or "To enable traceback" in str(message):
+        message = f"exit code {failure.exitcode}"
+    where = failure.error_file if failure.error_file and failure.error_file != "<N/A>" else ""
+    others = sorted(r for r in exc.failures if r != rank)
+    also = f" (ranks {others} failed too)" if others else ""
+    return (f"distributed training failed: rank {rank} (local rank {failure.local_rank}) "
+            f"stopped with: {message}{also}. The other ranks were stopped. Logs of every rank: "
+            f"{log_dir}" + (f"; error file: {where}" if where else ""))
+
+
+def result_of(run_dir: Path) -> TrainResult:
+    """Rank 0's TrainResult, read back from the summary.json it wrote."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        raise SftError(f"the workers finished but rank 0 wrote no {path}; see {run_dir}/logs")
+    summary = json.loads(path.read_text())
+    return TrainResult(steps=summary["steps"], final_loss=summary["final_loss"],
+                       outputs=summary.get("outputs", {}), metrics=summary.get("metrics", {}))
