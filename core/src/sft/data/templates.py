@@ -138,7 +138,8 @@ class Renderer:
         self.template = template
         self._jinja = compile_template(template.source)
         # The variables apply_chat_template passes: bos_token, eos_token, pad_token, ...
-        self._vars = {
+        # Built-ins use bos_token / eos_token; a tokenizer without one renders them empty.
+        self._vars = {"bos_token": "", "eos_token": ""} | {
             k: v
             for k, v in getattr(tokenizer, "special_tokens_map", {}).items()
             if isinstance(v, str)
