@@ -40,7 +40,7 @@ class Task:
 
     @property
     def prompt(self) -> str:
-        return self.messages[-1]["content"]
+        return self.messages[-1]["content"] if self.messages else ""
 
 
 @dataclass
