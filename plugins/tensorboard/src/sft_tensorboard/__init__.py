@@ -1,0 +1,5 @@
+"""sft-tensorboard: writes RUN_DIR/tensorboard/ event files from sft's lifecycle hooks.
+
+$ pip install -e plugins/tensorboard
+$ tensorboard --logdir runs/
+"""
