@@ -29,6 +29,7 @@ by the world size to get the exact global token mean at any world size.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -248,9 +249,12 @@ class DDPEngine(Engine):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
-        # broadcast_buffers=False: buffers (rotary tables) are identical everywhere, and eval
-        # runs outside the wrapper, where an unmatched broadcast would hang
-        self.ddp = DDP(_Root(model), device_ids=ids, broadcast_buffers=False)
+        # No buffer sync in forward: buffers (rotary tables) are identical everywhere, and eval
+        # runs outside the wrapper, where an unmatched broadcast would hang.
+        # (torch >= 2.13 renamed broadcast_buffers to forward_sync_buffers)
+        new = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+        sync = {"forward_sync_buffers" if new else "broadcast_buffers": False}
+        self.ddp = DDP(_Root(model), device_ids=ids, **sync)
 
     def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return self.ddp(fn, *args, **kwargs)
@@ -293,18 +297,39 @@ class FSDPEngine(Engine):
 
     @contextlib.contextmanager
     def full_weights(self) -> Iterator[None]:
-        """All-gather every shard (a collective: all ranks enter), so the usual transformers /
-        peft `save_pretrained` and checkpoint code see whole tensors; reshard afterwards."""
-        from torch.distributed.fsdp import FSDPModule
+        """Consolidate the shards (a collective: every rank enters) with
+        `get_model_state_dict(full_state_dict, cpu_offload)`; on rank 0 the model's parameters
+        are whole CPU tensors inside the context, so the usual transformers / peft
+        `save_pretrained` and checkpoint code write the normal formats. Restored afterwards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        mods = [m for m in self.root.modules() if isinstance(m, FSDPModule)]
-        for m in mods:
-            m.unshard()
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(self.model, options=opts)  # empty on ranks other than 0
+        if rank() != 0:
+            yield
+            return
+        originals = swap_parameters(self.model, full)
         try:
             yield
         finally:
-            for m in mods:
-                m.reshard()
+            for mod, name, param in originals:
+                mod._parameters[name] = param
+
+
+def swap_parameters(model: nn.Module, full: dict[str, torch.Tensor]) -> list[Any]:
+    """Replace each parameter named in `full` by a plain Parameter holding the whole tensor
+    (tied parameters stay tied); returns what to put back."""
+    by_id: dict[int, nn.Parameter] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in full and id(param) not in by_id:
+            by_id[id(param)] = nn.Parameter(full[name], requires_grad=param.requires_grad)
+    originals = []
+    for mod in model.modules():
+        for name, param in list(mod._parameters.items()):
+            if param is not None and id(param) in by_id:
+                originals.append((mod, name, param))
+                mod._parameters[name] = by_id[id(param)]
+    return originals
 
 
 def init_device_mesh(device: torch.device) -> Any:

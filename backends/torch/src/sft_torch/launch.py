@@ -132,7 +132,9 @@ def describe_failure(exc: Any, log_dir: Path) -> str:
     if not message or "To enable traceback" in str(message):
         message = f"exit code {failure.exitcode}"
     where = failure.error_file if failure.error_file and failure.error_file != "<N/A>" else ""
-    others = sorted(r for r in exc.failures if r != rank)
+    # ranks the agent stopped by signal after the first failure are not news; others with an
+    # error of their own (e.g. a lost peer) are worth naming
+    others = sorted(r for r, f in exc.failures.items() if r != rank and f.exitcode > 0)
     also = f" (ranks {others} failed too)" if others else ""
     return (f"distributed training failed: rank {rank} (local rank {failure.local_rank}) "
             f"stopped with: {message}{also}. The other ranks were stopped. Logs of every rank: "
