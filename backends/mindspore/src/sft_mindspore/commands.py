@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-
 from sft.errors import SftError
 
 
@@ -21,9 +20,12 @@ def weights(
     src: Annotated[Path, typer.Argument(help="HF model dir (--to ckpt) or a .ckpt (--to hf).")],
     out: Annotated[Path, typer.Argument(help="The .ckpt file (--to ckpt) or HF dir (--to hf).")],
     to: Annotated[str, typer.Option("--to", help="ckpt or hf")],
-    config_from: Annotated[Optional[Path], typer.Option(
-        help="--to hf: HF dir whose config.json and tokenizer are copied beside the weights.")]
-    = None,
+    config_from: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="--to hf: HF dir whose config.json and tokenizer are copied beside the weights."
+        ),
+    ] = None,
 ) -> None:
     """Convert weights between HF safetensors and a MindSpore .ckpt (llama, qwen2)."""
     from sft_mindspore.weights import ckpt_to_hf, hf_to_ckpt
@@ -37,8 +39,11 @@ def weights(
             raise SftError(f"{src}: --to hf converts a .ckpt file")
         path = ckpt_to_hf(src, out, config_from)
         if config_from is None:
-            typer.echo("note: no --config-from given: add config.json and tokenizer files "
-                       "before loading with transformers", err=True)
+            typer.echo(
+                "note: no --config-from given: add config.json and tokenizer files "
+                "before loading with transformers",
+                err=True,
+            )
     else:
         raise SftError(f"--to {to!r}: use `ckpt` (HF -> MindSpore) or `hf` (MindSpore -> HF)")
     typer.echo(f"wrote {path}")

@@ -67,10 +67,10 @@ def _patch_overflow_check() -> str:
 
 
 def _patch_barrier() -> str:
-    import mindspore.communication.comm_func as comm_func
     import mindformers.trainer.utils as trainer_utils
     import mindformers.utils.load_checkpoint_utils as ckpt_utils
     import mindformers.version_control as version_control
+    import mindspore.communication.comm_func as comm_func
 
     def barrier(*_: Any, **__: Any) -> None:
         return None

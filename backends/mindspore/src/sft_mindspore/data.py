@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from sft.data.batching import Row, collate, epoch_rows, global_steps
 from sft.data.cache import TokenizedSplit
 from sft.errors import SftError
@@ -64,16 +63,24 @@ def build_schedule(split: TokenizedSplit, config: Any, world: int = 1) -> Schedu
     rows_per_step = t.micro_batch_size * t.accumulation(world) * world
 
     def rows(epoch: int) -> list[Row]:
-        return epoch_rows(split.lengths, max_seq_len=d.max_seq_len, packing=False,
-                          shuffle=d.shuffle, seed=t.seed, epoch=epoch,
-                          group_by_length=d.group_by_length,
-                          rows_per_group=t.micro_batch_size * world)
+        return epoch_rows(
+            split.lengths,
+            max_seq_len=d.max_seq_len,
+            packing=False,
+            shuffle=d.shuffle,
+            seed=t.seed,
+            epoch=epoch,
+            group_by_length=d.group_by_length,
+            rows_per_group=t.micro_batch_size * world,
+        )
 
     per_epoch = len(split) // rows_per_step
     if per_epoch == 0:
-        raise SftError(f"data.train: {len(split)} samples do not fill one optimizer step of "
-                       f"{rows_per_step} rows (train.micro_batch_size x accumulation x processes); "
-                       "add data or lower the batch size")
+        raise SftError(
+            f"data.train: {len(split)} samples do not fill one optimizer step of "
+            f"{rows_per_step} rows (train.micro_batch_size x accumulation x processes); "
+            "add data or lower the batch size"
+        )
     total = t.max_steps or max(1, int(np.ceil(t.epochs * per_epoch)))
     steps: list[list[Row]] = []
     epoch = 0
@@ -85,15 +92,17 @@ def build_schedule(split: TokenizedSplit, config: Any, world: int = 1) -> Schedu
     return Schedule(steps, rows_per_step, seq_length_for(split, d.max_seq_len), dropped)
 
 
-def row_arrays(split: TokenizedSplit, rows: list[Row], pad_id: int, seq_length: int) -> \
-        dict[str, np.ndarray]:
+def row_arrays(
+    split: TokenizedSplit, rows: list[Row], pad_id: int, seq_length: int
+) -> dict[str, np.ndarray]:
     """input_ids / labels [len(rows), seq_length + 1] int32, as the legacy schema wants."""
     batch = collate(split, rows, pad_id=pad_id, pad_to=seq_length + 1)
     return {k: batch[k].astype(np.int32) for k in COLUMNS}
 
 
-def write_mindrecord(split: TokenizedSplit, rows: list[Row], pad_id: int, seq_length: int,
-                     path: str | Path) -> Path:
+def write_mindrecord(
+    split: TokenizedSplit, rows: list[Row], pad_id: int, seq_length: int, path: str | Path
+) -> Path:
     """Write `rows` (in this order) as one MindRecord file (plus its `.db` index)."""
     from mindspore.mindrecord import FileWriter
 
@@ -105,30 +114,43 @@ def write_mindrecord(split: TokenizedSplit, rows: list[Row], pad_id: int, seq_le
     writer.add_schema({c: {"type": "int32", "shape": [-1]} for c in COLUMNS}, "sft legacy SFT")
     for s in range(0, len(rows), 256):  # bounded memory for large caches
         arrays = row_arrays(split, rows[s : s + 256], pad_id, seq_length)
-        writer.write_raw_data([{c: arrays[c][i] for c in COLUMNS} for i in range(len(arrays["labels"]))])
+        writer.write_raw_data(
+            [{c: arrays[c][i] for c in COLUMNS} for i in range(len(arrays["labels"]))]
+        )
     writer.commit()
     return path
 
 
-def write_training_data(split: TokenizedSplit, schedule: Schedule, pad_id: int,
-                        out_dir: str | Path) -> Path:
+def write_training_data(
+    split: TokenizedSplit, schedule: Schedule, pad_id: int, out_dir: str | Path
+) -> Path:
     """The run's training MindRecord plus `schedule.json` (which samples each step holds)."""
     out_dir = Path(out_dir)
-    path = write_mindrecord(split, schedule.rows, pad_id, schedule.seq_length,
-                            out_dir / "train.mindrecord")
-    (out_dir / "schedule.json").write_text(json.dumps({
-        "rows_per_step": schedule.rows_per_step, "seq_length": schedule.seq_length,
-        "dropped_rows": schedule.dropped_rows, "steps": schedule.steps}))
+    path = write_mindrecord(
+        split, schedule.rows, pad_id, schedule.seq_length, out_dir / "train.mindrecord"
+    )
+    (out_dir / "schedule.json").write_text(
+        json.dumps(
+            {
+                "rows_per_step": schedule.rows_per_step,
+                "seq_length": schedule.seq_length,
+                "dropped_rows": schedule.dropped_rows,
+                "steps": schedule.steps,
+            }
+        )
+    )
     return path
 
 
-def read_mindrecord(path: str | Path, num_shards: int | None = None, shard_id: int | None = None
-                    ) -> list[dict[str, np.ndarray]]:
+def read_mindrecord(
+    path: str | Path, num_shards: int | None = None, shard_id: int | None = None
+) -> list[dict[str, np.ndarray]]:
     """Read records back through `mindspore.dataset.MindDataset` (tests and `sft data` checks)."""
     import mindspore.dataset as ds
 
-    dataset = ds.MindDataset(str(path), columns_list=COLUMNS, shuffle=False,
-                             num_shards=num_shards, shard_id=shard_id)
+    dataset = ds.MindDataset(
+        str(path), columns_list=COLUMNS, shuffle=False, num_shards=num_shards, shard_id=shard_id
+    )
     return list(dataset.create_dict_iterator(output_numpy=True, num_epochs=1))
 
 
@@ -140,12 +162,26 @@ def write_prepared(data: Any, out_dir: str | Path, config: Any) -> str:
         split = getattr(data, name)
         if split is None or not len(split):
             continue
-        rows = epoch_rows(split.lengths, max_seq_len=config.data.max_seq_len, packing=False,
-                          shuffle=config.data.shuffle and name == "train",
-                          seed=config.train.seed, epoch=0)
+        rows = epoch_rows(
+            split.lengths,
+            max_seq_len=config.data.max_seq_len,
+            packing=False,
+            shuffle=config.data.shuffle and name == "train",
+            seed=config.train.seed,
+            epoch=0,
+        )
         seq = seq_length_for(split, config.data.max_seq_len)
         write_mindrecord(split, rows, data.pad_id, seq, out_dir / f"{name}.mindrecord")
-    (out_dir / "mindrecord.json").write_text(json.dumps(
-        {"columns": COLUMNS, "cache": str(data.cache_dir), "key": data.key,
-         "pad_id": data.pad_id, "labels": "not shifted, -100 where not trained"}, indent=2))
+    (out_dir / "mindrecord.json").write_text(
+        json.dumps(
+            {
+                "columns": COLUMNS,
+                "cache": str(data.cache_dir),
+                "key": data.key,
+                "pad_id": data.pad_id,
+                "labels": "not shifted, -100 where not trained",
+            },
+            indent=2,
+        )
+    )
     return str(out_dir / "train.mindrecord")

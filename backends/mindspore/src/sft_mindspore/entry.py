@@ -10,6 +10,10 @@ environment's python for one worker, or under msrun for several:
           --config RUN_DIR/mindformers.yaml
 
 The same YAML works with MindFormers' run_mindformer.py on Ascend.
+
+`--loss-of CKPT --batch NPZ --out JSON` instead computes, with the same MindFormers network
+(LoRA cells included), the training loss of a checkpoint's weights on one batch (input_ids,
+labels as in the MindRecord); tests use it to compare final weights across frameworks.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="MindFormers YAML written by sft")
+    parser.add_argument("--loss-of", help="checkpoint whose loss on --batch is computed")
+    parser.add_argument("--batch", help=".npz with input_ids and labels [B, seq_length + 1]")
+    parser.add_argument("--out", help="JSON file the loss is written to")
     args = parser.parse_args(argv)
 
     from mindformers import MindFormerConfig, Trainer, build_context
@@ -32,9 +39,34 @@ def main(argv: list[str] | None = None) -> int:
     device = str(config.context.device_target)
     for patch in apply_runtime_patches(device):
         print(f"[sft] cpu_compat: {patch}", flush=True)
+    if args.loss_of:
+        config.use_parallel = False
+        build_context(config)
+        return loss_of(config, args.loss_of, args.batch, args.out)
     build_context(config)
     Trainer(config).train()
     print(f"[sft] rank {os.environ.get('RANK_ID', '0')} finished", flush=True)
+    return 0
+
+
+def loss_of(config: object, ckpt: str, batch: str, out: str) -> int:
+    """Build the YAML's network, load `ckpt`, write its mean token loss on `batch` to `out`."""
+    import json
+
+    import mindspore as ms
+    import numpy as np
+    from mindformers.models.build_model import build_network
+
+    arrays = np.load(batch)
+    config.model.model_config.batch_size = int(arrays["input_ids"].shape[0])  # type: ignore
+    network = build_network(config.model)  # type: ignore[attr-defined]
+    not_loaded, _ = ms.load_param_into_net(network, ms.load_checkpoint(ckpt))
+    if not_loaded:
+        raise SystemExit(f"{ckpt} lacks parameters of the network: {not_loaded[:5]}")
+    network.set_train(True)  # the training forward returns the loss
+    loss = network(ms.Tensor(arrays["input_ids"], ms.int32), ms.Tensor(arrays["labels"], ms.int32))
+    with open(out, "w") as f:
+        json.dump({"loss": float(loss.asnumpy()), "ckpt": ckpt}, f)
     return 0
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from sft.errors import SftError
+
 from sft_mindspore.weights import (
     MODULE_MAP,
     Tensor,
@@ -44,8 +44,10 @@ def final_checkpoint(output_dir: Path, rank: int = 0) -> Path:
     """The newest `<prefix>_rank_R-<epoch>_<step>.ckpt` MindFormers saved for this rank."""
     found = list((output_dir / "checkpoint" / f"rank_{rank}").glob("*.ckpt"))
     if not found:
-        raise SftError(f"MindFormers saved no checkpoint under {output_dir}/checkpoint/rank_{rank}; "
-                       f"see the worker log in {output_dir.parent}")
+        raise SftError(
+            f"MindFormers saved no checkpoint under {output_dir}/checkpoint/rank_{rank}; "
+            f"see the worker log in {output_dir.parent}"
+        )
 
     def step(p: Path) -> tuple[int, int]:
         m = re.search(r"-(\d+)_(\d+)\.ckpt$", p.name)
@@ -54,7 +56,9 @@ def final_checkpoint(output_dir: Path, rank: int = 0) -> Path:
     return max(found, key=step)
 
 
-def split_lora(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+def split_lora(
+    tensors: dict[str, Tensor],
+) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
     """(base weights, {cell: {"a": A (r, in), "b": B (out, r)}}) from MindFormers names."""
     base, lora = {}, {}
     for name, t in tensors.items():
@@ -75,8 +79,9 @@ def cast_like(values: np.ndarray, like: Tensor) -> Tensor:
     return Tensor(values.astype(like.data.dtype), like.dtype)
 
 
-def merge_lora(base: dict[str, Tensor], lora: dict[str, dict[str, Tensor]], scale: float) -> \
-        dict[str, Tensor]:
+def merge_lora(
+    base: dict[str, Tensor], lora: dict[str, dict[str, Tensor]], scale: float
+) -> dict[str, Tensor]:
     """W + scale * B @ A for every adapted cell (MindFormers names in and out)."""
     merged = dict(base)
     for cell, ab in lora.items():
@@ -98,11 +103,22 @@ def peft_adapter(lora: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
 
 def adapter_config(method: Any, lora: dict[str, dict[str, Tensor]], base_path: str) -> dict:
     modules = sorted({_HF_MODULES[cell.rsplit(".", 1)[-1]] for cell in lora})
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
-            "r": method.r, "lora_alpha": method.alpha, "lora_dropout": method.dropout,
-            "target_modules": modules, "bias": "none", "fan_in_fan_out": False,
-            "inference_mode": True, "modules_to_save": None, "use_rslora": False,
-            "use_dora": False, "init_lora_weights": True}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_path,
+        "r": method.r,
+        "lora_alpha": method.alpha,
+        "lora_dropout": method.dropout,
+        "target_modules": modules,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+    }
 
 
 def write_generation_config(out: Path, model_dir: Path, eos_ids: list[int], pad_id: int) -> None:
@@ -130,14 +146,20 @@ def export_final(plan: Any, output_dir: Path) -> dict[str, str]:
     ckpt = final_checkpoint(output_dir)
     base, lora = split_lora(load_ckpt(ckpt))
     outputs = {}
-    native = save_ckpt({**base, **{f"{c}.mindpet_delta_lora_{k}": t for c, ab in lora.items()
-                                  for k, t in ab.items()}}, final / "mindspore" / "model.ckpt")
+    native = save_ckpt(
+        {
+            **base,
+            **{f"{c}.mindpet_delta_lora_{k}": t for c, ab in lora.items() for k, t in ab.items()},
+        },
+        final / "mindspore" / "model.ckpt",
+    )
     outputs["ckpt"] = str(native)
     scale = plan.config.method.alpha / plan.config.method.r if lora else 0.0
     merged = merge_lora(base, lora, scale) if lora else base
     _model_files(final / "model", plan)
-    write_safetensors_file({ms_to_hf_name(k): v for k, v in merged.items()},
-                           final / "model" / "model.safetensors")
+    write_safetensors_file(
+        {ms_to_hf_name(k): v for k, v in merged.items()}, final / "model" / "model.safetensors"
+    )
     outputs["model"] = str(final / "model")
     if lora:
         adir = final / "adapter"
@@ -147,8 +169,11 @@ def export_final(plan: Any, output_dir: Path) -> dict[str, str]:
         cfg = adapter_config(plan.config.method, lora, str(plan.model.path))
         (adir / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
         outputs["adapter"] = str(adir)
-    (final / "mindspore" / "export.json").write_text(json.dumps(
-        {"from": str(ckpt), "lora_cells": len(lora), "scale": scale, **outputs}, indent=2))
+    (final / "mindspore" / "export.json").write_text(
+        json.dumps(
+            {"from": str(ckpt), "lora_cells": len(lora), "scale": scale, **outputs}, indent=2
+        )
+    )
     return outputs
 
 
@@ -165,26 +190,32 @@ def _base_of_adapter(adapter_dir: Path, run_dir: Path) -> Path:
     run_cfg = run_dir / "config.yaml"
     if run_cfg.exists():
         import yaml
-
         from sft.models import resolve_model
 
         spec = yaml.safe_load(run_cfg.read_text())["model"]["name_or_path"]
         return resolve_model(spec).path
-    raise SftError(f"{adapter_dir}: cannot find the base model of this adapter "
-                   f"({cfg.get('base_model_name_or_path')!r} is not a local directory)")
+    raise SftError(
+        f"{adapter_dir}: cannot find the base model of this adapter "
+        f"({cfg.get('base_model_name_or_path')!r} is not a local directory)"
+    )
 
 
 def locate_weights(run_dir: Path) -> tuple[Path, Path | None]:
     """(HF model dir, adapter dir or None) of a run directory or a plain HF directory."""
     for cand in (run_dir / "final" / "model", run_dir / "final", run_dir):
-        if (cand / "config.json").is_file() and list(cand.glob("*.safetensors")) \
-                and not (cand / "adapter_config.json").exists():
+        if (
+            (cand / "config.json").is_file()
+            and list(cand.glob("*.safetensors"))
+            and not (cand / "adapter_config.json").exists()
+        ):
             return cand, None
     for cand in (run_dir / "final" / "adapter", run_dir / "final", run_dir):
         if (cand / "adapter_config.json").is_file():
             return _base_of_adapter(cand, run_dir), cand
-    raise SftError(f"{run_dir}: no HF model (config.json + *.safetensors) or PEFT adapter "
-                   "(adapter_config.json) in it or in its final/ directory")
+    raise SftError(
+        f"{run_dir}: no HF model (config.json + *.safetensors) or PEFT adapter "
+        "(adapter_config.json) in it or in its final/ directory"
+    )
 
 
 def merge_peft(weights: dict[str, Tensor], adapter_dir: Path) -> dict[str, Tensor]:
@@ -204,7 +235,8 @@ def merge_peft(weights: dict[str, Tensor], adapter_dir: Path) -> dict[str, Tenso
         b = ad[key.replace("lora_A", "lora_B")]
         w = weights[module + ".weight"]
         merged[module + ".weight"] = cast_like(
-            w.to_float32() + scale * (b.to_float32() @ a.to_float32()), w)
+            w.to_float32() + scale * (b.to_float32() @ a.to_float32()), w
+        )
     return merged
 
 
@@ -231,12 +263,23 @@ def export_ckpt(request: Any) -> Any:
     expected = {hf_to_ms_name(k): to_dtype(v, _DTYPES[request.dtype]) for k, v in weights.items()}
     path = save_ckpt(expected, Path(request.out) / "model.ckpt")
     back = load_ckpt(path)
-    mismatched = [k for k, t in expected.items() if k not in back or back[k].dtype != t.dtype
-                  or not np.array_equal(back[k].data, t.data)]
+    mismatched = [
+        k
+        for k, t in expected.items()
+        if k not in back or back[k].dtype != t.dtype or not np.array_equal(back[k].data, t.data)
+    ]
     copy_model_files(model_dir, request.out)
-    return ExportReport(format="ckpt", path=str(path), ok=not mismatched and len(back) ==
-                        len(expected), checks={
-                            "tensors_compared": len(expected), "tensors_read_back": len(back),
-                            "mismatched": mismatched[:10], "bit_exact": not mismatched,
-                            "source": str(model_dir), "adapter_merged": str(adapter or ""),
-                            "dtype": request.dtype})
+    return ExportReport(
+        format="ckpt",
+        path=str(path),
+        ok=not mismatched and len(back) == len(expected),
+        checks={
+            "tensors_compared": len(expected),
+            "tensors_read_back": len(back),
+            "mismatched": mismatched[:10],
+            "bit_exact": not mismatched,
+            "source": str(model_dir),
+            "adapter_merged": str(adapter or ""),
+            "dtype": request.dtype,
+        },
+    )

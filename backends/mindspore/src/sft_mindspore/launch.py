@@ -34,13 +34,28 @@ def worker_env(work_dir: Path, threads: int) -> dict[str, str]:
 
 def msrun_command(yaml_path: Path, parallel: Any, log_dir: Path) -> list[str]:
     """msrun for `parallel.nproc_per_node` workers on this node out of `world_size` in all."""
-    return [str(Path(sys.executable).with_name("msrun")),
-            "--worker_num", str(parallel.world_size),
-            "--local_worker_num", str(parallel.nproc_per_node),
-            "--master_addr", parallel.master_addr, "--master_port", str(parallel.master_port),
-            "--node_rank", str(parallel.node_rank), "--log_dir", str(log_dir),
-            "--join", "True", "--cluster_time_out", "600",
-            str(ENTRY), "--config", str(yaml_path)]
+    return [
+        str(Path(sys.executable).with_name("msrun")),
+        "--worker_num",
+        str(parallel.world_size),
+        "--local_worker_num",
+        str(parallel.nproc_per_node),
+        "--master_addr",
+        parallel.master_addr,
+        "--master_port",
+        str(parallel.master_port),
+        "--node_rank",
+        str(parallel.node_rank),
+        "--log_dir",
+        str(log_dir),
+        "--join",
+        "True",
+        "--cluster_time_out",
+        "600",
+        str(ENTRY),
+        "--config",
+        str(yaml_path),
+    ]
 
 
 def launch(yaml_path: Path, parallel: Any, work_dir: Path, threads: int = 1) -> Path:
@@ -80,4 +95,39 @@ def _failure(rank: int, log: Path, rc: int) -> str:
         lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
         errors = [ln for ln in lines if re.search(r"Error|error:|Traceback", ln)]
         tail = "\n  ".join((errors or lines)[-6:])
-    return (f"MindFormers worker rank {rank} failed (exit code {rc}); its log: {log}\n  {tail}")
+    return f"MindFormers worker rank {rank} failed (exit code {rc}); its log: {log}\n  {tail}"
+
+
+def loss_of(yaml_path: Path, ckpt: Path, batch: dict[str, Any], work_dir: Path) -> float:
+    """MindFormers' training loss of `ckpt`'s weights on one batch (input_ids, labels arrays of
+    [B, seq_length + 1]), computed by the YAML's own network in a fresh worker."""
+    import json
+
+    import numpy as np
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    npz, out, log = work_dir / "loss_batch.npz", work_dir / "loss.json", work_dir / "loss.log"
+    np.savez(
+        npz,
+        input_ids=np.asarray(batch["input_ids"], np.int32),
+        labels=np.asarray(batch["labels"], np.int32),
+    )
+    cmd = [
+        sys.executable,
+        str(ENTRY),
+        "--config",
+        str(yaml_path),
+        "--loss-of",
+        str(ckpt),
+        "--batch",
+        str(npz),
+        "--out",
+        str(out),
+    ]
+    with log.open("w") as f:
+        rc = subprocess.run(
+            cmd, env=worker_env(work_dir, 1), stdout=f, stderr=subprocess.STDOUT
+        ).returncode
+    if rc:
+        raise SftError(_failure(0, log, rc))
+    return float(json.loads(out.read_text())["loss"])

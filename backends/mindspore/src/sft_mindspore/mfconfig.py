@@ -23,14 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from sft.errors import ConfigError
+
 from sft_mindspore.cpu_compat import cpu_model_config
 from sft_mindspore.weights import MODULE_MAP
 
 ALL_LINEAR = list(MODULE_MAP.values())
-_SCHEDULES = {"cosine": "CosineWithWarmUpLR", "linear": "LinearWithWarmUpLR",
-              "constant": "ConstantWarmUpLR"}
+_SCHEDULES = {
+    "cosine": "CosineWithWarmUpLR",
+    "linear": "LinearWithWarmUpLR",
+    "constant": "ConstantWarmUpLR",
+}
 
 
 def parallel_degrees(config: Any) -> dict[str, int]:
@@ -40,11 +43,14 @@ def parallel_degrees(config: Any) -> dict[str, int]:
     world = p.world_size
     mp, cp, pp = p.tensor_parallel, p.context_parallel, p.pipeline_parallel
     if world % (mp * cp * pp):
-        raise ConfigError([
-            f"parallel: tensor_parallel {mp} x context_parallel {cp} x pipeline_parallel {pp} = "
-            f"{mp * cp * pp} does not divide the device count {world} (nproc_per_node "
-            f"{p.nproc_per_node} x nnodes {p.nnodes}); MindFormers needs data x model x context x "
-            f"pipeline = devices: choose degrees whose product divides {world}"])
+        raise ConfigError(
+            [
+                f"parallel: tensor_parallel {mp} x context_parallel {cp} x pipeline_parallel {pp} = "
+                f"{mp * cp * pp} does not divide the device count {world} (nproc_per_node "
+                f"{p.nproc_per_node} x nnodes {p.nnodes}); MindFormers needs data x model x context x "
+                f"pipeline = devices: choose degrees whose product divides {world}"
+            ]
+        )
     return {"dp": world // (mp * cp * pp), "mp": mp, "cp": cp, "pp": pp}
 
 
@@ -55,14 +61,22 @@ def lora_targets(target_modules: str | list[str]) -> str:
     elif isinstance(target_modules, list):
         unknown = [m for m in target_modules if m not in MODULE_MAP]
         if unknown:
-            raise ConfigError([f"method.target_modules: {unknown} have no MindFormers "
-                               f"counterpart; use names from {sorted(MODULE_MAP)}"])
+            raise ConfigError(
+                [
+                    f"method.target_modules: {unknown} have no MindFormers "
+                    f"counterpart; use names from {sorted(MODULE_MAP)}"
+                ]
+            )
         names = [MODULE_MAP[m] for m in target_modules]
     else:  # a regex over HF names: keep the MindFormers cells whose HF name it matches
         names = [ms for hf, ms in MODULE_MAP.items() if re.search(target_modules, hf)]
         if not names:
-            raise ConfigError([f"method.target_modules: regex {target_modules!r} matches none "
-                               f"of {sorted(MODULE_MAP)}"])
+            raise ConfigError(
+                [
+                    f"method.target_modules: regex {target_modules!r} matches none "
+                    f"of {sorted(MODULE_MAP)}"
+                ]
+            )
     return "|".join(f".*{n}$" for n in names)
 
 
@@ -107,10 +121,13 @@ def model_config(hf: dict[str, Any], seq_length: int, device: str, batch_size: i
 def lr_schedule(train: Any, total_steps: int) -> dict[str, Any]:
     warmup = train.warmup_steps
     if warmup is None:
-        warmup = int(math.ceil(train.warmup_ratio * total_steps))
-    sched: dict[str, Any] = {"type": _SCHEDULES[train.lr_scheduler],
-                             "learning_rate": train.learning_rate,
-                             "warmup_steps": warmup, "total_steps": total_steps}
+        warmup = math.ceil(train.warmup_ratio * total_steps)
+    sched: dict[str, Any] = {
+        "type": _SCHEDULES[train.lr_scheduler],
+        "learning_rate": train.learning_rate,
+        "warmup_steps": warmup,
+        "total_steps": total_steps,
+    }
     if train.lr_scheduler == "cosine":
         sched["lr_end"] = train.learning_rate * train.min_lr_ratio
     return sched
@@ -128,8 +145,9 @@ def batch_layout(config: Any, device: str, dp: int) -> tuple[int, int]:
     return per_card, accum
 
 
-def build_yaml(plan: Any, schedule: Any, load_checkpoint: str, dataset: str, device: str,
-               output_dir: str) -> dict[str, Any]:
+def build_yaml(
+    plan: Any, schedule: Any, load_checkpoint: str, dataset: str, device: str, output_dir: str
+) -> dict[str, Any]:
     """The whole MindFormers YAML as a dict."""
     cfg = plan.config
     deg = parallel_degrees(cfg)
@@ -137,10 +155,13 @@ def build_yaml(plan: Any, schedule: Any, load_checkpoint: str, dataset: str, dev
     mc = model_config(plan.model.config, schedule.seq_length, device, batch)
     if cfg.method.name == "lora":
         m = cfg.method
-        mc["pet_config"] = {"pet_type": "lora", "lora_rank": m.r, "lora_alpha": int(m.alpha)
-                            if float(m.alpha).is_integer() else m.alpha,
-                            "lora_dropout": m.dropout,
-                            "target_modules": lora_targets(m.target_modules)}
+        mc["pet_config"] = {
+            "pet_type": "lora",
+            "lora_rank": m.r,
+            "lora_alpha": int(m.alpha) if float(m.alpha).is_integer() else m.alpha,
+            "lora_dropout": m.dropout,
+            "target_modules": lora_targets(m.target_modules),
+        }
     t = cfg.train
     multi = cfg.parallel.world_size > 1
     return {
@@ -156,43 +177,86 @@ def build_yaml(plan: Any, schedule: Any, load_checkpoint: str, dataset: str, dev
         "use_parallel": multi,
         "trainer": {"type": "CausalLanguageModelingTrainer", "model_name": "llama"},
         "context": _context(device, t),
-        "parallel": {"parallel_mode": 1 if device != "CPU" else 0, "gradients_mean": True,
-                     "enable_alltoall": False, "full_batch": device != "CPU",
-                     "search_mode": "sharding_propagation", "enable_parallel_optimizer": False,
-                     "strategy_ckpt_save_file": f"{output_dir}/strategy/ckpt_strategy.ckpt"},
-        "parallel_config": {"data_parallel": deg["dp"], "model_parallel": deg["mp"],
-                            "context_parallel": deg["cp"], "pipeline_stage": deg["pp"],
-                            "use_seq_parallel": False, "micro_batch_num": max(1, deg["pp"]),
-                            "vocab_emb_dp": True, "gradient_aggregation_group": 4},
+        "parallel": {
+            "parallel_mode": 1 if device != "CPU" else 0,
+            "gradients_mean": True,
+            "enable_alltoall": False,
+            "full_batch": device != "CPU",
+            "search_mode": "sharding_propagation",
+            "enable_parallel_optimizer": False,
+            "strategy_ckpt_save_file": f"{output_dir}/strategy/ckpt_strategy.ckpt",
+        },
+        "parallel_config": {
+            "data_parallel": deg["dp"],
+            "model_parallel": deg["mp"],
+            "context_parallel": deg["cp"],
+            "pipeline_stage": deg["pp"],
+            "use_seq_parallel": False,
+            "micro_batch_num": max(1, deg["pp"]),
+            "vocab_emb_dp": True,
+            "gradient_aggregation_group": 4,
+        },
         "micro_batch_interleave_num": 1,
-        "runner_config": {"epochs": 1, "batch_size": batch, "sink_mode": False,
-                          "sink_size": 1, "gradient_accumulation_steps": accum},
-        "runner_wrapper": {"type": "MFTrainOneStepCell", "scale_sense": 1.0,
-                           "use_clip_grad": t.max_grad_norm is not None,
-                           "max_grad_norm": t.max_grad_norm or 1.0},
-        "optimizer": {"type": "AdamW", "betas": list(t.betas), "eps": t.eps,
-                      "weight_decay": t.weight_decay},
+        "runner_config": {
+            "epochs": 1,
+            "batch_size": batch,
+            "sink_mode": False,
+            "sink_size": 1,
+            "gradient_accumulation_steps": accum,
+        },
+        "runner_wrapper": {
+            "type": "MFTrainOneStepCell",
+            "scale_sense": 1.0,
+            "use_clip_grad": t.max_grad_norm is not None,
+            "max_grad_norm": t.max_grad_norm or 1.0,
+        },
+        "optimizer": {
+            "type": "AdamW",
+            "betas": list(t.betas),
+            "eps": t.eps,
+            "weight_decay": t.weight_decay,
+        },
         "lr_schedule": lr_schedule(t, len(schedule.steps)),
         "train_dataset": _dataset(dataset, batch),
-        "train_dataset_task": {"type": "CausalLanguageModelDataset",
-                               "dataset_config": _dataset(dataset, batch)},
+        "train_dataset_task": {
+            "type": "CausalLanguageModelDataset",
+            "dataset_config": _dataset(dataset, batch),
+        },
         "do_eval": False,
-        "callbacks": [{"type": "MFLossMonitor", "per_print_times": 1},
-                      {"type": "CheckpointMonitor", "prefix": "sft",
-                       "save_checkpoint_steps": cfg.checkpoint.every_steps or len(schedule.steps),
-                       "keep_checkpoint_max": cfg.checkpoint.keep_last, "integrated_save": False,
-                       "async_save": False, "checkpoint_format": "ckpt"}],
+        "callbacks": [
+            {"type": "MFLossMonitor", "per_print_times": 1},
+            {
+                "type": "CheckpointMonitor",
+                "prefix": "sft",
+                "save_checkpoint_steps": cfg.checkpoint.every_steps or len(schedule.steps),
+                "keep_checkpoint_max": cfg.checkpoint.keep_last,
+                "integrated_save": False,
+                "async_save": False,
+                "checkpoint_format": "ckpt",
+            },
+        ],
         "model": {"model_config": mc, "arch": {"type": "LlamaForCausalLM"}},
         "profile": False,
     }
 
 
 def _context(device: str, t: Any) -> dict[str, Any]:
-    ctx: dict[str, Any] = {"mode": 0, "device_target": device, "max_call_depth": 10000,
-                           "save_graphs": False, "deterministic": "ON" if t.deterministic else "OFF"}
+    ctx: dict[str, Any] = {
+        "mode": 0,
+        "device_target": device,
+        "max_call_depth": 10000,
+        "save_graphs": False,
+        "deterministic": "ON" if t.deterministic else "OFF",
+    }
     if device != "CPU":
-        ctx.update({"device_id": 0, "max_device_memory": "58GB", "jit_config": {"jit_level": "O1"},
-                    "memory_optimize_level": "O0"})
+        ctx.update(
+            {
+                "device_id": 0,
+                "max_device_memory": "58GB",
+                "jit_config": {"jit_level": "O1"},
+                "memory_optimize_level": "O0",
+            }
+        )
     return ctx
 
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
 import sft
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sft.backend import TrainPlan, TrainResult, require_modules
 from sft.events import RunEvents
 from sft.specs import RunConfig
@@ -35,8 +34,18 @@ class MindSporeBackend:
     name = "mindspore"
     description = "MindSpore + MindFormers (Ascend NPU, CPU); msrun for many cards/nodes"
     # packing is Ascend-only (FlashAttention reads the packed mask); validate() refuses it on CPU.
-    capabilities = frozenset({"full", "lora", "packing", "ddp", "multi_node", "tensor_parallel",
-                              "pipeline_parallel", "context_parallel"})
+    capabilities = frozenset(
+        {
+            "full",
+            "lora",
+            "packing",
+            "ddp",
+            "multi_node",
+            "tensor_parallel",
+            "pipeline_parallel",
+            "context_parallel",
+        }
+    )
     install_hint = INSTALL
     Options = MindSporeOptions
 
@@ -45,31 +54,44 @@ class MindSporeBackend:
 
     def validate(self, config: RunConfig) -> list[str]:
         problems = []
-        opts = MindSporeOptions.model_validate(config.options)
+        try:
+            opts = MindSporeOptions.model_validate(config.options)
+        except ValidationError:  # reported by core's own check of the section
+            opts = MindSporeOptions()
         if config.method.name in ("qlora", "freeze"):
             problems.append(
                 f"method.name: {config.method.name!r} is not supported by the MindSpore backend "
                 f"(MindFormers trains `full` and `lora`); use one of those, or run "
-                f"{config.method.name} with --backend torch")
-        if config.method.name == "lora" and (config.method.use_dora or config.method.use_rslora
-                                             or config.method.modules_to_save):
-            problems.append("method: use_dora, use_rslora and modules_to_save have no mindpet "
-                            "counterpart; remove them or use --backend torch")
+                f"{config.method.name} with --backend torch"
+            )
+        if config.method.name == "lora" and (
+            config.method.use_dora or config.method.use_rslora or config.method.modules_to_save
+        ):
+            problems.append(
+                "method: use_dora, use_rslora and modules_to_save have no mindpet "
+                "counterpart; remove them or use --backend torch"
+            )
         if config.data.packing is True and _device(opts) == "CPU":
-            problems.append("data.packing: packed rows need FlashAttention on Ascend (on CPU the "
-                            "packed attention mask is not applied correctly); set data.packing: "
-                            "false or auto, or run on Ascend")
+            problems.append(
+                "data.packing: packed rows need FlashAttention on Ascend (on CPU the "
+                "packed attention mask is not applied correctly); set data.packing: "
+                "false or auto, or run on Ascend"
+            )
         if config.parallel.strategy != "ddp":
-            problems.append(f"parallel.strategy: {config.parallel.strategy!r} is a torch "
-                            "strategy; MindSpore uses data/tensor/pipeline/context parallel degrees"
-                            " (parallel.tensor_parallel ...) with strategy: ddp")
+            problems.append(
+                f"parallel.strategy: {config.parallel.strategy!r} is a torch "
+                "strategy; MindSpore uses data/tensor/pipeline/context parallel degrees"
+                " (parallel.tensor_parallel ...) with strategy: ddp"
+            )
         world = config.parallel.world_size
         p = config.parallel
         prod = p.tensor_parallel * p.pipeline_parallel * p.context_parallel
         if world % prod:
-            problems.append(f"parallel: tensor_parallel x pipeline_parallel x context_parallel = "
-                            f"{prod} must divide the device count {world} (nproc_per_node x nnodes)"
-                            "; data parallel takes the rest")
+            problems.append(
+                f"parallel: tensor_parallel x pipeline_parallel x context_parallel = "
+                f"{prod} must divide the device count {world} (nproc_per_node x nnodes)"
+                "; data parallel takes the rest"
+            )
         return problems
 
     def default_packing(self, options: Any) -> bool:

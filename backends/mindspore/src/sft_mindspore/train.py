@@ -1,11 +1,11 @@
 """MindSpore backend training: one `sft run --backend mindspore` from plan to exported weights.
 
-    plan -> schedule (core batching) -> RUN_DIR/mindformers/data/train.mindrecord
-         -> HF weights as .ckpt -> RUN_DIR/mindformers.yaml -> entry.py (python | msrun)
-         -> losses from MindFormers' log -> metrics.jsonl
-         -> final/model (merged HF), final/adapter (PEFT), final/mindspore/model.ckpt
+plan -> schedule (core batching) -> RUN_DIR/mindformers/data/train.mindrecord
+     -> HF weights as .ckpt -> RUN_DIR/mindformers.yaml -> entry.py (python | msrun)
+     -> losses from MindFormers' log -> metrics.jsonl
+     -> final/model (merged HF), final/adapter (PEFT), final/mindspore/model.ckpt
 
-    $ sft run --backend mindspore --config configs/qwen2-tiny/lora.yaml
+$ sft run --backend mindspore --config configs/qwen2-tiny/lora.yaml
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from sft.backend import TrainPlan, TrainResult
 from sft.data.batching import count_trained
 from sft.errors import SftError
 from sft.events import RunEvents
+
 from sft_mindspore import data as msdata
 from sft_mindspore import mfconfig
 from sft_mindspore.export import export_final
@@ -48,32 +49,44 @@ def prepare(plan: TrainPlan, device: str) -> tuple[Path, msdata.Schedule, Path]:
     check_model_type(plan.model.path)
     work = plan.run_dir / "mindformers"
     schedule = msdata.build_schedule(plan.data.train, cfg, cfg.parallel.world_size)
-    dataset = msdata.write_training_data(plan.data.train, schedule, plan.data.pad_id,
-                                         work / "data")
+    dataset = msdata.write_training_data(plan.data.train, schedule, plan.data.pad_id, work / "data")
     init_ckpt = work / "init" / "model.ckpt"
-    if not init_ckpt.exists():
+    resume = resume_dir(plan)
+    if resume is None or not init_ckpt.exists():
         hf_to_ckpt(plan.model.path, init_ckpt)
     output_dir = work / "output"
-    doc = mfconfig.build_yaml(plan, schedule, str(init_ckpt), str(dataset), device,
-                              str(output_dir))
-    apply_resume(doc, plan)
+    doc = mfconfig.build_yaml(plan, schedule, str(init_ckpt), str(dataset), device, str(output_dir))
+    apply_resume(doc, resume)
     yaml_path = plan.run_dir / "mindformers.yaml"
     header = YAML_HEADER.format(config=plan.run_dir / "config.yaml", path=yaml_path)
     mfconfig.write_yaml(doc, yaml_path, header)
     return yaml_path, schedule, output_dir
 
 
-def apply_resume(doc: dict[str, Any], plan: TrainPlan) -> None:
-    """`checkpoint.resume` -> MindFormers' resume_training from its own checkpoint directory.
-    MindFormers restores weights, optimizer state and the step counter and skips the batches
-    already trained (the MindRecord is rewritten identically from the same cache and seed)."""
-    if plan.resume_from is None:
+def resume_dir(plan: TrainPlan) -> Path | None:
+    """MindFormers' checkpoint directory to resume from, or None for a fresh run.
+
+    `checkpoint.resume: auto` resumes from this run's own MindFormers checkpoints
+    (RUN_DIR/mindformers/output/checkpoint/rank_R/*.ckpt) when there are any. A path resolved by
+    core (an sft checkpoint of the torch backend) cannot be resumed here."""
+    if plan.resume_from is not None:
+        raise SftError(
+            f"checkpoint.resume: {plan.resume_from} is a torch-backend checkpoint; the "
+            "MindSpore backend resumes only its own MindFormers checkpoints, with "
+            "checkpoint.resume: auto in the same output_dir"
+        )
+    ckpt_dir = plan.run_dir / "mindformers" / "output" / "checkpoint"
+    if plan.config.checkpoint.resume == "auto" and list(ckpt_dir.glob("rank_0/*.ckpt")):
+        return ckpt_dir
+    return None
+
+
+def apply_resume(doc: dict[str, Any], ckpt_dir: Path | None) -> None:
+    """Resume -> MindFormers' `resume_training` from its checkpoint directory: it restores
+    weights, optimizer state and the step counter and skips the batches already trained (the
+    MindRecord is rewritten identically from the same cache and seed)."""
+    if ckpt_dir is None:
         return
-    ckpt_dir = Path(plan.resume_from)
-    if not list(ckpt_dir.rglob("*.ckpt")):
-        raise SftError(f"checkpoint.resume: {ckpt_dir} holds no MindSpore .ckpt; the MindSpore "
-                       "backend resumes only from its own checkpoints (RUN_DIR/mindformers/output/"
-                       "checkpoint), not from a torch run")
     doc["load_checkpoint"] = str(ckpt_dir)
     doc["resume_training"] = True
 
@@ -82,17 +95,30 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
     cfg = plan.config
     device = resolve_device(plan.options)
     if device == "CPU" and plan.packing:
-        raise SftError("data.packing: packed rows need FlashAttention on Ascend; on CPU set "
-                       "data.packing: false")
+        raise SftError(
+            "data.packing: packed rows need FlashAttention on Ascend; on CPU set "
+            "data.packing: false"
+        )
     start = time.time()
     yaml_path, schedule, output_dir = prepare(plan, device)
-    if plan.resume_from is None and output_dir.exists():
+    if resume_dir(plan) is None and output_dir.exists():
         shutil.rmtree(output_dir)  # a fresh run must not pick up an older run's checkpoints
-    events.train_start({"backend": "mindspore", "device": device, "yaml": str(yaml_path),
-                        "steps": len(schedule.steps), "seq_length": schedule.seq_length})
-    log_dir = launch(yaml_path, cfg.parallel, plan.run_dir / "mindformers",
-                     threads=plan.options.threads  # type: ignore[attr-defined]
-                     or max(1, (os.cpu_count() or 1) // cfg.parallel.nproc_per_node))
+    events.train_start(
+        {
+            "backend": "mindspore",
+            "device": device,
+            "yaml": str(yaml_path),
+            "steps": len(schedule.steps),
+            "seq_length": schedule.seq_length,
+        }
+    )
+    log_dir = launch(
+        yaml_path,
+        cfg.parallel,
+        plan.run_dir / "mindformers",
+        threads=plan.options.threads  # type: ignore[attr-defined]
+        or max(1, (os.cpu_count() or 1) // cfg.parallel.nproc_per_node),
+    )
     records = parse_losses(log_dir)
     trained = [count_trained(plan.data.train, rows) for rows in schedule.steps]
     for rec in records:
@@ -106,9 +132,14 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
         steps=len(schedule.steps),
         final_loss=records[-1]["loss"] if records else None,
         outputs=outputs,
-        metrics={"device": device, "elapsed_s": round(elapsed, 2),
-                 "trained_tokens": sum(trained), "dropped_rows": schedule.dropped_rows,
-                 "seq_length": schedule.seq_length, "mindformers_yaml": str(yaml_path)},
+        metrics={
+            "device": device,
+            "elapsed_s": round(elapsed, 2),
+            "trained_tokens": sum(trained),
+            "dropped_rows": schedule.dropped_rows,
+            "seq_length": schedule.seq_length,
+            "mindformers_yaml": str(yaml_path),
+        },
     )
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from sft.errors import SftError
 
 # (HF pattern, MindFormers replacement); applied to the part after "model.layers.N." or whole.
@@ -47,13 +46,29 @@ _REVERSE = [
     (r"^model\.layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
 ]
 #: HF module name -> MindFormers cell name, for LoRA targets.
-MODULE_MAP = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
-              "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+MODULE_MAP = {
+    "q_proj": "wq",
+    "k_proj": "wk",
+    "v_proj": "wv",
+    "o_proj": "wo",
+    "gate_proj": "w1",
+    "down_proj": "w2",
+    "up_proj": "w3",
+}
 SUPPORTED = ("llama", "qwen2")
 
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
-              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-              "BF16": np.uint16}  # BF16 is carried as its raw bits
+_ST_DTYPES = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+    "BF16": np.uint16,
+}  # BF16 is carried as its raw bits
 
 
 def _rename(name: str, rules: list[tuple[str, str]]) -> str:
@@ -121,8 +136,11 @@ def write_safetensors_file(tensors: dict[str, Tensor], path: Path) -> None:
     for name in sorted(tensors):
         t = tensors[name]
         blob = np.ascontiguousarray(t.data).tobytes()
-        header[name] = {"dtype": t.dtype, "shape": list(t.data.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
+        header[name] = {
+            "dtype": t.dtype,
+            "shape": list(t.data.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
         offset += len(blob)
         blobs.append(blob)
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -150,8 +168,10 @@ def check_model_type(model_dir: str | Path) -> dict[str, Any]:
         raise SftError(f"{model_dir}: no config.json; give a Hugging Face model directory")
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("model_type") not in SUPPORTED:
-        raise SftError(f"{model_dir}: model_type {cfg.get('model_type')!r} is not supported by "
-                       f"the MindSpore backend (MindFormers legacy llama): use one of {SUPPORTED}")
+        raise SftError(
+            f"{model_dir}: model_type {cfg.get('model_type')!r} is not supported by "
+            f"the MindSpore backend (MindFormers legacy llama): use one of {SUPPORTED}"
+        )
     return cfg
 
 
@@ -161,8 +181,14 @@ def check_model_type(model_dir: str | Path) -> dict[str, Any]:
 def _ms_dtype(st_dtype: str) -> Any:
     import mindspore as ms
 
-    return {"F32": ms.float32, "F16": ms.float16, "BF16": ms.bfloat16, "F64": ms.float64,
-            "I64": ms.int64, "I32": ms.int32}[st_dtype]
+    return {
+        "F32": ms.float32,
+        "F16": ms.float16,
+        "BF16": ms.bfloat16,
+        "F64": ms.float64,
+        "I64": ms.int64,
+        "I32": ms.int32,
+    }[st_dtype]
 
 
 def to_ms_tensor(t: Tensor) -> Any:
@@ -190,8 +216,9 @@ def save_ckpt(tensors: dict[str, Tensor], path: str | Path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ms.save_checkpoint([{"name": k, "data": to_ms_tensor(v)} for k, v in tensors.items()],
-                       str(path))
+    ms.save_checkpoint(
+        [{"name": k, "data": to_ms_tensor(v)} for k, v in tensors.items()], str(path)
+    )
     return path
 
 
@@ -200,8 +227,7 @@ def load_ckpt(path: str | Path, drop_state: bool = True) -> dict[str, Tensor]:
     import mindspore as ms
 
     params = ms.load_checkpoint(str(path))
-    return {k: from_ms_tensor(v) for k, v in params.items()
-            if not drop_state or is_model_weight(k)}
+    return {k: from_ms_tensor(v) for k, v in params.items() if not drop_state or is_model_weight(k)}
 
 
 def hf_to_ckpt(model_dir: str | Path, out: str | Path) -> Path:
@@ -219,10 +245,13 @@ def ckpt_to_hf(ckpt: str | Path, out_dir: str | Path, config_from: str | Path | 
     tensors = load_ckpt(ckpt)
     lora = [k for k in tensors if "mindpet_delta" in k]
     if lora:
-        raise SftError(f"{ckpt} holds LoRA weights ({lora[0]} ...): export the run with "
-                       "`sft export RUN_DIR --format hf` (merges them) instead")
-    write_safetensors_file({ms_to_hf_name(k): v for k, v in tensors.items()},
-                           out_dir / "model.safetensors")
+        raise SftError(
+            f"{ckpt} holds LoRA weights ({lora[0]} ...): export the run with "
+            "`sft export RUN_DIR --format hf` (merges them) instead"
+        )
+    write_safetensors_file(
+        {ms_to_hf_name(k): v for k, v in tensors.items()}, out_dir / "model.safetensors"
+    )
     if config_from:
         copy_model_files(config_from, out_dir)
     return out_dir
@@ -231,6 +260,9 @@ def ckpt_to_hf(ckpt: str | Path, out_dir: str | Path, config_from: str | Path | 
 def copy_model_files(src: str | Path, dst: str | Path) -> None:
     """config.json, generation config and tokenizer files (never weights, never an adapter)."""
     for f in Path(src).iterdir():
-        if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".ckpt", ".index.json")) \
-                and f.name not in ("adapter_config.json",):
+        if (
+            f.is_file()
+            and not f.name.endswith((".safetensors", ".bin", ".ckpt", ".index.json"))
+            and f.name not in ("adapter_config.json",)
+        ):
             shutil.copy2(f, Path(dst) / f.name)
