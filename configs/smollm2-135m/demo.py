@@ -1,0 +1,141 @@
+"""`make demo`: fine-tune SmolLM2-135M-Instruct on CPU so that it learns a behaviour it does not
+have (a new identity, "I am Quill, the assistant of the sft project", and a house answer format),
+and show the difference on held-out prompts that are not in the training data.
+
+    $ make demo                                           # builds .venvs/torch, then runs this
+    $ .venvs/torch/bin/python configs/smollm2-135m/demo.py [key=value overrides]
+    $ .venvs/torch/bin/python configs/smollm2-135m/demo.py train.epochs=2   # quicker, weaker
+
+Steps, each timed: resolve the built-in model (GGUF -> cached safetensors, once) -> eval the
+held-out prompts with the base model -> LoRA training (demo.yaml) -> eval again -> export `hf`
+(merged, f32, verified against base + adapter) and `gguf` when the sft-gguf plugin is installed
+-> before/after table, loss plot, tokens/s and how to chat with the result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE / "demo.yaml"
+EVAL_FILE = HERE / "data" / "quill_eval.jsonl"
+RUN_DIR = Path("runs/smollm2-135m-demo")
+TIMES: dict[str, float] = {}
+
+
+@contextmanager
+def step(name: str):
+    print(f"\n==> {name}", flush=True)
+    t0 = time.perf_counter()
+    yield
+    TIMES[name] = time.perf_counter() - t0
+    print(f"    ({TIMES[name]:.0f} s)", flush=True)
+
+
+def setup() -> None:
+    import torch
+
+    # Every core this machine has (the demo is the only job); quiet library chatter.
+    torch.set_num_threads(os.cpu_count() or 1)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def train(overrides: list[str]) -> dict[str, Any]:
+    from sft.config import load_config
+    from sft.run import run
+
+    config = load_config(CONFIG, [f"output_dir={RUN_DIR.resolve()}", *overrides])
+    return run(config)
+
+
+def export(run_dir: Path) -> dict[str, Any]:
+    """hf (merged, f32: held to max |logit diff| < 1e-4) and, if installed, gguf (q8_0)."""
+    from sft.export import ExportRequest, run_export
+    from sft.plugins import get_plugins
+
+    reports = {}
+    hf = run_export(
+        "hf", ExportRequest(run_dir=run_dir, out=run_dir / "exports" / "hf", dtype="f32")
+    )
+    reports["hf"] = hf
+    if "gguf" in get_plugins().exporters:
+        reports["gguf"] = run_export(
+            "gguf",
+            ExportRequest(run_dir=Path(hf.path), out=run_dir / "exports" / "gguf", dtype="q8_0"),
+        )
+    for name, rep in reports.items():
+        print(f"    {name}: {rep.path}")
+        nums = {k: v for k, v in rep.checks.items() if isinstance(v, (int, float, bool))}
+        print(f"      verified: {json.dumps(nums)[:300]}")
+    return reports
+
+
+def report(before: dict[str, Any], after: dict[str, Any], summary: dict[str, Any]) -> None:
+    from sft_torch.eval import print_comparison
+
+    print("\n" + "=" * 100)
+    print("Held-out prompts (paraphrases NOT in the training data), greedy decoding:\n")
+    print_comparison(before, after)
+    m = summary.get("metrics", {})
+    print(
+        f"\ntraining: {summary['steps']} steps, final loss {summary['final_loss']:.3f}, "
+        f"{m.get('tokens_per_s', 0):.0f} tokens/s "
+        f"({m.get('trained_tokens_per_s', 0):.0f} trained tokens/s), "
+        f"{m.get('elapsed_s', m.get('train_seconds', 0)) or 0:.0f} s"
+    )
+    plot = summary.get("outputs", {}).get("loss_plot") or RUN_DIR / "loss.png"
+    print(f"loss plot: {plot}")
+    print(
+        "time per step: "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in TIMES.items())
+        + f"; total {sum(TIMES.values()):.0f} s"
+    )
+    print("\nTry it yourself:")
+    print(f"  .venvs/torch/bin/sft chat {RUN_DIR}")
+    print(f"  .venvs/torch/bin/sft generate {RUN_DIR} --prompt 'Who are you?'")
+    print(
+        f"  .venvs/torch/bin/sft eval --model {RUN_DIR} --data {EVAL_FILE.relative_to(Path.cwd())}"
+        " --compare smollm2-135m-instruct"
+    )
+
+
+def main(argv: list[str]) -> int:
+    from sft.errors import SftError
+    from sft.models import resolve_model
+    from sft_torch.eval import evaluate
+
+    setup()
+    try:
+        with step("resolve smollm2-135m-instruct (converted from GGUF once, then cached)"):
+            print(f"    {resolve_model('smollm2-135m-instruct').path}")
+        with step("eval before: the base model on held-out prompts"):
+            before = evaluate("smollm2-135m-instruct", EVAL_FILE, max_new_tokens=48)
+        with step("train: LoRA on configs/smollm2-135m/data/quill_train.jsonl"):
+            summary = train(argv)
+        run_dir = Path(summary["run_dir"])
+        with step("eval after: the fine-tuned model on the same held-out prompts"):
+            after = evaluate(str(run_dir), EVAL_FILE, max_new_tokens=48)
+        (run_dir / "eval_before_after.json").write_text(
+            json.dumps({"before": before, "after": after}, indent=2)
+        )
+        with step("export (each export verifies itself)"):
+            export(run_dir)
+    except SftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    report(before, after, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
