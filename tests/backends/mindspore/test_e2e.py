@@ -35,8 +35,9 @@ def _job(tmp_path, model) -> None:
     ]
     (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "job.yaml").write_text(
+        "backend: mindspore\n"
         f"model: {model}\n"
-        "data: {train: chat.jsonl, max_seq_len: 64}\n"
+        "data: {train: chat.jsonl, max_seq_len: 128}\n"
         "method: {name: lora, r: 8, alpha: 16, dropout: 0.0}\n"
         "train: {max_steps: 6, micro_batch_size: 2, learning_rate: 0.01, warmup_steps: 0}\n"
         f"output_dir: {tmp_path / 'run'}\n"
