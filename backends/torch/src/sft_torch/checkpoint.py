@@ -45,6 +45,13 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     rank: int = 0
+    engine: Any = None
+    """sft_torch.distributed engine (DDP / FSDP2); None: a single process."""
+
+    def dist(self) -> Any:
+        from sft_torch.distributed import Engine
+
+        return self.engine or Engine(self.model)
 
 
 def fingerprint(plan: TrainPlan, schedule: Schedule) -> dict[str, Any]:
@@ -64,16 +71,26 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(state: TrainState, run_dir: Path, position: Position,
                     fp: dict[str, Any], keep_last: int) -> Path | None:
-    """Write a checkpoint for the state after `position.global_step` steps (rank 0 only)."""
-    if state.rank != 0:
-        return None
+    """Write a checkpoint for the state after `position.global_step` steps (rank 0 writes;
+    with FSDP2 every rank must call it: consolidating the shards is a collective)."""
+    engine = state.dist()
+    optimizer = engine.optimizer_state(state.optimizer)  # sft_torch.distributed: whole state
+    with engine.full_weights():
+        if state.rank != 0:
+            return None
+        return _write(state, run_dir, position, fp, keep_last, optimizer)
+
+
+def _write(state: TrainState, run_dir: Path, position: Position, fp: dict[str, Any],
+           keep_last: int, optimizer: dict[str, Any]) -> Path:
     weights = trainable_state(state.model)
     size = sum(t.numel() * t.element_size() for t in weights.values())
-    meta = {"position": position.as_dict(), "fingerprint": fp}
+    meta = {"position": position.as_dict(), "fingerprint": fp,
+            "parallel": state.dist().describe()}
     with atomic_checkpoint(run_dir, position.global_step, meta, keep_last=keep_last,
                            needed_bytes=4 * size) as tmp:
         save_file(weights, str(tmp / "trainable.safetensors"))
-        torch.save(state.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer, tmp / "optimizer.pt")
         torch.save(state.scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / f"rng-rank{state.rank}.pt")
     return Path(run_dir) / "checkpoints" / f"step-{position.global_step:06d}"
@@ -102,6 +119,8 @@ def load_checkpoint(state: TrainState, ckpt: Path, fp: dict[str, Any],
     """Restore `state` from `ckpt` and return the data position to continue from."""
     meta = read_meta(ckpt)
     check_fingerprint(meta.get("fingerprint", {}), fp, ckpt, allow_changed)
+    engine = state.dist()
+    engine.check_resume(meta.get("parallel", {}), ckpt)  # strategy / world size changes
     weights = load_file(str(ckpt / "trainable.safetensors"))
     params = dict(state.model.named_parameters())
     wanted = {n for n, p in params.items() if p.requires_grad}
@@ -109,12 +128,10 @@ def load_checkpoint(state: TrainState, ckpt: Path, fp: dict[str, Any],
         missing = sorted(wanted - set(weights))[:3]
         raise SftError(f"checkpoint {ckpt} does not match this model's trainable parameters "
                        f"(e.g. missing {missing}); was it saved by a different method or model?")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
+    engine.load_weights(weights)  # FSDP2: each rank keeps its shard of the whole tensors
     device = next(state.model.parameters()).device
-    state.optimizer.load_state_dict(
-        torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+    engine.load_optimizer_state(
+        state.optimizer, torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
     state.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     rng = ckpt / f"rng-rank{state.rank}.pt"
     if rng.exists():

@@ -240,6 +240,38 @@ class Engine:
         """Inside, `self.model`'s parameters are whole ordinary tensors (for saving)."""
         yield
 
+    # checkpoints: "whole" tensors and an index-keyed optimizer state (one process, DDP)
+    checkpoint_format = "whole"
+
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "world_size": world_size(),
+                "format": self.checkpoint_format}
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer,
+                             state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(state)
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+
+    def check_resume(self, saved: dict[str, Any], ckpt: Any) -> None:
+        """Refuse a checkpoint this strategy cannot read. Both formats hold whole tensors and
+        the data position is global, so the world size may change; the formats differ."""
+        fmt = saved.get("format", "whole")
+        if fmt != self.checkpoint_format:
+            raise SftError(
+                f"checkpoint.resume: {ckpt} was written with parallel.strategy "
+                f"{saved.get('strategy')} ({saved.get('world_size')} processes), whose "
+                f"optimizer state this run's strategy {self.strategy} cannot read; resume "
+                f"with parallel.strategy={saved.get('strategy')}"
+            )
+
 
 class DDPEngine(Engine):
     strategy = "ddp"
@@ -301,10 +333,9 @@ class FSDPEngine(Engine):
         `get_model_state_dict(full_state_dict, cpu_offload)`; on rank 0 the model's parameters
         are whole CPU tensors inside the context, so the usual transformers / peft
         `save_pretrained` and checkpoint code write the normal formats. Restored afterwards."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        full = get_model_state_dict(self.model, options=opts)  # empty on ranks other than 0
+        full = get_model_state_dict(self.model, options=full_options())  # {} unless rank 0
         if rank() != 0:
             yield
             return
@@ -314,6 +345,34 @@ class FSDPEngine(Engine):
         finally:
             for mod, name, param in originals:
                 mod._parameters[name] = param
+
+
+    # checkpoints: whole tensors and an optimizer state keyed by parameter name, consolidated
+    # on rank 0 (so a resume may use another number of processes)
+    checkpoint_format = "fsdp-full"
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, optimizer, options=full_options())
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer,
+                             state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, optimizer, state, options=full_options(False))
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.model, weights, options=full_options(False, strict=False))
+
+
+def full_options(cpu_offload: bool = True, strict: bool = True) -> Any:
+    """Whole (unsharded) state dicts; every rank reads the checkpoint itself when loading."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload, strict=strict)
 
 
 def swap_parameters(model: nn.Module, full: dict[str, torch.Tensor]) -> list[Any]:
@@ -367,16 +426,4 @@ def wrap_model(model: nn.Module, plan: TrainPlan, device: torch.device) -> Engin
     raise SftError(
         f"parallel.strategy: {par.strategy} runs through DeepSpeed, which the torch training "
         "loop does not drive yet; use ddp or fsdp (see docs/distributed.md)"
-    )
-
-
-def check_resume_world(strategy: str, saved_world: int | None, world: int) -> None:
-    """Which strategies can resume at another world size: DDP checkpoints hold whole tensors
-    and the data position is global, so any world size works."""
-    if saved_world is None or saved_world == world or strategy == "ddp":
-        return
-    raise SftError(
-        f"checkpoint.resume: this checkpoint was written by {saved_world} processes with "
-        f"parallel.strategy {strategy}; resuming with {world} processes is supported only for "
-        f"ddp. Resume with nproc_per_node x nnodes = {saved_world}"
     )

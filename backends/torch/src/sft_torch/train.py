@@ -117,7 +117,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train, self.schedule.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.state = TrainState(self.model, self.optimizer, self.scheduler, self.rank)
+        self.state = TrainState(self.model, self.optimizer, self.scheduler, self.rank,
+                                engine=self.engine)  # sft_torch.distributed: FSDP2 checkpoints
         self.fingerprint = fingerprint(plan, self.schedule)
         self.guard = StepGuard.build(plan)
         self.meter = Meter()
