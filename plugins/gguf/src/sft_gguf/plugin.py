@@ -45,8 +45,9 @@ def export_gguf(request: ExportRequest) -> ExportReport:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     source = resolve_source(Path(request.run_dir), out_dir)
-    path = out_dir / f"{Path(request.run_dir).resolve().name}-{dtype}.gguf"
-    written = write_gguf(source, path, dtype)
+    name = Path(request.run_dir).resolve().name
+    path = out_dir / f"{name}-{dtype}.gguf"
+    written = write_gguf(source, path, dtype, name=name)
     checks, problems = verify_gguf(path, source, dtype)
     report = ExportReport(
         format="gguf",

@@ -53,8 +53,9 @@ def tensor_qtype(name: str, data: np.ndarray, dtype: str) -> gguf.GGMLQuantizati
     return qtype
 
 
-def write_gguf(model_dir: Path, out_path: Path, dtype: str) -> WriteResult:
-    """Convert the HF model in `model_dir` into `out_path` (written atomically)."""
+def write_gguf(model_dir: Path, out_path: Path, dtype: str, name: str = "") -> WriteResult:
+    """Convert the HF model in `model_dir` into `out_path` (written atomically); `name` goes
+    into general.name (default: the file name)."""
     cfg = load_config(model_dir)
     spec = arch_spec(cfg)
     check_unsupported_features(cfg)
@@ -62,7 +63,7 @@ def write_gguf(model_dir: Path, out_path: Path, dtype: str) -> WriteResult:
     tmp = out_path.with_name(out_path.name + ".partial")
     writer = gguf.GGUFWriter(path=None, arch=spec.name)
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(out_path.stem)
+    writer.add_name(name or out_path.stem)
     for key, value, kind in hparams(cfg, spec, dtype):
         (writer.add_uint32 if kind == "u32" else writer.add_float32)(key, value)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
