@@ -120,6 +120,8 @@ def _parse(text: str, where: str) -> RawRecord:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         return RawRecord(where, None, RecordError("malformed_json", f"malformed JSON: {exc}"))
+    except RecursionError:  # e.g. 50k nested brackets; found by tests/reliability/test_data_fuzz
+        return RawRecord(where, None, RecordError("malformed_json", "JSON nested too deeply"))
     if not isinstance(obj, dict):
         kind = type(obj).__name__
         return RawRecord(
@@ -172,8 +174,9 @@ def _json_array(text: str, pos: int, path: Path) -> Iterator[RawRecord]:
         where = f"{path}:{line}"
         try:
             obj, pos = dec.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            yield RawRecord(where, None, RecordError("malformed_json", f"malformed JSON: {exc}"))
+        except (json.JSONDecodeError, RecursionError) as exc:
+            reason = "JSON nested too deeply" if isinstance(exc, RecursionError) else exc
+            yield RawRecord(where, None, RecordError("malformed_json", f"malformed JSON: {reason}"))
             return  # the rest of the array cannot be located reliably
         if isinstance(obj, dict):
             yield RawRecord(where, obj)
