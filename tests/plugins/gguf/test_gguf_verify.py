@@ -75,8 +75,8 @@ def test_run_export_raises_when_the_written_file_disagrees(tiny_llama, tmp_path,
 
     real_write = writer.write_gguf
 
-    def write_then_damage(model_dir, out_path, dtype):  # a disk or writer fault, injected
-        result = real_write(model_dir, out_path, dtype)
+    def write_then_damage(model_dir, out_path, dtype, name=""):  # a disk/writer fault, injected
+        result = real_write(model_dir, out_path, dtype, name)
         corrupt_tensor(out_path, "blk.0.ffn_gate.weight")
         return result
 
