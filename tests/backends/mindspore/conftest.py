@@ -59,6 +59,7 @@ def make_plan(
     split: Any = None,
     train: dict | None = None,
     parallel: dict | None = None,
+    checkpoint: dict | None = None,
     **options: Any,
 ) -> TrainPlan:
     method_spec: Any = (
@@ -78,6 +79,7 @@ def make_plan(
                 **(train or {}),
             },
             "parallel": parallel or {},
+            "checkpoint": checkpoint or {},
             "output_dir": str(run_dir),
         }
     )

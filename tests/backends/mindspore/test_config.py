@@ -11,11 +11,11 @@ import yaml
 pytest.importorskip("mindspore")
 
 from sft.config import load_config
-from sft.errors import ConfigError
+from sft.errors import ConfigError, SftError
 from sft.plugins import get_plugins
 from sft.run import resolve_packing
 from sft_mindspore.data import build_schedule
-from sft_mindspore.mfconfig import build_yaml, lora_targets, parallel_degrees
+from sft_mindspore.mfconfig import build_yaml, lora_targets, parallel_degrees, rope_extension
 from sft_mindspore.plugin import MindSporeOptions
 from sft_mindspore.train import prepare
 
@@ -109,3 +109,18 @@ def test_packing_auto_is_off_on_cpu(tmp_path):
     backend = get_plugins().backends.get("mindspore")
     assert resolve_packing(cfg, backend, MindSporeOptions(device_target="CPU")) is False
     assert resolve_packing(cfg, backend, MindSporeOptions(device_target="Ascend")) is True
+
+
+def test_rope_scaling_maps_or_is_refused():
+    llama3 = {
+        "rope_type": "llama3",
+        "factor": 8,
+        "original_max_position_embeddings": 8192,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+    }
+    ext = rope_extension({"rope_scaling": llama3})
+    assert ext["extend_method"] == "LLAMA3" and ext["scaling_factor"]["factor"] == 8.0
+    assert rope_extension({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}) == {}
+    with pytest.raises(SftError, match="yarn"):
+        rope_extension({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})

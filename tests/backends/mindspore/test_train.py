@@ -8,6 +8,7 @@ data-parallel workers keeps both ranks identical.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ def _run(tmp_path_factory: pytest.TempPathFactory, model: Path, method: str, **k
 
 @pytest.fixture(scope="module")
 def llama_lora(tmp_path_factory, tiny_llama):
-    return _run(tmp_path_factory, tiny_llama, "lora")
+    return _run(tmp_path_factory, tiny_llama, "lora", checkpoint={"every_steps": 3})
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,34 @@ def test_peft_adapter_reproduces_mindformers_final_loss(llama_lora, tmp_path):
     merged = torch_loss(final / "model", batch, tmp_path / "merged")
     assert abs(with_adapter - ms_loss) < 1e-4, (with_adapter, ms_loss)
     assert abs(merged - ms_loss) < 1e-4, (merged, ms_loss)
+
+
+def test_resume_from_mindformers_checkpoint_equals_uninterrupted_run(llama_lora, tmp_path):
+    plan, _ = llama_lora
+    run = tmp_path / "run"
+    shutil.copytree(plan.run_dir, run)
+    # "interrupt" after step 3: drop the step-6 checkpoint and the later metrics
+    ckpts = run / "mindformers" / "output" / "checkpoint" / "rank_0"
+    step3 = next(p for p in ckpts.glob("*.ckpt") if p.name.endswith("_3.ckpt"))
+    for p in ckpts.glob("*.ckpt"):
+        if p != step3:
+            p.unlink()
+    meta = {"last_epoch": 1, "last_step": 3, "last_ckpt_file": step3.name}
+    (ckpts / "meta.json").write_text(json.dumps(meta))
+    lines = (run / "metrics.jsonl").read_text().splitlines()[:3]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    resumed = make_plan(
+        run, plan.model.path, "lora", checkpoint={"every_steps": 3, "resume": "auto"}
+    )
+    result = train(resumed, RunEvents(resumed.config, run, get_plugins().hook))
+    assert "resume_training: true" in (run / "mindformers.yaml").read_text()
+    assert result.steps == 6
+    assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(plan.run_dir)]
+    a = load_ckpt(plan.run_dir / "final" / "mindspore" / "model.ckpt")
+    b = load_ckpt(run / "final" / "mindspore" / "model.ckpt")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name].data, b[name].data), name
 
 
 def test_llama_full_trains(tmp_path_factory, tiny_llama):

@@ -41,19 +41,21 @@ _LORA = re.compile(r"^(.*)\.mindpet_delta_lora_([ab])$")
 
 
 def final_checkpoint(output_dir: Path, rank: int = 0) -> Path:
-    """The newest `<prefix>_rank_R-<epoch>_<step>.ckpt` MindFormers saved for this rank."""
-    found = list((output_dir / "checkpoint" / f"rank_{rank}").glob("*.ckpt"))
+    """The checkpoint MindFormers saved last for this rank: meta.json's `last_ckpt_file` (a
+    resumed run saves under another prefix, e.g. `sft_rank_0_1-1_3.ckpt`), else the newest."""
+    rank_dir = output_dir / "checkpoint" / f"rank_{rank}"
+    meta = rank_dir / "meta.json"
+    if meta.is_file():
+        last = rank_dir / json.loads(meta.read_text()).get("last_ckpt_file", "")
+        if last.is_file():
+            return last
+    found = list(rank_dir.glob("*.ckpt"))
     if not found:
         raise SftError(
-            f"MindFormers saved no checkpoint under {output_dir}/checkpoint/rank_{rank}; "
-            f"see the worker log in {output_dir.parent}"
+            f"MindFormers saved no checkpoint under {rank_dir}; see the worker log in "
+            f"{output_dir.parent}"
         )
-
-    def step(p: Path) -> tuple[int, int]:
-        m = re.search(r"-(\d+)_(\d+)\.ckpt$", p.name)
-        return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-
-    return max(found, key=step)
+    return max(found, key=lambda p: p.stat().st_mtime)
 
 
 def split_lora(

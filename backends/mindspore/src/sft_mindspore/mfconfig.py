@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from sft.errors import ConfigError
+from sft.errors import ConfigError, SftError
 
 from sft_mindspore.cpu_compat import cpu_model_config
 from sft_mindspore.weights import MODULE_MAP
@@ -113,9 +113,29 @@ def model_config(hf: dict[str, Any], seq_length: int, device: str, batch_size: i
         "offset": 0,
         "checkpoint_name_or_path": "",
     }
+    mc.update(rope_extension(hf))
     if device == "CPU":
         mc.update(cpu_model_config())
     return mc
+
+
+def rope_extension(hf: dict[str, Any]) -> dict[str, Any]:
+    """HF rope scaling (llama3, linear) -> MindFormers' extend_method / scaling_factor."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return {}
+    if kind == "llama3":
+        keys = ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")
+        factor = {k: rope[k] for k in keys}
+        factor["factor"] = float(factor["factor"])
+        return {"extend_method": "LLAMA3", "scaling_factor": factor}
+    if kind == "linear":
+        return {"extend_method": "LINEAR", "scaling_factor": {"factor": float(rope["factor"])}}
+    raise SftError(
+        f"model: rope scaling {kind!r} has no MindFormers legacy llama counterpart (llama3 and "
+        "linear do); use --backend torch for this model"
+    )
 
 
 def lr_schedule(train: Any, total_steps: int) -> dict[str, Any]:
