@@ -232,8 +232,19 @@ class Engine:
         """Context for one micro-batch's forward + backward; gradients sync only when `last`."""
         return contextlib.nullcontext()
 
+    owns_loss_scaling = False  # True: the engine scales fp16 losses, not torch.amp
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once the loop has built its optimizer (DeepSpeed wraps it)."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
     def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def optimizer_step(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+        scaler.step(optimizer)
 
     @contextlib.contextmanager
     def full_weights(self) -> Iterator[None]:
@@ -410,7 +421,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
                    "shard; use parallel.strategy: ddp")
 
 
-def wrap_model(model: nn.Module, plan: TrainPlan, device: torch.device) -> Engine:
+def wrap_model(model: nn.Module, plan: TrainPlan, device: torch.device,
+               precision: str = "fp32") -> Engine:
     """The engine for `parallel.strategy` at this world size. Call it after the method is
     applied (LoRA/freeze) and before the optimizer is built."""
     par = plan.config.parallel
@@ -423,7 +435,7 @@ def wrap_model(model: nn.Module, plan: TrainPlan, device: torch.device) -> Engin
             raise SftError("parallel.strategy: fsdp with method qlora is not supported by the "
                            "torch backend (4-bit weights cannot be sharded as DTensors); use ddp")
         return FSDPEngine(model, device, par.cpu_offload)
-    raise SftError(
-        f"parallel.strategy: {par.strategy} runs through DeepSpeed, which the torch training "
-        "loop does not drive yet; use ddp or fsdp (see docs/distributed.md)"
-    )
+    from sft_torch import deepspeed  # zero2 / zero3
+
+    return deepspeed.wrap(model, plan.config, plan.config.train.accumulation(world_size()),
+                          world_size(), precision)

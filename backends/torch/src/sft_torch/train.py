@@ -108,15 +108,18 @@ class Trainer:
         self.model = self._build_model()
         # DDP / FSDP2 wrapping for world > 1 (sft_torch.distributed); before the optimizer,
         # because FSDP2 replaces the parameters with sharded DTensors
-        self.engine = distributed.wrap_model(self.model, plan, self.device)
+        self.engine = distributed.wrap_model(self.model, plan, self.device, self.precision)
         chunked = opts.chunked_loss and logits_are_plain(self.model)
         self.loss_settings = LossSettings(
             chunked=chunked, chunk_size=opts.loss_chunk_size,
             packed="mask" if opts.packed_attention == "mask" else "position_ids")
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.train)
+        self.engine.attach_optimizer(self.optimizer)  # DeepSpeed ZeRO wraps the optimizer
         self.scheduler = build_scheduler(self.optimizer, cfg.train, self.schedule.total_steps)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(  # DeepSpeed scales fp16 losses itself
+            self.device.type,
+            enabled=self.precision == "fp16" and not self.engine.owns_loss_scaling)
         self.state = TrainState(self.model, self.optimizer, self.scheduler, self.rank,
                                 engine=self.engine)  # sft_torch.distributed: FSDP2 checkpoints
         self.fingerprint = fingerprint(plan, self.schedule)
@@ -162,7 +165,7 @@ class Trainer:
                 with self.autocast():
                     loss, _ = self.engine.forward(batch_loss, batch, self.loss_settings)
                 loss = self.guard.poison(loss, step) * weight
-                self.scaler.scale(loss * scale).backward()
+                self.engine.backward(self.scaler.scale(loss * scale))  # DeepSpeed: its own
             loss_sum += float(loss.detach())
             tokens += int(batch["attention_mask"].sum()) * int(weight)
         loss_sum, tokens_f = runtime.all_reduce_sum([loss_sum, float(tokens)], self.device)
@@ -170,7 +173,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         applied = self._allowed(step, loss_sum / max(n_global, 1), grad_norm, step_rows)
         if applied:
-            self.scaler.step(self.optimizer)
+            self.engine.optimizer_step(self.scaler, self.optimizer)  # DeepSpeed: in clip
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if applied:

@@ -1,0 +1,198 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 for the torch backend: the JSON config generated from the neutral
+job spec, and the engine the training loop drives (`sft_torch.distributed.Engine` interface).
+
+    $ pip install "sft-torch[deepspeed]"
+    $ sft run --config cfg.yaml parallel.nproc_per_node=8 parallel.strategy=zero3 \\
+          parallel.cpu_offload=true
+    $ sft run --config cfg.yaml parallel.nproc_per_node=8 parallel.strategy=zero2 \\
+          parallel.deepspeed_config=my_ds.json          # your own JSON ("auto" values filled)
+
+    ds_config(config, accumulation=4, world=8, precision="bf16")   # the JSON, as a dict
+
+The spec stays the single source of truth: micro batch, accumulation, global batch, clipping
+and precision always come from it. In your own JSON, leave those keys out or set them to
+"auto"; a different value is an error rather than a silent change of the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from sft.errors import SftError
+from sft.specs import RunConfig
+from torch import nn
+
+from sft_torch.distributed import Engine, _Root
+
+INSTALL = 'pip install "sft-torch[deepspeed]"  (or: pip install deepspeed)'
+
+
+def ds_config(config: RunConfig, accumulation: int, world: int, precision: str) -> dict[str, Any]:
+    """The DeepSpeed JSON for `parallel.strategy` zero2 / zero3, or the user's own file with
+    the spec's values filled in."""
+    par = config.parallel
+    ours = spec_values(config, accumulation, world, precision)
+    if par.deepspeed_config:
+        return merge_user_config(read_json(par.deepspeed_config), ours)
+    stage = 3 if par.strategy == "zero3" else 2
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+    if par.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if stage == 3:
+        # whole 16-bit weights on save, so RUN/final holds a normal model
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        **ours,
+        "zero_optimization": zero,
+        # the loop's AdamW (no weight decay on biases/norms) is the optimizer ZeRO partitions
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,  # sft logs metrics itself
+    }
+
+
+def spec_values(config: RunConfig, accumulation: int, world: int,
+                precision: str) -> dict[str, Any]:
+    tr = config.train
+    return {
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": tr.micro_batch_size * accumulation * world,
+        "gradient_clipping": tr.max_grad_norm or 0.0,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+    }
+
+
+def read_json(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise SftError(f"parallel.deepspeed_config: {path} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise SftError(f"parallel.deepspeed_config: {path} is not valid JSON "
+                       f"(line {exc.lineno}: {exc.msg})") from exc
+    if not isinstance(data, dict):
+        raise SftError(f"parallel.deepspeed_config: {path} must hold a JSON object")
+    return data
+
+
+def merge_user_config(user: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    """The user's JSON with the spec's values where it says "auto" or nothing; a conflicting
+    value is an error naming both."""
+    out = dict(user)
+    conflicts = []
+    for key, value in ours.items():
+        if isinstance(value, dict):
+            mine = dict(out.get(key) or {})
+            if mine.get("enabled", "auto") not in ("auto", value["enabled"]):
+                conflicts.append(f"{key}.enabled={mine['enabled']} (spec: {value['enabled']})")
+            out[key] = {**value, **{k: v for k, v in mine.items() if k != "enabled"},
+                        "enabled": value["enabled"]}
+        elif out.get(key, "auto") == "auto":
+            out[key] = value
+        elif out[key] != value:
+            conflicts.append(f"{key}={out[key]} (spec: {value})")
+    if conflicts:
+        raise SftError(
+            "parallel.deepspeed_config: these values differ from the job spec: "
+            + "; ".join(conflicts) + ". Set them to \"auto\" (or remove them) and change "
+            "train.* / parallel.* in the spec instead"
+        )
+    if "zero_optimization" not in out:
+        raise SftError("parallel.deepspeed_config: the JSON has no zero_optimization section")
+    return out
+
+
+class DeepSpeedEngine(Engine):
+    """The loop's micro-batches go through `deepspeed.initialize`'s engine: backward per
+    micro-batch with the accumulation boundary set by the loop, one `step()` per optimizer step
+    (ZeRO reduces, clips per `gradient_clipping` and updates the partitioned fp32 weights)."""
+
+    checkpoint_format = "deepspeed"
+    owns_loss_scaling = True  # fp16 loss scaling is DeepSpeed's, not torch.amp's
+
+    def __init__(self, model: nn.Module, config: dict[str, Any], strategy: str) -> None:
+        super().__init__(model)
+        self.strategy, self.config, self.ds = strategy, config, None
+        self.root = _Root(model)
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Build the DeepSpeed engine around the loop's optimizer (its LR schedule keeps
+        driving the param groups, which ZeRO shares)."""
+        import deepspeed
+
+        self.ds, _, _, _ = deepspeed.initialize(model=self.root, optimizer=optimizer,
+                                                config=self.config, dist_init_required=False)
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self.engine()(fn, *args, **kwargs)
+
+    def evaluate(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return self.engine()(fn, *args, **kwargs)
+
+    def accumulate(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        self.engine().set_gradient_accumulation_boundary(last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine().backward(loss, scale_wrt_gas=False)  # already the global token mean
+
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
+        """DeepSpeed reduces, clips (per `gradient_clipping`) and updates in one `step()`, so
+        the update happens here and the norm it measured is returned: the NaN policy can
+        stop after such a step but not skip it (see `wrap`)."""
+        ds = self.engine()
+        ds.step()
+        norm = ds.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def optimizer_step(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+        """Nothing left to do: `clip_grad_norm` already stepped."""
+
+    def engine(self) -> Any:
+        if self.ds is None:
+            raise RuntimeError("DeepSpeedEngine used before attach_optimizer()")
+        return self.ds
+
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[None]:
+        """ZeRO-3 partitions the parameters: gather them whole on every rank to save."""
+        if self.config["zero_optimization"].get("stage") != 3:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+            yield
+
+
+def wrap(model: nn.Module, config: RunConfig, accumulation: int, world: int,
+         precision: str) -> DeepSpeedEngine:
+    """The engine for zero2 / zero3, after checking what DeepSpeed cannot do here."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise SftError(f"parallel.strategy: {config.parallel.strategy} needs DeepSpeed, which "
+                       f"is not installed; install it with: {INSTALL}, or use ddp / fsdp")
+    if config.train.nan_policy == "skip":
+        raise SftError(f"train.nan_policy: skip cannot hold back an update inside DeepSpeed's "
+                       f"engine; use nan_policy: stop with parallel.strategy "
+                       f"{config.parallel.strategy}, or ddp / fsdp")
+    if config.checkpoint.every_steps or config.checkpoint.resume:
+        raise SftError(f"checkpoint: resumable checkpoints with parallel.strategy "
+                       f"{config.parallel.strategy} are not supported by the torch backend yet; "
+                       f"remove checkpoint.every_steps / resume, or use ddp or fsdp")
+    if config.method.name == "qlora":
+        raise SftError("parallel.strategy: ZeRO with method qlora is not supported; use ddp")
+    return DeepSpeedEngine(model, ds_config(config, accumulation, world, precision),
+                           config.parallel.strategy)
