@@ -41,8 +41,9 @@ def step(name: str):
 def setup() -> None:
     import torch
 
-    # Every core this machine has (the demo is the only job); quiet library chatter.
-    torch.set_num_threads(os.cpu_count() or 1)
+    # Every core this machine has (the demo is the only job; SFT_NUM_THREADS overrides it on a
+    # shared machine, where idle-spinning extra threads cost more than they give).
+    torch.set_num_threads(threads())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
@@ -50,11 +51,16 @@ def setup() -> None:
     hf_logging.disable_progress_bar()
 
 
+def threads() -> int:
+    return int(os.environ.get("SFT_NUM_THREADS") or os.cpu_count() or 1)
+
+
 def train(overrides: list[str]) -> dict[str, Any]:
     from sft.config import load_config
     from sft.run import run
 
-    config = load_config(CONFIG, [f"output_dir={RUN_DIR.resolve()}", *overrides])
+    first = [f"output_dir={RUN_DIR.resolve()}", f"torch.num_threads={threads()}"]
+    config = load_config(CONFIG, [*first, *overrides])
     return run(config)
 
 
