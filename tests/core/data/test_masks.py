@@ -190,6 +190,7 @@ def test_llama3_template_multi_turn(llama3_tokenizer: Path) -> None:
     assert encode(llama3_tokenizer, msgs, template="llama3") == (ids, labels)
 
 
+@pytest.mark.slow
 def test_smollm2_own_template(smol_tokenizer: Path) -> None:
     # SmolLM2's template inserts its own system prompt when there is none: context, never trained.
     msgs = [
@@ -222,6 +223,7 @@ def test_smollm2_own_template(smol_tokenizer: Path) -> None:
     assert labels.count(2) == 2  # <|im_end|> (id 2, SmolLM2's eos) ends each trained turn
 
 
+@pytest.mark.slow
 def test_smollm2_with_system_prompt(smol_tokenizer: Path) -> None:
     msgs = [Message(S, "Answer in French."), Message(U, "Hello"), Message(A, "Bonjour")]
     ids, labels = encode(smol_tokenizer, msgs)

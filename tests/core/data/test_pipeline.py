@@ -204,3 +204,30 @@ def test_data_commands(model_dir: Path, tmp_path: Path, capsys) -> None:
     assert main(["data", "prepare", "--config", str(cfg), "--format", "nosuch"]) == 1
     assert "no installed plugin writes data format 'nosuch'" in capsys.readouterr().err
     assert (tmp_path / "run/data.json").is_file() and (tmp_path / "run/rejects.jsonl").is_file()
+
+
+def test_worker_processes_give_identical_results(
+    tiny_tokenizer: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from tests.core.data.test_accounting import mixed_file
+
+    src = tmp_path / "d.jsonl"
+    mixed = mixed_file(tmp_path / "mixed.jsonl").read_bytes()
+    src.write_bytes(mixed + chats(tmp_path / "c.jsonl", n=600).read_bytes() + mixed)
+    runs = []
+    for workers in ("1", "2"):
+        monkeypatch.setenv("SFT_DATA_WORKERS", workers)
+        cfg = make_config(
+            tmp_path, {"train": str(src), "max_seq_len": 128, "cache_dir": str(tmp_path / workers)}
+        )
+        runs.append(prepare_data(cfg, resolved(tiny_tokenizer), run_dir=tmp_path / f"run{workers}"))
+    one, two = runs
+    assert one.key == two.key and one.stats == two.stats and one.stats["train"]["records"] == 620
+    assert np.array_equal(one.train.input_ids, two.train.input_ids)
+    assert (
+        np.array_equal(one.train.labels, two.train.labels)
+        and one.train.sources == two.train.sources
+    )
+    assert (tmp_path / "run1/rejects.jsonl").read_text() == (
+        tmp_path / "run2/rejects.jsonl"
+    ).read_text()

@@ -21,6 +21,7 @@ not shifted:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -114,9 +115,23 @@ class Encoder:
                 continue
             enc = next(encs)
             text, sp = next(it)
-            ids = np.asarray(enc.ids, dtype=np.int32)
-            result.append((ids, labels_from_spans(ids, enc.offsets, sp, len(text))))
+            ids = np.array(enc.ids, dtype=np.int32)
+            result.append((ids, labels_for(enc, ids, sp, len(text))))
         return result
+
+
+def labels_for(enc: Any, ids: np.ndarray, spans: Spans, n_chars: int) -> np.ndarray:
+    """Labels from span boundaries looked up in the encoding (no per-token offsets list); falls
+    back to offsets where a boundary character belongs to no token (trimmed offsets)."""
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+    for a, b in spans:
+        if b <= a:
+            continue
+        first, last = enc.char_to_token(a), enc.char_to_token(b - 1)
+        if first is None or last is None:
+            return labels_from_spans(ids, enc.offsets, spans, n_chars)
+        labels[first : last + 1] = ids[first : last + 1]
+    return labels
 
 
 def labels_from_spans(ids: np.ndarray, offsets: Any, spans: Spans, n_chars: int) -> np.ndarray:
@@ -158,6 +173,9 @@ def _chat_spans(
         for i, m in enumerate(msgs)
         if trained[i]
     ]
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        if start < end:
+            _not_incremental(render)
     return full, spans
 
 
@@ -166,23 +184,21 @@ def _bounds(
 ) -> tuple[int, int]:
     """Characters of message i: the whole turn, or (trained_part) from the end of the
     generation prompt to the end-of-turn marker, without the whitespace after it."""
-    before, after = prefix(i), prefix(i + 1)
-    head = prefix(i, True) if trained_part else before
-    for piece in (before, head, after):
-        if not full.startswith(piece):
-            raise SftError(
-                f"chat template {render.template.name!r} does not render conversations "
-                f"incrementally (a rendering of the first messages is not a prefix of the whole "
-                "rendering), so loss masks cannot be derived from it. Use a built-in template "
-                "(data.template: chatml, llama3, ...) or a .jinja file without history rewriting"
-            )
-    if not len(before) <= len(head) <= len(after):
-        raise SftError(
-            f"chat template {render.template.name!r}: the generation prompt is not a "
-            "prefix of the assistant turn, so loss masks cannot be derived from it"
-        )
+    start = prefix(i, True) if trained_part else prefix(i)
+    after = prefix(i + 1)
+    if not (full.startswith(start) and full.startswith(after) and len(start) <= len(after)):
+        _not_incremental(render)
     end = len(after.rstrip()) if trained_part else len(after)
-    return len(head), max(end, len(head))
+    return len(start), max(end, len(start))
+
+
+def _not_incremental(render: Renderer) -> None:
+    raise SftError(
+        f"chat template {render.template.name!r} does not render conversations incrementally "
+        "(a rendering of the first messages, or the generation prompt, is not a prefix of the "
+        "whole rendering), so loss masks cannot be derived from it. Use a built-in template "
+        "(data.template: chatml, llama3, ...) or a .jinja file that does not rewrite history"
+    )
 
 
 def _complement(spans: Spans, n: int) -> Spans:

@@ -29,20 +29,21 @@ import numpy as np
 
 from sft.data.accounting import Accounting, Sample, apply_length, summary_line
 from sft.data.cache import PreparedData, TokenizedSplit
-from sft.data.conversation import Conversation, RecordError
-from sft.data.formats import convert_record, detect_format
+from sft.data.conversation import RecordError
+from sft.data.formats import detect_format
 from sft.data.masks import Encoder
 from sft.data.sources import fingerprint, read_source, source_files
 from sft.data.stats import check_drop_fraction, split_stats, write_report
 from sft.data.templates import Renderer, resolve_template
 from sft.data.tokenizer import end_of_turn_ids, load_tokenizer, pad_id, save_tokenizer
+from sft.data.workers import EncodePool, Job, default_workers
 from sft.errors import SftError
 from sft.paths import cache_root
 from sft.plugins import Plugins, get_plugins
 from sft.specs import DataSource, RunConfig
 
 PIPELINE_VERSION = "1"
-BATCH = 512  # conversations tokenized per batched tokenizer call
+BATCH = 256  # records per chunk: one batched tokenizer call, one unit of work for a worker
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -158,13 +159,15 @@ def build(
     renderer = Renderer(template, tok)
     encoder = Encoder(tok, renderer, d.mask, d.system_prompt)
     acc = Accounting(on_bad_record=d.on_bad_record)
-    parts = [list(_source_samples(src, plugins, encoder, config, acc)) for src in d.train]
-    eval_acc, eval_samples = None, []
-    if d.eval:
-        eval_acc = Accounting(on_bad_record=d.on_bad_record)
-        for src in d.eval:
-            eval_samples += _source_samples(src, plugins, encoder, config, eval_acc)
-    elif d.eval_fraction > 0:
+    files = [f for src in [*d.train, *(d.eval or [])] for f in source_files(src.path)]
+    with EncodePool(plugins, encoder, default_workers(files)) as pool:
+        parts = [list(_source_samples(src, plugins, pool, config, acc)) for src in d.train]
+        eval_acc, eval_samples = None, []
+        if d.eval:
+            eval_acc = Accounting(on_bad_record=d.on_bad_record)
+            for src in d.eval:
+                eval_samples += _source_samples(src, plugins, pool, config, eval_acc)
+    if not d.eval and d.eval_fraction > 0:
         parts, eval_samples = _hold_out(parts, d.eval_fraction, config.train.seed)
     train = _mix(parts, d.train, config.train.seed)
     if not train:
@@ -195,47 +198,47 @@ def build(
 
 
 def _source_samples(
-    src: DataSource, plugins: Plugins, encoder: Encoder, config: RunConfig, acc: Accounting
+    src: DataSource, plugins: Plugins, pool: EncodePool, config: RunConfig, acc: Accounting
 ) -> Iterator[tuple[Sample, str, int]]:
-    """(sample, where, record number) for every piece this source trains on."""
-    batch: list[Conversation] = []
-    fmt = None if src.format == "auto" else src.format
-    for n, rec in enumerate(read_source(src)):
-        if rec.data is None:
-            assert rec.error is not None
-            acc.reject(rec.where, rec.error)
-            continue
-        fmt = fmt or detect_format(plugins, rec.data, rec.where)
-        try:
-            conv = convert_record(plugins, fmt, src, rec.data, rec.where)
-        except RecordError as exc:
-            acc.reject(rec.where, exc)
-            continue
-        conv.meta["record"] = n
-        batch.append(conv)
-        if len(batch) >= BATCH:
-            yield from _encode(batch, encoder, config, acc)
-            batch = []
-    yield from _encode(batch, encoder, config, acc)
-
-
-def _encode(
-    batch: list[Conversation], encoder: Encoder, config: RunConfig, acc: Accounting
-) -> Iterator[tuple[Sample, str, int]]:
+    """(sample, where, record number) for every piece this source trains on, in file order;
+    bad records and length-policy outcomes are counted in `acc`."""
     d = config.data
-    for conv, enc in zip(batch, encoder.encode(batch), strict=True):
-        if isinstance(enc, RecordError):
-            acc.reject(conv.source, enc)
-            continue
-        for piece in apply_length(
-            enc,
-            where=conv.source,
-            max_seq_len=d.max_seq_len,
-            policy=d.length_policy,
-            plain=conv.plain,
-            acc=acc,
-        ):
-            yield piece, conv.source, int(conv.meta["record"])  # type: ignore[call-overload]
+    fmt = src.format if src.format != "auto" else _detect(src, plugins)
+    for outcomes in pool.map(_jobs(src, fmt)):
+        for item in outcomes:
+            if item[0] == "bad":
+                acc.reject(item[1], RecordError(item[2], item[3]))
+                continue
+            _, where, n, plain, ids, labels = item
+            for piece in apply_length(
+                (ids, labels),
+                where=where,
+                max_seq_len=d.max_seq_len,
+                policy=d.length_policy,
+                plain=plain,
+                acc=acc,
+            ):
+                yield piece, where, n
+
+
+def _detect(src: DataSource, plugins: Plugins) -> str | None:
+    """`format: auto`: the format of the source's first readable record."""
+    for rec in read_source(src):
+        if rec.data is not None:
+            return detect_format(plugins, rec.data, rec.where)
+    return None
+
+
+def _jobs(src: DataSource, fmt: str | None) -> Iterator[Job]:
+    chunk: list[Any] = []
+    for n, rec in enumerate(read_source(src)):
+        err = (rec.error.kind, rec.error.reason) if rec.error else None
+        chunk.append((n, rec.where, rec.data, err))
+        if len(chunk) >= BATCH:
+            yield fmt, src, chunk
+            chunk = []
+    if chunk:
+        yield fmt, src, chunk
 
 
 Tagged = tuple[Sample, str, int]

