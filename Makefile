@@ -13,7 +13,7 @@ DEV_DEPS  := "pytest>=8" "hypothesis>=6.100" pytest-timeout
 PKGS_CORE := -e core -e plugins/example-backend $(addprefix -e ,$(wildcard plugins/gguf))
 PKGS_TORCH := $(PKGS_CORE) -e backends/torch $(wildcard plugins/tensorboard)
 
-.PHONY: demo test test-core test-torch test-ms lint venv-core venv-torch venv-ms clean help venv-bench bench-data
+.PHONY: demo test test-core test-torch test-ms lint venv-core venv-torch venv-ms clean help venv-bench bench-data bench
 
 help:
 	@echo "make demo   - fine-tune SmolLM2-135M-Instruct on CPU and show before/after"
@@ -77,6 +77,11 @@ $(V)/bench/.stamp: core/pyproject.toml backends/torch/pyproject.toml
 
 bench-data: venv-bench
 	$(BENCH)/python benchmarks/data_prepare.py
+
+# Training-speed benchmark (not a test): sft vs TRL SFTTrainer (defaults; packing+padding_free)
+# on SmolLM2-135M LoRA; prints one table. See docs/performance.md.
+bench: venv-bench
+	$(BENCH)/python benchmarks/trl_compare.py --out runs/bench-trl/results.json
 
 clean:
 	rm -rf $(V) runs .pytest_cache
