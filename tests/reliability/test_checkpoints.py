@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from sft.checkpoints import (
     MARKER,
     atomic_checkpoint,
@@ -103,7 +102,9 @@ def test_resaving_a_step_replaces_it_and_pruning_keeps_the_newest(tmp_path: Path
         save(tmp_path, step, keep_last=2)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "step-000003", "step-000004"]
+        "step-000003",
+        "step-000004",
+    ]
 
 
 def test_a_checkpoint_moved_aside_by_a_dead_process_is_put_back(tmp_path: Path) -> None:
@@ -119,6 +120,10 @@ def test_a_checkpoint_moved_aside_by_a_dead_process_is_put_back(tmp_path: Path) 
 
 
 def _dead_pid() -> int:
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(proc.stdout)

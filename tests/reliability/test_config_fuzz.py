@@ -21,40 +21,85 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from sft.config import load_config
 from sft.errors import SftError
 from sft.specs import RunConfig
 
 FUZZ = settings(
-    max_examples=400, deadline=None, derandomize=True,
+    max_examples=400,
+    deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
 BASE: dict[str, Any] = {"backend": "example", "data": {"train": "train.jsonl"}}
 
 # Every documented key path of the spec, so mutations hit real fields as well as invented ones.
-SECTIONS = ["model", "data", "method", "train", "parallel", "checkpoint", "eval", "export",
-            "logging"]
+SECTIONS = [
+    "model",
+    "data",
+    "method",
+    "train",
+    "parallel",
+    "checkpoint",
+    "eval",
+    "export",
+    "logging",
+]
 KNOWN = sorted(
-    {f"{s}.{f}" for s in SECTIONS
-     for f in getattr(RunConfig.model_fields[s].annotation, "model_fields", {})}
-    | {"method.r", "method.alpha", "method.target_modules", "method.bits", "method.name",
-       "backend", "output_dir", "data", "model", "method", "torch.device", "example.foo"}
+    {
+        f"{s}.{f}"
+        for s in SECTIONS
+        for f in getattr(RunConfig.model_fields[s].annotation, "model_fields", {})
+    }
+    | {
+        "method.r",
+        "method.alpha",
+        "method.target_modules",
+        "method.bits",
+        "method.name",
+        "backend",
+        "output_dir",
+        "data",
+        "model",
+        "method",
+        "torch.device",
+        "example.foo",
+    }
 )
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=40),
-    st.sampled_from(["auto", "lora", "full", "qlora", "cosine", "", "~", "../../etc/passwd",
-                     "/nonexistent/model.gguf", "a\x00b", "x" * 5000, "1e400", "-0", "null",
-                     "smollm2-135m-instruct", "!!python/object/apply:os.system"]),
+    st.sampled_from(
+        [
+            "auto",
+            "lora",
+            "full",
+            "qlora",
+            "cosine",
+            "",
+            "~",
+            "../../etc/passwd",
+            "/nonexistent/model.gguf",
+            "a\x00b",
+            "x" * 5000,
+            "1e400",
+            "-0",
+            "null",
+            "smollm2-135m-instruct",
+            "!!python/object/apply:os.system",
+        ]
+    ),
 )
 values = st.recursive(
     scalars,
-    lambda inner: st.one_of(st.lists(inner, max_size=4),
-                            st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 key_paths = st.one_of(
@@ -132,6 +177,14 @@ HOSTILE_YAML = [
     "data: " + "[" * 200 + "]" * 200 + "\n",
     "data: " + "{a: " * 200 + "1" + "}" * 200 + "\n",
     "data: {train: train.jsonl}\nmodel: " + "x" * 100_000 + "\n",
+    "data: {train: train.jsonl}\nbackend: example\nmodel: " + "x" * 300 + "\n",  # > NAME_MAX
+    "data: {train: train.jsonl}\nbackend: example\nmodel: " + "x" * 300 + ".gguf\n",
+    "data: {train: " + "y" * 300 + ".jsonl}\nbackend: example\n",
+    "data: {train: train.jsonl, template: " + "z" * 300 + ".jinja}\nbackend: example\n",
+    "data: {train: train.jsonl}\nbackend: example\neval: {prompts: " + "p" * 300 + "}\n",
+    'data: {train: train.jsonl}\nbackend: example\nmodel: "a\\0b"\n',
+    'data: {train: "./tr\\0ain.jsonl", template: "./t\\0.jinja"}\nbackend: example\n',
+    'data: {train: train.jsonl}\nbackend: example\nmodel: "./m\\0.gguf"\n',
     "\ufeffdata: {train: train.jsonl}\nbackend: example\n",
     "%YAML 9.9\n---\ndata: {}\n",
     "data: {train: train.jsonl}\n---\nbackend: example\n",
@@ -139,12 +192,15 @@ HOSTILE_YAML = [
 
 
 @FUZZ
-@given(text=st.one_of(st.sampled_from(HOSTILE_YAML), st.text(max_size=200)),
-       cut=st.integers(min_value=0, max_value=300), junk=st.binary(max_size=8))
-def test_raw_yaml_fails_clearly(workdir: Path, text: str, cut: int, junk: bytes) -> None:
+@given(
+    text=st.one_of(st.sampled_from(HOSTILE_YAML), st.text(max_size=200)),
+    cut=st.one_of(st.none(), st.integers(min_value=0, max_value=300)),
+    junk=st.binary(max_size=8),
+)
+def test_raw_yaml_fails_clearly(workdir: Path, text: str, cut: int | None, junk: bytes) -> None:
     cfg = workdir / "raw.yaml"
     raw = text.encode("utf-8", errors="surrogatepass")
-    cfg.write_bytes(raw[:cut] + junk if cut < len(raw) else raw)  # truncated, then bytes
+    cfg.write_bytes(raw if cut is None else raw[:cut] + junk)  # whole, or truncated + bytes
     _must_be_clear(cfg)
     assert not (workdir / "PWNED").exists(), "a config must never run code"
 
@@ -153,8 +209,19 @@ override_items = st.one_of(
     st.text(max_size=30),
     st.builds(lambda k, v: f"{k}={v}", key_paths, st.text(max_size=30)),
     st.builds(lambda k, v: f"{k}={json.dumps(v)}", key_paths, values),
-    st.sampled_from(["=", "==", "train=1", "train.lr", ".=1", "data.train.=x", "a..b=1",
-                     "backend=!!python/name:os.system", "data.train=" + "[" * 100]),
+    st.sampled_from(
+        [
+            "=",
+            "==",
+            "train=1",
+            "train.lr",
+            ".=1",
+            "data.train.=x",
+            "a..b=1",
+            "backend=!!python/name:os.system",
+            "data.train=" + "[" * 100,
+        ]
+    ),
 )
 
 
@@ -176,5 +243,5 @@ def test_deep_yaml_nesting_is_a_clear_error(workdir: Path) -> None:
 def test_invalid_utf8_config_names_the_file(workdir: Path) -> None:
     cfg = workdir / "latin1.yaml"
     cfg.write_bytes("data: {train: caf\xe9.jsonl}\n".encode("latin-1"))
-    with pytest.raises(SftError, match="latin1.yaml"):
+    with pytest.raises(SftError, match=r"latin1\.yaml"):
         load_config(cfg)

@@ -24,25 +24,41 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
 from sft.data.pipeline import prepare_data
 from sft.errors import SftError
 from sft.specs import RunConfig
 
 FUZZ = settings(
-    max_examples=60, deadline=None, derandomize=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                           HealthCheck.data_too_large],
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
 )
 
 text = st.text(st.characters(codec="utf-8"), max_size=30)
 words = st.text("abcdefgh xyz", min_size=1, max_size=40)
-roles = st.sampled_from(["user", "assistant", "system", "tool", "human", "gpt", "bot", "",
-                         "USER", "assistant ", "function"])
+roles = st.sampled_from(
+    [
+        "user",
+        "assistant",
+        "system",
+        "tool",
+        "human",
+        "gpt",
+        "bot",
+        "",
+        "USER",
+        "assistant ",
+        "function",
+    ]
+)
 junk = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), text),
-    lambda inner: st.one_of(st.lists(inner, max_size=3),
-                            st.dictionaries(text, inner, max_size=3)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(text, inner, max_size=3)),
     max_leaves=6,
 )
 
@@ -60,8 +76,12 @@ message = st.one_of(
 )
 bad_records = st.one_of(
     st.builds(lambda m: {"messages": m}, st.lists(message, max_size=5)),  # types, roles, order
-    st.builds(lambda q: {"messages": [{"role": "assistant", "content": q},
-                                      {"role": "user", "content": q}]}, words),  # order
+    st.builds(
+        lambda q: {
+            "messages": [{"role": "assistant", "content": q}, {"role": "user", "content": q}]
+        },
+        words,
+    ),  # order
     st.builds(lambda q: good(q, ""), words),  # empty content
     st.builds(lambda q: good(q, " \n\t"), words),
     st.builds(lambda q: {"messages": [{"role": "system", "content": q}]}, words),
@@ -78,15 +98,27 @@ def _deep(n: int) -> str:
 
 raw_lines = st.one_of(
     st.builds(lambda q, a: json.dumps(good(q, a)).encode(), words, words),
-    st.builds(lambda r: json.dumps(r, ensure_ascii=False).encode("utf-8", "surrogatepass"),
-              bad_records),
+    st.builds(
+        lambda r: json.dumps(r, ensure_ascii=False).encode("utf-8", "surrogatepass"), bad_records
+    ),
     st.builds(lambda j: json.dumps(j).encode(), junk),  # lists, numbers, strings, null
     st.builds(lambda t: t.encode("utf-8", "surrogatepass"), text),  # broken JSON
     st.builds(lambda q, a: json.dumps(good(q, a)).encode()[: len(q) + 20], words, words),
     st.builds(lambda b: b'{"messages": "' + b + b'"}', st.binary(min_size=1, max_size=6)),
-    st.sampled_from([_deep(3000).encode(), b'{"messages": [' + b"1," * 5000 + b"1]}",
-                     b"\xff\xfe{}", b"\xc3\x28", b'{"a": NaN}', b"{}", b"[]", b"null",
-                     b'{"messages": [], "messages": 1}', b"\x00"]),
+    st.sampled_from(
+        [
+            _deep(3000).encode(),
+            b'{"messages": [' + b"1," * 5000 + b"1]}",
+            b"\xff\xfe{}",
+            b"\xc3\x28",
+            b'{"a": NaN}',
+            b"{}",
+            b"[]",
+            b"null",
+            b'{"messages": [], "messages": 1}',
+            b"\x00",
+        ]
+    ),
 )
 
 
@@ -96,12 +128,18 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(path: Path, on_bad_record: str, fmt: str) -> RunConfig:
-    return RunConfig.model_validate({
-        "backend": "example",
-        "data": {"train": {"path": str(path), "format": fmt}, "max_seq_len": 256,
-                 "on_bad_record": on_bad_record, "max_drop_fraction": 1.0,
-                 "cache_dir": str(path.parent / "cache")},
-    })
+    return RunConfig.model_validate(
+        {
+            "backend": "example",
+            "data": {
+                "train": {"path": str(path), "format": fmt},
+                "max_seq_len": 256,
+                "on_bad_record": on_bad_record,
+                "max_drop_fraction": 1.0,
+                "cache_dir": str(path.parent / "cache"),
+            },
+        }
+    )
 
 
 def expected_records(lines: list[bytes]) -> int:
@@ -131,9 +169,12 @@ RECORDS_SEEN: list[int] = []
 
 
 @FUZZ
-@given(lines=st.lists(raw_lines, min_size=12, max_size=28), fmt=st.sampled_from(["messages", "auto"]))
-def test_skip_accounts_for_every_record(workdir: Path, tiny_tokenizer: Path,
-                                        lines: list[bytes], fmt: str) -> None:
+@given(
+    lines=st.lists(raw_lines, min_size=12, max_size=28), fmt=st.sampled_from(["messages", "auto"])
+)
+def test_skip_accounts_for_every_record(
+    workdir: Path, tiny_tokenizer: Path, lines: list[bytes], fmt: str
+) -> None:
     path = write(workdir, lines)
     want = expected_records([line.replace(b"\n", b" ") for line in lines])
     run_dir = workdir / "run-skip"
@@ -145,8 +186,12 @@ def test_skip_accounts_for_every_record(workdir: Path, tiny_tokenizer: Path,
         event("clear error")
         return
     acc = data.stats["train"]
-    lost = acc["records"] - acc["trained"] - sum(acc["dropped"].values()) - sum(
-        acc["rejected"].values())
+    lost = (
+        acc["records"]
+        - acc["trained"]
+        - sum(acc["dropped"].values())
+        - sum(acc["rejected"].values())
+    )
     assert lost == 0, acc
     assert acc["records"] == want, f"read {want} records, accounted {acc['records']}: {acc}"
     # split on "\n" only: a reject's detail may hold U+0085 / U+2028, which splitlines() splits
@@ -161,8 +206,9 @@ def test_skip_accounts_for_every_record(workdir: Path, tiny_tokenizer: Path,
 
 @FUZZ
 @given(lines=st.lists(raw_lines, min_size=12, max_size=28))
-def test_error_mode_names_the_bad_record(workdir: Path, tiny_tokenizer: Path,
-                                         lines: list[bytes]) -> None:
+def test_error_mode_names_the_bad_record(
+    workdir: Path, tiny_tokenizer: Path, lines: list[bytes]
+) -> None:
     path = write(workdir, lines)
     try:
         data = prepare(config(path, "error", "messages"), tiny_tokenizer, workdir / "run-err")
@@ -172,7 +218,8 @@ def test_error_mode_names_the_bad_record(workdir: Path, tiny_tokenizer: Path,
         return
     acc = data.stats["train"]
     assert not acc["rejected"] and acc["records"] == expected_records(
-        [line.replace(b"\n", b" ") for line in lines])
+        [line.replace(b"\n", b" ") for line in lines]
+    )
     RECORDS_SEEN.append(acc["records"])
 
 

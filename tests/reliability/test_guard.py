@@ -12,7 +12,6 @@ import signal
 from pathlib import Path
 
 import pytest
-
 from sft.errors import SftError
 from sft.guard import (
     EXIT_DIVERGED,

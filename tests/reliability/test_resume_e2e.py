@@ -31,9 +31,8 @@ import pytest
 import yaml
 
 pytest.importorskip("torch")
-from safetensors.numpy import load_file  # noqa: E402
-
-from sft.events import read_metrics  # noqa: E402
+from safetensors.numpy import load_file
+from sft.events import read_metrics
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
@@ -62,9 +61,17 @@ def job(workdir: Path, name: str, method: str, **train: Any) -> Path:
         "model": str(workdir / "model"),
         "data": {"train": "train.jsonl", "max_seq_len": 128},
         "method": method,
-        "train": {"max_steps": STEPS, "precision": "fp32", "micro_batch_size": 2,
-                  "gradient_accumulation_steps": 2, "learning_rate": 1e-2, "warmup_steps": 2,
-                  "seed": 7, "deterministic": True, **train},
+        "train": {
+            "max_steps": STEPS,
+            "precision": "fp32",
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "learning_rate": 1e-2,
+            "warmup_steps": 2,
+            "seed": 7,
+            "deterministic": True,
+            **train,
+        },
         "checkpoint": {"every_steps": 1, "keep_last": 20},
         "logging": {"plot": False, "progress": False},
         "torch": {"device": "cpu", "num_threads": 1},
@@ -79,7 +86,9 @@ def sft_run(cfg: Path, *args: str, env: dict[str, str] | None = None) -> subproc
     return subprocess.Popen(
         [sys.executable, "-m", "sft", "run", "--config", str(cfg), *args],
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -94,12 +103,17 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
     """Poll metrics.jsonl until `step` is logged (the process is then at step+1 or saving)."""
     metrics, deadline = run_dir / "metrics.jsonl", time.time() + 240
     while time.time() < deadline:
-        if metrics.exists() and any(json.loads(line)["step"] >= step
-                                    for line in metrics.read_text().splitlines() if line.strip()):
+        if metrics.exists() and any(
+            json.loads(line)["step"] >= step
+            for line in metrics.read_text().splitlines()
+            if line.strip()
+        ):
             return
         if proc.poll() is not None:
-            pytest.fail(f"run ended (exit {proc.returncode}) before step {step}:\n"
-                        f"{proc.stdout.read() if proc.stdout else ''}")
+            pytest.fail(
+                f"run ended (exit {proc.returncode}) before step {step}:\n"
+                f"{proc.stdout.read() if proc.stdout else ''}"
+            )
         time.sleep(0.01)
     pytest.fail(f"step {step} never logged")
 

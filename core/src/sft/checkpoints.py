@@ -69,7 +69,10 @@ def check_free_space(path: Path, needed_bytes: int) -> None:
 
 @contextmanager
 def atomic_checkpoint(
-    run_dir: Path, step: int, meta: dict[str, Any], keep_last: int | None = None,
+    run_dir: Path,
+    step: int,
+    meta: dict[str, Any],
+    keep_last: int | None = None,
     needed_bytes: int = 0,
 ) -> Iterator[Path]:
     """Yield a temporary directory to fill; on success it becomes the step's checkpoint."""
@@ -188,8 +191,10 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     try:
         data = json.loads((Path(ckpt) / MARKER).read_text())
     except (OSError, ValueError) as exc:
-        raise SftError(f"checkpoint {ckpt}: unreadable {MARKER} ({exc}); resume from another "
-                       "checkpoint or use --resume auto") from None
+        raise SftError(
+            f"checkpoint {ckpt}: unreadable {MARKER} ({exc}); resume from another "
+            "checkpoint or use --resume auto"
+        ) from None
     if not isinstance(data, dict):
         raise SftError(f"checkpoint {ckpt}: {MARKER} is not a JSON object")
     return data

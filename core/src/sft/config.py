@@ -161,6 +161,8 @@ def _unwrap_model(ann: Any) -> Any:
 
 
 def _resolve_path(value: str, base: Path) -> str:
+    if "\0" in value:  # no file has such a name; left as is, the file checks report it (fuzz)
+        return value
     p = Path(os.path.expanduser(value))
     return str(p if p.is_absolute() else (base / p).resolve())
 
@@ -188,7 +190,8 @@ def resolve_paths(data: dict[str, Any], base: Path) -> None:
             d["template"] = _resolve_path(tpl, base)
     m = data.get("model")
     name = m if isinstance(m, str) else (m.get("name_or_path") if isinstance(m, dict) else None)
-    if isinstance(name, str) and (_looks_like_path(name) or (base / name).exists()):
+    # os.path.exists, not Path.exists: a name longer than NAME_MAX must not raise (config fuzz)
+    if isinstance(name, str) and (_looks_like_path(name) or os.path.exists(base / name)):
         resolved = _resolve_path(name, base)
         if isinstance(m, dict):
             m["name_or_path"] = resolved

@@ -85,8 +85,12 @@ class StopSignals:
         if self.requested == "SIGINT" and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: the user does not want to wait
         self.requested = self.requested or name
-        print(f"\nsft: {name} received; finishing this step and writing a checkpoint "
-              "(Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
+        print(
+            f"\nsft: {name} received; finishing this step and writing a checkpoint "
+            "(Ctrl-C again to abort without one)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def injected_nan_steps() -> frozenset[int]:
@@ -133,14 +137,18 @@ class NanPolicy:
                 f"batch: {samples}. The run has diverged: lower train.learning_rate"
             )
         self.skipped.append(step)
-        print(f"sft: skipped step {step}: {what.split(' at ')[0]}; samples: {samples}",
-              file=sys.stderr, flush=True)
+        print(
+            f"sft: skipped step {step}: {what.split(' at ')[0]}; samples: {samples}",
+            file=sys.stderr,
+            flush=True,
+        )
         return False
 
     def describe(self, sample_ids: Sequence[int], limit: int = 8) -> str:
         """`#12 (train.jsonl:13), ...` for the first `limit` samples of a batch."""
         ids = [int(i) for i in sample_ids if int(i) >= 0]
-        parts = [f"#{i} ({self.sources[i]})" if i < len(self.sources) else f"#{i}"
-                 for i in ids[:limit]]
+        parts = [
+            f"#{i} ({self.sources[i]})" if i < len(self.sources) else f"#{i}" for i in ids[:limit]
+        ]
         more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
         return ", ".join(parts) + more

