@@ -15,7 +15,6 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-
 from sft.config import load_config
 from sft.errors import ConfigError, SftError
 
@@ -59,7 +58,7 @@ def test_configs_name_registry_entries_never_import_paths(tmp_path: Path) -> Non
     paths = {p.path for p in info.value.problems}
     assert {"data.train.format", "data.template", "export.formats"} <= paths, str(info.value)
     assert not {"subprocess", "os.system"} & (set(sys.modules) - before)
-    with pytest.raises(ConfigError, match="unknown backend 'os.path'"):
+    with pytest.raises(ConfigError, match=r"unknown backend 'os\.path'"):
         load_config(write_job(tmp_path, {"backend": "os.path", "data": {"train": "train.jsonl"}}))
 
 
