@@ -166,3 +166,18 @@ def test_msrun_two_data_parallel_workers_keep_ranks_identical(tmp_path, tiny_lla
     for name, t in rank0.items():
         assert np.array_equal(t.data, rank1[name].data), name
     assert (plan.run_dir / "mindformers" / "msrun" / "worker_1.log").is_file()
+
+
+def test_worker_failure_names_the_rank_and_its_log(tmp_path, tiny_llama):
+    import yaml
+    from sft.errors import SftError
+    from sft_mindspore.launch import launch
+    from sft_mindspore.train import prepare
+
+    plan = make_plan(tmp_path / "run", tiny_llama, "lora")
+    yaml_path, _, _ = prepare(plan, "CPU")
+    doc = yaml.safe_load(yaml_path.read_text())
+    doc["model"]["arch"]["type"] = "NoSuchCausalLM"
+    yaml_path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(SftError, match=r"worker rank 0 failed .*worker_0\.log"):
+        launch(yaml_path, plan.config.parallel, tmp_path / "work")
