@@ -8,14 +8,15 @@ every backend; this module adds what needs torch.
         ...                                     # skipped: grads zeroed, no optimizer/LR step
     with StopSignals() as stop:
         ...
-        if stop.requested:
-            stop_for_signal(stop.requested, state, run_dir, position, fingerprint, keep_last)
+        if signame := agreed_stop(stop):        # every rank, every step (a tiny all-reduce)
+            stop_for_signal(signame, state, run_dir, position, fingerprint, keep_last)
 
 See docs/reliability.md for what users see.
 """
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -28,7 +29,7 @@ from sft.guard import NanPolicy, Preempted, StopSignals, injected_nan_steps
 from sft_torch.checkpoint import TrainState, save_checkpoint
 from sft_torch.data import Position
 
-__all__ = ["StepGuard", "StopSignals", "stop_for_signal"]
+__all__ = ["StepGuard", "StopSignals", "agreed_stop", "stop_for_signal"]
 
 
 @dataclass
@@ -69,6 +70,40 @@ class StepGuard:
         return False
 
 
+def _collective_device() -> torch.device | None:
+    """Where a tensor for a collective must live, or None in a single process."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agreed_stop(stop: StopSignals) -> str | None:
+    """The stop signal as all ranks agree on it (SIGTERM wins over SIGINT). torchrun forwards a
+    SIGTERM to every worker, but they may notice it one step apart; without agreement one rank
+    would stop while the others wait in the next step's all-reduce forever. Every rank must call
+    this after every step."""
+    code = int(signal.Signals[stop.requested]) if stop.requested else 0
+    device = _collective_device()
+    if device is not None:
+        t = torch.tensor([code], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        code = int(t.item())
+    return signal.Signals(code).name if code else None
+
+
+def _saved_already(ckpt: Path) -> bool:
+    # Rank 0's view, shared with every rank: other nodes may not see rank 0's disk.
+    done = torch.tensor([int((ckpt / MARKER).is_file())], dtype=torch.int64)
+    device = _collective_device()
+    if device is not None:
+        done = done.to(device)
+        torch.distributed.broadcast(done, src=0)
+    return bool(done.item())
+
+
 def stop_for_signal(
     signame: str,
     state: TrainState,
@@ -77,9 +112,10 @@ def stop_for_signal(
     fingerprint: dict[str, Any],
     keep_last: int,
 ) -> NoReturn:
-    """After a stop signal: make sure a complete checkpoint exists for the step just finished
-    (the regular schedule may have written it already), then raise `Preempted` (exit 143/130)."""
+    """After a stop signal (called by every rank): make sure a complete checkpoint exists for
+    the step just finished (the regular schedule may have written it already; otherwise every
+    rank joins the save, a collective under FSDP2), then raise `Preempted` (exit 143/130)."""
     ckpt = checkpoint_dir(run_dir, position.global_step)
-    if state.rank == 0 and not (ckpt / MARKER).is_file():
+    if not _saved_already(ckpt):
         save_checkpoint(state, run_dir, position, fingerprint, keep_last)
     raise Preempted(signame, position.global_step, ckpt if state.rank == 0 else None)

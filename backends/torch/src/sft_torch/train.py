@@ -28,7 +28,7 @@ from sft.events import RunEvents
 from sft_torch import distributed, runtime
 from sft_torch.checkpoint import TrainState, fingerprint, load_checkpoint, save_checkpoint
 from sft_torch.data import Position, Schedule, load_batch, next_position
-from sft_torch.guard import StepGuard, StopSignals, stop_for_signal
+from sft_torch.guard import StepGuard, StopSignals, agreed_stop, stop_for_signal
 from sft_torch.loss import LossSettings, batch_loss, eval_loss
 from sft_torch.methods import apply_method, count_params
 from sft_torch.model import load_model, logits_are_plain
@@ -289,9 +289,11 @@ def fit(trainer: Trainer, started: float | None = None) -> TrainResult:
             bar.update(1)
             evals = maybe_eval(trainer, done.global_step, last) or evals
             maybe_checkpoint(trainer, done, last)
-            if stop.requested:  # preempted: checkpoint this step, exit 143/130, resume later
+            # preempted: checkpoint this step, exit 143/130, resume later. agreed_stop is a
+            # collective (all ranks stop after the same step); after the last step just finish.
+            if not last and (signame := agreed_stop(stop)):
                 ck = trainer.cfg.checkpoint
-                stop_for_signal(stop.requested, trainer.state, trainer.plan.run_dir, done,
+                stop_for_signal(signame, trainer.state, trainer.plan.run_dir, done,
                                 trainer.fingerprint, ck.keep_last)
     if start.global_step >= total:
         evals = trainer.evaluate()
