@@ -1,5 +1,8 @@
 """Helpers for the MindSpore backend tests (run in .venvs/ms by `make test-ms`).
 
+This conftest imports neither mindspore nor sft_mindspore at module level (other environments
+collect this directory too); each test module skips itself where mindspore is missing.
+
 A TrainPlan is built by hand from synthetic token data (the data pipeline has its own tests),
 then trained for real by MindFormers on CPU. Torch-side checks run a small script with
 $SFT_TORCH_PYTHON (the torch environment) and carry the result back as JSON.
@@ -19,14 +22,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-pytest.importorskip("mindspore")
-
 from sft.backend import TrainPlan
 from sft.data.cache import IGNORE_INDEX, PreparedData, TokenizedSplit
 from sft.models import load_resolved
 from sft.specs import RunConfig
-from sft_mindspore.plugin import MindSporeOptions
 
 TORCH_REF = Path(__file__).with_name("torch_ref.py")
 
@@ -94,6 +93,8 @@ def make_plan(
         eos_ids=[2],
     )
     run_dir.mkdir(parents=True, exist_ok=True)
+    from sft_mindspore.plugin import MindSporeOptions
+
     opts = MindSporeOptions(device_target="CPU", threads=1, **options)
     return TrainPlan(
         config=cfg,
