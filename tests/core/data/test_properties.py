@@ -111,3 +111,28 @@ def test_packing_keeps_every_token_within_max_len(lengths: list[int], max_len: i
             t += n
         assert batch["attention_mask"][b].sum() == t
         assert batch["seq_lens"][b] == [lengths[i] for i in row]
+
+
+# Contents with surrounding whitespace make trimming templates (llama3) take the real-render path.
+loose = st.builds(
+    lambda a, c, b: a + c + b, st.sampled_from(["", " ", "\n"]), content, st.sampled_from(["", " "])
+)
+
+
+@SETTINGS
+@given(
+    st.lists(loose, min_size=2, max_size=6),
+    st.sampled_from(["chatml", "llama3", "vicuna_v1.1", "alpaca", "llama2"]),
+    st.sampled_from(["assistant", "last"]),
+)
+def test_substituted_prefixes_equal_real_renderings(
+    tiny_tokenizer: Path, contents: list[str], template: str, mask: str
+) -> None:
+    from sft.data.masks import _chat_spans, _real_prefixes
+
+    msgs = [Message("user" if i % 2 == 0 else "assistant", c) for i, c in enumerate(contents)]
+    _, enc = _encoder(tiny_tokenizer, template, mask)
+    enc.shapes.checked = enc.shapes.CHECKS  # no warm-up comparisons: use the shortcut
+    got = enc.text_and_spans(Conversation(msgs, "prop:1"))
+    want = _chat_spans(enc.render, _real_prefixes(enc.render, msgs), msgs, enc._trained(msgs), mask)
+    assert got == want and enc.shapes.enabled

@@ -22,6 +22,7 @@ not shifted:
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,6 +59,7 @@ class Encoder:
         bos = tokenizer.bos_token_id
         adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
         self.bos_text = tokenizer.bos_token if adds_bos else ""
+        self.shapes = Shapes(renderer)
 
     def text_and_spans(self, conv: Conversation) -> tuple[str, Spans]:
         """The rendered text and its trained character spans; raises RecordError."""
@@ -66,7 +68,20 @@ class Encoder:
         msgs = list(conv.messages)
         if self.system_prompt and msgs[0].role != "system":
             msgs.insert(0, Message("system", self.system_prompt))
-        return _chat_spans(self.render, msgs, self._trained(msgs), self.mask)
+        trained = self._trained(msgs)
+        real = _real_prefixes(self.render, msgs)
+        fast = self.shapes.prefixes(msgs, real(len(msgs))) if self.mask != "all" else None
+        if fast is None:
+            return _chat_spans(self.render, real, msgs, trained, self.mask)
+        try:
+            result = _chat_spans(self.render, fast, msgs, trained, self.mask)
+        except _NoShape:
+            return _chat_spans(self.render, real, msgs, trained, self.mask)
+        if self.shapes.checking():  # the first fast results are compared with real renderings
+            checked = _chat_spans(self.render, real, msgs, trained, self.mask)
+            self.shapes.confirm(result == checked)
+            return checked
+        return result
 
     def _trained(self, msgs: Sequence[Message]) -> list[bool]:
         last = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=-1)
@@ -146,9 +161,8 @@ def labels_from_spans(ids: np.ndarray, offsets: Any, spans: Spans, n_chars: int)
     return np.where(hit, ids, IGNORE_INDEX).astype(np.int32)
 
 
-def _chat_spans(
-    render: Renderer, msgs: list[Message], trained: list[bool], mask: str
-) -> tuple[str, Spans]:
+def _real_prefixes(render: Renderer, msgs: list[Message]) -> Any:
+    """prefix(k, gen): the template's rendering of the first k messages (memoized)."""
     dicts = [{"role": m.role, "content": m.content} for m in msgs]
     cache: dict[tuple[int, bool], str] = {}
 
@@ -164,6 +178,12 @@ def _chat_spans(
                 ) from None
         return cache[k, gen]
 
+    return prefix
+
+
+def _chat_spans(
+    render: Renderer, prefix: Any, msgs: list[Message], trained: list[bool], mask: str
+) -> tuple[str, Spans]:
     full = prefix(len(msgs))
     if mask == "all":  # everything except the whole turns switched off with `train: false`
         off = [_bounds(render, prefix, full, i, False) for i, t in enumerate(trained) if not t]
@@ -199,6 +219,72 @@ def _not_incremental(render: Renderer) -> None:
         "whole rendering), so loss masks cannot be derived from it. Use a built-in template "
         "(data.template: chatml, llama3, ...) or a .jinja file that does not rewrite history"
     )
+
+
+_SLOT = re.compile("\ue000(\\d+)\ue001")
+
+
+class Shapes:
+    """Prefix renderings per role sequence, with placeholder contents, filled in by substitution.
+
+    Rendering every prefix of every conversation costs about two template renders per assistant
+    turn. Most templates treat a message's content as opaque text, so the prefixes of a
+    conversation with roles (system, user, assistant, ...) are the prefixes of a placeholder
+    conversation with the same roles, with the contents substituted. That is used only when the
+    substituted full rendering equals the conversation's real full rendering (rendered for every
+    conversation); otherwise, e.g. for templates that trim or inspect content, the real prefixes
+    are rendered. The first CHECKS uses are also compared with the real prefixes, and any
+    difference switches the shortcut off for good.
+    """
+
+    CHECKS = 32
+
+    def __init__(self, render: Renderer) -> None:
+        self.render = render
+        self.enabled = True
+        self.checked = 0
+        self._pieces: dict[tuple[tuple[str, ...], int, bool], list[str] | None] = {}
+
+    def prefixes(self, msgs: list[Message], full: str) -> Any:
+        """A prefix(k, gen) function by substitution, or None where it does not apply."""
+        if not self.enabled or any("\ue000" in m.content for m in msgs):
+            return None
+        roles = tuple(m.role for m in msgs)
+        contents = [m.content for m in msgs]
+
+        def prefix(k: int, gen: bool = False) -> str:
+            if k == 0 and not gen:
+                return ""
+            pieces = self._shape(roles, k, gen)
+            if pieces is None:
+                raise _NoShape
+            return "".join(p if j % 2 == 0 else contents[int(p)] for j, p in enumerate(pieces))
+
+        try:
+            return prefix if prefix(len(msgs)) == full else None
+        except _NoShape:
+            return None
+
+    def _shape(self, roles: tuple[str, ...], k: int, gen: bool) -> list[str] | None:
+        key = (roles, k, gen)
+        if key not in self._pieces:
+            slots = [{"role": r, "content": f"\ue000{i}\ue001"} for i, r in enumerate(roles[:k])]
+            try:
+                self._pieces[key] = _SLOT.split(self.render(slots, add_generation_prompt=gen))
+            except TemplateError:
+                self._pieces[key] = None
+        return self._pieces[key]
+
+    def checking(self) -> bool:
+        return self.checked < self.CHECKS
+
+    def confirm(self, same: bool) -> None:
+        self.checked += 1
+        self.enabled = self.enabled and same
+
+
+class _NoShape(Exception):
+    pass
 
 
 def _complement(spans: Spans, n: int) -> Spans:
