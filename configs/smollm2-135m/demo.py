@@ -70,15 +70,13 @@ def export(run_dir: Path) -> dict[str, Any]:
     from sft.plugins import get_plugins
 
     reports = {}
-    hf = run_export(
-        "hf", ExportRequest(run_dir=run_dir, out=run_dir / "exports" / "hf", dtype="f32")
-    )
-    reports["hf"] = hf
+    # The directory name becomes the GGUF's name: exports/gguf/smollm2-135m-quill-q8_0.gguf
+    hf_dir = run_dir / "exports" / "hf" / "smollm2-135m-quill"
+    reports["hf"] = hf = run_export("hf", ExportRequest(run_dir=run_dir, out=hf_dir, dtype="f32"))
     if "gguf" in get_plugins().exporters:
-        reports["gguf"] = run_export(
-            "gguf",
-            ExportRequest(run_dir=Path(hf.path), out=run_dir / "exports" / "gguf", dtype="q8_0"),
-        )
+        gguf_dir = run_dir / "exports" / "gguf"
+        req = ExportRequest(run_dir=Path(hf.path), out=gguf_dir, dtype="q8_0")
+        reports["gguf"] = run_export("gguf", req)
     for name, rep in reports.items():
         print(f"    {name}: {rep.path}")
         nums = {k: v for k, v in rep.checks.items() if isinstance(v, (int, float, bool))}
