@@ -66,7 +66,9 @@ def smol_tokenizer(out: Path) -> Path:
     return out
 
 
-def run_sft(records: list[dict[str, Any]], tok_dir: Path, work: Path, max_len: int) -> tuple[float, Any]:
+def run_sft(
+    records: list[dict[str, Any]], tok_dir: Path, work: Path, max_len: int
+) -> tuple[float, Any]:
     from sft.data.pipeline import prepare_data
     from sft.models import ResolvedModel
     from sft.specs import RunConfig
@@ -74,8 +76,14 @@ def run_sft(records: list[dict[str, Any]], tok_dir: Path, work: Path, max_len: i
     src = work / f"train-{len(records)}.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in records))
     cfg = RunConfig.model_validate(
-        {"data": {"train": str(src), "max_seq_len": max_len, "length_policy": "truncate",
-                  "cache_dir": str(work / f"cache-{time.time_ns()}")}}
+        {
+            "data": {
+                "train": str(src),
+                "max_seq_len": max_len,
+                "length_policy": "truncate",
+                "cache_dir": str(work / f"cache-{time.time_ns()}"),
+            }
+        }
     )
     model = ResolvedModel(path=tok_dir, spec=str(tok_dir), model_type="llama", config={})
     t = time.perf_counter()
@@ -87,13 +95,17 @@ def run_trl(records: list[dict[str, Any]], tok: Any, work: Path, max_len: int) -
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(output_dir=str(work / "trl"), max_length=max_len, report_to=[], use_cpu=True, bf16=False)
+    args = SFTConfig(
+        output_dir=str(work / "trl"), max_length=max_len, report_to=[], use_cpu=True, bf16=False
+    )
     # The preparation SFTTrainer.__init__ runs, without building a model around it.
     trainer = SFTTrainer.__new__(SFTTrainer)
     trainer._tokenizer, trainer.chat_template, trainer.completion_only_loss = tok, None, None
     t = time.perf_counter()
     ds = Dataset.from_list(records)
-    ds = trainer._prepare_dataset(ds, tok, args, packing=False, formatting_func=None, dataset_name="train")
+    ds = trainer._prepare_dataset(
+        ds, tok, args, packing=False, formatting_func=None, dataset_name="train"
+    )
     return time.perf_counter() - t, ds
 
 
@@ -117,24 +129,44 @@ def main() -> None:
         records = conversations(a.n)
         run_sft(records[:100], tok_dir, work, a.max_len)  # warm-up: imports, first template compile
         run_trl(records[:100], tok, work, a.max_len)
-        sft_t, trl_t = [], []
+        times: dict[str, list[float]] = {"sft": [], "sft-1proc": [], "trl": []}
         for _ in range(a.repeats):
+            os.environ.pop("SFT_DATA_WORKERS", None)  # default: one worker per CPU (<= 8)
             dt, data = run_sft(records, tok_dir, work, a.max_len)
-            sft_t.append(dt)
+            times["sft"].append(dt)
+            os.environ["SFT_DATA_WORKERS"] = "1"
+            times["sft-1proc"].append(run_sft(records, tok_dir, work, a.max_len)[0])
             dt, ds = run_trl(records, tok, work, a.max_len)
-            trl_t.append(dt)
+            times["trl"].append(dt)
         same = sum(
             data.train.sample(i)[0].tolist() == ds[i]["input_ids"] for i in range(len(records))
         )
         turns = sum(sum(m["role"] == "assistant" for m in r["messages"]) for r in records)
-        s, r = min(sft_t), min(trl_t)
-        print(f"{a.n} conversations ({turns} assistant turns), max_len {a.max_len}, "
-              f"{data.stats['tokens']} tokens, cpus {os.cpu_count()}")
-        print(f"sft prepare : {a.n / s:8.0f} conversations/s  ({s:.2f}s; runs {', '.join(f'{x:.2f}' for x in sft_t)})")
-        print(f"TRL prepare : {a.n / r:8.0f} conversations/s  ({r:.2f}s; runs {', '.join(f'{x:.2f}' for x in trl_t)})")
-        print(f"speedup     : {r / s:.1f}x   identical input_ids: {same}/{a.n}")
-        print(f"sft trained-token fraction {data.stats['trained_fraction']:.1%} "
-              "(assistant turns only); TRL: 100% (no generation markers in this template)")
+        best = {k: min(v) for k, v in times.items()}
+        print(
+            f"{a.n} conversations ({turns} assistant turns), max_len {a.max_len}, "
+            f"{data.stats['tokens']} tokens, {os.cpu_count()} CPUs, load average "
+            f"{os.getloadavg()[0]:.1f}"
+        )
+        labels = {
+            "sft": "sft prepare (workers)",
+            "sft-1proc": "sft prepare (1 process)",
+            "trl": "TRL SFTTrainer prepare",
+        }
+        for k, name in labels.items():
+            runs = ", ".join(f"{x:.2f}" for x in times[k])
+            print(
+                f"{name:24s}: {a.n / best[k]:7.0f} conversations/s  ({best[k]:.2f}s; runs {runs})"
+            )
+        print(
+            f"speedup vs TRL: {best['trl'] / best['sft']:.1f}x (workers), "
+            f"{best['trl'] / best['sft-1proc']:.1f}x (1 process); "
+            f"identical input_ids: {same}/{a.n}"
+        )
+        print(
+            f"sft trained-token fraction {data.stats['trained_fraction']:.1%} "
+            "(assistant turns only); TRL: 100% (no generation markers in this template)"
+        )
 
 
 if __name__ == "__main__":
