@@ -11,9 +11,9 @@ that fails as one clear error.
 - world size 1, or already inside a torchrun worker: train here (joining the process group
   first when WORLD_SIZE > 1, and recording a failure where torchrun's agent can read it);
 - otherwise this process is the launcher: `sft run` has already prepared the data cache (it is
-  content-hashed, so the workers only read it) and written RUN/config.yaml; torchrun's elastic
-  agent (in-process, `torch.distributed.run`) starts `python -m sft run --config RUN/config.yaml`
-  on every local rank and waits. A rank that raises is recorded in its error file; the agent
+  content-hashed, so the workers only read it); torchrun's elastic agent (in-process,
+  `torch.distributed.run`) starts `python -m sft run --config RUN/launch-config.yaml` (the
+  launcher's validated spec) on every local rank and waits. A rank that raises is recorded in its error file; the agent
   then stops the others and the launcher raises `SftError` naming the rank, the cause and the
   log file. On success the launcher returns rank 0's result from RUN/summary.json.
 
@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from sft.backend import TrainPlan, TrainResult
 from sft.errors import SftError
 from sft.events import RunEvents
@@ -94,7 +95,21 @@ def torchrun_args(plan: TrainPlan, log_dir: Path) -> list[str]:
     else:
         args += [f"--node_rank={par.node_rank}", f"--master_addr={par.master_addr}",
                  f"--master_port={par.master_port}"]
-    return [*args, "-m", "sft", "run", "--config", str(plan.run_dir / "config.yaml")]
+    return [*args, "-m", "sft", "run", "--config", str(worker_config(plan))]
+
+
+def worker_config(plan: TrainPlan) -> Path:
+    """The spec the workers load: only the fields the user set (plus the run directory), so
+    each worker validates exactly the config the launcher did. (A full dump would also mark
+    every default as set, and the data cache key notices which fields were given.)"""
+    config = plan.config
+    data = config.model_dump(mode="json", exclude_unset=True, exclude={"backend_options"})
+    data.update(config.backend_options)
+    data["output_dir"] = str(plan.run_dir)
+    path = plan.run_dir / "launch-config.yaml"
+    path.write_text("# Written by sft for the torchrun workers of this run\n"
+                    + yaml.safe_dump(data, sort_keys=False))
+    return path
 
 
 def launch(plan: TrainPlan) -> TrainResult:

@@ -1,0 +1,192 @@
+"""Multi-process training end to end on CPU with gloo: `sft run ... parallel.nproc_per_node=2`
+re-launches through torchrun, and every strategy must train exactly what one process trains
+with the same global batch (fp32, tiny llama, real `sft run` flow with a real data file).
+
+    $ .venvs/torch/bin/python -m pytest tests/backends/torch/test_distributed.py
+
+Each launch starts 2 fresh Python processes (imports + model load dominate: ~30 s per launch on
+2 cores), so the runs are few and short: 4 optimizer steps of global batch 8 over 21 samples,
+which crosses an epoch and ends the epoch with a short step that leaves rank 1 with fewer
+micro-batches than rank 0 (the padding path).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch")
+
+from safetensors.torch import load_file  # noqa: E402
+from sft.config import load_config  # noqa: E402
+from sft.errors import SftError  # noqa: E402
+from sft.events import read_metrics  # noqa: E402
+from sft.run import run  # noqa: E402
+
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
+
+WORDS = "the quick brown fox jumps over lazy dog capital france paris hello cats sea".split()
+TOL = 1e-5
+
+
+def write_data(path: Path, n: int = 21) -> None:
+    rng = __import__("random").Random(0)
+    with path.open("w") as f:
+        for _ in range(n):
+            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
+            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
+            f.write(json.dumps({"instruction": q, "output": a}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
+    """A job spec every test runs with overrides. The data cache is in the spec, so the
+    reference runs prepare it once and every launch (and every rank) reads it."""
+    root = tmp_path_factory.mktemp("dist")
+    write_data(root / "train.jsonl")
+    spec = {
+        "model": str(tiny_llama),
+        "data": {"train": "train.jsonl", "max_seq_len": 256, "packing": False,
+                 "group_by_length": False, "template": "chatml",
+                 "cache_dir": str(root / "cache")},
+        "method": "full",
+        "train": {"max_steps": 4, "learning_rate": 3e-3, "lr_scheduler": "constant",
+                  "warmup_steps": 0, "precision": "fp32", "micro_batch_size": 2,
+                  "global_batch_size": 8},
+        "logging": {"progress": False, "plot": False},
+        "torch": {"device": "cpu", "num_threads": 1},
+    }
+    (root / "job.yaml").write_text(yaml.safe_dump(spec))
+    return root / "job.yaml"
+
+
+def sft_run(job: Path, out: Path, *overrides: str) -> dict:
+    """`sft run` in this process (the launcher; torchrun's workers are new processes)."""
+    return run(load_config(job, [f"output_dir={out}", *overrides]))
+
+
+LORA = "method={name: lora, r: 4, alpha: 8, dropout: 0.0}"  # no dropout: RNG differs per rank
+
+
+@pytest.fixture(scope="module")
+def reference(job: Path) -> Path:
+    """One process, full fine-tuning: what every 2-process full run must reproduce."""
+    out = job.parent / "ref-full"
+    sft_run(job, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_lora(job: Path) -> Path:
+    out = job.parent / "ref-lora"
+    sft_run(job, out, LORA)
+    return out
+
+
+def assert_same_run(run_dir: Path, ref: Path, weights: str = "model.safetensors") -> None:
+    """Same final weights (within 1e-5) and the same loss at every step."""
+    mine, theirs = load_file(str(run_dir / "final" / weights)), load_file(str(ref / "final" / weights))
+    assert sorted(mine) == sorted(theirs)
+    worst = max(float((mine[k].float() - theirs[k].float()).abs().max()) for k in mine)
+    assert worst < TOL, f"final weights differ by {worst}"
+    a = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+    b = [r["loss"] for r in read_metrics(ref) if "loss" in r]
+    assert len(a) == len(b) == 4
+    assert a == pytest.approx(b, rel=TOL, abs=TOL)
+    assert any(x != y for x, y in itertools.pairwise(b))  # a curve, not a constant
+
+
+def test_ddp_two_processes_equal_one_process_and_resume_on_one(job: Path, reference: Path) -> None:
+    out = job.parent / "ddp"
+    summary = sft_run(job, out, "parallel.nproc_per_node=2", "checkpoint.every_steps=2")
+    assert summary["steps"] == 4
+    assert_same_run(out, reference)
+    # rank 0 alone writes the run's files; every rank's log is kept
+    assert len(list((out / "logs" / "node0").rglob("stdout.log"))) == 2
+    # resume the 2-process checkpoint of step 2 with ONE process: DDP checkpoints hold whole
+    # tensors and a global data position, so the world size may change
+    resumed = job.parent / "ddp-resumed-on-1"
+    ckpt = out / "checkpoints" / "step-000002"
+    summary = sft_run(job, resumed, f"checkpoint.resume={ckpt}")
+    assert summary["metrics"]["resumed_at_step"] == 2
+    mine = load_file(str(resumed / "final" / "model.safetensors"))
+    ref = load_file(str(reference / "final" / "model.safetensors"))
+    assert max(float((mine[k] - ref[k]).abs().max()) for k in ref) < TOL
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_of_one_process_over_loopback(job: Path, reference: Path) -> None:
+    out = job.parent / "two-nodes"
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sft", "run", "--config", str(job), f"output_dir={out}",
+             "parallel.nnodes=2", f"parallel.node_rank={node}", "parallel.nproc_per_node=1",
+             "parallel.master_addr=127.0.0.1", f"parallel.master_port={port}"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    for node, (p, text) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"node {node}:\n{text[-3000:]}"
+    assert_same_run(out, reference)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4  # node 0's summary
+
+
+def test_fsdp2_lora_matches_one_process_and_consolidates(job: Path, reference_lora: Path) -> None:
+    out = job.parent / "fsdp"
+    sft_run(job, out, LORA, "parallel.nproc_per_node=2", "parallel.strategy=fsdp",
+            "checkpoint.every_steps=2")
+    # the sharded adapter was gathered into a normal PEFT adapter
+    assert (out / "final" / "adapter_config.json").exists()
+    assert_same_run(out, reference_lora, weights="adapter_model.safetensors")
+    ckpt = out / "checkpoints" / "step-000002"
+    meta = json.loads((ckpt / "sft-checkpoint.json").read_text())
+    assert meta["parallel"] == {"strategy": "fsdp", "world_size": 2, "format": "fsdp-full"}
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    assert weights and all("lora_" in k for k in weights)
+    adapter = load_file(str(reference_lora / "final" / "adapter_model.safetensors"))
+    shapes = sorted(tuple(t.shape) for t in weights.values())
+    assert shapes == sorted(tuple(t.shape) for t in adapter.values())  # whole, not shards
+    # its optimizer state is keyed by name: a DDP (or 1-process) run cannot read it
+    with pytest.raises(SftError, match=r"parallel\.strategy=fsdp"):
+        sft_run(job, job.parent / "fsdp-resumed-on-1", LORA, f"checkpoint.resume={ckpt}")
+
+
+def test_deepspeed_zero2_two_processes_equal_one_process(job: Path, reference: Path) -> None:
+    pytest.importorskip("deepspeed")
+    out = job.parent / "zero2"
+    sft_run(job, out, "parallel.nproc_per_node=2", "parallel.strategy=zero2")
+    assert_same_run(out, reference)
+
+
+def test_a_crashing_rank_fails_the_job_quickly_naming_it(
+        job: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SFT_FAULT_RANK", "1")
+    out = job.parent / "crash"
+    start = time.monotonic()
+    with pytest.raises(SftError) as err:
+        sft_run(job, out, "parallel.nproc_per_node=2")
+    elapsed = time.monotonic() - start
+    message = str(err.value)
+    assert "rank 1" in message and "injected failure on rank 1" in message, message
+    assert str(out / "logs") in message
+    assert elapsed < 120, f"the job took {elapsed:.0f} s to fail"
+    assert not (out / "summary.json").exists()
+    shutil.rmtree(out)
