@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -59,6 +60,9 @@ def train(overrides: list[str]) -> dict[str, Any]:
     from sft.config import load_config
     from sft.run import run
 
+    if RUN_DIR.exists():  # the demo's own output: a rerun starts clean (no appended metrics)
+        print(f"    removing the previous demo run {RUN_DIR}")
+        shutil.rmtree(RUN_DIR)
     first = [f"output_dir={RUN_DIR.resolve()}", f"torch.num_threads={threads()}"]
     config = load_config(CONFIG, [*first, *overrides])
     return run(config)
