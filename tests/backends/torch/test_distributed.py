@@ -56,13 +56,24 @@ def job(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
     write_data(root / "train.jsonl")
     spec = {
         "model": str(tiny_llama),
-        "data": {"train": "train.jsonl", "max_seq_len": 256, "packing": False,
-                 "group_by_length": False, "template": "chatml",
-                 "cache_dir": str(root / "cache")},
+        "data": {
+            "train": "train.jsonl",
+            "max_seq_len": 256,
+            "packing": False,
+            "group_by_length": False,
+            "template": "chatml",
+            "cache_dir": str(root / "cache"),
+        },
         "method": "full",
-        "train": {"max_steps": 4, "learning_rate": 3e-3, "lr_scheduler": "constant",
-                  "warmup_steps": 0, "precision": "fp32", "micro_batch_size": 2,
-                  "global_batch_size": 8},
+        "train": {
+            "max_steps": 4,
+            "learning_rate": 3e-3,
+            "lr_scheduler": "constant",
+            "warmup_steps": 0,
+            "precision": "fp32",
+            "micro_batch_size": 2,
+            "global_batch_size": 8,
+        },
         "logging": {"progress": False, "plot": False},
         "torch": {"device": "cpu", "num_threads": 1},
     }
@@ -95,7 +106,10 @@ def reference_lora(job: Path) -> Path:
 
 def assert_same_run(run_dir: Path, ref: Path, weights: str = "model.safetensors") -> None:
     """Same final weights (within 1e-5) and the same loss at every step."""
-    mine, theirs = load_file(str(run_dir / "final" / weights)), load_file(str(ref / "final" / weights))
+    mine, theirs = (
+        load_file(str(run_dir / "final" / weights)),
+        load_file(str(ref / "final" / weights)),
+    )
     assert sorted(mine) == sorted(theirs)
     worst = max(float((mine[k].float() - theirs[k].float()).abs().max()) for k in mine)
     assert worst < TOL, f"final weights differ by {worst}"
@@ -136,10 +150,25 @@ def test_two_nodes_of_one_process_over_loopback(job: Path, reference: Path) -> N
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "sft", "run", "--config", str(job), f"output_dir={out}",
-             "parallel.nnodes=2", f"parallel.node_rank={node}", "parallel.nproc_per_node=1",
-             "parallel.master_addr=127.0.0.1", f"parallel.master_port={port}"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                "-m",
+                "sft",
+                "run",
+                "--config",
+                str(job),
+                f"output_dir={out}",
+                "parallel.nnodes=2",
+                f"parallel.node_rank={node}",
+                "parallel.nproc_per_node=1",
+                "parallel.master_addr=127.0.0.1",
+                f"parallel.master_port={port}",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for node in (0, 1)
     ]
     outputs = [p.communicate(timeout=240)[0] for p in procs]
@@ -151,8 +180,14 @@ def test_two_nodes_of_one_process_over_loopback(job: Path, reference: Path) -> N
 
 def test_fsdp2_lora_matches_one_process_and_consolidates(job: Path, reference_lora: Path) -> None:
     out = job.parent / "fsdp"
-    sft_run(job, out, LORA, "parallel.nproc_per_node=2", "parallel.strategy=fsdp",
-            "checkpoint.every_steps=2")
+    sft_run(
+        job,
+        out,
+        LORA,
+        "parallel.nproc_per_node=2",
+        "parallel.strategy=fsdp",
+        "checkpoint.every_steps=2",
+    )
     # the sharded adapter was gathered into a normal PEFT adapter
     assert (out / "final" / "adapter_config.json").exists()
     assert_same_run(out, reference_lora, weights="adapter_model.safetensors")
@@ -177,7 +212,8 @@ def test_deepspeed_zero2_two_processes_equal_one_process(job: Path, reference: P
 
 
 def test_a_crashing_rank_fails_the_job_quickly_naming_it(
-        job: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    job: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SFT_FAULT_RANK", "1")
     out = job.parent / "crash"
     start = time.monotonic()

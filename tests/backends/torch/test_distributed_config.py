@@ -23,11 +23,13 @@ pytestmark = pytest.mark.torch
 
 
 def spec(**parallel: object) -> RunConfig:
-    return RunConfig.model_validate({
-        "data": {"train": "x.jsonl"},
-        "train": {"micro_batch_size": 2, "global_batch_size": 32, "max_grad_norm": 0.5},
-        "parallel": {"nproc_per_node": 4, **parallel},
-    })
+    return RunConfig.model_validate(
+        {
+            "data": {"train": "x.jsonl"},
+            "train": {"micro_batch_size": 2, "global_batch_size": 32, "max_grad_norm": 0.5},
+            "parallel": {"nproc_per_node": 4, **parallel},
+        }
+    )
 
 
 def test_zero2_config_from_the_spec() -> None:
@@ -66,8 +68,11 @@ def test_no_clipping_is_zero_in_deepspeed() -> None:
 
 
 def test_user_json_gets_auto_values_from_the_spec(tmp_path: Path) -> None:
-    user = {"train_micro_batch_size_per_gpu": "auto", "bf16": {"enabled": "auto"},
-            "zero_optimization": {"stage": 3, "sub_group_size": 1e9}}
+    user = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": {"stage": 3, "sub_group_size": 1e9},
+    }
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
     cfg = ds_config(spec(strategy="zero3", deepspeed_config=str(path)), 4, 4, "bf16")
@@ -106,8 +111,9 @@ def test_torchrun_command_single_node_uses_a_free_port(tmp_path: Path) -> None:
 def test_torchrun_command_multi_node_names_the_rendezvous(tmp_path: Path) -> None:
     config = spec(nnodes=2, node_rank=1, master_addr="10.0.0.7", master_port=29123)
     args = launch.torchrun_args(plan_for(config, tmp_path), tmp_path / "logs")
-    assert {"--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.7",
-            "--master_port=29123"} <= set(args)
+    assert {"--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.7", "--master_port=29123"} <= set(
+        args
+    )
     assert "--standalone" not in args
 
 
@@ -115,8 +121,10 @@ def test_worker_config_reloads_to_the_same_spec(tmp_path: Path) -> None:
     from sft.config import load_config
 
     (tmp_path / "x.jsonl").write_text('{"text": "hi"}\n')
-    original = load_config(None, [f"data.train={tmp_path / 'x.jsonl'}", "parallel.nproc_per_node=2",
-                                  "torch.device=cpu"])
+    original = load_config(
+        None,
+        [f"data.train={tmp_path / 'x.jsonl'}", "parallel.nproc_per_node=2", "torch.device=cpu"],
+    )
     path = launch.worker_config(plan_for(original, tmp_path))
     again = load_config(path)
     assert again.model_dump(exclude={"output_dir"}) == original.model_dump(exclude={"output_dir"})

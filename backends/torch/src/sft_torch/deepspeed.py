@@ -58,8 +58,7 @@ def ds_config(config: RunConfig, accumulation: int, world: int, precision: str) 
     }
 
 
-def spec_values(config: RunConfig, accumulation: int, world: int,
-                precision: str) -> dict[str, Any]:
+def spec_values(config: RunConfig, accumulation: int, world: int, precision: str) -> dict[str, Any]:
     tr = config.train
     return {
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
@@ -78,8 +77,9 @@ def read_json(path: str) -> dict[str, Any]:
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
-        raise SftError(f"parallel.deepspeed_config: {path} is not valid JSON "
-                       f"(line {exc.lineno}: {exc.msg})") from exc
+        raise SftError(
+            f"parallel.deepspeed_config: {path} is not valid JSON (line {exc.lineno}: {exc.msg})"
+        ) from exc
     if not isinstance(data, dict):
         raise SftError(f"parallel.deepspeed_config: {path} must hold a JSON object")
     return data
@@ -95,8 +95,11 @@ def merge_user_config(user: dict[str, Any], ours: dict[str, Any]) -> dict[str, A
             mine = dict(out.get(key) or {})
             if mine.get("enabled", "auto") not in ("auto", value["enabled"]):
                 conflicts.append(f"{key}.enabled={mine['enabled']} (spec: {value['enabled']})")
-            out[key] = {**value, **{k: v for k, v in mine.items() if k != "enabled"},
-                        "enabled": value["enabled"]}
+            out[key] = {
+                **value,
+                **{k: v for k, v in mine.items() if k != "enabled"},
+                "enabled": value["enabled"],
+            }
         elif out.get(key, "auto") == "auto":
             out[key] = value
         elif out[key] != value:
@@ -104,7 +107,8 @@ def merge_user_config(user: dict[str, Any], ours: dict[str, Any]) -> dict[str, A
     if conflicts:
         raise SftError(
             "parallel.deepspeed_config: these values differ from the job spec: "
-            + "; ".join(conflicts) + ". Set them to \"auto\" (or remove them) and change "
+            + "; ".join(conflicts)
+            + '. Set them to "auto" (or remove them) and change '
             "train.* / parallel.* in the spec instead"
         )
     if "zero_optimization" not in out:
@@ -130,8 +134,9 @@ class DeepSpeedEngine(Engine):
         driving the param groups, which ZeRO shares)."""
         import deepspeed
 
-        self.ds, _, _, _ = deepspeed.initialize(model=self.root, optimizer=optimizer,
-                                                config=self.config, dist_init_required=False)
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=self.root, optimizer=optimizer, config=self.config, dist_init_required=False
+        )
 
     def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return self.engine()(fn, *args, **kwargs)
@@ -176,23 +181,31 @@ class DeepSpeedEngine(Engine):
             yield
 
 
-def wrap(model: nn.Module, config: RunConfig, accumulation: int, world: int,
-         precision: str) -> DeepSpeedEngine:
+def wrap(
+    model: nn.Module, config: RunConfig, accumulation: int, world: int, precision: str
+) -> DeepSpeedEngine:
     """The engine for zero2 / zero3, after checking what DeepSpeed cannot do here."""
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
-        raise SftError(f"parallel.strategy: {config.parallel.strategy} needs DeepSpeed, which "
-                       f"is not installed; install it with: {INSTALL}, or use ddp / fsdp")
+        raise SftError(
+            f"parallel.strategy: {config.parallel.strategy} needs DeepSpeed, which "
+            f"is not installed; install it with: {INSTALL}, or use ddp / fsdp"
+        )
     if config.train.nan_policy == "skip":
-        raise SftError(f"train.nan_policy: skip cannot hold back an update inside DeepSpeed's "
-                       f"engine; use nan_policy: stop with parallel.strategy "
-                       f"{config.parallel.strategy}, or ddp / fsdp")
+        raise SftError(
+            f"train.nan_policy: skip cannot hold back an update inside DeepSpeed's "
+            f"engine; use nan_policy: stop with parallel.strategy "
+            f"{config.parallel.strategy}, or ddp / fsdp"
+        )
     if config.checkpoint.every_steps or config.checkpoint.resume:
-        raise SftError(f"checkpoint: resumable checkpoints with parallel.strategy "
-                       f"{config.parallel.strategy} are not supported by the torch backend yet; "
-                       f"remove checkpoint.every_steps / resume, or use ddp or fsdp")
+        raise SftError(
+            f"checkpoint: resumable checkpoints with parallel.strategy "
+            f"{config.parallel.strategy} are not supported by the torch backend yet; "
+            f"remove checkpoint.every_steps / resume, or use ddp or fsdp"
+        )
     if config.method.name == "qlora":
         raise SftError("parallel.strategy: ZeRO with method qlora is not supported; use ddp")
-    return DeepSpeedEngine(model, ds_config(config, accumulation, world, precision),
-                           config.parallel.strategy)
+    return DeepSpeedEngine(
+        model, ds_config(config, accumulation, world, precision), config.parallel.strategy
+    )

@@ -162,13 +162,15 @@ def rank_micro_batches(schedule: Any, step_rows: list[Row]) -> list[tuple[list[R
     return [(mb, 1.0) for mb in mine] + [(filler, 0.0)] * (most - len(mine))
 
 
-def eval_micro_batches(rows: list[Row], micro_batch_size: int,
-                       max_batches: int | None) -> list[tuple[list[Row], bool]]:
+def eval_micro_batches(
+    rows: list[Row], micro_batch_size: int, max_batches: int | None
+) -> list[tuple[list[Row], bool]]:
     """This rank's eval micro-batches as (rows, real), padded like `rank_micro_batches`; a
     padding batch (real=False) must be evaluated with every label masked so it counts 0 tokens."""
     r, world = rank(), world_size()
-    per_rank = [micro_batches(shard_for_rank(rows, k, world), micro_batch_size)
-                for k in range(world)]
+    per_rank = [
+        micro_batches(shard_for_rank(rows, k, world), micro_batch_size) for k in range(world)
+    ]
     most = max(len(b) for b in per_rank)
     if max_batches:
         most = min(most, max_batches)
@@ -255,14 +257,16 @@ class Engine:
     checkpoint_format = "whole"
 
     def describe(self) -> dict[str, Any]:
-        return {"strategy": self.strategy, "world_size": world_size(),
-                "format": self.checkpoint_format}
+        return {
+            "strategy": self.strategy,
+            "world_size": world_size(),
+            "format": self.checkpoint_format,
+        }
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return optimizer.state_dict()
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer,
-                             state: dict[str, Any]) -> None:
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         optimizer.load_state_dict(state)
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
@@ -357,7 +361,6 @@ class FSDPEngine(Engine):
             for mod, name, param in originals:
                 mod._parameters[name] = param
 
-
     # checkpoints: whole tensors and an optimizer state keyed by parameter name, consolidated
     # on rank 0 (so a resume may use another number of processes)
     checkpoint_format = "fsdp-full"
@@ -367,8 +370,7 @@ class FSDPEngine(Engine):
 
         return get_optimizer_state_dict(self.model, optimizer, options=full_options())
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer,
-                             state: dict[str, Any]) -> None:
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         set_optimizer_state_dict(self.model, optimizer, state, options=full_options(False))
@@ -417,12 +419,15 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     for mod in lm.modules():
         if isinstance(mod, nn.ModuleList) and len(mod) == n:
             return list(mod)
-    raise SftError("parallel.strategy: fsdp could not find this model's decoder layers to "
-                   "shard; use parallel.strategy: ddp")
+    raise SftError(
+        "parallel.strategy: fsdp could not find this model's decoder layers to "
+        "shard; use parallel.strategy: ddp"
+    )
 
 
-def wrap_model(model: nn.Module, plan: TrainPlan, device: torch.device,
-               precision: str = "fp32") -> Engine:
+def wrap_model(
+    model: nn.Module, plan: TrainPlan, device: torch.device, precision: str = "fp32"
+) -> Engine:
     """The engine for `parallel.strategy` at this world size. Call it after the method is
     applied (LoRA/freeze) and before the optimizer is built."""
     par = plan.config.parallel
@@ -432,10 +437,13 @@ def wrap_model(model: nn.Module, plan: TrainPlan, device: torch.device,
         return DDPEngine(model, device)
     if par.strategy == "fsdp":
         if plan.config.method.name == "qlora":
-            raise SftError("parallel.strategy: fsdp with method qlora is not supported by the "
-                           "torch backend (4-bit weights cannot be sharded as DTensors); use ddp")
+            raise SftError(
+                "parallel.strategy: fsdp with method qlora is not supported by the "
+                "torch backend (4-bit weights cannot be sharded as DTensors); use ddp"
+            )
         return FSDPEngine(model, device, par.cpu_offload)
     from sft_torch import deepspeed  # zero2 / zero3
 
-    return deepspeed.wrap(model, plan.config, plan.config.train.accumulation(world_size()),
-                          world_size(), precision)
+    return deepspeed.wrap(
+        model, plan.config, plan.config.train.accumulation(world_size()), world_size(), precision
+    )

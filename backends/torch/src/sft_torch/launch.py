@@ -86,15 +86,23 @@ def record_failure(exc: BaseException) -> None:
 def torchrun_args(plan: TrainPlan, log_dir: Path) -> list[str]:
     """The torchrun command line that runs this plan's resolved config on every rank."""
     par = plan.config.parallel
-    args = [f"--nproc_per_node={par.nproc_per_node}", f"--nnodes={par.nnodes}",
-            "--max_restarts=0", "--monitor_interval=0.5", f"--log_dir={log_dir}",
-            "--tee=3"]
+    args = [
+        f"--nproc_per_node={par.nproc_per_node}",
+        f"--nnodes={par.nnodes}",
+        "--max_restarts=0",
+        "--monitor_interval=0.5",
+        f"--log_dir={log_dir}",
+        "--tee=3",
+    ]
     if par.nnodes == 1:
         # a free port on this machine: two single-node jobs never collide on master_port
         args.append("--standalone")
     else:
-        args += [f"--node_rank={par.node_rank}", f"--master_addr={par.master_addr}",
-                 f"--master_port={par.master_port}"]
+        args += [
+            f"--node_rank={par.node_rank}",
+            f"--master_addr={par.master_addr}",
+            f"--master_port={par.master_port}",
+        ]
     return [*args, "-m", "sft", "run", "--config", str(worker_config(plan))]
 
 
@@ -107,8 +115,10 @@ def worker_config(plan: TrainPlan) -> Path:
     data.update(config.backend_options)
     data["output_dir"] = str(plan.run_dir)
     path = plan.run_dir / "launch-config.yaml"
-    path.write_text("# Written by sft for the torchrun workers of this run\n"
-                    + yaml.safe_dump(data, sort_keys=False))
+    path.write_text(
+        "# Written by sft for the torchrun workers of this run\n"
+        + yaml.safe_dump(data, sort_keys=False)
+    )
     return path
 
 
@@ -124,8 +134,12 @@ def launch(plan: TrainPlan) -> TrainResult:
     if par.node_rank == 0:
         (plan.run_dir / "summary.json").unlink(missing_ok=True)  # never report a stale one
     args = parse_args(torchrun_args(plan, log_dir))
-    print(f"sft: launching {plan.config.parallel.world_size} processes with torchrun "
-          f"(logs: {log_dir})", file=sys.stderr, flush=True)
+    print(
+        f"sft: launching {plan.config.parallel.world_size} processes with torchrun "
+        f"(logs: {log_dir})",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         torchrun(args)
     except ChildFailedError as exc:
@@ -151,9 +165,11 @@ def describe_failure(exc: Any, log_dir: Path) -> str:
     # error of their own (e.g. a lost peer) are worth naming
     others = sorted(r for r, f in exc.failures.items() if r != rank and f.exitcode > 0)
     also = f" (ranks {others} failed too)" if others else ""
-    return (f"distributed training failed: rank {rank} (local rank {failure.local_rank}) "
-            f"stopped with: {message}{also}. The other ranks were stopped. Logs of every rank: "
-            f"{log_dir}" + (f"; error file: {where}" if where else ""))
+    return (
+        f"distributed training failed: rank {rank} (local rank {failure.local_rank}) "
+        f"stopped with: {message}{also}. The other ranks were stopped. Logs of every rank: "
+        f"{log_dir}" + (f"; error file: {where}" if where else "")
+    )
 
 
 def result_of(run_dir: Path) -> TrainResult:
@@ -162,5 +178,9 @@ def result_of(run_dir: Path) -> TrainResult:
     if not path.exists():
         raise SftError(f"the workers finished but rank 0 wrote no {path}; see {run_dir}/logs")
     summary = json.loads(path.read_text())
-    return TrainResult(steps=summary["steps"], final_loss=summary["final_loss"],
-                       outputs=summary.get("outputs", {}), metrics=summary.get("metrics", {}))
+    return TrainResult(
+        steps=summary["steps"],
+        final_loss=summary["final_loss"],
+        outputs=summary.get("outputs", {}),
+        metrics=summary.get("metrics", {}),
+    )

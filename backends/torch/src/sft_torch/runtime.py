@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from functools import lru_cache
 from typing import Any
@@ -30,8 +31,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise SftError("torch.device is 'mps' but MPS is not available; use torch.device=cpu")
     if name == "cuda":
-        rank, _ = dist_info()
-        return torch.device("cuda", rank % torch.cuda.device_count())
+        # this node's GPU for this process: torchrun's LOCAL_RANK (the global rank would pick
+        # the wrong one when a node runs fewer processes than it has GPUs)
+        local = int(os.environ.get("LOCAL_RANK", dist_info()[0]))
+        return torch.device("cuda", local % torch.cuda.device_count())
     return torch.device(name)
 
 
