@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from sft.events import read_metrics
 from sft_torch.data import Position
 from sft_torch.train import Trainer, fit
@@ -135,3 +135,24 @@ def test_nan_policy_stop_names_the_step_and_skip_leaves_weights(tmp_path, tiny_l
     for k in (0, 2):
         ref.train_step(Position(0, k, k), rows[k])
     assert all(torch.equal(skipped[n], p) for n, p in ref.model.named_parameters())
+
+
+def test_freeze_pattern_matches_a_tied_head(tmp_path, tiny_llama):
+    """SmolLM2 ties lm_head to the embeddings: `trainable_modules: [lm_head]` must still match
+    (transformers lists the shared tensor once, under the embedding's name)."""
+    import shutil
+
+    tied = tmp_path / "tied"
+    shutil.copytree(tiny_llama, tied)
+    cfg = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    weights = load_file(str(tied / "model.safetensors"))
+    del weights["lm_head.weight"]  # a tied checkpoint stores the shared tensor once
+    save_file(weights, str(tied / "model.safetensors"), metadata={"format": "pt"})
+    method = {"name": "freeze", "trainable_layers": 0, "trainable_modules": ["lm_head"]}
+    plan = make_plan(tmp_path, tied, method=method)
+    trainer = Trainer(plan, events_for(plan))
+    lm = trainer.model
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
+    assert trainable == {"model.embed_tokens.weight"}

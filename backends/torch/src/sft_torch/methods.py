@@ -93,13 +93,19 @@ def apply_freeze(lm: nn.Module, method: FreezeMethod) -> nn.Module:
     chosen = tuple(prefixes[len(prefixes) - method.trainable_layers:]) if prefixes else ()
     patterns = [re.compile(p) for p in method.trainable_modules]
     hits = {p.pattern: 0 for p in patterns}
-    for name, param in lm.named_parameters():
-        train = name.startswith(chosen) if chosen else False
+    # remove_duplicate=False: a tied head is listed under both names, so `lm_head` matches it.
+    # A shared tensor trains if any of its names is chosen.
+    wanted: dict[int, bool] = {}
+    params = list(lm.named_parameters(remove_duplicate=False))
+    for name, param in params:
+        train = bool(chosen) and name.startswith(chosen)
         for p in patterns:
             if p.search(name):
                 hits[p.pattern] += 1
                 train = True
-        param.requires_grad_(train)
+        wanted[id(param)] = wanted.get(id(param), False) or train
+    for _, param in params:
+        param.requires_grad_(wanted[id(param)])
     if method.train_embeddings:
         lm.get_input_embeddings().requires_grad_(True)  # a tied head shares this weight
     missing = [p for p, n in hits.items() if n == 0]
