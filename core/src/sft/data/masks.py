@@ -111,7 +111,9 @@ class Encoder:
         self, convs: Sequence[Conversation]
     ) -> list[tuple[np.ndarray, np.ndarray] | RecordError]:
         """Encode many conversations with one batched tokenizer call; bad ones give RecordError."""
-        texts, spans, out = [], [], []
+        texts: list[str] = []
+        spans: list[Spans] = []
+        out: list[RecordError | None] = []
         for conv in convs:
             try:
                 t, s = self.text_and_spans(conv)

@@ -162,7 +162,8 @@ def build(
     files = [f for src in [*d.train, *(d.eval or [])] for f in source_files(src.path)]
     with EncodePool(plugins, encoder, default_workers(files)) as pool:
         parts = [list(_source_samples(src, plugins, pool, config, acc)) for src in d.train]
-        eval_acc, eval_samples = None, []
+        eval_acc: Accounting | None = None
+        eval_samples: list[Tagged] = []
         if d.eval:
             eval_acc = Accounting(on_bad_record=d.on_bad_record)
             for src in d.eval:
