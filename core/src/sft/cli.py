@@ -221,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         cmd.main(args=argv if argv is not None else sys.argv[1:], prog_name="sft", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code or 0)
-    except click.ClickException as exc:
-        exc.show()
-        return int(exc.exit_code)
+    except (click.ClickException, typer.TyperException) as exc:  # typer >= 0.2x vendors click
+        exc.show()  # type: ignore[union-attr]
+        return int(getattr(exc, "exit_code", 2))
     except (click.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         return 130
