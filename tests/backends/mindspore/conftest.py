@@ -9,7 +9,7 @@ $SFT_TORCH_PYTHON (the torch environment) and carry the result back as JSON.
 
     plan = make_plan(tmp_path, tiny_llama, method="lora", train={"max_steps": 4})
     result = train(plan, RunEvents(plan.config, plan.run_dir, get_plugins().hook))
-    loss = torch_loss(model_dir, batch, tmp_path, adapter=None)
+    losses = torch_losses([(model_dir, batch, None)], tmp_path)
 """
 
 from __future__ import annotations
@@ -127,19 +127,27 @@ def torch_python() -> str:
     return exe
 
 
-def torch_loss(
-    model_dir: Path, batch: dict[str, np.ndarray], work: Path, adapter: Path | None = None
-) -> float:
-    """Mean token loss of a plain transformers (+ peft) forward, in the torch environment."""
+def torch_losses(
+    jobs: list[tuple[Path, dict[str, np.ndarray], Path | None]], work: Path
+) -> list[float]:
+    """Mean token loss of a plain transformers (+ peft adapter) forward for each
+    (model dir, batch, adapter dir or None), computed in the torch environment."""
     exe = torch_python()
     work.mkdir(parents=True, exist_ok=True)
-    npz, out = work / "torch_batch.npz", work / "torch_loss.json"
-    np.savez(npz, **batch)
-    cmd = [exe, str(TORCH_REF), str(model_dir), str(npz), str(out)]
-    if adapter is not None:
-        cmd += ["--adapter", str(adapter)]
+    spec = []
+    for i, (model, batch, adapter) in enumerate(jobs):
+        np.savez(work / f"batch_{i}.npz", **batch)
+        spec.append(
+            {
+                "model": str(model),
+                "batch": str(work / f"batch_{i}.npz"),
+                "adapter": str(adapter) if adapter else None,
+            }
+        )
+    (work / "jobs.json").write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    cmd = [exe, str(TORCH_REF), str(work / "jobs.json"), str(work / "out.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return float(json.loads(out.read_text())["loss"])
+    return [r["loss"] for r in json.loads((work / "out.json").read_text())]

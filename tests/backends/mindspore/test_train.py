@@ -27,7 +27,7 @@ from tests.backends.mindspore.conftest import (
     first_step_batch,
     make_plan,
     metrics,
-    torch_loss,
+    torch_losses,
 )
 
 pytestmark = [pytest.mark.mindspore, pytest.mark.slow]
@@ -87,30 +87,48 @@ def test_qwen2_full_trains(qwen2_full):
     assert "pet_config" not in (plan.run_dir / "mindformers.yaml").read_text()
 
 
-@pytest.mark.parametrize("which", ["llama_lora", "qwen2_full"])
-def test_first_step_loss_matches_torch(which, request, tmp_path):
-    plan, _ = request.getfixturevalue(which)
-    batch = first_step_batch(plan.run_dir, rows=2)
-    ref = torch_loss(plan.model.path, batch, tmp_path)
-    ms_loss = metrics(plan.run_dir)[0]["loss"]
-    assert abs(ms_loss - ref) < 1e-4, (ms_loss, ref)
-
-
-def test_peft_adapter_reproduces_mindformers_final_loss(llama_lora, tmp_path):
-    plan, _ = llama_lora
-    batch = first_step_batch(plan.run_dir, rows=2)
-    final = plan.run_dir / "final"
-    ms_loss = loss_of(
-        plan.run_dir / "mindformers.yaml",
+@pytest.fixture(scope="module")
+def reference(llama_lora, qwen2_full, tmp_path_factory):
+    """MindFormers' and torch's losses on each run's first-step batch (one torch process):
+    base weights (the first step's loss) and, for the LoRA run, the final weights."""
+    lora_plan, full_plan = llama_lora[0], qwen2_full[0]
+    work = tmp_path_factory.mktemp("reference")
+    lora_batch = first_step_batch(lora_plan.run_dir, rows=2)
+    full_batch = first_step_batch(full_plan.run_dir, rows=2)
+    final = lora_plan.run_dir / "final"
+    ms_final = loss_of(
+        lora_plan.run_dir / "mindformers.yaml",
         final / "mindspore" / "model.ckpt",
-        batch,
-        tmp_path / "ms",
+        lora_batch,
+        work / "ms",
     )
-    assert abs(ms_loss - metrics(plan.run_dir)[0]["loss"]) > 1e-3  # the weights did change
-    with_adapter = torch_loss(plan.model.path, batch, tmp_path / "peft", final / "adapter")
-    merged = torch_loss(final / "model", batch, tmp_path / "merged")
-    assert abs(with_adapter - ms_loss) < 1e-4, (with_adapter, ms_loss)
-    assert abs(merged - ms_loss) < 1e-4, (merged, ms_loss)
+    torch_base_lora, torch_base_full, with_adapter, merged = torch_losses(
+        [
+            (lora_plan.model.path, lora_batch, None),
+            (full_plan.model.path, full_batch, None),
+            (lora_plan.model.path, lora_batch, final / "adapter"),
+            (final / "model", lora_batch, None),
+        ],
+        work / "torch",
+    )
+    return {
+        "llama_lora": (metrics(lora_plan.run_dir)[0]["loss"], torch_base_lora),
+        "qwen2_full": (metrics(full_plan.run_dir)[0]["loss"], torch_base_full),
+        "final": (ms_final, with_adapter, merged),
+    }
+
+
+@pytest.mark.parametrize("which", ["llama_lora", "qwen2_full"])
+def test_first_step_loss_matches_torch(which, reference):
+    ms_loss, torch_loss = reference[which]
+    assert abs(ms_loss - torch_loss) < 1e-4, (ms_loss, torch_loss)
+
+
+def test_peft_adapter_reproduces_mindformers_final_loss(reference):
+    ms_final, with_adapter, merged = reference["final"]
+    assert abs(ms_final - reference["llama_lora"][0]) > 1e-3  # the weights did change
+    assert abs(with_adapter - ms_final) < 1e-4, (with_adapter, ms_final)
+    assert abs(merged - ms_final) < 1e-4, (merged, ms_final)
 
 
 def test_resume_from_mindformers_checkpoint_equals_uninterrupted_run(llama_lora, tmp_path):

@@ -1,38 +1,33 @@
 """Torch-side reference for the MindSpore parity tests; runs in the torch environment.
 
-Plain transformers forward (plus a peft adapter when given) on one batch, with the loss
-normalized as MindFormers does: mean token cross-entropy over the batch's labels != -100
-(labels NOT shifted: position t is predicted from position t-1).
+For each job, a plain transformers forward (plus a peft adapter when given) on one batch, with
+the loss normalized as MindFormers does: mean token cross-entropy over the batch's labels
+!= -100 (labels NOT shifted: position t is predicted from position t-1). All jobs run in one
+process so torch is imported once.
 
-    $ $SFT_TORCH_PYTHON tests/backends/mindspore/torch_ref.py MODEL_DIR BATCH.npz OUT.json \\
-          [--adapter ADAPTER_DIR]
+    $ $SFT_TORCH_PYTHON tests/backends/mindspore/torch_ref.py JOBS.json OUT.json
+    JOBS.json: [{"model": DIR, "batch": "b.npz", "adapter": DIR or null}, ...]
+    OUT.json:  [{"loss": 5.12, "tokens": 19}, ...]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("batch")
-    parser.add_argument("out")
-    parser.add_argument("--adapter")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    if args.adapter:
+def loss_of(model_dir: str, batch: str, adapter: str | None) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, args.adapter)
+        model = PeftModel.from_pretrained(model, adapter)
     model.eval()
-    arrays = np.load(args.batch)
+    arrays = np.load(batch)
     ids = torch.from_numpy(arrays["input_ids"].astype(np.int64))
     labels = torch.from_numpy(arrays["labels"].astype(np.int64))
     with torch.no_grad():
@@ -43,8 +38,17 @@ def main() -> None:
         ignore_index=-100,
         reduction="mean",
     )
-    with open(args.out, "w") as f:
-        json.dump({"loss": float(loss), "tokens": int((labels[:, 1:] != -100).sum())}, f)
+    return {"loss": float(loss), "tokens": int((labels[:, 1:] != -100).sum())}
+
+
+def main() -> None:
+    jobs_path, out_path = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    with open(jobs_path) as f:
+        jobs = json.load(f)
+    results = [loss_of(j["model"], j["batch"], j.get("adapter")) for j in jobs]
+    with open(out_path, "w") as f:
+        json.dump(results, f)
 
 
 if __name__ == "__main__":

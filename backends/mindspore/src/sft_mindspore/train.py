@@ -10,7 +10,6 @@ $ sft run --backend mindspore --config configs/qwen2-tiny/lora.yaml
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -125,8 +124,11 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
         step = rec.pop("step")
         if step <= len(trained):
             rec["trained_tokens"] = trained[step - 1]
+            if rec.get("step_time_s"):
+                rec["tokens_per_s"] = round(trained[step - 1] / rec["step_time_s"], 1)
         events.log(step, rec)
-    outputs = export_final(plan, output_dir)
+    # rank 0's checkpoint lives on node 0: only that node exports
+    outputs = export_final(plan, output_dir) if cfg.parallel.node_rank == 0 else {}
     elapsed = time.time() - start
     return TrainResult(
         steps=len(schedule.steps),
@@ -141,7 +143,3 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
             "mindformers_yaml": str(yaml_path),
         },
     )
-
-
-def final_state(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "final" / "mindspore" / "export.json").read_text())
