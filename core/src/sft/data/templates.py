@@ -167,8 +167,12 @@ def compile_template(source: str) -> Any:
         base = _compile_jinja_template(source).environment
     except ImportError:  # pragma: no cover - a transformers that moved it; same settings here
         base = _own_environment()
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     env = base.overlay()
-    env.is_safe_attribute = _memoized_safety(base.is_safe_attribute)
+    # Memoize only the check we know depends on (type, name) alone, never a subclass's own.
+    if type(base).is_safe_attribute is ImmutableSandboxedEnvironment.is_safe_attribute:
+        env.is_safe_attribute = _memoized_safety(base.is_safe_attribute)
     return env.from_string(source)
 
 
