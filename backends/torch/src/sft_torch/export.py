@@ -199,7 +199,10 @@ def export_hf(req: ExportRequest) -> ExportReport:
     del model
     back = AutoModelForCausalLM.from_pretrained(str(req.out), dtype=torch.float32).eval()
     checks: dict[str, Any] = {"source": kind, "merged": kind == "adapter", "dtype": req.dtype}
-    checks.update(compare_logits(ref, logits_of(back, seqs)))
+    got = logits_of(back, seqs)
+    checks.update(compare_logits(ref, got))
+    if run is not None and run.kind == "adapter":
+        checks.update(qlora_drift(run, seqs, got))
     checks.update(check_template_parity(req.out, meta_dir))
     checks["no_adapter_config"] = not (req.out / "adapter_config.json").exists()
     ok_logits = (
@@ -214,6 +217,56 @@ def export_hf(req: ExportRequest) -> ExportReport:
     )
     ok = ok_logits and checks["template_ids_equal"] and checks["eos_ids_agree"]
     return ExportReport("hf", str(req.out), checks, ok=bool(ok and checks["no_adapter_config"]))
+
+
+def _run_method(run: Any) -> dict[str, Any]:
+    import yaml
+
+    cfg_path = run.final.parent / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    method = (cfg or {}).get("method") or {}
+    return method if isinstance(method, dict) else {"name": method}
+
+
+def qlora_drift(run: Any, seqs: list[list[int]], merged: list[Any]) -> dict[str, Any]:
+    """For a QLoRA run: how far the merged full-precision export is from the model as it was
+    trained (quantized base + adapter). Informational: the merge itself is checked against the
+    dequantized base + adapter above; this measures what quantization during training cost.
+    Needs bitsandbytes and a CUDA GPU, like QLoRA training itself."""
+    method = _run_method(run)
+    if method.get("name") != "qlora":
+        return {}
+    try:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        from sft_torch.generate import run_base_spec
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA GPU here")
+        bits = int(method.get("bits", 4))
+        quant = BitsAndBytesConfig(
+            load_in_4bit=bits == 4,
+            load_in_8bit=bits == 8,
+            bnb_4bit_quant_type=method.get("quant_type", "nf4"),
+            bnb_4bit_use_double_quant=bool(method.get("double_quant", True)),
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        base = AutoModelForCausalLM.from_pretrained(
+            str(resolve_model(run_base_spec(run)).path),
+            quantization_config=quant,
+            device_map={"": 0},
+        )
+        trained = PeftModel.from_pretrained(base, str(run.weights)).eval()
+        with torch.no_grad():
+            ref = [
+                trained(input_ids=torch.tensor([s], device="cuda")).logits[0].double().cpu()
+                for s in seqs
+            ]
+        return {"qlora_drift": compare_logits(ref, merged)}
+    except Exception as exc:  # informational only: say why it was not measured
+        return {"qlora_drift": f"not measured: {type(exc).__name__}: {exc}"}
 
 
 def export_adapter(req: ExportRequest) -> ExportReport:
