@@ -267,7 +267,12 @@ class Engine:
         return optimizer.state_dict()
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        optimizer.load_state_dict(state)
+        if keyed_by_name(state):  # written by FSDP2: whole tensors keyed by parameter name
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, optimizer, state, options=full_options(False))
+        else:
+            optimizer.load_state_dict(state)
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         params = dict(self.model.named_parameters())
@@ -276,16 +281,30 @@ class Engine:
                 params[name].copy_(tensor)
 
     def check_resume(self, saved: dict[str, Any], ckpt: Any) -> None:
-        """Refuse a checkpoint this strategy cannot read. Both formats hold whole tensors and
-        the data position is global, so the world size may change; the formats differ."""
+        """Every checkpoint format sft writes holds whole tensors and a global data position,
+        so any strategy resumes it at any world size; refuse only what is not such a file."""
         fmt = saved.get("format", "whole")
-        if fmt != self.checkpoint_format:
+        if fmt not in ("whole", "fsdp-full"):
             raise SftError(
-                f"checkpoint.resume: {ckpt} was written with parallel.strategy "
-                f"{saved.get('strategy')} ({saved.get('world_size')} processes), whose "
-                f"optimizer state this run's strategy {self.strategy} cannot read; resume "
-                f"with parallel.strategy={saved.get('strategy')}"
+                f"checkpoint.resume: {ckpt} has checkpoint format {fmt!r} (strategy "
+                f"{saved.get('strategy')}), which this version of sft cannot resume"
             )
+
+
+def keyed_by_name(state: dict[str, Any]) -> bool:
+    return any(isinstance(k, str) for k in state.get("state", {}))
+
+
+def by_name(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> dict[str, Any]:
+    """An index-keyed optimizer state (torch's own `state_dict()`) keyed by parameter name
+    instead. Index i is the i-th parameter of the optimizer's groups, which sft builds in the
+    same order whatever the strategy."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    ordered = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    groups = [{**g, "params": [ordered[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {ordered[i]: v for i, v in state["state"].items()}, "param_groups": groups}
 
 
 class DDPEngine(Engine):
@@ -373,6 +392,8 @@ class FSDPEngine(Engine):
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
+        if not keyed_by_name(state):  # written by one process or DDP
+            state = by_name(self.model, optimizer, state)
         set_optimizer_state_dict(self.model, optimizer, state, options=full_options(False))
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
