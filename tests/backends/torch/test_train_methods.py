@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -126,6 +127,8 @@ def test_nan_policy_stop_names_the_step_and_skip_leaves_weights(tmp_path, tiny_l
     trainer = Trainer(plan, events_for(plan))
     result = fit(trainer)
     assert result.metrics["skipped_steps"] == [2]
+    logged = [r for r in read_metrics(plan.run_dir) if "loss" in r]
+    assert all(math.isfinite(r["loss"]) for r in logged) and logged[-1]["skipped_steps"] == 1
     skipped = snapshot(trainer.model)
     monkeypatch.delenv("SFT_TEST_INJECT_NAN_STEP")
     # The same run without step 2: step 1, then step 3's rows (its data position is kept)

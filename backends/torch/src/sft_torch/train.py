@@ -70,19 +70,21 @@ class Meter:
     history: list[float] = field(default_factory=list)
 
     def add(self, s: StepStats) -> None:
-        self.loss_sum, self.trained = self.loss_sum + s.loss_sum, self.trained + s.trained
         self.tokens, self.seconds = self.tokens + s.tokens, self.seconds + s.seconds
-        self.total_trained += s.trained
         self.total_tokens += s.tokens
         self.total_seconds += s.seconds
+        if not s.applied:
+            return  # a skipped (non-finite) step trains nothing and has no loss to average
+        self.loss_sum, self.trained = self.loss_sum + s.loss_sum, self.trained + s.trained
+        self.total_trained += s.trained
         self.history.append(s.loss)
 
     def flush(self) -> dict[str, float]:
         """Token-weighted mean loss and throughput since the last flush."""
-        loss = self.loss_sum / max(self.trained, 1)
-        out = {"loss": loss, "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+        out = {"tokens_per_s": self.tokens / max(self.seconds, 1e-9),
                "trained_tokens": float(self.total_trained), "tokens": float(self.total_tokens)}
-        self.last_loss = loss
+        if self.trained:  # no loss when every step since the last line was skipped
+            out["loss"] = self.last_loss = self.loss_sum / self.trained
         self.loss_sum, self.trained, self.tokens, self.seconds = 0.0, 0, 0, 0.0
         return out
 
