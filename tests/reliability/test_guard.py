@@ -51,6 +51,9 @@ def test_second_ctrl_c_aborts_at_once() -> None:
     with StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested == "SIGINT"
+        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C, forwarded again by torchrun
+        assert stop.requested == "SIGINT"
+        stop._first_at -= 2 * stop.REPEAT_S  # the user presses Ctrl-C again, later
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
 

@@ -31,7 +31,7 @@ def tiny_step(guard: StepGuard, step: int) -> tuple[torch.nn.Linear, torch.optim
     loss = guard.poison(lin(torch.ones(1, 4)).pow(2).sum(), step)
     loss.backward()
     norm = float(torch.nn.utils.clip_grad_norm_(lin.parameters(), 1.0))
-    return lin, opt, float(loss) if math.isfinite(norm) else norm
+    return lin, opt, loss.item() if math.isfinite(norm) else norm
 
 
 def test_poisoned_step_has_nan_gradients_and_skip_drops_them() -> None:

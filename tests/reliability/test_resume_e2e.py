@@ -243,3 +243,25 @@ def test_nan_skip_leaves_the_weights_and_the_schedule_untouched(workdir: Path) -
     rows = {int(r["step"]): r for r in read_metrics(run) if "loss" in r}
     assert rows[5]["lr"] == rows[4]["lr"], "the LR schedule advanced on a skipped step"
     assert all(np.isfinite(rows[s]["loss"]) for s in rows if s != 4)
+
+
+def test_sigterm_to_a_torchrun_job_checkpoints_every_rank_and_exits_143(workdir: Path) -> None:
+    # The launcher's torchrun agent forwards the signal; the 2 gloo workers agree on it, stop
+    # after the same step and checkpoint; the launcher exits 143 too. Then the job resumes.
+    cfg = job(workdir, "ddp-term", "lora")
+    spec = yaml.safe_load(cfg.read_text())
+    spec["parallel"] = {"nproc_per_node": 2}
+    spec["checkpoint"]["every_steps"] = 50
+    cfg.write_text(yaml.safe_dump(spec))
+    run = workdir / "ddp-term"
+    proc = sft_run(cfg)
+    wait_for_step(proc, run, 3)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc, expect=143)
+    assert "stopped by SIGTERM after step" in out, out
+    saved = [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")]
+    assert saved and saved[-1] >= 3, (saved, out)
+    finish(sft_run(cfg, "--resume", "auto"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from"].endswith(f"step-{saved[-1]:06d}")
+    assert sorted(losses(run)) == list(range(1, STEPS + 1))

@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -65,9 +66,14 @@ class StopSignals:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+    #: A repeated SIGINT sooner than this is the same Ctrl-C arriving twice (the terminal sends
+    #: it to every process of the job, and torchrun forwards it to its workers again).
+    REPEAT_S = 1.0
+
     def __init__(self) -> None:
         self.requested: str | None = None
         self._old: dict[int, Any] = {}
+        self._first_at = 0.0
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -82,9 +88,12 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
-        if self.requested == "SIGINT" and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: the user does not want to wait
-        self.requested = self.requested or name
+        if self.requested is not None:
+            late = time.monotonic() - self._first_at > self.REPEAT_S
+            if signum == signal.SIGINT and self.requested == "SIGINT" and late:
+                raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
+            return
+        self.requested, self._first_at = name, time.monotonic()
         print(
             f"\nsft: {name} received; finishing this step and writing a checkpoint "
             "(Ctrl-C again to abort without one)",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,7 @@ def worker_config(plan: TrainPlan) -> Path:
 
 def launch(plan: TrainPlan) -> TrainResult:
     """Start this node's processes with torchrun's elastic agent and wait for them."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as torchrun
@@ -144,12 +146,26 @@ def launch(plan: TrainPlan) -> TrainResult:
         torchrun(args)
     except ChildFailedError as exc:
         raise SftError(describe_failure(exc, log_dir)) from None
+    except SignalException as exc:
+        # Preempted (sft_torch.guard): the agent forwarded the signal to the workers, which
+        # finished their step and checkpointed; exit 143/130 like a single process would.
+        raise preempted(plan, exc.sigval) from None
     if par.node_rank != 0:
         # This launcher speaks for the ranks of its node, none of them rank 0: mark it as
         # such so `sft run` leaves the run's summary.json to node 0 (shared run directory).
         os.environ["RANK"] = str(par.node_rank * par.nproc_per_node)
         return TrainResult(steps=0, final_loss=None, metrics={"node_rank": par.node_rank})
     return result_of(plan.run_dir)
+
+
+def preempted(plan: TrainPlan, sigval: Any) -> SftError:
+    """The launcher's `Preempted` after a stop signal, naming the newest complete checkpoint."""
+    from sft.checkpoints import latest_checkpoint, read_meta
+    from sft.guard import Preempted
+
+    ckpt = latest_checkpoint(plan.run_dir)
+    step = int(read_meta(ckpt)["step"]) if ckpt else 0
+    return Preempted(signal.Signals(int(sigval)).name, step, ckpt)
 
 
 def describe_failure(exc: Any, log_dir: Path) -> str:
