@@ -93,7 +93,9 @@ def batch_loss(model: Any, batch: dict[str, Any],
     decoder, head = split_model(model)
     hidden = decoder(**inputs)[0][:, :-1]
     if n == 0:
-        return hidden.sum() * 0.0, 0  # keeps a graph so backward (and DDP) still works
+        # keeps a graph through the head too, so backward reaches every trainable parameter
+        # (DDP without find_unused_parameters waits for a gradient of each one)
+        return (hidden.sum() + head(hidden[:, :1]).sum()) * 0.0, 0
     h, t = hidden[trained], targets[trained]
     loss = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, n, settings.chunk_size):
