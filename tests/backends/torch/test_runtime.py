@@ -67,3 +67,23 @@ def test_no_weight_decay_on_biases_and_norms(tmp_path, tiny_qwen2):
     assert any(n.endswith("q_proj.bias") for n in plain)
     assert any("norm" in n for n in plain) and not any("norm" in n for n in decayed)
     assert "lm_head.weight" in decayed
+
+
+def test_pickle_weights_need_allow_pickle(tmp_path, tiny_llama):
+    import shutil
+
+    from safetensors.torch import load_file
+    from sft_torch.model import load_model
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_llama, pickled)
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    plan = make_plan(tmp_path / "a", pickled)
+    with pytest.raises(SftError, match="allow_pickle"):
+        load_model(plan, CPU)
+    plan = make_plan(tmp_path / "b", pickled, model={"name_or_path": str(pickled),
+                                                     "allow_pickle": True})
+    lm = load_model(plan, CPU)
+    ref = load_file(str(tiny_llama / "model.safetensors"))
+    assert torch.equal(lm.model.embed_tokens.weight, ref["model.embed_tokens.weight"])
