@@ -74,11 +74,13 @@ def stats(config: ConfigOpt, overrides: Overrides = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from sft.data.accounting import summary_line
     from sft.data.stats import histogram
 
     cfg, data = _prepared(config, overrides)
-    s, console = data.stats, Console()
-    table = Table("", "count", title=f"records ({data.cache_dir.name})")
+    s, console = data.stats, Console(soft_wrap=True)
+    console.print(f"cache: {data.cache_dir} (template {s.get('template')})")
+    table = Table("train records", "count")
     acc = s["train"]
     table.add_row("records", str(acc["records"]))
     table.add_row("[green]trained[/]", str(acc["trained"]))
@@ -89,6 +91,10 @@ def stats(config: ConfigOpt, overrides: Overrides = None) -> None:
         for reason, n in acc[kind].items():
             table.add_row(f"[yellow]{kind}[/]: {reason}", str(n))
     console.print(table)
+    if s.get("eval"):
+        console.print(summary_line(s["eval"], "eval"))
+    elif s.get("eval_samples"):
+        console.print(f"eval: {s['eval_samples']} samples held out (data.eval_fraction)")
     ln = s["length"]
     console.print(
         f"samples {s['samples']}, tokens {s['tokens']}, trained {s['trained_tokens']} "
