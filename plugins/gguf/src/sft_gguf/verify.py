@@ -39,6 +39,19 @@ ABSOLUTE_TOLERANCE = {Q.F32: 0.0, Q.F16: 2.0**-25, Q.BF16: 0.0}
 """Half the smallest subnormal step (F16 flushes tiny values to its subnormals)."""
 Q8_0_STEP_FRACTION = 0.6
 
+_T = gguf.Keys.Tokenizer
+ID_KEYS = {
+    "bos": _T.BOS_ID,
+    "eos": _T.EOS_ID,
+    "eot": _T.EOT_ID,
+    "unk": _T.UNK_ID,
+    "sep": _T.SEP_ID,
+    "pad": _T.PAD_ID,
+    "mask": _T.MASK_ID,
+}
+"""SpecialVocab's token types -> the GGUF keys its writer uses."""
+ADD_KEYS = {"bos": _T.ADD_BOS, "eos": _T.ADD_EOS, "sep": _T.ADD_SEP}
+
 
 def verify_gguf(path: Path, model_dir: Path, dtype: str) -> tuple[dict[str, Any], list[str]]:
     """(checks with numbers, problems); an empty problem list means the file is faithful."""
@@ -88,12 +101,14 @@ def check_vocab(reader: gguf.GGUFReader, vocab: Vocab, problems: list[str]) -> d
         t.LIST: vocab.tokens,
         t.TOKEN_TYPE: vocab.toktypes,
         t.MERGES: vocab.special.merges,
-        t.CHAT_TEMPLATE: vocab.special.chat_template,
+        t.CHAT_TEMPLATE: default_template(vocab.special.chat_template),
     }
     for typ, tid in vocab.special.special_token_ids.items():
-        expected[f"tokenizer.ggml.{_ID_KEYS.get(typ, typ)}_token_id"] = tid
+        if typ in ID_KEYS:  # SpecialVocab skips types gguf has no key for (e.g. cls)
+            expected[ID_KEYS[typ]] = tid
     for typ, flag in vocab.special.add_special_token.items():
-        expected[f"tokenizer.ggml.add_{typ}_token"] = flag
+        if typ in ADD_KEYS:
+            expected[ADD_KEYS[typ]] = flag
     for key, want in expected.items():
         got = field_value(reader, key)
         if got != want:
@@ -104,13 +119,16 @@ def check_vocab(reader: gguf.GGUFReader, vocab: Vocab, problems: list[str]) -> d
         "tokens": len(vocab.tokens),
         "merges": len(vocab.special.merges),
         "tokenizer_pre": vocab.pre,
-        "chat_template_chars": len(vocab.special.chat_template or ""),
+        "chat_template_chars": len(default_template(vocab.special.chat_template) or ""),
         **check_eos(reader, vocab, problems),
     }
 
 
-_ID_KEYS = {"unk": "unknown", "pad": "padding", "sep": "seperator"}
-"""SpecialVocab's short names -> the GGUF key spelling (gguf-py spells `seperator`)."""
+def default_template(template: Any) -> str | None:
+    """The template llama.cpp uses: a list of named templates stores "default" in the main key."""
+    if isinstance(template, list):
+        return next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
 
 
 def check_eos(reader: gguf.GGUFReader, vocab: Vocab, problems: list[str]) -> dict[str, Any]:
