@@ -127,6 +127,15 @@ def test_hyperparameters_and_tokenizer_metadata(tiny_llama, tiny_qwen2, tmp_path
         assert field(r, "tokenizer.chat_template") == CHATML
 
 
+def test_llama_add_prefix_space_is_carried(tiny_llama, tmp_path):
+    from tests.plugins.gguf.helpers import copy_model, edit_json
+
+    model = copy_model(tiny_llama, tmp_path / "prefix")
+    edit_json(model / "tokenizer_config.json", add_prefix_space=False)
+    r = gguf.GGUFReader(export(model, tmp_path / "out", "f16").path)
+    assert field(r, "tokenizer.ggml.add_space_prefix") is False
+
+
 def test_cli_export_uses_the_registered_plugin(tiny_qwen2, tmp_path, capsys):
     from sft.cli import main
     from sft.plugins import get_plugins

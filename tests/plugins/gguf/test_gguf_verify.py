@@ -70,6 +70,13 @@ def test_changed_metadata_fails_verification(tiny_qwen2, tmp_path):
     assert any("qwen2.block_count is 3" in p for p in problems)
 
 
+def test_vocab_size_disagreeing_with_the_embeddings_fails(tiny_llama, tmp_path):
+    model = copy_model(tiny_llama, tmp_path / "bigger-vocab")
+    edit_json(model / "config.json", vocab_size=400)  # the embedding keeps its 323 rows
+    with pytest.raises(SftError, match="token_embd has 323 rows but vocab_size is 400"):
+        export(model, tmp_path / "out", "f16")
+
+
 def test_run_export_raises_when_the_written_file_disagrees(tiny_llama, tmp_path, monkeypatch):
     import sft_gguf.writer as writer
 

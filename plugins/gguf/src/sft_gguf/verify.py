@@ -175,6 +175,12 @@ def check_tensors(
         problems.append(f"tensor {name} ({source[name][0]}) is missing from the GGUF")
     for name in sorted(stored.keys() - source.keys()):
         problems.append(f"tensor {name} in the GGUF has no source tensor")
+    embd = source.get("token_embd.weight")
+    if embd is not None and embd[1].shape[0] != int(cfg["vocab_size"]):
+        problems.append(
+            f"token_embd has {embd[1].shape[0]} rows but vocab_size is {cfg['vocab_size']}; "
+            "llama.cpp refuses such a file (fix config.json or resize the embeddings)"
+        )
     by_type: dict[str, dict[str, Any]] = {}
     for name in sorted(source.keys() & stored.keys()):
         hf_name, src = source[name]
