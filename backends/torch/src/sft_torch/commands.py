@@ -25,11 +25,17 @@ TopP = Annotated[float, typer.Option(help="Nucleus sampling mass (with temperatu
 
 
 def _threads() -> None:
+    """Threads from SFT_NUM_THREADS (default torch's), and no per-tensor loading bars or
+    library deprecation chatter in the middle of answers."""
     import os
+    import warnings
 
     import torch
+    from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(int(os.environ.get("SFT_NUM_THREADS", "0")) or torch.get_num_threads())
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def models_prepare(
