@@ -229,3 +229,17 @@ def test_at_least_1000_records_were_generated() -> None:
     if not RECORDS_SEEN:
         pytest.skip("run together with the property tests above")
     assert sum(RECORDS_SEEN) >= 1000, sum(RECORDS_SEEN)
+
+
+@pytest.mark.parametrize("on_bad_record", ["skip", "error"])
+def test_a_broken_json_array_is_an_error_not_a_silent_loss(
+    workdir: Path, tiny_tokenizer: Path, on_bad_record: str
+) -> None:
+    # After a syntax error inside a JSON array the following records cannot be located;
+    # skipping would drop an unknown number of them without counting.
+    path = workdir / "array.json"
+    items = [json.dumps(good(f"q{i}", f"a{i}")) for i in range(6)]
+    items[2] = items[2][:-3]  # truncated element in the middle
+    path.write_text("[\n" + ",\n".join(items) + "\n]\n")
+    with pytest.raises(SftError, match=r"array\.json:4: malformed JSON inside a JSON array"):
+        prepare(config(path, on_bad_record, "messages"), tiny_tokenizer, workdir / "run-arr")

@@ -175,9 +175,14 @@ def _json_array(text: str, pos: int, path: Path) -> Iterator[RawRecord]:
         try:
             obj, pos = dec.raw_decode(text, pos)
         except (json.JSONDecodeError, RecursionError) as exc:
+            # Not a countable reject: the records after it cannot be located, so skipping would
+            # silently lose an unknown number of them (tests/reliability/test_data_fuzz.py).
             reason = "JSON nested too deeply" if isinstance(exc, RecursionError) else exc
-            yield RawRecord(where, None, RecordError("malformed_json", f"malformed JSON: {reason}"))
-            return  # the rest of the array cannot be located reliably
+            raise SftError(
+                f"{where}: malformed JSON inside a JSON array ({reason}); the records after it "
+                "cannot be read, so none of this file is used. Fix the file, or convert it to "
+                "JSON lines (one record per line), where a bad line is one skippable record"
+            ) from None
         if isinstance(obj, dict):
             yield RawRecord(where, obj)
         else:
