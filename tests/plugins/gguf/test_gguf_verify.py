@@ -110,12 +110,13 @@ def test_bf16_sharded_source_is_widened_exactly(tiny_llama, tmp_path):
     np.testing.assert_array_equal(stored["output.weight"], bits.view(np.float32))
 
 
-def test_full_finetuning_run_dir_uses_final_model(tiny_llama, tmp_path):
+@pytest.mark.parametrize("final", ["final/model", "final"])
+def test_full_finetuning_run_dir_uses_the_saved_model(tiny_llama, tmp_path, final):
     run = tmp_path / "my-run"
-    copy_model(tiny_llama, run / "final" / "model")
+    copy_model(tiny_llama, run / final)
     (run / "config.yaml").write_text("model: {name_or_path: tiny}\n")
     report = export(run, tmp_path / "out", "q8_0")
-    assert report.ok and report.checks["source"] == str(run / "final" / "model")
+    assert report.ok and report.checks["source"] == str(run / final)
     assert Path(report.path).name == "my-run-q8_0.gguf"
 
 

@@ -2,7 +2,8 @@
 
 `resolve_source` turns `sft export RUN_DIR` into a Hugging Face model directory (config.json,
 *.safetensors, tokenizer files): a plain model directory is used as is, a full fine-tuning run
-gives `RUN_DIR/final/model`, and a LoRA run is merged first by the `hf` exporter (torch backend).
+gives `RUN_DIR/final/model` (or `RUN_DIR/final`, where the torch backend saves a full model),
+and a LoRA run is merged first by the `hf` exporter (torch backend).
 `read_tensors` reads safetensors without torch or the safetensors package, widening F16/BF16 to
 float32 exactly, so this plugin works in any environment (`.venvs/core` included).
 
@@ -32,9 +33,9 @@ def resolve_source(run_dir: Path, out_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if is_model_dir(run_dir):
         return run_dir
-    full = run_dir / "final" / "model"
-    if is_model_dir(full):
-        return full
+    for full in (run_dir / "final" / "model", run_dir / "final"):
+        if is_model_dir(full):  # full fine-tuning: the run saved a whole model
+            return full
     if not (run_dir / "final").is_dir() and not (run_dir / "config.yaml").is_file():
         raise SftError(
             f"{run_dir} is neither a Hugging Face model directory (config.json + *.safetensors) "
