@@ -1,6 +1,6 @@
-"""GGUF export of a real LoRA run: merged by the torch backend's `hf` exporter, then converted.
+"""GGUF export of real torch-backend runs: LoRA (merged by the `hf` exporter) and full.
 
-$ .venvs/torch/bin/python -m pytest tests/plugins/gguf/test_gguf_lora_run.py -q
+$ .venvs/torch/bin/python -m pytest tests/plugins/gguf/test_gguf_torch_runs.py -q
 """
 
 from __future__ import annotations
@@ -39,3 +39,14 @@ def test_lora_run_is_merged_then_converted_exactly(tmp_path, tiny_qwen2):
             name = f"model.layers.{n}.{hf}.weight"
             np.testing.assert_array_equal(stored[f"blk.{n}.{gg}.weight"], src[name])
     assert merged.ok
+
+
+def test_full_run_is_converted_from_its_saved_model(tmp_path, tiny_llama):
+    plan = make_plan(tmp_path, tiny_llama, method="full", train={"max_steps": 2})
+    run_train(plan)
+    report = run_export(
+        "gguf", ExportRequest(run_dir=plan.run_dir, out=tmp_path / "g", dtype="bf16")
+    )
+    assert report.ok, report.checks["problems"]
+    assert report.checks["source"] == str(plan.run_dir / "final")  # no merge needed
+    assert report.checks["eos_token_id"] == 2
