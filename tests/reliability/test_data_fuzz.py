@@ -243,3 +243,41 @@ def test_a_broken_json_array_is_an_error_not_a_silent_loss(
     path.write_text("[\n" + ",\n".join(items) + "\n]\n")
     with pytest.raises(SftError, match=r"array\.json:4: malformed JSON inside a JSON array"):
         prepare(config(path, on_bad_record, "messages"), tiny_tokenizer, workdir / "run-arr")
+
+
+def test_bad_bytes_in_line_based_files_cost_one_counted_record(workdir: Path) -> None:
+    # CSV and ".json" files holding JSON lines: a row with invalid UTF-8 is one reject, and
+    # the rows around it are still read (before: the rest of the file vanished uncounted).
+    from sft.data.sources import read_source
+    from sft.specs import DataSource
+
+    csv_file = workdir / "rows.csv"
+    csv_file.write_bytes(b"prompt,completion\nhi,there\n\xff\xfe,bad\nok,fine\n")
+    lines = workdir / "lines.json"
+    lines.write_bytes(b'{"text": "a"}\n{"text": "\xff"}\n{"text": "c"}\n')
+    for path in (csv_file, lines):
+        recs = list(read_source(DataSource(path=str(path))))
+        kinds = [(r.where.rsplit(":", 1)[1], r.error.kind if r.error else "ok") for r in recs]
+        first = 2 if path.suffix == ".csv" else 1
+        assert kinds == [
+            (str(first), "ok"),
+            (str(first + 1), "invalid_utf8"),
+            (str(first + 2), "ok"),
+        ], (path, kinds)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "needle"),
+    [
+        ("x.parquet", b"PAR1garbagegarbage", "cannot read it as parquet"),
+        ("x.arrow", b"\xff\xff\xff\xffgarbage", "cannot read it as Arrow IPC"),
+        ("x.json", b'[{"text": "a"},\n {"text": "\xff"}]', "invalid UTF-8 at byte 27"),
+    ],
+)
+def test_corrupt_whole_files_are_one_clear_error(
+    workdir: Path, tiny_tokenizer: Path, name: str, content: bytes, needle: str
+) -> None:
+    path = workdir / name
+    path.write_bytes(content)
+    with pytest.raises(SftError, match=re.escape(needle)):
+        prepare(config(path, "skip", "auto"), tiny_tokenizer, workdir / "run-corrupt")

@@ -147,11 +147,16 @@ def read_jsonl(path: Path) -> Iterator[RawRecord]:
 def read_json(path: Path) -> Iterator[RawRecord]:
     """A JSON array of objects (line numbers are where each object starts), or JSON lines."""
     raw = path.read_bytes()
+    if not raw.lstrip().startswith(b"["):
+        yield from read_jsonl(path)  # JSON lines: a bad byte costs one counted line, not the file
+        return
     try:
         text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        yield RawRecord(f"{path}:1", None, RecordError("invalid_utf8", f"invalid UTF-8: {exc}"))
-        return
+    except UnicodeDecodeError as exc:  # the array's records cannot be separated: not skippable
+        raise SftError(
+            f"{path}: invalid UTF-8 at byte {exc.start} of a JSON array; save the "
+            "file as UTF-8 (or as JSON lines, where a bad line is one skipped record)"
+        ) from None
     start = len(text) - len(text.lstrip())
     if not text[start:].startswith("["):
         yield from read_jsonl(path)  # many ".json" files are really JSON lines
@@ -191,17 +196,30 @@ def _json_array(text: str, pos: int, path: Path) -> Iterator[RawRecord]:
 
 
 def read_csv(path: Path) -> Iterator[RawRecord]:
-    """A header row, then records; `where` is the line each record starts on."""
-    with open(path, newline="", encoding="utf-8", errors="strict") as fh:
+    """A header row, then records; `where` is the line each record starts on. A row with
+    invalid UTF-8 is one rejected record; the rows after it are still read (surrogateescape
+    keeps the bad bytes in the row instead of failing the whole buffered read)."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         reader = csv.DictReader(fh)
         start = 2
-        try:
-            for row in reader:
-                yield RawRecord(f"{path}:{start}", {k: v for k, v in row.items() if k is not None})
-                start = reader.line_num + 1
-        except UnicodeDecodeError as exc:
+        for row in reader:
             where = f"{path}:{start}"
-            yield RawRecord(where, None, RecordError("invalid_utf8", f"invalid UTF-8: {exc}"))
+            start = reader.line_num + 1
+            data = {k: v for k, v in row.items() if k is not None}
+            if not all(_utf8(x) for kv in data.items() for x in kv):
+                yield RawRecord(where, None, RecordError("invalid_utf8", "invalid UTF-8 bytes"))
+                continue
+            yield RawRecord(where, data)
+
+
+def _utf8(value: Any) -> bool:
+    if not isinstance(value, str):
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # an escaped byte that was not UTF-8
+        return False
+    return True
 
 
 def _table_rows(batches: Any, path: Path) -> Iterator[RawRecord]:
@@ -212,7 +230,22 @@ def _table_rows(batches: Any, path: Path) -> Iterator[RawRecord]:
             yield RawRecord(f"{path}:{row}", rec)
 
 
+def _columnar(path: Path, kind: str, rows: Iterator[RawRecord]) -> Iterator[RawRecord]:
+    # A corrupt or truncated file is one clear error naming it, not a pyarrow traceback
+    # (tests/reliability): its remaining records cannot be read, so it must not be skipped.
+    import pyarrow as pa
+
+    try:
+        yield from rows
+    except (pa.ArrowException, OSError) as exc:
+        raise SftError(f"{path}: cannot read it as {kind} ({exc}); is the file complete?") from None
+
+
 def read_parquet(path: Path) -> Iterator[RawRecord]:
+    return _columnar(path, "parquet", _parquet_rows(path))
+
+
+def _parquet_rows(path: Path) -> Iterator[RawRecord]:
     import pyarrow.parquet as pq
 
     yield from _table_rows(pq.ParquetFile(path).iter_batches(batch_size=1024), path)
@@ -220,6 +253,10 @@ def read_parquet(path: Path) -> Iterator[RawRecord]:
 
 def read_arrow(path: Path) -> Iterator[RawRecord]:
     """Arrow IPC stream (what `datasets` writes) or IPC file."""
+    return _columnar(path, "Arrow IPC", _arrow_rows(path))
+
+
+def _arrow_rows(path: Path) -> Iterator[RawRecord]:
     import pyarrow as pa
 
     with pa.memory_map(str(path), "r") as mm:
