@@ -245,3 +245,19 @@ def test_invalid_utf8_config_names_the_file(workdir: Path) -> None:
     cfg.write_bytes("data: {train: caf\xe9.jsonl}\n".encode("latin-1"))
     with pytest.raises(SftError, match=r"latin1\.yaml"):
         load_config(cfg)
+
+
+def test_the_cli_reports_every_hostile_config_without_a_traceback(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # What a user actually runs: `sft config validate` returns 2 (config) or 1 (other error)
+    # with one message, never a traceback.
+    from sft.cli import main
+
+    cfg = workdir / "cli.yaml"
+    for text in HOSTILE_YAML:
+        cfg.write_text(text, encoding="utf-8")
+        code = main(["config", "validate", "--config", str(cfg)])
+        err = capsys.readouterr().err
+        assert code in (0, 1, 2), (text[:80], code, err)
+        assert "Traceback" not in err and (code == 0 or err.startswith("error: ")), err
