@@ -159,20 +159,17 @@ def build(
     renderer = Renderer(template, tok)
     encoder = Encoder(tok, renderer, d.mask, d.system_prompt)
     acc = Accounting(on_bad_record=d.on_bad_record)
-    files = [f for src in [*d.train, *(d.eval or [])] for f in source_files(src.path)]
-    with EncodePool(plugins, encoder, default_workers(files)) as pool:
-        parts = [list(_source_samples(src, plugins, pool, config, acc)) for src in d.train]
-        eval_acc: Accounting | None = None
-        eval_samples: list[Tagged] = []
-        if d.eval:
-            eval_acc = Accounting(on_bad_record=d.on_bad_record)
-            for src in d.eval:
-                eval_samples += _source_samples(src, plugins, pool, config, eval_acc)
+    eval_acc = Accounting(on_bad_record=d.on_bad_record) if d.eval else None
+    parts, eval_samples = _encode_sources(config, plugins, encoder, acc, eval_acc)
     if not d.eval and d.eval_fraction > 0:
         parts, eval_samples = _hold_out(parts, d.eval_fraction, config.train.seed)
     train = _mix(parts, d.train, config.train.seed)
     if not train:
-        raise SftError(f"no training samples left: {summary_line(acc.as_dict())}")
+        first = "; ".join(f"{r['where']}: {r['detail']}" for r in acc.rejects[:3])
+        raise SftError(
+            f"no training samples left: {summary_line(acc.as_dict())}"
+            + (f". First rejects: {first}" if first else "")
+        )
     tok_dir = out / "tokenizer"
     save_tokenizer(tok, template, tok_dir)
     data = PreparedData(
@@ -196,6 +193,25 @@ def build(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
     )
     data.save()
+
+
+def _encode_sources(
+    config: RunConfig,
+    plugins: Plugins,
+    encoder: Encoder,
+    acc: Accounting,
+    eval_acc: Accounting | None,
+) -> tuple[list[list[Tagged]], list[Tagged]]:
+    """Samples of each training source, and of the eval sources (if any)."""
+    d = config.data
+    files = [f for src in [*d.train, *(d.eval or [])] for f in source_files(src.path)]
+    eval_samples: list[Tagged] = []
+    with EncodePool(plugins, encoder, default_workers(files)) as pool:
+        parts = [list(_source_samples(src, plugins, pool, config, acc)) for src in d.train]
+        for src in d.eval or []:
+            assert eval_acc is not None
+            eval_samples += _source_samples(src, plugins, pool, config, eval_acc)
+    return parts, eval_samples
 
 
 def _source_samples(

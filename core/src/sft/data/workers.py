@@ -9,7 +9,8 @@ are identical to a single-process run.
         for outcomes in pool.map(jobs):     # jobs: (format, DataSource, [(n, where, data, err)])
             ...                             # ("ok", where, n, plain, ids, labels) | ("bad", where, kind, reason)
 
-Workers: `SFT_DATA_WORKERS` if set, else one per CPU (at most 8) for inputs over 1 MiB, else 1.
+Workers: `SFT_DATA_WORKERS` if set, else one per CPU but one (at most 8, at least 2) for inputs
+over 1 MiB, else none.
 Needs the `fork` start method (Linux); elsewhere everything runs in this process.
 """
 
@@ -39,8 +40,11 @@ def default_workers(files: list[Path]) -> int:
         return max(1, int(env))
     if "fork" not in mp.get_all_start_methods():
         return 1
+    # The parent reads, parses and accounts: it keeps a core, workers get the others.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = min((cpus or 1) - 1, 8)
     size = sum(f.stat().st_size for f in files if f.is_file())
-    return min(os.cpu_count() or 1, 8) if size > (1 << 20) else 1
+    return workers if workers >= 2 and size > (1 << 20) else 1
 
 
 def encode_job(job: Job) -> list[Outcome]:
