@@ -8,6 +8,9 @@ tokenizer). Contract, for 1000+ generated records:
   rejects.jsonl has one line per rejected record, each with file:line;
 - `on_bad_record: error`: either every record was good, or one `SftError` naming file:line.
 
+The same accounting is checked for generated JSON-array, CSV and parquet files, and corrupt
+whole files (truncated parquet/arrow, undecodable JSON arrays) must be one clear error.
+
 Core only (no torch), so it runs in every venv:
 
     $ .venvs/core/bin/python -m pytest tests/reliability/test_data_fuzz.py -q
@@ -281,3 +284,76 @@ def test_corrupt_whole_files_are_one_clear_error(
     path.write_bytes(content)
     with pytest.raises(SftError, match=re.escape(needle)):
         prepare(config(path, "skip", "auto"), tiny_tokenizer, workdir / "run-corrupt")
+
+
+csv_rows = st.lists(
+    st.dictionaries(
+        st.sampled_from(["prompt", "completion", "extra"]),
+        st.one_of(words, text, st.just("")),
+        min_size=1,
+    ),
+    min_size=4,
+    max_size=16,
+)
+good_records = st.builds(good, words, words)
+table_records = st.lists(  # 3 in 5 good, so that most files keep something to train on
+    st.integers(0, 4).flatmap(lambda k: good_records if k < 3 else [bad_records, junk][k - 3]),
+    min_size=4,
+    max_size=16,
+)
+
+
+def write_table(workdir: Path, records: list[Any], suffix: str) -> Path | None:
+    """`records` as a JSON array, CSV or parquet file; None when that format cannot hold them
+    (pyarrow refuses mixed column types: no user could write such a file either)."""
+    path = workdir / f"table{suffix}"
+    if suffix == ".json":
+        text = json.dumps(records, ensure_ascii=False)
+        path.write_text(text, encoding="utf-8", errors="surrogatepass")
+        return path
+    if suffix == ".csv":
+        import csv
+
+        with open(path, "w", newline="", encoding="utf-8", errors="surrogatepass") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["prompt", "completion", "extra"])
+            writer.writeheader()
+            writer.writerows(records)
+        return path
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pq.write_table(pa.Table.from_pylist([r for r in records if isinstance(r, dict)]), path)
+    except (pa.ArrowException, TypeError, ValueError, UnicodeEncodeError):
+        return None
+    return path
+
+
+FORMATS = {".json": "messages", ".parquet": "messages", ".csv": "prompt_completion"}
+
+
+@FUZZ
+@given(data=st.data(), suffix=st.sampled_from([".json", ".csv", ".parquet"]))
+def test_columnar_and_array_files_account_for_every_row(
+    workdir: Path, tiny_tokenizer: Path, data: Any, suffix: str
+) -> None:
+    records = data.draw(csv_rows if suffix == ".csv" else table_records)
+    path = write_table(workdir, records, suffix)
+    if path is None:
+        event("not representable")
+        return
+    try:
+        prepared = prepare(
+            config(path, "skip", FORMATS[suffix]), tiny_tokenizer, workdir / "run-table"
+        )
+    except SftError as exc:
+        assert re.search(r"no training samples left", str(exc)), exc
+        event("clear error")
+        return
+    acc = prepared.stats["train"]
+    assert acc["records"] == acc["trained"] + sum(acc["dropped"].values()) + sum(
+        acc["rejected"].values()
+    )
+    written = len(records) if suffix != ".parquet" else sum(isinstance(r, dict) for r in records)
+    assert acc["records"] == written, (suffix, acc)
+    event(f"accounted {suffix}")
