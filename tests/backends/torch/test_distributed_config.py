@@ -12,12 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
-from sft.errors import SftError
-from sft.specs import RunConfig
-from sft_torch import distributed, launch
-from sft_torch.deepspeed import ds_config
+from sft.errors import SftError  # noqa: E402
+from sft.specs import RunConfig  # noqa: E402
+from sft_torch import distributed, launch  # noqa: E402
+from sft_torch.deepspeed import ds_config  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -156,3 +156,20 @@ def test_world_size_must_match_the_spec() -> None:
     distributed.check_world(plan, 4)
     with pytest.raises(SftError, match="torchrun started 2 processes"):
         distributed.check_world(plan, 2)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "message"),
+    [
+        ("ddp", "DDP keeps a whole replica"),
+        ("fsdp", "already trains on the CPU"),
+        ("zero2", "already trains on the CPU"),
+    ],
+)
+def test_cpu_offload_is_refused_where_it_cannot_work(
+    strategy: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    plan = SimpleNamespace(config=spec(strategy=strategy, cpu_offload=True))
+    with pytest.raises(SftError, match=message):
+        distributed.wrap_model(torch.nn.Linear(2, 2), plan, torch.device("cpu"))

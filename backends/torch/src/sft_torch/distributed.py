@@ -1,6 +1,7 @@
-"""Data parallelism for the torch backend: the process group, ranks, and one `Engine` per
-strategy (single process, DDP, FSDP2) that the training loop calls instead of touching
-torch.distributed itself.
+"""Data parallelism for the torch backend: the process group, ranks, how a global step is
+split over ranks, and the `Engine` the training loop calls instead of touching
+torch.distributed itself: single process and DDP here, FSDP2 in `sft_torch.fsdp`, DeepSpeed
+ZeRO-2/3 in `sft_torch.deepspeed`.
 
     $ sft run --config configs/smollm2-135m/lora.yaml parallel.nproc_per_node=2     # torchrun
     $ torchrun --nproc_per_node 8 -m sft run --config cfg.yaml parallel.nproc_per_node=8
@@ -9,12 +10,14 @@ Inside each process (started by torchrun; see `sft_torch.launch` for how `sft ru
 
     init_process_group(plan)                    # gloo on CPU, nccl on CUDA, with a timeout
     engine = wrap_model(model, plan, device)    # before the optimizer: FSDP2 swaps in DTensors
+    engine.attach_optimizer(optimizer)          # DeepSpeed wraps it; a no-op otherwise
     for mb, weight in rank_micro_batches(schedule, step_rows):     # same count on every rank
         with engine.accumulate(last=...):                          # DDP no_sync / FSDP2 sync
             loss, n = engine.forward(batch_loss, batch, settings)  # through DDP / FSDP root
-            (loss * weight * world / n_global).backward()
+            engine.backward(loss * weight * world / n_global)
     grad_norm = engine.clip_grad_norm(params, max_norm)            # DTensor-aware
-    with engine.full_weights():  save on rank 0                    # FSDP2: gathered params
+    engine.optimizer_step(scaler, optimizer)
+    with engine.full_weights():  save on rank 0                    # FSDP2: gathered shards
 
 Why the loss goes through `engine.forward(fn, ...)`: the chunked loss calls the decoder and the
 output head separately, but DDP only syncs gradients of forwards that run through the DDP
@@ -329,121 +332,11 @@ class DDPEngine(Engine):
         return contextlib.nullcontext() if last else self.ddp.no_sync()
 
 
-class FSDPEngine(Engine):
-    """FSDP2: `fully_shard` on every decoder layer, then on a root holding the whole model
-    (embeddings, final norm, head and any adapters outside the layers)."""
-
-    strategy = "fsdp"
-
-    def __init__(self, model: nn.Module, device: torch.device, cpu_offload: bool) -> None:
-        super().__init__(model)
-        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
-
-        policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
-        mesh = init_device_mesh(device)
-        for layer in decoder_layers(model):
-            fully_shard(layer, mesh=mesh, offload_policy=policy)
-        self.root = fully_shard(_Root(model), mesh=mesh, offload_policy=policy)
-
-    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return self.root(fn, *args, **kwargs)
-
-    def evaluate(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        with torch.no_grad():
-            return self.root(fn, *args, **kwargs)
-
-    def accumulate(self, last: bool) -> contextlib.AbstractContextManager[Any]:
-        self.root.set_requires_gradient_sync(last)  # type: ignore[operator]
-        return contextlib.nullcontext()
-
-    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        full = getattr(norm, "full_tensor", None)  # a replicated DTensor over the mesh
-        return float(full() if callable(full) else norm)
-
-    @contextlib.contextmanager
-    def full_weights(self) -> Iterator[None]:
-        """Consolidate the shards (a collective: every rank enters) with
-        `get_model_state_dict(full_state_dict, cpu_offload)`; on rank 0 the model's parameters
-        are whole CPU tensors inside the context, so the usual transformers / peft
-        `save_pretrained` and checkpoint code write the normal formats. Restored afterwards."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        full = get_model_state_dict(self.model, options=full_options())  # {} unless rank 0
-        if rank() != 0:
-            yield
-            return
-        originals = swap_parameters(self.model, full)
-        try:
-            yield
-        finally:
-            for mod, name, param in originals:
-                mod._parameters[name] = param
-
-    # checkpoints: whole tensors and an optimizer state keyed by parameter name, consolidated
-    # on rank 0 (so a resume may use another number of processes)
-    checkpoint_format = "fsdp-full"
-
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        return get_optimizer_state_dict(self.model, optimizer, options=full_options())
-
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        if not keyed_by_name(state):  # written by one process or DDP
-            state = by_name(self.model, optimizer, state)
-        set_optimizer_state_dict(self.model, optimizer, state, options=full_options(False))
-
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-        set_model_state_dict(self.model, weights, options=full_options(False, strict=False))
-
-
 def full_options(cpu_offload: bool = True, strict: bool = True) -> Any:
     """Whole (unsharded) state dicts; every rank reads the checkpoint itself when loading."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload, strict=strict)
-
-
-def swap_parameters(model: nn.Module, full: dict[str, torch.Tensor]) -> list[Any]:
-    """Replace each parameter named in `full` by a plain Parameter holding the whole tensor
-    (tied parameters stay tied); returns what to put back."""
-    by_id: dict[int, nn.Parameter] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if name in full and id(param) not in by_id:
-            by_id[id(param)] = nn.Parameter(full[name], requires_grad=param.requires_grad)
-    originals = []
-    for mod in model.modules():
-        for name, param in list(mod._parameters.items()):
-            if param is not None and id(param) in by_id:
-                originals.append((mod, name, param))
-                mod._parameters[name] = by_id[id(param)]
-    return originals
-
-
-def init_device_mesh(device: torch.device) -> Any:
-    from torch.distributed.device_mesh import init_device_mesh as mesh
-
-    return mesh(device.type, (world_size(),))
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers (the ModuleList with num_hidden_layers entries), peft or not."""
-    from sft_torch.model import causal_lm
-
-    lm = causal_lm(model)
-    n = getattr(lm.config, "num_hidden_layers", None)
-    for mod in lm.modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == n:
-            return list(mod)
-    raise SftError(
-        "parallel.strategy: fsdp could not find this model's decoder layers to "
-        "shard; use parallel.strategy: ddp"
-    )
 
 
 def wrap_model(
@@ -454,6 +347,19 @@ def wrap_model(
     par = plan.config.parallel
     if world_size() == 1:
         return Engine(model)
+    if par.cpu_offload and par.strategy == "ddp":
+        raise SftError(
+            "parallel.cpu_offload: DDP keeps a whole replica on every device and offloads "
+            "nothing; use parallel.strategy fsdp, zero2 or zero3 with cpu_offload"
+        )
+    if par.cpu_offload and device.type == "cpu":
+        # FSDP2's offload needs an accelerator, and DeepSpeed's ZeRO-2 offload path fails on
+        # its CPU accelerator: refuse it plainly instead of a deep traceback
+        raise SftError(
+            "parallel.cpu_offload: offloading moves parameters / optimizer state from GPU "
+            "memory to the CPU, but this run already trains on the CPU; remove "
+            "parallel.cpu_offload"
+        )
     if par.strategy == "ddp":
         return DDPEngine(model, device)
     if par.strategy == "fsdp":
@@ -462,6 +368,8 @@ def wrap_model(
                 "parallel.strategy: fsdp with method qlora is not supported by the "
                 "torch backend (4-bit weights cannot be sharded as DTensors); use ddp"
             )
+        from sft_torch.fsdp import FSDPEngine
+
         return FSDPEngine(model, device, par.cpu_offload)
     from sft_torch import deepspeed  # zero2 / zero3
 

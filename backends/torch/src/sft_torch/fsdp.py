@@ -1,0 +1,142 @@
+"""FSDP2 for the torch backend: `fully_shard` on every decoder layer and on a root holding the
+whole model, and the consolidation of shards into the normal output and checkpoint formats.
+
+    $ sft run --config configs/smollm2-135m/full.yaml parallel.nproc_per_node=8 \\
+          parallel.strategy=fsdp
+
+    engine = FSDPEngine(model, device, cpu_offload=False)   # via distributed.wrap_model
+    with engine.full_weights():                             # every rank: gathers the shards
+        save on rank 0                                      # plain tensors there
+
+Works on CPU with gloo as well as on GPUs with nccl (CPU offload needs a GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from sft.errors import SftError
+from torch import nn
+
+from sft_torch.distributed import (
+    Engine,
+    _Root,
+    by_name,
+    full_options,
+    keyed_by_name,
+    rank,
+    world_size,
+)
+
+
+class FSDPEngine(Engine):
+    """FSDP2: `fully_shard` on every decoder layer, then on a root holding the whole model
+    (embeddings, final norm, head and any adapters outside the layers)."""
+
+    strategy = "fsdp"
+
+    def __init__(self, model: nn.Module, device: torch.device, cpu_offload: bool) -> None:
+        super().__init__(model)
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+        policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+        mesh = init_device_mesh(device)
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=mesh, offload_policy=policy)
+        self.root = fully_shard(_Root(model), mesh=mesh, offload_policy=policy)
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self.root(fn, *args, **kwargs)
+
+    def evaluate(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return self.root(fn, *args, **kwargs)
+
+    def accumulate(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        self.root.set_requires_gradient_sync(last)  # type: ignore[operator]
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        full = getattr(norm, "full_tensor", None)  # a replicated DTensor over the mesh
+        return float(full() if callable(full) else norm)
+
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[None]:
+        """Consolidate the shards (a collective: every rank enters) with
+        `get_model_state_dict(full_state_dict, cpu_offload)`; on rank 0 the model's parameters
+        are whole CPU tensors inside the context, so the usual transformers / peft
+        `save_pretrained` and checkpoint code write the normal formats. Restored afterwards."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=full_options())  # {} unless rank 0
+        if rank() != 0:
+            yield
+            return
+        originals = swap_parameters(self.model, full)
+        try:
+            yield
+        finally:
+            for mod, name, param in originals:
+                mod._parameters[name] = param
+
+    # checkpoints: whole tensors and an optimizer state keyed by parameter name, consolidated
+    # on rank 0 (so a resume may use another number of processes)
+    checkpoint_format = "fsdp-full"
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, optimizer, options=full_options())
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        if not keyed_by_name(state):  # written by one process or DDP
+            state = by_name(self.model, optimizer, state)
+        set_optimizer_state_dict(self.model, optimizer, state, options=full_options(False))
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.model, weights, options=full_options(False, strict=False))
+
+
+def swap_parameters(model: nn.Module, full: dict[str, torch.Tensor]) -> list[Any]:
+    """Replace each parameter named in `full` by a plain Parameter holding the whole tensor
+    (tied parameters stay tied); returns what to put back."""
+    by_id: dict[int, nn.Parameter] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in full and id(param) not in by_id:
+            by_id[id(param)] = nn.Parameter(full[name], requires_grad=param.requires_grad)
+    originals = []
+    for mod in model.modules():
+        for name, param in list(mod._parameters.items()):
+            if param is not None and id(param) in by_id:
+                originals.append((mod, name, param))
+                mod._parameters[name] = by_id[id(param)]
+    return originals
+
+
+def init_device_mesh(device: torch.device) -> Any:
+    from torch.distributed.device_mesh import init_device_mesh as mesh
+
+    return mesh(device.type, (world_size(),))
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers (the ModuleList with num_hidden_layers entries), peft or not."""
+    from sft_torch.model import causal_lm
+
+    lm = causal_lm(model)
+    n = getattr(lm.config, "num_hidden_layers", None)
+    for mod in lm.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return list(mod)
+    raise SftError(
+        "parallel.strategy: fsdp could not find this model's decoder layers to "
+        "shard; use parallel.strategy: ddp"
+    )
