@@ -11,7 +11,7 @@ a chunk at a time, each chunk under activation checkpointing, so neither the [to
 logits nor their fp32 copy is ever held whole; backward recomputes one chunk's logits at a time.
 
 Packed rows (several samples per row) must not attend across samples. `packed="position_ids"`
-passes no attention mask: transformers (>= 4.54, `masking_utils.find_packed_sequence_indices`)
+passes no attention mask: transformers (4.57 and 5.x, `masking_utils.find_packed_sequence_indices`)
 turns position ids that restart at 0 into a block-diagonal causal mask (flash attention into
 varlen boundaries). `packed="mask"` passes an explicit 4-D mask built from the sample lengths.
 Right padding needs no mask either way: causal attention never looks forward, and each padding
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -64,11 +65,22 @@ def block_causal_mask(batch: dict[str, Any], eager: bool) -> torch.Tensor:
     return torch.where(allowed, zero, torch.finfo(torch.float32).min)
 
 
+@lru_cache(maxsize=1)
+def transformers_detects_packing() -> bool:
+    """Whether this transformers derives packed-sequence masks from position ids (4.54+;
+    verified with 4.57 and 5.x). Without it, packed rows need the explicit 4-D mask."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def model_inputs(model: Any, batch: dict[str, Any], settings: LossSettings) -> dict[str, Any]:
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
               "use_cache": False}
     packed = any(len(lens) > 1 for lens in batch["seq_lens"])
-    if packed and settings.packed == "mask":
+    if packed and (settings.packed == "mask" or not transformers_detects_packing()):
         eager = causal_lm(model).config._attn_implementation == "eager"
         inputs["attention_mask"] = block_causal_mask(batch, eager)
     return inputs
