@@ -248,9 +248,9 @@ def _detect(src: DataSource, plugins: Plugins) -> str | None:
 
 def _jobs(src: DataSource, fmt: str | None) -> Iterator[Job]:
     chunk: list[Any] = []
-    for n, rec in enumerate(read_source(src)):
+    for n, rec in enumerate(read_source(src, parse=False)):
         err = (rec.error.kind, rec.error.reason) if rec.error else None
-        chunk.append((n, rec.where, rec.data, err))
+        chunk.append((n, rec.where, rec.data, err, rec.raw))
         if len(chunk) >= BATCH:
             yield fmt, src, chunk
             chunk = []

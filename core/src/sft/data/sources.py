@@ -33,6 +33,17 @@ class RawRecord:
     where: str
     data: dict[str, Any] | None
     error: RecordError | None = None
+    raw: str | None = None
+    """A JSON line not parsed yet (`read_source(..., parse=False)`); see `parsed()`."""
+
+    def parsed(self, columns: dict[str, str] | None = None) -> RawRecord:
+        """This record with its JSON line parsed and columns renamed (if it was deferred)."""
+        if self.raw is None:
+            return self
+        rec = _parse(self.raw, self.where)
+        if rec.data is not None and columns:
+            rec.data = rename_columns(rec.data, columns)
+        return rec
 
 
 def source_files(path: str) -> list[Path]:
@@ -78,11 +89,12 @@ def fingerprint(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def read_source(src: DataSource) -> Iterator[RawRecord]:
-    """Records of one source, in file order, at most `src.max_samples`, columns renamed."""
+def read_source(src: DataSource, parse: bool = True) -> Iterator[RawRecord]:
+    """Records of one source, in file order, at most `src.max_samples`, columns renamed.
+    `parse=False` leaves JSON lines unparsed (`rec.raw`) for a worker process to parse."""
     n = 0
     for f in source_files(src.path):
-        for rec in read_file(f):
+        for rec in read_file(f, parse):
             if rec.data is not None and src.columns:
                 rec.data = rename_columns(rec.data, src.columns)
             yield rec
@@ -100,10 +112,10 @@ def rename_columns(data: dict[str, Any], columns: dict[str, str]) -> dict[str, A
     return out
 
 
-def read_file(path: Path) -> Iterator[RawRecord]:
+def read_file(path: Path, parse: bool = True) -> Iterator[RawRecord]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return read_jsonl(path)
+        return read_jsonl(path, parse)
     if suffix == ".json":
         return read_json(path)
     if suffix == ".parquet":
@@ -130,7 +142,7 @@ def _parse(text: str, where: str) -> RawRecord:
     return RawRecord(where, obj)
 
 
-def read_jsonl(path: Path) -> Iterator[RawRecord]:
+def read_jsonl(path: Path, parse: bool = True) -> Iterator[RawRecord]:
     """One JSON object per line; 1-based line numbers; blank lines are skipped."""
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
@@ -141,7 +153,7 @@ def read_jsonl(path: Path) -> Iterator[RawRecord]:
                 yield RawRecord(where, None, RecordError("invalid_utf8", f"invalid UTF-8: {exc}"))
                 continue
             if line.strip():
-                yield _parse(line, where)
+                yield _parse(line, where) if parse else RawRecord(where, None, raw=line)
 
 
 def read_json(path: Path) -> Iterator[RawRecord]:

@@ -6,7 +6,7 @@ back in order (`imap`), and the parent does the accounting, so counts, rejects a
 are identical to a single-process run.
 
     with EncodePool(plugins, encoder, workers=4) as pool:
-        for outcomes in pool.map(jobs):     # jobs: (format, DataSource, [(n, where, data, err)])
+        for outcomes in pool.map(jobs):     # jobs: (format, DataSource, [(n, where, data, ...)])
             ...                             # ("ok", where, n, plain, ids, labels) | ("bad", where, kind, reason)
 
 Workers: `SFT_DATA_WORKERS` if set, else one per CPU but one (at most 8, at least 2) for inputs
@@ -26,8 +26,11 @@ from typing import Any
 from sft.data.conversation import RecordError
 from sft.data.formats import convert_record
 from sft.data.masks import Encoder
+from sft.data.sources import RawRecord
 
-Job = tuple[str | None, Any, list[tuple[int, str, dict[str, Any] | None, tuple[str, str] | None]]]
+# (format, DataSource, [(record number, where, data, (kind, reason) of a bad record, JSON line)])
+Chunk = list[tuple[int, str, dict[str, Any] | None, tuple[str, str] | None, str | None]]
+Job = tuple[str | None, Any, Chunk]
 Outcome = tuple[Any, ...]
 
 # Set in the parent before forking, inherited by the workers (tokenizers are not cheap to pickle).
@@ -53,7 +56,10 @@ def encode_job(job: Job) -> list[Outcome]:
     plugins, encoder = _STATE["plugins"], _STATE["encoder"]
     out: list[Outcome | None] = [None] * len(chunk)
     convs, slots = [], []
-    for j, (n, where, data, err) in enumerate(chunk):
+    for j, (n, where, data, err, raw) in enumerate(chunk):
+        if raw is not None:  # JSON lines are parsed here, in the worker
+            rec = RawRecord(where, None, raw=raw).parsed(getattr(src, "columns", None))
+            data, err = rec.data, (rec.error.kind, rec.error.reason) if rec.error else None
         if data is None or fmt is None:
             kind, reason = err or ("missing_field", "no format detected")
             out[j] = ("bad", where, kind, reason)
