@@ -174,18 +174,10 @@ def build_yaml(
     batch, accum = batch_layout(cfg, device, deg["dp"])
     mc = model_config(plan.model.config, schedule.seq_length, device, batch)
     if cfg.method.name == "lora":
-        m = cfg.method
-        mc["pet_config"] = {
-            "pet_type": "lora",
-            "lora_rank": m.r,
-            "lora_alpha": int(m.alpha) if float(m.alpha).is_integer() else m.alpha,
-            "lora_dropout": m.dropout,
-            "target_modules": lora_targets(m.target_modules),
-        }
-    t = cfg.train
-    multi = cfg.parallel.world_size > 1
+        mc["pet_config"] = pet_config(cfg.method)
+    steps = len(schedule.steps)
     return {
-        "seed": t.seed,
+        "seed": cfg.train.seed,
         "run_mode": "finetune",
         "use_legacy": True,
         "output_dir": output_dir,
@@ -194,9 +186,46 @@ def build_yaml(
         "auto_trans_ckpt": False,
         "resume_training": False,
         "only_save_strategy": False,
-        "use_parallel": multi,
+        "use_parallel": cfg.parallel.world_size > 1,
         "trainer": {"type": "CausalLanguageModelingTrainer", "model_name": "llama"},
-        "context": _context(device, t),
+        "context": _context(device, cfg.train),
+        **_parallel(device, deg, output_dir),
+        "runner_config": {
+            "epochs": 1,
+            "batch_size": batch,
+            "sink_mode": False,
+            "sink_size": 1,
+            "gradient_accumulation_steps": accum,
+        },
+        **_optimization(cfg.train, steps),
+        "train_dataset": _dataset(dataset, batch),
+        "train_dataset_task": {
+            "type": "CausalLanguageModelDataset",
+            "dataset_config": _dataset(dataset, batch),
+        },
+        "do_eval": False,
+        "callbacks": _callbacks(cfg.checkpoint, steps),
+        "model": {"model_config": mc, "arch": {"type": "LlamaForCausalLM"}},
+        "profile": False,
+    }
+
+
+def pet_config(method: Any) -> dict[str, Any]:
+    """LoRA -> mindpet's pet_config (alpha kept an int when it is one, as MindFormers writes it)."""
+    alpha = int(method.alpha) if float(method.alpha).is_integer() else method.alpha
+    return {
+        "pet_type": "lora",
+        "lora_rank": method.r,
+        "lora_alpha": alpha,
+        "lora_dropout": method.dropout,
+        "target_modules": lora_targets(method.target_modules),
+    }
+
+
+def _parallel(device: str, deg: dict[str, int], output_dir: str) -> dict[str, Any]:
+    # Semi-auto parallel (mode 1) is what MindFormers recommends on Ascend; CPU runs plain
+    # data parallel (mode 0), where each rank reads its own shard of the MindRecord.
+    return {
         "parallel": {
             "parallel_mode": 1 if device != "CPU" else 0,
             "gradients_mean": True,
@@ -217,13 +246,11 @@ def build_yaml(
             "gradient_aggregation_group": 4,
         },
         "micro_batch_interleave_num": 1,
-        "runner_config": {
-            "epochs": 1,
-            "batch_size": batch,
-            "sink_mode": False,
-            "sink_size": 1,
-            "gradient_accumulation_steps": accum,
-        },
+    }
+
+
+def _optimization(t: Any, steps: int) -> dict[str, Any]:
+    return {
         "runner_wrapper": {
             "type": "MFTrainOneStepCell",
             "scale_sense": 1.0,
@@ -236,28 +263,23 @@ def build_yaml(
             "eps": t.eps,
             "weight_decay": t.weight_decay,
         },
-        "lr_schedule": lr_schedule(t, len(schedule.steps)),
-        "train_dataset": _dataset(dataset, batch),
-        "train_dataset_task": {
-            "type": "CausalLanguageModelDataset",
-            "dataset_config": _dataset(dataset, batch),
-        },
-        "do_eval": False,
-        "callbacks": [
-            {"type": "MFLossMonitor", "per_print_times": 1},
-            {
-                "type": "CheckpointMonitor",
-                "prefix": "sft",
-                "save_checkpoint_steps": cfg.checkpoint.every_steps or len(schedule.steps),
-                "keep_checkpoint_max": cfg.checkpoint.keep_last,
-                "integrated_save": False,
-                "async_save": False,
-                "checkpoint_format": "ckpt",
-            },
-        ],
-        "model": {"model_config": mc, "arch": {"type": "LlamaForCausalLM"}},
-        "profile": False,
+        "lr_schedule": lr_schedule(t, steps),
     }
+
+
+def _callbacks(checkpoint: Any, steps: int) -> list[dict[str, Any]]:
+    return [
+        {"type": "MFLossMonitor", "per_print_times": 1},
+        {
+            "type": "CheckpointMonitor",
+            "prefix": "sft",
+            "save_checkpoint_steps": checkpoint.every_steps or steps,
+            "keep_checkpoint_max": checkpoint.keep_last,
+            "integrated_save": False,
+            "async_save": False,
+            "checkpoint_format": "ckpt",
+        },
+    ]
 
 
 def _context(device: str, t: Any) -> dict[str, Any]:
