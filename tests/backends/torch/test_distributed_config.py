@@ -7,6 +7,7 @@ from the spec, the torchrun command line, and how a global step is split over ra
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -173,3 +174,27 @@ def test_cpu_offload_is_refused_where_it_cannot_work(
     plan = SimpleNamespace(config=spec(strategy=strategy, cpu_offload=True))
     with pytest.raises(SftError, match=message):
         distributed.wrap_model(torch.nn.Linear(2, 2), plan, torch.device("cpu"))
+
+
+def error_file(path: Path, message: str, mtime: float) -> str:
+    # the JSON torchrun's ErrorHandler.record_exception writes in a failed worker
+    data = {"message": {"message": message, "extraInfo": {"py_callstack": "", "timestamp": "7"}}}
+    path.write_text(json.dumps(data))
+    os.utime(path, (mtime, mtime))
+    return str(path)
+
+
+def test_the_rank_that_failed_first_is_named_even_within_one_second(tmp_path: Path) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    crashed = error_file(tmp_path / "1.json", "SftError: bad sample", 1000.2)
+    lost_peer = error_file(tmp_path / "0.json", "RuntimeError: Connection closed by peer", 1000.7)
+    exc = ChildFailedError(
+        "sft", {0: ProcessFailure(0, 11, 1, lost_peer), 1: ProcessFailure(1, 12, 1, crashed)}
+    )
+    message = launch.describe_failure(exc, tmp_path / "logs")
+    assert message.startswith(
+        "distributed training failed: rank 1 (local rank 1) stopped "
+        "with: SftError: bad sample (ranks [0] failed too)"
+    )
+    assert str(tmp_path / "logs") in message and crashed in message

@@ -170,7 +170,7 @@ def preempted(plan: TrainPlan, sigval: Any) -> SftError:
 
 def describe_failure(exc: Any, log_dir: Path) -> str:
     """One message naming the first failed rank, its error and where its logs are."""
-    rank, failure = exc.get_first_failure()
+    rank, failure = first_failure(exc.failures) or exc.get_first_failure()
     message = failure.message
     if isinstance(message, dict):
         message = message.get("message", "")
@@ -186,6 +186,20 @@ def describe_failure(exc: Any, log_dir: Path) -> str:
         f"stopped with: {message}{also}. The other ranks were stopped. Logs of every rank: "
         f"{log_dir}" + (f"; error file: {where}" if where else "")
     )
+
+
+def first_failure(failures: dict[int, Any]) -> tuple[int, Any] | None:
+    """The failure whose error file was written first. torchrun orders failures by a timestamp
+    in whole seconds, so a rank that only lost its peer can tie with the one that crashed;
+    the file times tell them apart."""
+    written = []
+    for r, f in failures.items():
+        if f.error_file and os.path.isfile(f.error_file):
+            written.append((os.path.getmtime(f.error_file), r, f))
+    if not written:
+        return None
+    _, r, f = min(written, key=lambda item: (item[0], item[1]))
+    return r, f
 
 
 def result_of(run_dir: Path) -> TrainResult:
