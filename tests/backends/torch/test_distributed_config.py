@@ -198,3 +198,16 @@ def test_the_rank_that_failed_first_is_named_even_within_one_second(tmp_path: Pa
         "with: SftError: bad sample (ranks [0] failed too)"
     )
     assert str(tmp_path / "logs") in message and crashed in message
+
+
+def test_the_launcher_refuses_what_a_strategy_cannot_do_before_starting_processes(
+    tmp_path: Path,
+) -> None:
+    config = spec(strategy="zero2")
+    config.checkpoint.every_steps = 10
+    plan = SimpleNamespace(config=config, options=SimpleNamespace(device="cpu"), run_dir=tmp_path)
+    with pytest.raises(
+        SftError, match=r"checkpoint: resumable checkpoints with parallel\.strategy"
+    ):
+        launch.launch(plan)
+    assert not (tmp_path / "logs").exists()  # nothing was started

@@ -185,6 +185,14 @@ def wrap(
     model: nn.Module, config: RunConfig, accumulation: int, world: int, precision: str
 ) -> DeepSpeedEngine:
     """The engine for zero2 / zero3, after checking what DeepSpeed cannot do here."""
+    check(config)
+    return DeepSpeedEngine(
+        model, ds_config(config, accumulation, world, precision), config.parallel.strategy
+    )
+
+
+def check(config: RunConfig) -> None:
+    """What this integration cannot do, said before any process loads a model."""
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
@@ -206,6 +214,3 @@ def wrap(
         )
     if config.method.name == "qlora":
         raise SftError("parallel.strategy: ZeRO with method qlora is not supported; use ddp")
-    return DeepSpeedEngine(
-        model, ds_config(config, accumulation, world, precision), config.parallel.strategy
-    )

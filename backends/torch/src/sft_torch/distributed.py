@@ -45,6 +45,7 @@ from sft.backend import TrainPlan
 from sft.data.batching import Row, micro_batches, shard_for_rank
 from sft.data.cache import IGNORE_INDEX
 from sft.errors import SftError
+from sft.specs import RunConfig
 from torch import nn
 
 #: Seconds a collective may wait before the process group gives up (a dead peer never hangs a
@@ -339,6 +340,34 @@ def full_options(cpu_offload: bool = True, strict: bool = True) -> Any:
     return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload, strict=strict)
 
 
+def check_strategy(config: RunConfig, device_type: str) -> None:
+    """What `parallel.strategy` cannot do here, said before anything is loaded: the launcher
+    calls this before starting processes, and every worker again in `wrap_model`."""
+    par = config.parallel
+    if par.cpu_offload and par.strategy == "ddp":
+        raise SftError(
+            "parallel.cpu_offload: DDP keeps a whole replica on every device and offloads "
+            "nothing; use parallel.strategy fsdp, zero2 or zero3 with cpu_offload"
+        )
+    if par.cpu_offload and device_type == "cpu":
+        # FSDP2's offload needs an accelerator, and DeepSpeed's ZeRO-2 offload path fails on
+        # its CPU accelerator: refuse it plainly instead of a deep traceback
+        raise SftError(
+            "parallel.cpu_offload: offloading moves parameters / optimizer state from GPU "
+            "memory to the CPU, but this run already trains on the CPU; remove "
+            "parallel.cpu_offload"
+        )
+    if par.strategy == "fsdp" and config.method.name == "qlora":
+        raise SftError(
+            "parallel.strategy: fsdp with method qlora is not supported by the "
+            "torch backend (4-bit weights cannot be sharded as DTensors); use ddp"
+        )
+    if par.strategy in ("zero2", "zero3"):
+        from sft_torch import deepspeed
+
+        deepspeed.check(config)
+
+
 def wrap_model(
     model: nn.Module, plan: TrainPlan, device: torch.device, precision: str = "fp32"
 ) -> Engine:
@@ -347,27 +376,10 @@ def wrap_model(
     par = plan.config.parallel
     if world_size() == 1:
         return Engine(model)
-    if par.cpu_offload and par.strategy == "ddp":
-        raise SftError(
-            "parallel.cpu_offload: DDP keeps a whole replica on every device and offloads "
-            "nothing; use parallel.strategy fsdp, zero2 or zero3 with cpu_offload"
-        )
-    if par.cpu_offload and device.type == "cpu":
-        # FSDP2's offload needs an accelerator, and DeepSpeed's ZeRO-2 offload path fails on
-        # its CPU accelerator: refuse it plainly instead of a deep traceback
-        raise SftError(
-            "parallel.cpu_offload: offloading moves parameters / optimizer state from GPU "
-            "memory to the CPU, but this run already trains on the CPU; remove "
-            "parallel.cpu_offload"
-        )
+    check_strategy(plan.config, device.type)
     if par.strategy == "ddp":
         return DDPEngine(model, device)
     if par.strategy == "fsdp":
-        if plan.config.method.name == "qlora":
-            raise SftError(
-                "parallel.strategy: fsdp with method qlora is not supported by the "
-                "torch backend (4-bit weights cannot be sharded as DTensors); use ddp"
-            )
         from sft_torch.fsdp import FSDPEngine
 
         return FSDPEngine(model, device, par.cpu_offload)

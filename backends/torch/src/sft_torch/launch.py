@@ -131,6 +131,8 @@ def launch(plan: TrainPlan) -> TrainResult:
     from torch.distributed.run import run as torchrun
 
     par = plan.config.parallel
+    device = "cuda" if distributed.uses_cuda(getattr(plan.options, "device", "auto")) else "cpu"
+    distributed.check_strategy(plan.config, device)  # fail here, not in every worker
     log_dir = plan.run_dir / "logs" / f"node{par.node_rank}"
     log_dir.mkdir(parents=True, exist_ok=True)
     if par.node_rank == 0:
