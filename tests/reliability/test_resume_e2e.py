@@ -241,9 +241,15 @@ def test_nan_skip_leaves_the_weights_and_the_schedule_untouched(workdir: Path) -
     before = load_file(str(run / "checkpoints" / "step-000003" / "trainable.safetensors"))
     after = load_file(str(run / "checkpoints" / "step-000004" / "trainable.safetensors"))
     assert_bitwise_equal(before, after, "the skipped step 4")
-    rows = {int(r["step"]): r for r in read_metrics(run) if "loss" in r}
+    rows = {int(r["step"]): r for r in read_metrics(run) if "lr" in r}
+    assert sorted(rows) == list(range(1, STEPS + 1))
     assert rows[5]["lr"] == rows[4]["lr"], "the LR schedule advanced on a skipped step"
+    assert rows[4]["lr"] != rows[3]["lr"]  # (it does advance on every applied step)
+    # the skipped step has no loss to report; every other step's loss is finite
+    assert "loss" not in rows[4] or not np.isfinite(rows[4]["loss"])
     assert all(np.isfinite(rows[s]["loss"]) for s in rows if s != 4)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["metrics"]["skipped_steps"] == [4]
 
 
 def test_sigterm_to_a_torchrun_job_checkpoints_every_rank_and_exits_143(workdir: Path) -> None:
