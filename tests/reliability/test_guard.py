@@ -34,7 +34,9 @@ def test_exit_codes_follow_the_shell_convention_and_differ_from_errors() -> None
     assert Diverged("x").exit_code == EXIT_DIVERGED == 3
     assert len({143, 130, EXIT_DIVERGED, SftError.exit_code, 2}) == 5
     msg = str(Preempted("SIGTERM", 7, Path("/r/checkpoints/step-000007")))
-    assert "step 7" in msg and "step-000007" in msg and "--resume auto" in msg
+    assert "step 7" in msg and "step-000007 is complete" in msg and "--resume auto" in msg
+    assert "rank 0 wrote" in str(Preempted("SIGTERM", 7, None))  # another rank's view
+    assert "nothing to resume" in str(Preempted("SIGINT", 0, None))
 
 
 def test_a_signal_finishes_the_step_instead_of_killing() -> None:

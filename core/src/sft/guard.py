@@ -45,11 +45,14 @@ class Preempted(SftError):
     def __init__(self, signame: str, step: int, checkpoint: Path | None) -> None:
         self.signame, self.step, self.checkpoint = signame, step, checkpoint
         self.exit_code = 128 + int(signal.Signals[signame])
-        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (rank > 0)"
-        super().__init__(
-            f"stopped by {signame} after step {step}; {where} is complete. Continue with the "
-            "same command plus --resume auto"
-        )
+        resume = "Continue with the same command plus --resume auto"
+        if checkpoint is not None:
+            then = f"checkpoint {checkpoint} is complete. {resume}"
+        elif step == 0:
+            then = "no step had finished, so there is nothing to resume; rerun the same command"
+        else:
+            then = f"rank 0 wrote the checkpoint. {resume}"
+        super().__init__(f"stopped by {signame} after step {step}; {then}")
 
 
 class Diverged(SftError):
