@@ -81,7 +81,9 @@ def test_ascend_yaml_has_no_cpu_workarounds(tmp_path, tiny_llama):
 def test_parallel_degrees_must_multiply_to_the_device_count(tmp_path):
     cfg = load_config(
         _write(
-            tmp_path, "parallel: {nproc_per_node: 8, tensor_parallel: 2, pipeline_parallel: 2}\n"
+            tmp_path,
+            "parallel: {nproc_per_node: 8, tensor_parallel: 2, pipeline_parallel: 2}\n"
+            "mindspore: {device_target: Ascend}\n",
         )
     )
     assert parallel_degrees(cfg) == {"dp": 2, "mp": 2, "cp": 1, "pp": 2}
@@ -96,10 +98,15 @@ def test_parallel_degrees_must_multiply_to_the_device_count(tmp_path):
         ("method: freeze\n", "freeze"),
         ("mindspore: {device_target: CPU}\n", "FlashAttention on Ascend"),
         ("parallel: {strategy: fsdp}\n", "torch strategy"),
+        (
+            "parallel: {nproc_per_node: 2, tensor_parallel: 2}\nmindspore: {device_target: CPU}\n",
+            "needs Ascend",
+        ),
     ],
 )
 def test_validation_refuses_what_mindformers_cannot_do(tmp_path, text, match):
-    data = "{train: d.jsonl, packing: true}" if "device_target" in text else "{train: d.jsonl}"
+    packing = "FlashAttention" in match
+    data = "{train: d.jsonl, packing: true}" if packing else "{train: d.jsonl}"
     with pytest.raises(ConfigError, match=match):
         load_config(_write(tmp_path, text, data))
 

@@ -65,8 +65,7 @@ def launch(yaml_path: Path, parallel: Any, work_dir: Path, threads: int = 1) -> 
     if parallel.world_size == 1:
         log = work_dir / "worker_0.log"
         cmd = [sys.executable, str(ENTRY), "--config", str(yaml_path)]
-        with log.open("w") as f:
-            rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = _run_showing_progress(cmd, env, log)
         if rc:
             raise SftError(_failure(0, log, rc))
         return work_dir
@@ -78,6 +77,33 @@ def launch(yaml_path: Path, parallel: Any, work_dir: Path, threads: int = 1) -> 
         rank, log = _failed_rank(log_dir, parallel)
         raise SftError(_failure(rank, log, rc))
     return log_dir
+
+
+def _run_showing_progress(cmd: list[str], env: dict[str, str], log: Path) -> int:
+    """Run one worker, everything into `log`; its per-step loss lines also go to stdout so a
+    long run shows progress (MindFormers' other output stays in the log)."""
+    with (
+        log.open("w") as f,
+        subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        ) as proc,
+    ):
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            f.write(line)
+            m = _PROGRESS.search(line)
+            if m:
+                step, total, loss = m.groups()
+                print(f"[mindformers] step {step}/{total} loss {loss}", flush=True)
+        return proc.wait()
+
+
+_PROGRESS = re.compile(r"step:\[\s*(\d+)/\s*(\d+)\], loss: ?\[?([-+0-9.eEnaif]+)")
 
 
 def _failed_rank(log_dir: Path, parallel: Any) -> tuple[int, Path]:

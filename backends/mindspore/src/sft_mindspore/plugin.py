@@ -83,8 +83,17 @@ class MindSporeBackend:
                 "strategy; MindSpore uses data/tensor/pipeline/context parallel degrees"
                 " (parallel.tensor_parallel ...) with strategy: ddp"
             )
-        world = config.parallel.world_size
         p = config.parallel
+        if (
+            _device(opts) == "CPU"
+            and max(p.tensor_parallel, p.pipeline_parallel, p.context_parallel) > 1
+        ):
+            problems.append(
+                "parallel: tensor/pipeline/context parallelism needs Ascend "
+                "(MindSpore's semi-auto parallel); on CPU only data parallel works: "
+                "set them to 1"
+            )
+        world = p.world_size
         prod = p.tensor_parallel * p.pipeline_parallel * p.context_parallel
         if world % prod:
             problems.append(
