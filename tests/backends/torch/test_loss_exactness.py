@@ -120,3 +120,27 @@ def test_gradient_checkpointing_changes_nothing(tmp_path, tiny_llama):
     b = final_weights(tmp_path / "b", tiny_llama, method="lora",
                       train={**tr, "gradient_checkpointing": True})
     assert max_diff(a, b) < TOL
+
+
+def test_eval_loss_is_the_token_mean_over_held_out_samples(tmp_path, tiny_llama):
+    """Trainer.evaluate (packed eval rows, chunked loss) against a plain per-sample
+    computation with the model's own logits."""
+    import math
+
+    import torch.nn.functional as F
+
+    plan = make_plan(tmp_path, tiny_llama, method="full", eval_n=6, packing=True)
+    trainer = Trainer(plan, events_for(plan))
+    got = trainer.evaluate()
+    split, total, count = plan.data.eval, 0.0, 0
+    trainer.model.eval()
+    with torch.no_grad():
+        for i in range(len(split)):
+            ids, labels = (torch.from_numpy(a.astype("int64"))[None] for a in split.sample(i))
+            logits = trainer.model(input_ids=ids).logits[0, :-1]
+            target = labels[0, 1:]
+            total += float(F.cross_entropy(logits, target, ignore_index=-100, reduction="sum"))
+            count += int((target != -100).sum())
+    assert got["eval_tokens"] == count
+    assert abs(got["eval_loss"] - total / count) < 1e-5
+    assert got["eval_ppl"] == pytest.approx(math.exp(total / count))
