@@ -10,8 +10,9 @@ What each side does:
 - sft: read jsonl, validate records, render SmolLM2's chat template (prefix renderings for the
   loss mask of every assistant turn), tokenize in batches, mask, truncate, account, write the
   cache (npy) and the saved tokenizer.
-- TRL: `Dataset.from_list` + `SFTTrainer._prepare_dataset` (the preparation its constructor runs:
-  apply_chat_template + tokenize per example with datasets.map, labels, truncation). SmolLM2's
+- TRL: load the tokenizer, `Dataset.from_list` (records already in memory: no file to parse) +
+  `SFTTrainer._prepare_dataset` (the preparation its constructor runs: apply_chat_template +
+  tokenize per example with datasets.map, labels, truncation). SmolLM2's
   template has no `{% generation %}` markers, so TRL cannot mask to assistant turns
   (assistant_only_loss=True raises) and trains every token: it does less work than sft here.
 """
@@ -91,8 +92,11 @@ def run_sft(
     return time.perf_counter() - t, data
 
 
-def run_trl(records: list[dict[str, Any]], tok: Any, work: Path, max_len: int) -> tuple[float, Any]:
+def run_trl(
+    records: list[dict[str, Any]], tok_dir: Path, work: Path, max_len: int
+) -> tuple[float, Any]:
     from datasets import Dataset
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
@@ -100,8 +104,10 @@ def run_trl(records: list[dict[str, Any]], tok: Any, work: Path, max_len: int) -
     )
     # The preparation SFTTrainer.__init__ runs, without building a model around it.
     trainer = SFTTrainer.__new__(SFTTrainer)
-    trainer._tokenizer, trainer.chat_template, trainer.completion_only_loss = tok, None, None
     t = time.perf_counter()
+    # Both sides start from the tokenizer directory (SFTTrainer loads it from the model id).
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    trainer._tokenizer, trainer.chat_template, trainer.completion_only_loss = tok, None, None
     ds = Dataset.from_list(records)
     ds = trainer._prepare_dataset(
         ds, tok, args, packing=False, formatting_func=None, dataset_name="train"
@@ -116,7 +122,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per side (best is kept)")
     a = ap.parse_args()
     import datasets
-    from transformers import AutoTokenizer
 
     datasets.disable_progress_bars()
     datasets.disable_caching()
@@ -125,10 +130,9 @@ def main() -> None:
         t = time.perf_counter()
         tok_dir = smol_tokenizer(work / "smol")
         print(f"tokenizer: SmolLM2-135M-Instruct from GGUF in {time.perf_counter() - t:.1f}s")
-        tok = AutoTokenizer.from_pretrained(str(tok_dir))
         records = conversations(a.n)
         run_sft(records[:100], tok_dir, work, a.max_len)  # warm-up: imports, first template compile
-        run_trl(records[:100], tok, work, a.max_len)
+        run_trl(records[:100], tok_dir, work, a.max_len)
         cpus = os.cpu_count() or 1
         times: dict[str, list[float]] = {"sft": [], "sft-n": [], "trl": []}
         for _ in range(a.repeats):
@@ -137,7 +141,7 @@ def main() -> None:
             times["sft"].append(dt)
             os.environ["SFT_DATA_WORKERS"] = str(cpus)
             times["sft-n"].append(run_sft(records, tok_dir, work, a.max_len)[0])
-            dt, ds = run_trl(records, tok, work, a.max_len)
+            dt, ds = run_trl(records, tok_dir, work, a.max_len)
             times["trl"].append(dt)
         same = sum(
             data.train.sample(i)[0].tolist() == ds[i]["input_ids"] for i in range(len(records))
