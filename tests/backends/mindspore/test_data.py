@@ -107,3 +107,31 @@ def test_sft_write_data_hook_writes_mindrecord(tmp_path):
     got = sorted(r["input_ids"][r["input_ids"] != 0].tolist() for r in recs)
     assert got == sorted(split.sample(i)[0].tolist() for i in range(3))
     assert (tmp_path / "o" / "eval.mindrecord").is_file()
+
+
+def test_hf_arrow_alternative_holds_the_same_records(tmp_path):
+    import datasets
+
+    split = synthetic_split(n=3)
+    data = PreparedData(
+        cache_dir=tmp_path / "cache",
+        key="k",
+        train=split,
+        eval=None,
+        tokenizer_dir=str(tmp_path),
+        pad_id=0,
+        eos_ids=[2],
+    )
+    hook = get_plugins().hook
+    mr = hook.sft_write_data(
+        fmt="mindrecord", data=data, out_dir=str(tmp_path / "m"), config=_config()
+    )
+    arrow = hook.sft_write_data(
+        fmt="hf-arrow", data=data, out_dir=str(tmp_path / "a"), config=_config()
+    )
+    table = datasets.load_from_disk(arrow)
+    records = read_mindrecord(mr)
+    assert table.column_names == ["input_ids", "labels"] and len(table) == len(records) == 3
+    for row, rec in zip(table, records):
+        assert row["input_ids"] == rec["input_ids"].tolist()
+        assert row["labels"] == rec["labels"].tolist()

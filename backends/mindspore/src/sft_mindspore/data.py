@@ -15,6 +15,8 @@ record, which is exactly `shard_for_rank(step_rows, r, W)` when a rank's batch i
     $ sft data prepare --config configs/qwen2-tiny/lora.yaml --format mindrecord --out data/
     >>> import mindspore.dataset as ds
     >>> ds.MindDataset("data/train.mindrecord", columns_list=["input_ids", "labels"])
+
+`--format hf-arrow` writes the same records as an HF arrow directory (datasets.save_to_disk).
 """
 
 from __future__ import annotations
@@ -154,8 +156,21 @@ def read_mindrecord(
     return list(dataset.create_dict_iterator(output_numpy=True, num_epochs=1))
 
 
-def write_prepared(data: Any, out_dir: str | Path, config: Any) -> str:
-    """`sft data prepare --format mindrecord`: train (and eval) splits in core order, one
+def write_arrow(
+    split: TokenizedSplit, rows: list[Row], pad_id: int, seq_length: int, path: str | Path
+) -> Path:
+    """The same records as an HF arrow directory (`datasets` save_to_disk), the alternative
+    MindFormers >= 1.7 reads with `data_loader: {type: HFDataLoader, load_func: load_from_disk}`."""
+    import datasets
+
+    arrays = row_arrays(split, rows, pad_id, seq_length)
+    table = datasets.Dataset.from_dict({c: arrays[c].tolist() for c in COLUMNS})
+    table.save_to_disk(str(path))
+    return Path(path)
+
+
+def write_prepared(data: Any, out_dir: str | Path, config: Any, fmt: str = "mindrecord") -> str:
+    """`sft data prepare --format mindrecord|hf-arrow`: train (and eval) splits in core order, one
     record per sample, padded to the split's longest sample."""
     out_dir = Path(out_dir)
     for name in ("train", "eval"):
@@ -171,8 +186,11 @@ def write_prepared(data: Any, out_dir: str | Path, config: Any) -> str:
             epoch=0,
         )
         seq = seq_length_for(split, config.data.max_seq_len)
-        write_mindrecord(split, rows, data.pad_id, seq, out_dir / f"{name}.mindrecord")
-    (out_dir / "mindrecord.json").write_text(
+        if fmt == "hf-arrow":
+            write_arrow(split, rows, data.pad_id, seq, out_dir / name)
+        else:
+            write_mindrecord(split, rows, data.pad_id, seq, out_dir / f"{name}.mindrecord")
+    (out_dir / f"{fmt}.json").write_text(
         json.dumps(
             {
                 "columns": COLUMNS,
@@ -184,4 +202,4 @@ def write_prepared(data: Any, out_dir: str | Path, config: Any) -> str:
             indent=2,
         )
     )
-    return str(out_dir / "train.mindrecord")
+    return str(out_dir / ("train" if fmt == "hf-arrow" else "train.mindrecord"))

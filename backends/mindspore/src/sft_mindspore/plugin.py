@@ -145,8 +145,8 @@ def sft_register_commands(cli: Any) -> None:
 
 @sft.hookimpl
 def sft_write_data(fmt: str, data: Any, out_dir: str, config: RunConfig) -> str | None:
-    if fmt != "mindrecord":
+    if fmt not in ("mindrecord", "hf-arrow"):
         return None
     from sft_mindspore.data import write_prepared
 
-    return write_prepared(data, out_dir, config)
+    return write_prepared(data, out_dir, config, fmt)
