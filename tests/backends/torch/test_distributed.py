@@ -5,9 +5,10 @@ with the same global batch (fp32, tiny llama, real `sft run` flow with a real da
     $ .venvs/torch/bin/python -m pytest tests/backends/torch/test_distributed.py
 
 Each launch starts 2 fresh Python processes (imports + model load dominate: ~30 s per launch on
-2 cores), so the runs are few and short: 4 optimizer steps of global batch 8 over 21 samples,
-which crosses an epoch and ends the epoch with a short step that leaves rank 1 with fewer
-micro-batches than rank 0 (the padding path).
+2 cores), so the runs are few and short: 4 optimizer steps of global batch 8 over 21 training
+samples, which crosses an epoch and ends the epoch with a short step that leaves rank 1 with
+fewer micro-batches than rank 0 (the padding path); 5 held-out samples are evaluated at the end,
+sharded over the ranks the same uneven way.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ WORDS = "the quick brown fox jumps over lazy dog capital france paris hello cats
 TOL = 1e-5
 
 
-def write_data(path: Path, n: int = 21) -> None:
+def write_data(path: Path, n: int = 26) -> None:
     rng = __import__("random").Random(0)
     with path.open("w") as f:
         for _ in range(n):
@@ -58,6 +59,7 @@ def job(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
         "model": str(tiny_llama),
         "data": {
             "train": "train.jsonl",
+            "eval_fraction": 0.2,  # 5 of 26 held out: an odd count, so eval pads a rank too
             "max_seq_len": 256,
             "packing": False,
             "group_by_length": False,
@@ -120,6 +122,11 @@ def assert_same_run(
     assert len(a) == len(b) == steps
     assert a == pytest.approx(b, rel=TOL, abs=TOL)
     assert any(x != y for x, y in itertools.pairwise(b))  # a curve, not a constant
+    # the final eval is sharded over ranks and summed back: same loss on the same tokens
+    mine_eval = json.loads((run_dir / "summary.json").read_text())["metrics"]
+    ref_eval = json.loads((ref / "summary.json").read_text())["metrics"]
+    assert mine_eval["eval_tokens"] == ref_eval["eval_tokens"] > 0
+    assert mine_eval["eval_loss"] == pytest.approx(ref_eval["eval_loss"], rel=TOL)
 
 
 def test_ddp_two_processes_equal_one_process_and_resume_on_one(job: Path, reference: Path) -> None:
