@@ -33,8 +33,9 @@ def _one_thread() -> None:
     torch.set_num_threads(1)  # 2 shared cores: tiny models gain nothing from more
 
 
-def synthetic_samples(vocab: int, n: int, seed: int = 0, lo: int = 6,
-                      hi: int = 24) -> list[tuple[list[int], list[int]]]:
+def synthetic_samples(
+    vocab: int, n: int, seed: int = 0, lo: int = 6, hi: int = 24
+) -> list[tuple[list[int], list[int]]]:
     """`n` variable-length samples of learnable token runs (start, start+stride, ...); the first
     third of each sample is a masked prompt."""
     rng = np.random.default_rng(seed)
@@ -52,34 +53,73 @@ def vocab_size(model_dir: Path) -> int:
     return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
 
 
-def make_plan(tmp_path: Path, model_dir: Path, *, method: Any = "lora",
-              train: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
-              torch_opts: dict[str, Any] | None = None, n: int = 16, seed: int = 0,
-              packing: bool = False, eval_n: int = 0, run_dir: Path | None = None,
-              resume_from: Path | None = None, **top: Any) -> TrainPlan:
+def make_plan(
+    tmp_path: Path,
+    model_dir: Path,
+    *,
+    method: Any = "lora",
+    train: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    torch_opts: dict[str, Any] | None = None,
+    n: int = 16,
+    seed: int = 0,
+    packing: bool = False,
+    eval_n: int = 0,
+    run_dir: Path | None = None,
+    resume_from: Path | None = None,
+    **top: Any,
+) -> TrainPlan:
     from sft_torch.plugin import TorchOptions
 
     vocab = vocab_size(model_dir)
-    tr = {"max_steps": 4, "learning_rate": 1e-2, "precision": "fp32", "warmup_steps": 0,
-          "micro_batch_size": 2, "gradient_accumulation_steps": 2, **(train or {})}
-    config = RunConfig.model_validate({
-        "data": {"train": "synthetic.jsonl", "max_seq_len": 64, "group_by_length": False,
-                 **(data or {})},
-        "method": method, "train": tr,
-        "logging": {"progress": False, "plot": False, **top.pop("logging", {})},
-        "backend_options": {"torch": {"device": "cpu", **(torch_opts or {})}}, **top,
-    })
+    tr = {
+        "max_steps": 4,
+        "learning_rate": 1e-2,
+        "precision": "fp32",
+        "warmup_steps": 0,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        **(train or {}),
+    }
+    config = RunConfig.model_validate(
+        {
+            "data": {
+                "train": "synthetic.jsonl",
+                "max_seq_len": 64,
+                "group_by_length": False,
+                **(data or {}),
+            },
+            "method": method,
+            "train": tr,
+            "logging": {"progress": False, "plot": False, **top.pop("logging", {})},
+            "backend_options": {"torch": {"device": "cpu", **(torch_opts or {})}},
+            **top,
+        }
+    )
     train_split = TokenizedSplit.from_samples(synthetic_samples(vocab, n, seed))
-    eval_split = (TokenizedSplit.from_samples(synthetic_samples(vocab, eval_n, seed + 1))
-                  if eval_n else None)
-    prepared = PreparedData(cache_dir=tmp_path / "cache", key=f"synthetic-{seed}-{n}",
-                            train=train_split, eval=eval_split, tokenizer_dir=str(model_dir),
-                            pad_id=0, eos_ids=[2])
+    eval_split = (
+        TokenizedSplit.from_samples(synthetic_samples(vocab, eval_n, seed + 1)) if eval_n else None
+    )
+    prepared = PreparedData(
+        cache_dir=tmp_path / "cache",
+        key=f"synthetic-{seed}-{n}",
+        train=train_split,
+        eval=eval_split,
+        tokenizer_dir=str(model_dir),
+        pad_id=0,
+        eos_ids=[2],
+    )
     run = run_dir or tmp_path / "run"
     run.mkdir(parents=True, exist_ok=True)
-    return TrainPlan(config=config, options=TorchOptions.model_validate(config.options),
-                     run_dir=run, model=load_resolved(model_dir, str(model_dir)),
-                     data=prepared, resume_from=resume_from, packing=packing)
+    return TrainPlan(
+        config=config,
+        options=TorchOptions.model_validate(config.options),
+        run_dir=run,
+        model=load_resolved(model_dir, str(model_dir)),
+        data=prepared,
+        resume_from=resume_from,
+        packing=packing,
+    )
 
 
 def events_for(plan: TrainPlan) -> RunEvents:

@@ -23,18 +23,24 @@ pytestmark = [
 ]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
-                    reason="needs bitsandbytes (pip install 'sft-torch[qlora]')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None,
+    reason="needs bitsandbytes (pip install 'sft-torch[qlora]')",
+)
 def test_qlora_trains_adapters_on_a_4bit_base(tmp_path, tiny_llama):
     import bitsandbytes as bnb
 
-    plan = make_plan(tmp_path, tiny_llama, method={"name": "qlora", "r": 4},
-                     train={"max_steps": 3, "precision": "bf16"}, torch_opts={"device": "cuda"})
+    plan = make_plan(
+        tmp_path,
+        tiny_llama,
+        method={"name": "qlora", "r": 4},
+        train={"max_steps": 3, "precision": "bf16"},
+        torch_opts={"device": "cuda"},
+    )
     trainer = Trainer(plan, events_for(plan))
     quantized = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized, "the base linear layers should be 4-bit"
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()
-              if "lora_" in n}
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
     result = fit(trainer)
     after = dict(trainer.model.named_parameters())
     assert all(not torch.equal(before[n], after[n]) for n in before)
@@ -42,8 +48,13 @@ def test_qlora_trains_adapters_on_a_4bit_base(tmp_path, tiny_llama):
 
 
 def test_fp16_autocast_with_loss_scaling(tmp_path, tiny_llama):
-    plan = make_plan(tmp_path, tiny_llama, method="lora",
-                     train={"max_steps": 4, "precision": "fp16"}, torch_opts={"device": "cuda"})
+    plan = make_plan(
+        tmp_path,
+        tiny_llama,
+        method="lora",
+        train={"max_steps": 4, "precision": "fp16"},
+        torch_opts={"device": "cuda"},
+    )
     result = fit(Trainer(plan, events_for(plan)))
     assert result.metrics["precision"] == "fp16"
     losses = [r["loss"] for r in read_metrics(plan.run_dir) if "loss" in r]

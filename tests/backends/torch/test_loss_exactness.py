@@ -43,10 +43,18 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def test_accumulation_equivalence_on_variable_length_data(tmp_path, tiny_llama, chunked):
     common = {"method": "full", "n": 16, "torch_opts": {"chunked_loss": chunked}}
     tr = {"max_steps": 2, "learning_rate": 1e-3}
-    a = final_weights(tmp_path / "a", tiny_llama, **common,
-                      train={**tr, "micro_batch_size": 1, "gradient_accumulation_steps": 8})
-    b = final_weights(tmp_path / "b", tiny_llama, **common,
-                      train={**tr, "micro_batch_size": 8, "gradient_accumulation_steps": 1})
+    a = final_weights(
+        tmp_path / "a",
+        tiny_llama,
+        **common,
+        train={**tr, "micro_batch_size": 1, "gradient_accumulation_steps": 8},
+    )
+    b = final_weights(
+        tmp_path / "b",
+        tiny_llama,
+        **common,
+        train={**tr, "micro_batch_size": 8, "gradient_accumulation_steps": 1},
+    )
     # a per-micro-batch mean would differ by far more than this (see the control below)
     assert max_diff(a, b) < TOL
 
@@ -70,8 +78,9 @@ def loss_and_grads(model, batch, settings):
 
 @pytest.fixture(scope="module")
 def samples_plan(tmp_path_factory, tiny_qwen2):
-    return make_plan(tmp_path_factory.mktemp("pack"), tiny_qwen2, method="full", n=5,
-                     data={"max_seq_len": 128})
+    return make_plan(
+        tmp_path_factory.mktemp("pack"), tiny_qwen2, method="full", n=5, data={"max_seq_len": 128}
+    )
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -96,8 +105,11 @@ def test_packed_equals_unpacked(samples_plan, attn, packed):
     # Control: the same packed row with position ids that do NOT restart lets samples attend
     # to each other, and the loss changes; so the equality above is not vacuous.
     leaky = dict(packed_batch)
-    leaky["position_ids"] = torch.arange(packed_batch["input_ids"].shape[1]).expand_as(
-        packed_batch["position_ids"]).contiguous()
+    leaky["position_ids"] = (
+        torch.arange(packed_batch["input_ids"].shape[1])
+        .expand_as(packed_batch["position_ids"])
+        .contiguous()
+    )
     leaky["seq_lens"] = [[sum(r)] for r in packed_batch["seq_lens"]]
     ll, _, _ = loss_and_grads(model, leaky, settings)
     assert abs(ll - lu) > 1e-3
@@ -117,8 +129,9 @@ def test_chunked_loss_equals_full_logits_loss(samples_plan):
 def test_gradient_checkpointing_changes_nothing(tmp_path, tiny_llama):
     tr = {"max_steps": 2, "micro_batch_size": 4, "gradient_accumulation_steps": 1}
     a = final_weights(tmp_path / "a", tiny_llama, method="lora", train=tr)
-    b = final_weights(tmp_path / "b", tiny_llama, method="lora",
-                      train={**tr, "gradient_checkpointing": True})
+    b = final_weights(
+        tmp_path / "b", tiny_llama, method="lora", train={**tr, "gradient_checkpointing": True}
+    )
     assert max_diff(a, b) < TOL
 
 

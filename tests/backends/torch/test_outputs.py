@@ -60,8 +60,12 @@ def test_final_weights_reload_in_a_fresh_process(tmp_path, tiny_llama):
         with torch.no_grad():
             in_run[kind] = trainer.model(input_ids=ids).logits.numpy()
         jobs.append((result.outputs[kind], kind, str(tmp_path / f"{kind}.npy")))
-    proc = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "ids.npy"),
-                           json.dumps(jobs)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(tmp_path / "ids.npy"), json.dumps(jobs)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     for (_, kind, path), info in zip(jobs, report, strict=True):

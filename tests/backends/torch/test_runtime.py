@@ -1,6 +1,6 @@
 """Precision, schedule and optimizer groups of the torch backend.
 
-    $ .venvs/torch/bin/python -m pytest tests/backends/torch/test_runtime.py
+$ .venvs/torch/bin/python -m pytest tests/backends/torch/test_runtime.py
 """
 
 from __future__ import annotations
@@ -34,9 +34,19 @@ def test_auto_precision_follows_the_cpu():
 
 
 def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path, tiny_llama):
-    plan = make_plan(tmp_path, tiny_llama, method="full",
-                     train={"precision": "bf16", "max_steps": 8, "lr_scheduler": "constant",
-                            "learning_rate": 3e-3, "micro_batch_size": 4}, n=8)
+    plan = make_plan(
+        tmp_path,
+        tiny_llama,
+        method="full",
+        train={
+            "precision": "bf16",
+            "max_steps": 8,
+            "lr_scheduler": "constant",
+            "learning_rate": 3e-3,
+            "micro_batch_size": 4,
+        },
+        n=8,
+    )
     trainer = Trainer(plan, events_for(plan))
     result = fit(trainer)
     assert result.metrics["precision"] == "bf16"
@@ -82,8 +92,9 @@ def test_pickle_weights_need_allow_pickle(tmp_path, tiny_llama):
     plan = make_plan(tmp_path / "a", pickled)
     with pytest.raises(SftError, match="allow_pickle"):
         load_model(plan, CPU)
-    plan = make_plan(tmp_path / "b", pickled, model={"name_or_path": str(pickled),
-                                                     "allow_pickle": True})
+    plan = make_plan(
+        tmp_path / "b", pickled, model={"name_or_path": str(pickled), "allow_pickle": True}
+    )
     lm = load_model(plan, CPU)
     ref = load_file(str(tiny_llama / "model.safetensors"))
     assert torch.equal(lm.model.embed_tokens.weight, ref["model.embed_tokens.weight"])

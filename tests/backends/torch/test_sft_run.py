@@ -18,12 +18,14 @@ from sft.run import run
 
 pytestmark = pytest.mark.torch
 
-QA = [("What is the capital of France?", "The capital of France is Paris."),
-      ("Tell me a joke about cats.", "Cats sleep all day."),
-      ("Translate to German: good morning.", "Guten Morgen."),
-      ("Write a haiku about the sea.", "Waves fold into foam."),
-      ("Hello!", "Hello! How can I help you today?"),
-      ("Summarize: the meeting moved to Tuesday.", "Meeting on Tuesday.")]
+QA = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Tell me a joke about cats.", "Cats sleep all day."),
+    ("Translate to German: good morning.", "Guten Morgen."),
+    ("Write a haiku about the sea.", "Waves fold into foam."),
+    ("Hello!", "Hello! How can I help you today?"),
+    ("Summarize: the meeting moved to Tuesday.", "Meeting on Tuesday."),
+]
 
 
 def write_job(tmp_path, model_dir, **extra):
@@ -31,14 +33,28 @@ def write_job(tmp_path, model_dir, **extra):
     with data.open("w") as f:
         for i in range(4):
             for q, a in QA:
-                f.write(json.dumps({"messages": [{"role": "user", "content": f"{q} ({i})"},
-                                                 {"role": "assistant", "content": a}]}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "messages": [
+                                {"role": "user", "content": f"{q} ({i})"},
+                                {"role": "assistant", "content": a},
+                            ]
+                        }
+                    )
+                    + "\n"
+                )
     job = {
         "model": str(model_dir),
         "data": {"train": str(data), "max_seq_len": 64, "eval_fraction": 0.2},
         "method": {"name": "lora", "r": 4},
-        "train": {"max_steps": 6, "micro_batch_size": 2, "gradient_accumulation_steps": 2,
-                  "learning_rate": 5e-3, "precision": "fp32"},
+        "train": {
+            "max_steps": 6,
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "learning_rate": 5e-3,
+            "precision": "fp32",
+        },
         "checkpoint": {"every_steps": 3},
         "eval": {"every_steps": 3},
         "logging": {"progress": False},
@@ -58,10 +74,17 @@ def test_sft_run_end_to_end_and_resume(tmp_path, tiny_llama):
     run_dir = tmp_path / "run"
     assert summary["steps"] == 6 and summary["final_loss"] > 0
     assert summary["packing"] is True  # data.packing auto: the torch backend packs
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss.png",
-                 "final/adapter_config.json", "final/adapter_model.safetensors",
-                 "final/tokenizer_config.json", "final/generation_config.json",
-                 "checkpoints/step-000006/sft-checkpoint.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "loss.png",
+        "final/adapter_config.json",
+        "final/adapter_model.safetensors",
+        "final/tokenizer_config.json",
+        "final/generation_config.json",
+        "checkpoints/step-000006/sft-checkpoint.json",
+    ):
         assert (run_dir / name).is_file(), name
     gen = json.loads((run_dir / "final/generation_config.json").read_text())
     assert gen["eos_token_id"] == [2]

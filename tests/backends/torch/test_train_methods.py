@@ -1,6 +1,6 @@
 """What each fine-tuning method trains, on tiny random llama / qwen2 models (fp32, CPU).
 
-    $ .venvs/torch/bin/python -m pytest tests/backends/torch/test_train_methods.py
+$ .venvs/torch/bin/python -m pytest tests/backends/torch/test_train_methods.py
 """
 
 from __future__ import annotations
@@ -36,9 +36,18 @@ def trained(tmp_path, model_dir, **kw):
 def test_loss_decreases_and_run_dir_is_complete(arch, tmp_path, request):
     model_dir = request.getfixturevalue(arch)
     plan, _, _, result = trained(
-        tmp_path, model_dir, method="full", n=8, eval_n=4,
-        train={"max_steps": 12, "learning_rate": 3e-3, "lr_scheduler": "constant",
-               "micro_batch_size": 4, "gradient_accumulation_steps": 2},
+        tmp_path,
+        model_dir,
+        method="full",
+        n=8,
+        eval_n=4,
+        train={
+            "max_steps": 12,
+            "learning_rate": 3e-3,
+            "lr_scheduler": "constant",
+            "micro_batch_size": 4,
+            "gradient_accumulation_steps": 2,
+        },
         logging={"plot": True},
     )
     train_rows = [r for r in read_metrics(plan.run_dir) if "loss" in r]
@@ -54,7 +63,9 @@ def test_loss_decreases_and_run_dir_is_complete(arch, tmp_path, request):
 
 def test_lora_freezes_base_and_trains_every_adapter_weight(tmp_path, tiny_qwen2):
     _, trainer, before, result = trained(
-        tmp_path, tiny_qwen2, method={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+        tmp_path,
+        tiny_qwen2,
+        method={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
         train={"max_steps": 4},
     )
     after = snapshot(trainer.model)
@@ -73,8 +84,9 @@ def test_lora_freezes_base_and_trains_every_adapter_weight(tmp_path, tiny_qwen2)
 
 
 def test_full_trains_every_parameter(tmp_path, tiny_llama):
-    _, trainer, before, result = trained(tmp_path, tiny_llama, method="full",
-                                         train={"max_steps": 3})
+    _, trainer, before, result = trained(
+        tmp_path, tiny_llama, method="full", train={"max_steps": 3}
+    )
     after = snapshot(trainer.model)
     assert all(not torch.equal(before[n], after[n]) for n in after)
     assert "model" in result.outputs
@@ -94,17 +106,27 @@ def test_freeze_trains_only_the_chosen_layers(tmp_path, tiny_llama):
 def test_freeze_pattern_that_matches_nothing_is_a_clear_error(tmp_path, tiny_llama):
     from sft.errors import SftError
 
-    plan = make_plan(tmp_path, tiny_llama, method={"name": "freeze", "trainable_layers": 0,
-                                                   "trainable_modules": ["no_such_module"]})
+    plan = make_plan(
+        tmp_path,
+        tiny_llama,
+        method={"name": "freeze", "trainable_layers": 0, "trainable_modules": ["no_such_module"]},
+    )
     with pytest.raises(SftError, match=r"no_such_module.*match no parameter"):
         Trainer(plan, events_for(plan))
 
 
 def test_dora_rslora_and_modules_to_save(tmp_path, tiny_llama):
-    method = {"name": "lora", "r": 4, "use_dora": True, "use_rslora": True,
-              "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}
-    _, trainer, before, result = trained(tmp_path, tiny_llama, method=method,
-                                         train={"max_steps": 2})
+    method = {
+        "name": "lora",
+        "r": 4,
+        "use_dora": True,
+        "use_rslora": True,
+        "target_modules": ["q_proj", "v_proj"],
+        "modules_to_save": ["lm_head"],
+    }
+    _, trainer, before, result = trained(
+        tmp_path, tiny_llama, method=method, train={"max_steps": 2}
+    )
     after = snapshot(trainer.model)
     changed = {n for n in after if not torch.equal(before[n], after[n])}
     assert any("lora_magnitude_vector" in n for n in changed)
@@ -114,8 +136,7 @@ def test_dora_rslora_and_modules_to_save(tmp_path, tiny_llama):
     assert cfg["use_dora"] and cfg["use_rslora"] and cfg["modules_to_save"] == ["lm_head"]
 
 
-def test_nan_policy_stop_names_the_step_and_skip_leaves_weights(tmp_path, tiny_llama,
-                                                                monkeypatch):
+def test_nan_policy_stop_names_the_step_and_skip_leaves_weights(tmp_path, tiny_llama, monkeypatch):
     from sft.guard import Diverged
 
     monkeypatch.setenv("SFT_TEST_INJECT_NAN_STEP", "2")

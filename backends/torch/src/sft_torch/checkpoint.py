@@ -33,8 +33,16 @@ from sft_torch.data import Position, Schedule
 from sft_torch.runtime import rng_state, set_rng_state
 
 #: Fingerprint entries that change which rows a step trains on, or what the weights mean.
-GUARDED = ("data_key", "max_seq_len", "global_batch", "packing", "shuffle", "seed",
-           "group_by_length", "method")
+GUARDED = (
+    "data_key",
+    "max_seq_len",
+    "global_batch",
+    "packing",
+    "shuffle",
+    "seed",
+    "group_by_length",
+    "method",
+)
 
 
 @dataclass
@@ -60,17 +68,23 @@ def fingerprint(plan: TrainPlan, schedule: Schedule) -> dict[str, Any]:
     relevant["train"].pop("epochs", None)
     relevant["train"].pop("max_steps", None)  # extending a run is allowed
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-    return {"data_key": plan.data.key, **schedule.fingerprint(), "method": cfg.method.name,
-            "config": digest}
+    return {
+        "data_key": plan.data.key,
+        **schedule.fingerprint(),
+        "method": cfg.method.name,
+        "config": digest,
+    }
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters()
-            if p.requires_grad}
+    return {
+        n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
-def save_checkpoint(state: TrainState, run_dir: Path, position: Position,
-                    fp: dict[str, Any], keep_last: int) -> Path | None:
+def save_checkpoint(
+    state: TrainState, run_dir: Path, position: Position, fp: dict[str, Any], keep_last: int
+) -> Path | None:
     """Write a checkpoint for the state after `position.global_step` steps (rank 0 writes;
     with FSDP2 every rank must call it: consolidating the shards is a collective)."""
     engine = state.dist()
@@ -81,14 +95,20 @@ def save_checkpoint(state: TrainState, run_dir: Path, position: Position,
         return _write(state, run_dir, position, fp, keep_last, optimizer)
 
 
-def _write(state: TrainState, run_dir: Path, position: Position, fp: dict[str, Any],
-           keep_last: int, optimizer: dict[str, Any]) -> Path:
+def _write(
+    state: TrainState,
+    run_dir: Path,
+    position: Position,
+    fp: dict[str, Any],
+    keep_last: int,
+    optimizer: dict[str, Any],
+) -> Path:
     weights = trainable_state(state.model)
     size = sum(t.numel() * t.element_size() for t in weights.values())
-    meta = {"position": position.as_dict(), "fingerprint": fp,
-            "parallel": state.dist().describe()}
-    with atomic_checkpoint(run_dir, position.global_step, meta, keep_last=keep_last,
-                           needed_bytes=4 * size) as tmp:
+    meta = {"position": position.as_dict(), "fingerprint": fp, "parallel": state.dist().describe()}
+    with atomic_checkpoint(
+        run_dir, position.global_step, meta, keep_last=keep_last, needed_bytes=4 * size
+    ) as tmp:
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save(optimizer, tmp / "optimizer.pt")
         torch.save(state.scheduler.state_dict(), tmp / "scheduler.pt")
@@ -96,16 +116,20 @@ def _write(state: TrainState, run_dir: Path, position: Position, fp: dict[str, A
     return Path(run_dir) / "checkpoints" / f"step-{position.global_step:06d}"
 
 
-def check_fingerprint(saved: dict[str, Any], now: dict[str, Any], ckpt: Path,
-                      allow_changed: bool) -> None:
+def check_fingerprint(
+    saved: dict[str, Any], now: dict[str, Any], ckpt: Path, allow_changed: bool
+) -> None:
     """Refuse a resume whose data order or method would differ, naming what changed."""
-    changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in GUARDED
-               if saved.get(k) != now.get(k)]
+    changed = [
+        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in GUARDED if saved.get(k) != now.get(k)
+    ]
     if not changed:
         return
     if "method" in [c.split(":")[0] for c in changed]:
-        raise SftError(f"cannot resume from {ckpt}: it was trained with method "
-                       f"{saved.get('method')!r}, this run uses {now.get('method')!r}")
+        raise SftError(
+            f"cannot resume from {ckpt}: it was trained with method "
+            f"{saved.get('method')!r}, this run uses {now.get('method')!r}"
+        )
     if not allow_changed:
         raise SftError(
             f"cannot resume from {ckpt}: the run changed since it was saved ({'; '.join(changed)})."
@@ -114,8 +138,9 @@ def check_fingerprint(saved: dict[str, Any], now: dict[str, Any], ckpt: Path,
         )
 
 
-def load_checkpoint(state: TrainState, ckpt: Path, fp: dict[str, Any],
-                    allow_changed: bool) -> Position:
+def load_checkpoint(
+    state: TrainState, ckpt: Path, fp: dict[str, Any], allow_changed: bool
+) -> Position:
     """Restore `state` from `ckpt` and return the data position to continue from."""
     meta = read_meta(ckpt)
     check_fingerprint(meta.get("fingerprint", {}), fp, ckpt, allow_changed)
@@ -126,12 +151,15 @@ def load_checkpoint(state: TrainState, ckpt: Path, fp: dict[str, Any],
     wanted = {n for n, p in params.items() if p.requires_grad}
     if wanted != set(weights):
         missing = sorted(wanted - set(weights))[:3]
-        raise SftError(f"checkpoint {ckpt} does not match this model's trainable parameters "
-                       f"(e.g. missing {missing}); was it saved by a different method or model?")
+        raise SftError(
+            f"checkpoint {ckpt} does not match this model's trainable parameters "
+            f"(e.g. missing {missing}); was it saved by a different method or model?"
+        )
     engine.load_weights(weights)  # FSDP2: each rank keeps its shard of the whole tensors
     device = next(state.model.parameters()).device
     engine.load_optimizer_state(
-        state.optimizer, torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        state.optimizer, torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
+    )
     state.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     rng = ckpt / f"rng-rank{state.rank}.pt"
     if rng.exists():

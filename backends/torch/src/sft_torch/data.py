@@ -76,17 +76,32 @@ class Schedule:
         split = plan.data.train
         if len(split) == 0:
             raise SftError("data.train: no training samples left after preparation")
-        s = cls(split, cfg.data.max_seq_len, plan.packing, cfg.data.shuffle,
-                cfg.data.group_by_length and not plan.packing, tr.seed, tr.micro_batch_size,
-                accum, rank, world, 0, 0)
+        s = cls(
+            split,
+            cfg.data.max_seq_len,
+            plan.packing,
+            cfg.data.shuffle,
+            cfg.data.group_by_length and not plan.packing,
+            tr.seed,
+            tr.micro_batch_size,
+            accum,
+            rank,
+            world,
+            0,
+            0,
+        )
         s.steps_per_epoch = steps_per_epoch(len(s.rows(0)), s.rows_per_step)
         s.total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * s.steps_per_epoch))
         return s
 
     def rows(self, epoch: int) -> list[Row]:
         return epoch_rows(
-            self.split.lengths, max_seq_len=self.max_seq_len, packing=self.packing,
-            shuffle=self.shuffle, seed=self.seed, epoch=epoch,
+            self.split.lengths,
+            max_seq_len=self.max_seq_len,
+            packing=self.packing,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            epoch=epoch,
             group_by_length=self.group_by_length,
             rows_per_group=self.micro_batch_size * self.world,
         )
@@ -106,15 +121,21 @@ class Schedule:
             epoch, skip = epoch + 1, 0
 
     def micro_batches(self, step_rows: list[Row]) -> list[list[Row]]:
-        return micro_batches(shard_for_rank(step_rows, self.rank, self.world),
-                             self.micro_batch_size)
+        return micro_batches(
+            shard_for_rank(step_rows, self.rank, self.world), self.micro_batch_size
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         """What fixes the data order: a resume with different values would train on other
         rows than the checkpointed run."""
-        return {"max_seq_len": self.max_seq_len, "global_batch": self.rows_per_step,
-                "packing": self.packing, "shuffle": self.shuffle, "seed": self.seed,
-                "group_by_length": self.group_by_length}
+        return {
+            "max_seq_len": self.max_seq_len,
+            "global_batch": self.rows_per_step,
+            "packing": self.packing,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "group_by_length": self.group_by_length,
+        }
 
 
 def next_position(pos: Position, steps_per_epoch: int) -> Position:
@@ -126,10 +147,13 @@ def next_position(pos: Position, steps_per_epoch: int) -> Position:
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Numpy arrays -> torch tensors on `device` (seq_lens stays a list)."""
-    return {k: torch.from_numpy(v).to(device) if isinstance(v, np.ndarray) else v
-            for k, v in batch.items()}
+    return {
+        k: torch.from_numpy(v).to(device) if isinstance(v, np.ndarray) else v
+        for k, v in batch.items()
+    }
 
 
-def load_batch(split: TokenizedSplit, rows: list[Row], pad_id: int,
-               device: torch.device) -> dict[str, Any]:
+def load_batch(
+    split: TokenizedSplit, rows: list[Row], pad_id: int, device: torch.device
+) -> dict[str, Any]:
     return to_device(collate(split, rows, pad_id), device)

@@ -77,8 +77,11 @@ def transformers_detects_packing() -> bool:
 
 
 def model_inputs(model: Any, batch: dict[str, Any], settings: LossSettings) -> dict[str, Any]:
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-              "use_cache": False}
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "position_ids": batch["position_ids"],
+        "use_cache": False,
+    }
     packed = any(len(lens) > 1 for lens in batch["seq_lens"])
     if packed and (settings.packed == "mask" or not transformers_detects_packing()):
         eager = causal_lm(model).config._attn_implementation == "eager"
@@ -90,8 +93,9 @@ def _chunk_ce(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.T
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def batch_loss(model: Any, batch: dict[str, Any],
-               settings: LossSettings) -> tuple[torch.Tensor, int]:
+def batch_loss(
+    model: Any, batch: dict[str, Any], settings: LossSettings
+) -> tuple[torch.Tensor, int]:
     """(sum of token cross-entropy, number of trained tokens) of one micro-batch."""
     targets = batch["labels"][:, 1:]
     trained = targets != IGNORE_INDEX
@@ -99,8 +103,12 @@ def batch_loss(model: Any, batch: dict[str, Any],
     inputs = model_inputs(model, batch, settings)
     if not settings.chunked:
         logits = model(**inputs).logits[:, :-1].float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
         return loss, n
     decoder, head = split_model(model)
     hidden = decoder(**inputs)[0][:, :-1]
@@ -120,8 +128,7 @@ def batch_loss(model: Any, batch: dict[str, Any],
 
 
 @torch.no_grad()
-def eval_loss(model: Any, batches: Any, settings: LossSettings,
-              autocast: Any) -> dict[str, float]:
+def eval_loss(model: Any, batches: Any, settings: LossSettings, autocast: Any) -> dict[str, float]:
     """Token-weighted mean loss and perplexity over `batches` (an iterable of batch dicts)."""
     was_training = model.training
     model.eval()

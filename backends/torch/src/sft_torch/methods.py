@@ -53,7 +53,8 @@ def apply_lora(lm: Any, method: LoraMethod | QLoraMethod, gradient_checkpointing
 
     if method.name == "qlora":
         lm = prepare_model_for_kbit_training(
-            lm, use_gradient_checkpointing=gradient_checkpointing,
+            lm,
+            use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     try:
@@ -82,15 +83,17 @@ def decoder_layer_prefixes(lm: nn.Module) -> list[str]:
     for name, mod in lm.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) == n:
             return [f"{name}.{i}." for i in range(len(mod))]
-    raise SftError("method: freeze could not find this model's decoder layers; use "
-                   "trainable_layers: 0 with trainable_modules patterns instead")
+    raise SftError(
+        "method: freeze could not find this model's decoder layers; use "
+        "trainable_layers: 0 with trainable_modules patterns instead"
+    )
 
 
 def apply_freeze(lm: nn.Module, method: FreezeMethod) -> nn.Module:
     """requires_grad only on the chosen layers/modules; raises if a pattern matches nothing."""
     lm.requires_grad_(False)
     prefixes = decoder_layer_prefixes(lm) if method.trainable_layers else []
-    chosen = tuple(prefixes[len(prefixes) - method.trainable_layers:]) if prefixes else ()
+    chosen = tuple(prefixes[len(prefixes) - method.trainable_layers :]) if prefixes else ()
     patterns = [re.compile(p) for p in method.trainable_modules]
     hits = {p.pattern: 0 for p in patterns}
     # remove_duplicate=False: a tied head is listed under both names, so `lm_head` matches it.
@@ -110,11 +113,14 @@ def apply_freeze(lm: nn.Module, method: FreezeMethod) -> nn.Module:
         lm.get_input_embeddings().requires_grad_(True)  # a tied head shares this weight
     missing = [p for p, n in hits.items() if n == 0]
     if missing:
-        raise SftError(f"method.trainable_modules: {missing} match no parameter of this model; "
-                       f"module names look like: {', '.join(sample_module_names(lm))}")
+        raise SftError(
+            f"method.trainable_modules: {missing} match no parameter of this model; "
+            f"module names look like: {', '.join(sample_module_names(lm))}"
+        )
     if not any(p.requires_grad for p in lm.parameters()):
-        raise SftError("method: freeze leaves nothing to train; set trainable_layers > 0 or "
-                       "trainable_modules")
+        raise SftError(
+            "method: freeze leaves nothing to train; set trainable_layers > 0 or trainable_modules"
+        )
     return lm
 
 

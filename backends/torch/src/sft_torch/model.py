@@ -68,9 +68,12 @@ def load_model(plan: TrainPlan, device: torch.device) -> Any:
     try:
         lm = AutoModelForCausalLM.from_pretrained(str(plan.model.path), **kwargs)
     except (OSError, ValueError) as exc:
-        hint = ("" if cfg.model.allow_pickle else
-                " If the model only has .bin/.pt weights and you trust them, set "
-                "model.allow_pickle: true.")
+        hint = (
+            ""
+            if cfg.model.allow_pickle
+            else " If the model only has .bin/.pt weights and you trust them, set "
+            "model.allow_pickle: true."
+        )
         raise SftError(f"cannot load the model from {plan.model.path}: {exc}.{hint}") from exc
     if cfg.method.name != "qlora":
         lm.to(device)
@@ -96,5 +99,7 @@ def logits_are_plain(model: Any) -> bool:
     """Whether logits are exactly head(hidden) (no soft-capping or scaling), so the chunked loss
     over hidden states computes the same thing as the model's own forward."""
     cfg = causal_lm(model).config
-    return not any(getattr(cfg, k, None) for k in
-                   ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"))
+    return not any(
+        getattr(cfg, k, None)
+        for k in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+    )

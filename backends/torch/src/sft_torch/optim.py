@@ -25,14 +25,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainSpec) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.learning_rate,
-                             betas=train.betas, eps=train.eps)
+    return torch.optim.AdamW(
+        param_groups(model, train.weight_decay),
+        lr=train.learning_rate,
+        betas=train.betas,
+        eps=train.eps,
+    )
 
 
 def warmup_steps(train: TrainSpec, total: int) -> int:
@@ -53,8 +59,14 @@ def lr_factor(step: int, *, total: int, warmup: int, kind: str, min_ratio: float
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-def build_scheduler(opt: torch.optim.Optimizer, train: TrainSpec,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    fn = partial(lr_factor, total=total_steps, warmup=warmup_steps(train, total_steps),
-                 kind=train.lr_scheduler, min_ratio=train.min_lr_ratio)
+def build_scheduler(
+    opt: torch.optim.Optimizer, train: TrainSpec, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    fn = partial(
+        lr_factor,
+        total=total_steps,
+        warmup=warmup_steps(train, total_steps),
+        kind=train.lr_scheduler,
+        min_ratio=train.min_lr_ratio,
+    )
     return torch.optim.lr_scheduler.LambdaLR(opt, fn)

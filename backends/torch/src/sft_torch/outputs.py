@@ -37,7 +37,8 @@ def generation_config(model: Any, plan: TrainPlan) -> Any:
     base = getattr(lm, "generation_config", None) or GenerationConfig()
     gen = GenerationConfig.from_dict(base.to_dict())
     eos = list(dict.fromkeys(plan.data.eos_ids)) or (
-        [lm.config.eos_token_id] if lm.config.eos_token_id is not None else [])
+        [lm.config.eos_token_id] if lm.config.eos_token_id is not None else []
+    )
     gen.eos_token_id = eos
     gen.pad_token_id = plan.data.pad_id
     return gen
@@ -46,8 +47,9 @@ def generation_config(model: Any, plan: TrainPlan) -> Any:
 def save_tokenizer(plan: TrainPlan, out: Path) -> None:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(plan.data.tokenizer_dir,
-                                        trust_remote_code=plan.config.model.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(
+        plan.data.tokenizer_dir, trust_remote_code=plan.config.model.trust_remote_code
+    )
     tok.save_pretrained(str(out))
     # Some templates live in a separate file next to the tokenizer; keep it with the weights.
     src = Path(plan.data.tokenizer_dir) / "chat_template.jinja"

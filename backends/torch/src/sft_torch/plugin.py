@@ -57,8 +57,20 @@ class TorchOptions(BaseModel):
 class TorchBackend:
     name = "torch"
     description = "PyTorch + transformers + peft (CPU, CUDA); torchrun, FSDP2, DeepSpeed"
-    capabilities = frozenset({"full", "lora", "qlora", "freeze", "packing", "ddp", "fsdp",
-                              "zero2", "zero3", "multi_node"})
+    capabilities = frozenset(
+        {
+            "full",
+            "lora",
+            "qlora",
+            "freeze",
+            "packing",
+            "ddp",
+            "fsdp",
+            "zero2",
+            "zero3",
+            "multi_node",
+        }
+    )
     install_hint = INSTALL
     Options = TorchOptions
 
@@ -93,30 +105,39 @@ def _device_problems(config: RunConfig, opts: TorchOptions) -> list[str]:
     """Checks that depend on the device: QLoRA needs bitsandbytes + CUDA, fp16 needs a GPU."""
     problems: list[str] = []
     needs_gpu = config.method.name == "qlora" or config.train.precision == "fp16"
-    cuda = opts.device == "cuda" or (
-        needs_gpu and opts.device == "auto" and _cuda_available()
-    )
+    cuda = opts.device == "cuda" or (needs_gpu and opts.device == "auto" and _cuda_available())
     if config.method.name == "qlora":
         if importlib.util.find_spec("bitsandbytes") is None:
-            problems.append(f"method.name: qlora needs bitsandbytes, which is not installed; "
-                            f"install it with: {QLORA_INSTALL}, or use method: lora")
+            problems.append(
+                f"method.name: qlora needs bitsandbytes, which is not installed; "
+                f"install it with: {QLORA_INSTALL}, or use method: lora"
+            )
         elif not cuda:
-            problems.append("method.name: qlora needs a CUDA GPU (bitsandbytes 4/8-bit kernels) "
-                            f"but torch.device is {opts.device!r} with no GPU here; use "
-                            "method: lora on this machine")
+            problems.append(
+                "method.name: qlora needs a CUDA GPU (bitsandbytes 4/8-bit kernels) "
+                f"but torch.device is {opts.device!r} with no GPU here; use "
+                "method: lora on this machine"
+            )
     if config.train.precision == "fp16" and not cuda:
-        problems.append("train.precision: fp16 training needs a CUDA GPU (no fp16 autocast "
-                        "with loss scaling on CPU); use precision: bf16 or fp32 here")
+        problems.append(
+            "train.precision: fp16 training needs a CUDA GPU (no fp16 autocast "
+            "with loss scaling on CPU); use precision: bf16 or fp32 here"
+        )
     if opts.attn_implementation == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:
-            problems.append("torch.attn_implementation: flash_attention_2 needs the flash-attn "
-                            "package (pip install flash-attn); use sdpa")
+            problems.append(
+                "torch.attn_implementation: flash_attention_2 needs the flash-attn "
+                "package (pip install flash-attn); use sdpa"
+            )
         elif opts.device == "cpu":
-            problems.append("torch.attn_implementation: flash_attention_2 runs only on CUDA; "
-                            "use sdpa on CPU")
+            problems.append(
+                "torch.attn_implementation: flash_attention_2 runs only on CUDA; use sdpa on CPU"
+            )
     if opts.packed_attention == "mask" and opts.attn_implementation == "flash_attention_2":
-        problems.append("torch.packed_attention: flash attention takes no 4-D mask; use "
-                        "packed_attention: position_ids")
+        problems.append(
+            "torch.packed_attention: flash attention takes no 4-D mask; use "
+            "packed_attention: position_ids"
+        )
     return problems
 
 

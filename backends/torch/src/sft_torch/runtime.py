@@ -1,9 +1,9 @@
 """Where and how the torch backend computes: device, precision, process rank, seeds and RNG state.
 
-    device = resolve_device(options.device)                 # torch.device("cpu")
-    precision = resolve_precision(config.train.precision, device)   # "bf16" on avx512_bf16 CPUs
-    with autocast(device, precision): loss = ...
-    rank, world = dist_info()                               # (0, 1) unless torch.distributed runs
+device = resolve_device(options.device)                 # torch.device("cpu")
+precision = resolve_precision(config.train.precision, device)   # "bf16" on avx512_bf16 CPUs
+with autocast(device, precision): loss = ...
+rank, world = dist_info()                               # (0, 1) unless torch.distributed runs
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SftError("torch.device is 'cuda' but torch sees no CUDA GPU "
-                       f"(torch {torch.__version__}); use torch.device=cpu or auto")
+        raise SftError(
+            "torch.device is 'cuda' but torch sees no CUDA GPU "
+            f"(torch {torch.__version__}); use torch.device=cpu or auto"
+        )
     if name == "mps" and not torch.backends.mps.is_available():
         raise SftError("torch.device is 'mps' but MPS is not available; use torch.device=cpu")
     if name == "cuda":

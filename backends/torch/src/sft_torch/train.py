@@ -81,8 +81,11 @@ class Meter:
 
     def flush(self) -> dict[str, float]:
         """Token-weighted mean loss and throughput since the last flush."""
-        out = {"tokens_per_s": self.tokens / max(self.seconds, 1e-9),
-               "trained_tokens": float(self.total_trained), "tokens": float(self.total_tokens)}
+        out = {
+            "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+            "trained_tokens": float(self.total_trained),
+            "tokens": float(self.total_tokens),
+        }
         if self.trained:  # no loss when every step since the last line was skipped
             out["loss"] = self.last_loss = self.loss_sum / self.trained
         self.loss_sum, self.trained, self.tokens, self.seconds = 0.0, 0, 0, 0.0
@@ -113,17 +116,20 @@ class Trainer:
         self.engine = distributed.wrap_model(self.model, plan, self.device, self.precision)
         chunked = opts.chunked_loss and logits_are_plain(self.model)
         self.loss_settings = LossSettings(
-            chunked=chunked, chunk_size=opts.loss_chunk_size,
-            packed="mask" if opts.packed_attention == "mask" else "position_ids")
+            chunked=chunked,
+            chunk_size=opts.loss_chunk_size,
+            packed="mask" if opts.packed_attention == "mask" else "position_ids",
+        )
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.engine.attach_optimizer(self.optimizer)  # DeepSpeed ZeRO wraps the optimizer
         self.scheduler = build_scheduler(self.optimizer, cfg.train, self.schedule.total_steps)
         self.scaler = torch.amp.GradScaler(  # DeepSpeed scales fp16 losses itself
-            self.device.type,
-            enabled=self.precision == "fp16" and not self.engine.owns_loss_scaling)
-        self.state = TrainState(self.model, self.optimizer, self.scheduler, self.rank,
-                                engine=self.engine)  # sft_torch.distributed: FSDP2 checkpoints
+            self.device.type, enabled=self.precision == "fp16" and not self.engine.owns_loss_scaling
+        )
+        self.state = TrainState(
+            self.model, self.optimizer, self.scheduler, self.rank, engine=self.engine
+        )  # sft_torch.distributed: FSDP2 checkpoints
         self.fingerprint = fingerprint(plan, self.schedule)
         self.guard = StepGuard.build(plan)
         self.meter = Meter()
@@ -143,8 +149,9 @@ class Trainer:
     def resume(self) -> Position:
         if self.plan.resume_from is None:
             return Position()
-        return load_checkpoint(self.state, self.plan.resume_from, self.fingerprint,
-                               self.cfg.checkpoint.allow_changed)
+        return load_checkpoint(
+            self.state, self.plan.resume_from, self.fingerprint, self.cfg.checkpoint.allow_changed
+        )
 
     def train_step(self, pos: Position, step_rows: list[list[int]]) -> StepStats:
         """Forward/backward every micro-batch of this rank, then one optimizer step.
@@ -180,16 +187,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if applied:
             self.scheduler.step()
-        return StepStats(loss_sum, n_global, int(tokens_f), grad_norm, lr,
-                         time.perf_counter() - t0, applied)
+        return StepStats(
+            loss_sum, n_global, int(tokens_f), grad_norm, lr, time.perf_counter() - t0, applied
+        )
 
     def _unscale_and_clip(self) -> float:
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.max_grad_norm or math.inf
         return self.engine.clip_grad_norm(self.trainable, max_norm)  # FSDP2: DTensor grads
 
-    def _allowed(self, step: int, loss: float, grad_norm: float,
-                 step_rows: list[list[int]]) -> bool:
+    def _allowed(
+        self, step: int, loss: float, grad_norm: float, step_rows: list[list[int]]
+    ) -> bool:
         if self.precision == "fp16" and math.isfinite(loss):
             return True  # an fp16 overflow: the grad scaler skips the step and lowers its scale
         return self.guard.allow(step, loss, grad_norm, step_rows, self.optimizer)
@@ -198,14 +207,23 @@ class Trainer:
         split = self.plan.data.eval
         if split is None or len(split) == 0:
             return {}
-        rows = epoch_rows(split.lengths, max_seq_len=self.cfg.data.max_seq_len,
-                          packing=self.plan.packing, shuffle=False, seed=0, epoch=0)
+        rows = epoch_rows(
+            split.lengths,
+            max_seq_len=self.cfg.data.max_seq_len,
+            packing=self.plan.packing,
+            shuffle=False,
+            seed=0,
+            epoch=0,
+        )
         # sft_torch.distributed: every rank evaluates its shard, padded to equal batch counts
         # (padding batches count no tokens); token-weighted results are summed over ranks
-        mbs = distributed.eval_micro_batches(rows, self.cfg.train.micro_batch_size,
-                                             self.cfg.eval.max_batches)
-        batches = (distributed.eval_batch(load_batch(split, mb, self.plan.data.pad_id,
-                                                     self.device), real) for mb, real in mbs)
+        mbs = distributed.eval_micro_batches(
+            rows, self.cfg.train.micro_batch_size, self.cfg.eval.max_batches
+        )
+        batches = (
+            distributed.eval_batch(load_batch(split, mb, self.plan.data.pad_id, self.device), real)
+            for mb, real in mbs
+        )
         result = self.engine.evaluate(eval_loss, batches, self.loss_settings, self.autocast)
         return distributed.reduce_eval(result, self.device)
 
@@ -221,11 +239,17 @@ class Trainer:
 
     def info(self) -> dict[str, Any]:
         total, trainable = count_params(self.model)
-        return {"params": total, "trainable_params": trainable, "device": str(self.device),
-                "precision": self.precision, "total_steps": self.schedule.total_steps,
-                "rows_per_step": self.schedule.rows_per_step,
-                "steps_per_epoch": self.schedule.steps_per_epoch,
-                "chunked_loss": self.loss_settings.chunked, "packing": self.plan.packing}
+        return {
+            "params": total,
+            "trainable_params": trainable,
+            "device": str(self.device),
+            "precision": self.precision,
+            "total_steps": self.schedule.total_steps,
+            "rows_per_step": self.schedule.rows_per_step,
+            "steps_per_epoch": self.schedule.steps_per_epoch,
+            "chunked_loss": self.loss_settings.chunked,
+            "packing": self.plan.packing,
+        }
 
 
 def enable_checkpointing(lm: Any) -> None:
@@ -242,8 +266,14 @@ def progress_bar(trainer: Trainer, start: Position) -> Any:
     from tqdm.auto import tqdm
 
     show = trainer.cfg.logging.progress and trainer.rank == 0
-    return tqdm(total=trainer.schedule.total_steps, initial=start.global_step, disable=not show,
-                desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(
+        total=trainer.schedule.total_steps,
+        initial=start.global_step,
+        disable=not show,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
 
 
 def maybe_eval(trainer: Trainer, step: int, last: bool) -> dict[str, float]:
@@ -260,8 +290,7 @@ def maybe_checkpoint(trainer: Trainer, pos: Position, last: bool) -> None:
     ck = trainer.cfg.checkpoint
     step = pos.global_step
     if ck.every_steps and (step % ck.every_steps == 0 or last):
-        save_checkpoint(trainer.state, trainer.plan.run_dir, pos, trainer.fingerprint,
-                        ck.keep_last)
+        save_checkpoint(trainer.state, trainer.plan.run_dir, pos, trainer.fingerprint, ck.keep_last)
 
 
 def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
@@ -286,8 +315,11 @@ def fit(trainer: Trainer, started: float | None = None) -> TrainResult:
             done = next_position(pos, trainer.schedule.steps_per_epoch)
             last = done.global_step == total
             trainer.log_step(done.global_step, stats, pos)
-            bar.set_postfix(loss=f"{stats.loss:.4f}",
-                            tok_s=f"{stats.tokens / max(stats.seconds, 1e-9):.0f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{stats.loss:.4f}",
+                tok_s=f"{stats.tokens / max(stats.seconds, 1e-9):.0f}",
+                refresh=False,
+            )
             bar.update(1)
             evals = maybe_eval(trainer, done.global_step, last) or evals
             maybe_checkpoint(trainer, done, last)
@@ -295,15 +327,22 @@ def fit(trainer: Trainer, started: float | None = None) -> TrainResult:
             # collective (all ranks stop after the same step); after the last step just finish.
             if not last and (signame := agreed_stop(stop)):
                 ck = trainer.cfg.checkpoint
-                stop_for_signal(signame, trainer.state, trainer.plan.run_dir, done,
-                                trainer.fingerprint, ck.keep_last)
+                stop_for_signal(
+                    signame,
+                    trainer.state,
+                    trainer.plan.run_dir,
+                    done,
+                    trainer.fingerprint,
+                    ck.keep_last,
+                )
     if start.global_step >= total:
         evals = trainer.evaluate()
     return finish(trainer, start, evals, started)
 
 
-def finish(trainer: Trainer, start: Position, evals: dict[str, float],
-           started: float) -> TrainResult:
+def finish(
+    trainer: Trainer, start: Position, evals: dict[str, float], started: float
+) -> TrainResult:
     plan, meter = trainer.plan, trainer.meter
     outputs: dict[str, str] = {}
     with trainer.engine.full_weights():  # FSDP2: every rank gathers its shards; rank 0 saves
@@ -325,8 +364,11 @@ def finish(trainer: Trainer, start: Position, evals: dict[str, float],
         "skipped_steps": list(trainer.guard.policy.skipped),
         **evals,
     }
-    final = meter.last_loss if meter.last_loss is not None else (
-        meter.history[-1] if meter.history else None)
-    return TrainResult(steps=trainer.schedule.total_steps, final_loss=final, outputs=outputs,
-                       metrics=metrics)
-
+    final = (
+        meter.last_loss
+        if meter.last_loss is not None
+        else (meter.history[-1] if meter.history else None)
+    )
+    return TrainResult(
+        steps=trainer.schedule.total_steps, final_loss=final, outputs=outputs, metrics=metrics
+    )
