@@ -98,6 +98,9 @@ def test_tokenizer_dir_eos_ids_and_stats(tiny_tokenizer: Path, tmp_path: Path) -
     tok = load_tok(data.tokenizer_dir)
     assert tok.chat_template == pipeline.get_plugins().templates.get("llama3").source
     assert Path(data.tokenizer_dir).parent == data.cache_dir
+    # Loadable by transformers 4.57 (MindSpore venv) too: no 5.x-only tokenizer class name.
+    saved = json.loads((Path(data.tokenizer_dir) / "tokenizer_config.json").read_text())
+    assert saved.get("tokenizer_class") != "TokenizersBackend"
     # llama3's <|eot_id|> is plain text for the tiny tokenizer: only its eos <|im_end|> (2) ends turns.
     assert data.eos_ids == [2] and data.pad_id == 0
     s = data.stats
