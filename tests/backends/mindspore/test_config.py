@@ -95,9 +95,9 @@ def test_parallel_degrees_must_multiply_to_the_device_count(tmp_path):
     "text,match",
     [
         ("method: qlora\n", "qlora.*--backend torch"),
-        ("method: freeze\n", "freeze"),
+        ("method: freeze\n", "'freeze' runs on the torch backend"),
         ("mindspore: {device_target: CPU}\n", "FlashAttention on Ascend"),
-        ("parallel: {strategy: fsdp}\n", "torch strategy"),
+        ("parallel: {strategy: fsdp}\n", "does not support strategy 'fsdp'"),
         (
             "parallel: {nproc_per_node: 2, tensor_parallel: 2}\nmindspore: {device_target: CPU}\n",
             "needs Ascend",
@@ -111,11 +111,17 @@ def test_validation_refuses_what_mindformers_cannot_do(tmp_path, text, match):
         load_config(_write(tmp_path, text, data))
 
 
-def test_packing_auto_is_off_on_cpu(tmp_path):
+def test_packing_is_off_and_packing_true_is_refused(tmp_path):
     cfg = load_config(_write(tmp_path, "mindspore: {device_target: CPU}\n"))
     backend = get_plugins().backends.get("mindspore")
     assert resolve_packing(cfg, backend, MindSporeOptions(device_target="CPU")) is False
-    assert resolve_packing(cfg, backend, MindSporeOptions(device_target="Ascend")) is True
+    assert resolve_packing(cfg, backend, MindSporeOptions(device_target="Ascend")) is False
+    with pytest.raises(ConfigError, match="not written by sft's MindSpore backend yet"):
+        load_config(
+            _write(
+                tmp_path, "mindspore: {device_target: Ascend}\n", "{train: d.jsonl, packing: true}"
+            )
+        )
 
 
 def test_rope_scaling_maps_or_is_refused():

@@ -33,12 +33,11 @@ class MindSporeOptions(BaseModel):
 class MindSporeBackend:
     name = "mindspore"
     description = "MindSpore + MindFormers (Ascend NPU, CPU); msrun for many cards/nodes"
-    # packing is Ascend-only (FlashAttention reads the packed mask); validate() refuses it on CPU.
+    # no packing: on CPU the packed mask is wrong, and packed MindRecords (Ascend) are not written
     capabilities = frozenset(
         {
             "full",
             "lora",
-            "packing",
             "ddp",
             "multi_node",
             "tensor_parallel",
@@ -53,64 +52,75 @@ class MindSporeBackend:
         require_modules(self.name, INSTALL, "mindspore", "mindformers")
 
     def validate(self, config: RunConfig) -> list[str]:
-        problems = []
         try:
             opts = MindSporeOptions.model_validate(config.options)
         except ValidationError:  # reported by core's own check of the section
             opts = MindSporeOptions()
-        if config.method.name in ("qlora", "freeze"):
-            problems.append(
-                f"method.name: {config.method.name!r} is not supported by the MindSpore backend "
-                f"(MindFormers trains `full` and `lora`); use one of those, or run "
-                f"{config.method.name} with --backend torch"
-            )
-        if config.method.name == "lora" and (
-            config.method.use_dora or config.method.use_rslora or config.method.modules_to_save
-        ):
-            problems.append(
-                "method: use_dora, use_rslora and modules_to_save have no mindpet "
-                "counterpart; remove them or use --backend torch"
-            )
-        if config.data.packing is True and _device(opts) == "CPU":
-            problems.append(
-                "data.packing: packed rows need FlashAttention on Ascend (on CPU the "
-                "packed attention mask is not applied correctly); set data.packing: "
-                "false or auto, or run on Ascend"
-            )
-        if config.parallel.strategy != "ddp":
-            problems.append(
-                f"parallel.strategy: {config.parallel.strategy!r} is a torch "
-                "strategy; MindSpore uses data/tensor/pipeline/context parallel degrees"
-                " (parallel.tensor_parallel ...) with strategy: ddp"
-            )
-        p = config.parallel
-        if (
-            _device(opts) == "CPU"
-            and max(p.tensor_parallel, p.pipeline_parallel, p.context_parallel) > 1
-        ):
-            problems.append(
-                "parallel: tensor/pipeline/context parallelism needs Ascend "
-                "(MindSpore's semi-auto parallel); on CPU only data parallel works: "
-                "set them to 1"
-            )
-        world = p.world_size
-        prod = p.tensor_parallel * p.pipeline_parallel * p.context_parallel
-        if world % prod:
-            problems.append(
-                f"parallel: tensor_parallel x pipeline_parallel x context_parallel = "
-                f"{prod} must divide the device count {world} (nproc_per_node x nnodes)"
-                "; data parallel takes the rest"
-            )
-        return problems
+        device = _device(opts)
+        return (
+            _method_problems(config)
+            + _packing_problems(config, device)
+            + _parallel_problems(config, device)
+        )
 
     def default_packing(self, options: Any) -> bool:
-        """`data.packing: auto` packs only on Ascend (FlashAttention)."""
-        return _device(options) != "CPU"
+        """`data.packing: auto` never packs here: on CPU the packed mask is wrong, and sft does
+        not write packed MindRecords for Ascend's FlashAttention yet."""
+        return False
 
     def train(self, plan: TrainPlan, events: RunEvents) -> TrainResult:
         from sft_mindspore.train import train
 
         return train(plan, events)
+
+
+def _method_problems(config: RunConfig) -> list[str]:
+    # Core refuses qlora / freeze too (not in `capabilities`), but it can only name backends
+    # installed here; the torch backend lives in another environment.
+    m = config.method
+    if m.name in ("qlora", "freeze"):
+        return [
+            f"method.name: {m.name!r} runs on the torch backend (--backend torch, installed "
+            "with `make venv-torch`); MindFormers trains `full` and `lora`"
+        ]
+    if m.name == "lora" and (m.use_dora or m.use_rslora or m.modules_to_save):
+        return [
+            "method: use_dora, use_rslora and modules_to_save have no mindpet counterpart; "
+            "remove them or use --backend torch"
+        ]
+    return []
+
+
+def _packing_problems(config: RunConfig, device: str) -> list[str]:
+    if config.data.packing is not True:
+        return []
+    if device == "CPU":
+        return [
+            "data.packing: packed rows need FlashAttention on Ascend (on CPU the packed "
+            "attention mask is not applied correctly); set data.packing: false or auto"
+        ]
+    return [
+        "data.packing: packed MindRecords (actual_seq_len for FlashAttention) are not written "
+        "by sft's MindSpore backend yet; set data.packing: false or auto"
+    ]
+
+
+def _parallel_problems(config: RunConfig, device: str) -> list[str]:
+    # parallel.strategy other than ddp is refused by core (fsdp/zero are torch capabilities)
+    p, problems = config.parallel, []
+    if device == "CPU" and max(p.tensor_parallel, p.pipeline_parallel, p.context_parallel) > 1:
+        problems.append(
+            "parallel: tensor/pipeline/context parallelism needs Ascend (MindSpore's semi-auto "
+            "parallel); on CPU only data parallel works: set them to 1"
+        )
+    prod = p.tensor_parallel * p.pipeline_parallel * p.context_parallel
+    if p.world_size % prod:
+        problems.append(
+            f"parallel: tensor_parallel x pipeline_parallel x context_parallel = {prod} must "
+            f"divide the device count {p.world_size} (nproc_per_node x nnodes); data parallel "
+            "takes the rest"
+        )
+    return problems
 
 
 def _device(options: Any) -> str:
