@@ -165,3 +165,22 @@ def test_model_code_shipped_with_a_checkpoint_does_not_run_by_default(
     with pytest.raises(SftError, match="trust_remote_code"):
         load_model(plan, torch.device("cpu"))
     assert not list(tmp_path.rglob("REMOTE_CODE_RAN")), "model code ran without trust_remote_code"
+
+
+def test_output_and_cache_dirs_that_cannot_be_directories_are_config_errors(
+    tmp_path: Path,
+) -> None:
+    # Before: a traceback from mkdir when training started.
+    (tmp_path / "afile").write_text("x")
+    for key, value, needle in [
+        ("output_dir", str(tmp_path / "afile"), "is a file, not a directory"),
+        ("output_dir", str(tmp_path / "afile" / "sub"), "afile is a file"),
+        ("cache_dir", str(tmp_path / "afile" / "c"), "afile is a file"),
+    ]:
+        spec: dict = {"backend": "example", "data": {"train": "train.jsonl"}}
+        if key == "cache_dir":
+            spec["data"]["cache_dir"] = value
+        else:
+            spec[key] = value
+        with pytest.raises(ConfigError, match=needle):
+            load_config(write_job(tmp_path, spec))

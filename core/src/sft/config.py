@@ -281,6 +281,8 @@ def semantic_problems(config: RunConfig, plugins: Plugins) -> list[Problem]:
         )
     if config.eval.prompts and not os.path.isfile(config.eval.prompts):
         problems.append(Problem("eval.prompts", f"file not found: {config.eval.prompts}"))
+    problems += _writable_dir_problems("output_dir", config.output_dir)
+    problems += _writable_dir_problems("data.cache_dir", d.cache_dir)
     for fmt in config.export.formats:
         if fmt not in plugins.exporters:
             guess = did_you_mean(fmt, plugins.exporters)
@@ -298,6 +300,24 @@ def semantic_problems(config: RunConfig, plugins: Plugins) -> list[Problem]:
             path, _, msg = text.partition(": ")
             problems.append(Problem(path, msg) if msg else Problem("", text))
     return problems
+
+
+def _writable_dir_problems(key: str, path: str | None) -> list[Problem]:
+    """A directory sft will create or write into: not a file, under a writable directory
+    (checked here so a bad path is a config error, not a traceback mid-run)."""
+    if not path:
+        return []
+    if "\0" in path:
+        return [Problem(key, "contains a NUL byte")]
+    p = Path(os.path.abspath(os.path.expanduser(path)))
+    if os.path.exists(p) and not os.path.isdir(p):
+        return [Problem(key, f"{p} is a file, not a directory", "choose another path")]
+    existing = next((a for a in (p, *p.parents) if os.path.exists(a)), Path("/"))
+    if not os.path.isdir(existing):
+        return [Problem(key, f"cannot create {p}: {existing} is a file")]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [Problem(key, f"cannot write into {existing}", "choose a writable directory")]
+    return []
 
 
 def raw_backend_problems(data: dict[str, Any], plugins: Plugins) -> list[Problem]:
