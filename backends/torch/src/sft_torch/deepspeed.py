@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -132,6 +134,7 @@ class DeepSpeedEngine(Engine):
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Build the DeepSpeed engine around the loop's optimizer (its LR schedule keeps
         driving the param groups, which ZeRO shares)."""
+        use_own_extensions_dir()
         import deepspeed
 
         self.ds, _, _, _ = deepspeed.initialize(
@@ -214,3 +217,20 @@ def check(config: RunConfig) -> None:
         )
     if config.method.name == "qlora":
         raise SftError("parallel.strategy: ZeRO with method qlora is not supported; use ddp")
+
+
+def use_own_extensions_dir() -> None:
+    """DeepSpeed JIT-compiles a CPU allreduce op into TORCH_EXTENSIONS_DIR (default: one dir
+    in the home directory). Unless you chose a dir, keep it inside this environment, so two
+    environments sharing a home do not rebuild (minutes) each other's copy."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+
+
+def prebuild_ops() -> None:
+    """Compile DeepSpeed's CPU allreduce op now (the Makefile does, so no test pays for it):
+    `python -c "from sft_torch.deepspeed import prebuild_ops; prebuild_ops()"`."""
+    use_own_extensions_dir()
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
