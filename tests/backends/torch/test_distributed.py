@@ -133,6 +133,7 @@ def test_ddp_two_processes_equal_one_process_and_resume_on_one(job: Path, refere
     out = job.parent / "ddp"
     summary = sft_run(job, out, "parallel.nproc_per_node=2", "checkpoint.every_steps=2")
     assert summary["steps"] == 4
+    assert summary["metrics"]["world_size"] == 2 and summary["metrics"]["strategy"] == "ddp"
     assert_same_run(out, reference)
     # rank 0 alone writes the run's files; every rank's log is kept
     assert len(list((out / "logs" / "node0").rglob("stdout.log"))) == 2

@@ -249,6 +249,8 @@ class Trainer:
             "steps_per_epoch": self.schedule.steps_per_epoch,
             "chunked_loss": self.loss_settings.chunked,
             "packing": self.plan.packing,
+            "world_size": self.world,  # sft_torch.distributed: processes and their strategy
+            "strategy": self.engine.strategy,
         }
 
 
