@@ -59,7 +59,8 @@ def job(workdir: Path, name: str, method: str, **train: Any) -> Path:
     resumed run is only equal if the RNG state is restored too."""
     spec = {
         "model": str(workdir / "model"),
-        "data": {"train": "train.jsonl", "max_seq_len": 128},
+        "data": {"train": "train.jsonl", "max_seq_len": 128, "eval_fraction": 0.1},
+        "eval": {"every_steps": 3},  # evaluation in between must not disturb the training state
         "method": method,
         "train": {
             "max_steps": STEPS,
@@ -122,6 +123,10 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {int(r["step"]): r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
+def eval_losses(run_dir: Path) -> dict[int, float]:
+    return {int(r["step"]): r["eval_loss"] for r in read_metrics(run_dir) if "eval_loss" in r}
+
+
 def final_weights(run_dir: Path) -> dict[str, np.ndarray]:
     final = run_dir / "final"
     files = sorted(final.glob("*.safetensors"))
@@ -142,6 +147,7 @@ def assert_same_run(reference: Path, resumed: Path, what: str) -> None:
     ref, got = losses(reference), losses(resumed)
     assert sorted(ref) == list(range(1, STEPS + 1)), ref
     assert got == ref, f"{what}: per-step losses differ\nref {ref}\ngot {got}"
+    assert eval_losses(reference) and eval_losses(resumed) == eval_losses(reference), what
     assert_bitwise_equal(final_weights(reference), final_weights(resumed), what)
 
 
