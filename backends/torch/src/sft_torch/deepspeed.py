@@ -29,7 +29,7 @@ from sft.errors import SftError
 from sft.specs import RunConfig
 from torch import nn
 
-from sft_torch.distributed import Engine, _Root
+from sft_torch.distributed import Engine, ForwardRoot
 
 INSTALL = 'pip install "sft-torch[deepspeed]"  (or: pip install deepspeed)'
 
@@ -129,7 +129,7 @@ class DeepSpeedEngine(Engine):
     def __init__(self, model: nn.Module, config: dict[str, Any], strategy: str) -> None:
         super().__init__(model)
         self.strategy, self.config, self.ds = strategy, config, None
-        self.root = _Root(model)
+        self.root = ForwardRoot(model)
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Build the DeepSpeed engine around the loop's optimizer (its LR schedule keeps

@@ -205,7 +205,7 @@ def reduce_eval(result: dict[str, float], device: torch.device) -> dict[str, flo
 # -------------------------------------------------------------------------------- engines
 
 
-class _Root(nn.Module):
+class ForwardRoot(nn.Module):
     """The module DDP / FSDP2 wrap: its forward runs `fn(model, *args)`, so a loss that calls
     the model's pieces (decoder, head) still runs inside one wrapped forward."""
 
@@ -324,7 +324,7 @@ class DDPEngine(Engine):
         # (torch >= 2.13 renamed broadcast_buffers to forward_sync_buffers)
         new = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
         sync = {"forward_sync_buffers" if new else "broadcast_buffers": False}
-        self.ddp = DDP(_Root(model), device_ids=ids, **sync)
+        self.ddp = DDP(ForwardRoot(model), device_ids=ids, **sync)
 
     def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return self.ddp(fn, *args, **kwargs)

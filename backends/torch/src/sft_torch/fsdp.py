@@ -23,7 +23,7 @@ from torch import nn
 
 from sft_torch.distributed import (
     Engine,
-    _Root,
+    ForwardRoot,
     by_name,
     full_options,
     keyed_by_name,
@@ -46,7 +46,7 @@ class FSDPEngine(Engine):
         mesh = init_device_mesh(device)
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh, offload_policy=policy)
-        self.root = fully_shard(_Root(model), mesh=mesh, offload_policy=policy)
+        self.root = fully_shard(ForwardRoot(model), mesh=mesh, offload_policy=policy)
 
     def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return self.root(fn, *args, **kwargs)
