@@ -137,3 +137,21 @@ def test_rope_scaling_maps_or_is_refused():
     assert rope_extension({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}) == {}
     with pytest.raises(SftError, match="yarn"):
         rope_extension({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_msrun_failure_names_the_failed_rank(tmp_path):
+    from sft.specs import ParallelSpec
+    from sft_mindspore.launch import _failed_rank, _failure, msrun_command
+
+    par = ParallelSpec(nproc_per_node=2, nnodes=2, node_rank=1, master_addr="10.0.0.1")
+    cmd = msrun_command(tmp_path / "m.yaml", par, tmp_path)
+    assert cmd[cmd.index("--worker_num") + 1] == "4"
+    assert cmd[cmd.index("--local_worker_num") + 1] == "2"
+    assert cmd[cmd.index("--node_rank") + 1] == "1"
+    (tmp_path / "worker_2.log").write_text("step:[ 1/ 3], loss: 5.1\n")
+    (tmp_path / "worker_3.log").write_text("Traceback (most recent call last):\nValueError: boom\n")
+    rank, log = _failed_rank(tmp_path, par)
+    assert (rank, log.name) == (3, "worker_3.log")
+    assert "rank 3 failed" in _failure(rank, log, 1) and "ValueError: boom" in _failure(
+        rank, log, 1
+    )
