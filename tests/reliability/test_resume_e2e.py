@@ -83,6 +83,26 @@ def job(workdir: Path, name: str, method: str, **train: Any) -> Path:
     return path
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and its children: torchrun starts its workers in their own sessions,
+    so a process group kill would miss them (a machine crash would not)."""
+    children = [
+        int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == pid
+    ]
+    for p in [pid, *children]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _ppid(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
 def sft_run(cfg: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "sft", "run", "--config", str(cfg), *args],
@@ -278,3 +298,24 @@ def test_sigterm_to_a_torchrun_job_checkpoints_every_rank_and_exits_143(workdir:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed_from"].endswith(f"step-{saved[-1]:06d}")
     assert sorted(losses(run)) == list(range(1, STEPS + 1))
+
+
+def test_ddp_killed_at_a_random_step_resumes_bitwise(workdir: Path) -> None:
+    # Two gloo ranks with LoRA dropout: exact only if every rank's RNG state is restored.
+    def ddp_job(name: str) -> Path:
+        cfg = job(workdir, name, "lora")
+        spec = yaml.safe_load(cfg.read_text())
+        spec["parallel"] = {"nproc_per_node": 2}
+        spec["train"]["gradient_accumulation_steps"] = 1
+        cfg.write_text(yaml.safe_dump(spec))
+        return cfg
+
+    finish(sft_run(ddp_job("ddp-ref")))
+    cfg = ddp_job("ddp-kill")
+    k = random.randint(2, STEPS - 2)
+    proc = sft_run(cfg)
+    wait_for_step(proc, workdir / "ddp-kill", k)
+    kill_tree(proc.pid)
+    proc.wait(timeout=60)
+    finish(sft_run(cfg, "--resume", "auto"))
+    assert_same_run(workdir / "ddp-ref", workdir / "ddp-kill", f"DDP LoRA, SIGKILL after step {k}")

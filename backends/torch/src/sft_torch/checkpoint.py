@@ -4,7 +4,7 @@
         trainable.safetensors   every parameter that trains (LoRA adapters, or the whole model
                                 for full fine-tuning); the frozen rest is reloaded from the base
         optimizer.pt            AdamW state          scheduler.pt   LR schedule state
-        rng-rank0.pt            python, numpy, torch (and CUDA) RNG states of rank 0
+        rng-rank0.pt ...        python, numpy, torch (and CUDA) RNG states, one file per rank
         sft-checkpoint.json     written last: step, data position, fingerprint
 
     save_checkpoint(state, run_dir, position, fingerprint, keep_last=2)
@@ -89,10 +89,24 @@ def save_checkpoint(
     with FSDP2 every rank must call it: consolidating the shards is a collective)."""
     engine = state.dist()
     optimizer = engine.optimizer_state(state.optimizer)  # sft_torch.distributed: whole state
+    rngs = rank_rng_states()  # collective: rank 0 saves every rank's RNG (exact DDP resume)
     with engine.full_weights():
         if state.rank != 0:
             return None
-        return _write(state, run_dir, position, fp, keep_last, optimizer)
+        return _write(state, run_dir, position, fp, keep_last, optimizer, rngs)
+
+
+def rank_rng_states() -> list[dict[str, Any]]:
+    """The RNG state of every rank, in rank order (a collective when world > 1). Each rank's
+    dropout draws from its own generators, so resuming only rank 0's would make the other
+    ranks replay their first steps' randomness (found by tests/reliability, DDP resume)."""
+    mine = rng_state()
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [mine]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
 
 
 def _write(
@@ -102,6 +116,7 @@ def _write(
     fp: dict[str, Any],
     keep_last: int,
     optimizer: dict[str, Any],
+    rngs: list[dict[str, Any]],
 ) -> Path:
     weights = trainable_state(state.model)
     size = sum(t.numel() * t.element_size() for t in weights.values())
@@ -112,7 +127,8 @@ def _write(
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save(optimizer, tmp / "optimizer.pt")
         torch.save(state.scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / f"rng-rank{state.rank}.pt")
+        for rank, rng in enumerate(rngs):
+            torch.save(rng, tmp / f"rng-rank{rank}.pt")
     return Path(run_dir) / "checkpoints" / f"step-{position.global_step:06d}"
 
 
