@@ -163,8 +163,8 @@ def test_world_size_must_match_the_spec() -> None:
     ("strategy", "message"),
     [
         ("ddp", "DDP keeps a whole replica"),
-        ("fsdp", "already trains on the CPU"),
-        ("zero2", "already trains on the CPU"),
+        ("fsdp", "this run trains on the CPU"),
+        ("zero2", "this run trains on the CPU"),
     ],
 )
 def test_cpu_offload_is_refused_where_it_cannot_work(
@@ -211,3 +211,25 @@ def test_the_launcher_refuses_what_a_strategy_cannot_do_before_starting_processe
     ):
         launch.launch(plan)
     assert not (tmp_path / "logs").exists()  # nothing was started
+
+
+def test_config_validation_reports_strategy_limits_with_everything_else(tmp_path: Path) -> None:
+    from sft.config import load_config
+    from sft.errors import ConfigError
+
+    (tmp_path / "x.jsonl").write_text('{"text": "hi"}\n')
+    overrides = [
+        f"data.train={tmp_path / 'x.jsonl'}",
+        "torch.device=cpu",
+        "parallel.nproc_per_node=2",
+        "parallel.strategy=zero3",
+        "parallel.cpu_offload=true",
+        "train.nan_policy=skip",
+    ]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    text = str(err.value)
+    assert "parallel.cpu_offload: offloading moves" in text
+    assert "train.nan_policy: skip cannot hold back an update" in text
+    # one process: no strategy runs, so nothing to report
+    load_config(None, [o for o in overrides if "nproc" not in o])

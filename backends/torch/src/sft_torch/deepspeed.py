@@ -31,8 +31,6 @@ from torch import nn
 
 from sft_torch.distributed import Engine, ForwardRoot
 
-INSTALL = 'pip install "sft-torch[deepspeed]"  (or: pip install deepspeed)'
-
 
 def ds_config(config: RunConfig, accumulation: int, world: int, precision: str) -> dict[str, Any]:
     """The DeepSpeed JSON for `parallel.strategy` zero2 / zero3, or the user's own file with
@@ -187,36 +185,10 @@ class DeepSpeedEngine(Engine):
 def wrap(
     model: nn.Module, config: RunConfig, accumulation: int, world: int, precision: str
 ) -> DeepSpeedEngine:
-    """The engine for zero2 / zero3, after checking what DeepSpeed cannot do here."""
-    check(config)
+    """The engine for zero2 / zero3 (`sft_torch.strategy` has checked what it cannot do)."""
     return DeepSpeedEngine(
         model, ds_config(config, accumulation, world, precision), config.parallel.strategy
     )
-
-
-def check(config: RunConfig) -> None:
-    """What this integration cannot do, said before any process loads a model."""
-    import importlib.util
-
-    if importlib.util.find_spec("deepspeed") is None:
-        raise SftError(
-            f"parallel.strategy: {config.parallel.strategy} needs DeepSpeed, which "
-            f"is not installed; install it with: {INSTALL}, or use ddp / fsdp"
-        )
-    if config.train.nan_policy == "skip":
-        raise SftError(
-            f"train.nan_policy: skip cannot hold back an update inside DeepSpeed's "
-            f"engine; use nan_policy: stop with parallel.strategy "
-            f"{config.parallel.strategy}, or ddp / fsdp"
-        )
-    if config.checkpoint.every_steps or config.checkpoint.resume:
-        raise SftError(
-            f"checkpoint: resumable checkpoints with parallel.strategy "
-            f"{config.parallel.strategy} are not supported by the torch backend yet; "
-            f"remove checkpoint.every_steps / resume, or use ddp or fsdp"
-        )
-    if config.method.name == "qlora":
-        raise SftError("parallel.strategy: ZeRO with method qlora is not supported; use ddp")
 
 
 def use_own_extensions_dir() -> None:

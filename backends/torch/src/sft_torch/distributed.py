@@ -343,29 +343,11 @@ def full_options(cpu_offload: bool = True, strict: bool = True) -> Any:
 def check_strategy(config: RunConfig, device_type: str) -> None:
     """What `parallel.strategy` cannot do here, said before anything is loaded: the launcher
     calls this before starting processes, and every worker again in `wrap_model`."""
-    par = config.parallel
-    if par.cpu_offload and par.strategy == "ddp":
-        raise SftError(
-            "parallel.cpu_offload: DDP keeps a whole replica on every device and offloads "
-            "nothing; use parallel.strategy fsdp, zero2 or zero3 with cpu_offload"
-        )
-    if par.cpu_offload and device_type == "cpu":
-        # FSDP2's offload needs an accelerator, and DeepSpeed's ZeRO-2 offload path fails on
-        # its CPU accelerator: refuse it plainly instead of a deep traceback
-        raise SftError(
-            "parallel.cpu_offload: offloading moves parameters / optimizer state from GPU "
-            "memory to the CPU, but this run already trains on the CPU; remove "
-            "parallel.cpu_offload"
-        )
-    if par.strategy == "fsdp" and config.method.name == "qlora":
-        raise SftError(
-            "parallel.strategy: fsdp with method qlora is not supported by the "
-            "torch backend (4-bit weights cannot be sharded as DTensors); use ddp"
-        )
-    if par.strategy in ("zero2", "zero3"):
-        from sft_torch import deepspeed
+    from sft_torch.strategy import strategy_problems
 
-        deepspeed.check(config)
+    problems = strategy_problems(config, device_type)
+    if problems:
+        raise SftError("; ".join(problems))
 
 
 def wrap_model(

@@ -82,7 +82,7 @@ class TorchBackend:
             opts = TorchOptions.model_validate(config.options)
         except ValidationError:
             return []  # core reports the section's own errors
-        return _device_problems(config, opts)
+        return _device_problems(config, opts) + _strategy_problems(config, opts)
 
     def train(self, plan: TrainPlan, events: RunEvents) -> TrainResult:
         # Multi-process runs: re-launch through torchrun, or join the process group when this
@@ -99,6 +99,16 @@ def _cuda_available() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+def _strategy_problems(config: RunConfig, opts: TorchOptions) -> list[str]:
+    """What parallel.strategy cannot do here (sft_torch.strategy; torch-free)."""
+    from sft_torch.strategy import strategy_problems
+
+    device = opts.device if opts.device in ("cpu", "cuda") else None
+    if device is None and config.parallel.cpu_offload and config.parallel.world_size > 1:
+        device = "cuda" if _cuda_available() else "cpu"  # only then is torch asked
+    return strategy_problems(config, device)
 
 
 def _device_problems(config: RunConfig, opts: TorchOptions) -> list[str]:

@@ -1,0 +1,72 @@
+"""What each `parallel.strategy` of the torch backend can do, checked without importing torch,
+so `sft config validate` reports it with every other problem and a launch fails before any
+process starts.
+
+    $ sft config validate --config cfg.yaml parallel.nproc_per_node=2 parallel.strategy=zero2 \
+          checkpoint.every_steps=100
+    cfg.yaml: 1 problem
+      - checkpoint: resumable checkpoints with parallel.strategy zero2 are not supported ...
+
+    strategy_problems(config, device_type="cpu")   # -> ["parallel.cpu_offload: ...", ...]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from sft.specs import RunConfig
+
+DEEPSPEED_INSTALL = 'pip install "sft-torch[deepspeed]"  (or: pip install deepspeed)'
+
+
+def strategy_problems(config: RunConfig, device_type: str | None) -> list[str]:
+    """Problems of `config.parallel` for a multi-process run on `device_type` ("cpu", "cuda";
+    None when unknown), as "key.path: message"; [] for a single process (no strategy runs)."""
+    par = config.parallel
+    if par.world_size == 1:
+        return []
+    problems = []
+    if par.cpu_offload and par.strategy == "ddp":
+        problems.append(
+            "parallel.cpu_offload: DDP keeps a whole replica on every device and offloads "
+            "nothing; use parallel.strategy fsdp, zero2 or zero3 with cpu_offload"
+        )
+    elif par.cpu_offload and device_type == "cpu":
+        # FSDP2's offload needs an accelerator, and DeepSpeed's ZeRO-2 offload path fails on
+        # its CPU accelerator: say so plainly instead of a deep traceback
+        problems.append(
+            "parallel.cpu_offload: offloading moves parameters / optimizer state from GPU "
+            "memory to the CPU, but this run trains on the CPU; remove parallel.cpu_offload"
+        )
+    if par.strategy == "fsdp" and config.method.name == "qlora":
+        problems.append(
+            "parallel.strategy: fsdp with method qlora is not supported by the torch backend "
+            "(4-bit weights cannot be sharded as DTensors); use ddp"
+        )
+    if par.strategy in ("zero2", "zero3"):
+        problems += deepspeed_problems(config)
+    return problems
+
+
+def deepspeed_problems(config: RunConfig) -> list[str]:
+    """What the ZeRO integration cannot do (yet)."""
+    name = config.parallel.strategy
+    problems = []
+    if importlib.util.find_spec("deepspeed") is None:
+        problems.append(
+            f"parallel.strategy: {name} needs DeepSpeed, which is not installed; install it "
+            f"with: {DEEPSPEED_INSTALL}, or use ddp / fsdp"
+        )
+    if config.train.nan_policy == "skip":
+        problems.append(
+            f"train.nan_policy: skip cannot hold back an update inside DeepSpeed's engine; use "
+            f"nan_policy: stop with parallel.strategy {name}, or ddp / fsdp"
+        )
+    if config.checkpoint.every_steps or config.checkpoint.resume:
+        problems.append(
+            f"checkpoint: resumable checkpoints with parallel.strategy {name} are not supported "
+            f"by the torch backend yet; remove checkpoint.every_steps / resume, or use ddp or fsdp"
+        )
+    if config.method.name == "qlora":
+        problems.append("parallel.strategy: ZeRO with method qlora is not supported; use ddp")
+    return problems
