@@ -124,11 +124,9 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
     """Poll metrics.jsonl until `step` is logged (the process is then at step+1 or saving)."""
     metrics, deadline = run_dir / "metrics.jsonl", time.time() + 240
     while time.time() < deadline:
-        if metrics.exists() and any(
-            json.loads(line)["step"] >= step
-            for line in metrics.read_text().splitlines()
-            if line.strip()
-        ):
+        text = metrics.read_text() if metrics.exists() else ""
+        complete = text[: text.rfind("\n") + 1].splitlines()  # not a line still being written
+        if any(json.loads(line)["step"] >= step for line in complete if line.strip()):
             return
         if proc.poll() is not None:
             pytest.fail(
