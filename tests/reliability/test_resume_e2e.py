@@ -120,13 +120,19 @@ def finish(proc: subprocess.Popen, expect: int = 0) -> str:
     return out
 
 
+def logged_steps(run_dir: Path) -> list[int]:
+    """Steps with a loss in metrics.jsonl so far, safe to call while the run writes it."""
+    path = run_dir / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    complete = text[: text.rfind("\n") + 1].splitlines()  # not a line still being written
+    return [r["step"] for r in map(json.loads, filter(str.strip, complete)) if "loss" in r]
+
+
 def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
     """Poll metrics.jsonl until `step` is logged (the process is then at step+1 or saving)."""
-    metrics, deadline = run_dir / "metrics.jsonl", time.time() + 240
+    deadline = time.time() + 240
     while time.time() < deadline:
-        text = metrics.read_text() if metrics.exists() else ""
-        complete = text[: text.rfind("\n") + 1].splitlines()  # not a line still being written
-        if any(json.loads(line)["step"] >= step for line in complete if line.strip()):
+        if max(logged_steps(run_dir), default=0) >= step:
             return
         if proc.poll() is not None:
             pytest.fail(
@@ -234,7 +240,7 @@ def test_sigterm_checkpoints_within_one_step_and_exits_143(
     proc = sft_run(cfg)
     wait_for_step(proc, run, 5)
     proc.send_signal(signal.SIGTERM)
-    at_signal = max(losses(run))  # steps finished by now: the signal's step may be among them
+    at_signal = max(logged_steps(run))  # finished by now (the signal's step may be one)
     out = finish(proc, expect=143)
     assert "SIGTERM" in out and "--resume auto" in out
     logged = max(losses(run))
@@ -296,7 +302,7 @@ def test_torchrun_job_preempted_then_killed_resumes_bitwise(workdir: Path) -> No
     proc = sft_run(cfg)
     wait_for_step(proc, run, 3)
     proc.send_signal(signal.SIGTERM)
-    at_signal = max(losses(run))
+    at_signal = max(logged_steps(run))
     out = finish(proc, expect=143)
     assert "stopped by SIGTERM after step" in out, out
     saved = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
