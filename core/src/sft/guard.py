@@ -16,6 +16,8 @@ checkpoint was written: `sft run ... --resume auto` continues from it).
 
 Test hook: `SFT_TEST_INJECT_NAN_STEP=5` (or `5,6,7`) makes backends turn the loss of those
 optimizer steps (1-based) into NaN, to exercise the policy end to end. Not for users.
+
+    $ .venvs/core/bin/python -m pytest tests/reliability/test_guard.py    # its tests
 """
 
 from __future__ import annotations

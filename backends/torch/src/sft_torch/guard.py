@@ -11,7 +11,9 @@ every backend; this module adds what needs torch.
         if signame := agreed_stop(stop):        # every rank, every step (a tiny all-reduce)
             stop_for_signal(signame, state, run_dir, position, fingerprint, keep_last)
 
-See docs/reliability.md for what users see.
+See docs/reliability.md for what users see. Tests:
+
+    $ .venvs/torch/bin/python -m pytest tests/reliability/test_guard_torch.py tests/reliability/test_resume_e2e.py
 """
 
 from __future__ import annotations
