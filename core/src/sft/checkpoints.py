@@ -18,6 +18,8 @@ checkpoint whose replacement never arrived is renamed back.
 
 Test hook: `SFT_TEST_CRASH_IN_SAVE=120` SIGKILLs the process inside the save of step 120, after
 the backend's files are written and before the marker (simulating a kill mid-save). Not for users.
+
+    $ .venvs/core/bin/python -m pytest tests/reliability/test_checkpoints.py    # its tests
 """
 
 from __future__ import annotations
