@@ -37,6 +37,7 @@ def test_exit_codes_follow_the_shell_convention_and_differ_from_errors() -> None
     assert "step 7" in msg and "step-000007 is complete" in msg and "--resume auto" in msg
     assert "rank 0 wrote" in str(Preempted("SIGTERM", 7, None))  # another rank's view
     assert "nothing to resume" in str(Preempted("SIGINT", 0, None))
+    assert str(Preempted("SIGTERM", -1, None)).startswith("stopped by SIGTERM; rank 0 wrote")
 
 
 def test_a_signal_finishes_the_step_instead_of_killing() -> None:

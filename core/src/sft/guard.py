@@ -45,6 +45,7 @@ class Preempted(SftError):
     """A stop signal arrived; the current step finished and a checkpoint was written."""
 
     def __init__(self, signame: str, step: int, checkpoint: Path | None) -> None:
+        """`step` < 0: unknown here (a process that neither writes nor sees the checkpoints)."""
         self.signame, self.step, self.checkpoint = signame, step, checkpoint
         self.exit_code = 128 + int(signal.Signals[signame])
         resume = "Continue with the same command plus --resume auto"
@@ -54,7 +55,8 @@ class Preempted(SftError):
             then = "no step had finished, so there is nothing to resume; rerun the same command"
         else:
             then = f"rank 0 wrote the checkpoint. {resume}"
-        super().__init__(f"stopped by {signame} after step {step}; {then}")
+        after = f" after step {step}" if step >= 0 else ""
+        super().__init__(f"stopped by {signame}{after}; {then}")
 
 
 class Diverged(SftError):

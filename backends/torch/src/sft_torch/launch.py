@@ -167,6 +167,8 @@ def preempted(plan: TrainPlan, sigval: Any) -> SftError:
 
     ckpt = latest_checkpoint(plan.run_dir)
     step = int(read_meta(ckpt)["step"]) if ckpt else 0
+    if ckpt is None and plan.config.parallel.node_rank != 0:
+        step = -1  # rank 0 (on node 0) writes checkpoints; this node may not see its disk
     return Preempted(signal.Signals(int(sigval)).name, step, ckpt)
 
 
