@@ -37,9 +37,10 @@ from typing import Any
 
 MODEL = "smollm2-135m-instruct"
 MAX_LEN, GLOBAL_BATCH, LORA_R, LORA_ALPHA, LORA_DROPOUT, LR = 512, 8, 16, 32, 0.05, 2e-4
-PEERS = ("sft", "trl-default", "trl-packing")
+PEERS = ("sft", "sft-gc", "trl-default", "trl-packing")
 LABELS = {
     "sft": "sft (packing, chunked loss)",
+    "sft-gc": "sft + gradient checkpointing",
     "trl-default": "TRL defaults (padding)",
     "trl-packing": "TRL packing + padding_free",
 }
@@ -61,11 +62,12 @@ WORDS = WORDS_TEXT.split()
 # ------------------------------------------------------------------------------ the work
 
 
-def resolve_model() -> Path:
-    """The converted SmolLM2 directory (converted once, cached by sft's resolver)."""
+def resolve_model(spec: str) -> Path:
+    """A local HF model directory for `spec`; the built-in SmolLM2 is converted once from its
+    GGUF and cached by sft's resolver."""
     from sft.models import resolve_model as resolve
 
-    return resolve(MODEL).path
+    return resolve(spec).path
 
 
 def sentence(rng: random.Random, lo: int, hi: int) -> str:
@@ -236,7 +238,8 @@ def run_peer(
     """Run one peer in a fresh process and return its numbers (plus the machine's load)."""
     out = args.work_dir / f"{peer}.json"
     out.unlink(missing_ok=True)
-    if peer == "sft":
+    if peer.startswith("sft"):
+        gc = ["train.gradient_checkpointing=true"] if peer == "sft-gc" else []
         cmd = [
             sys.executable,
             "-m",
@@ -248,6 +251,7 @@ def run_peer(
             str(args.steps),
             "--json",
             str(out),
+            *gc,
         ]
     else:
         cmd = [
@@ -284,7 +288,7 @@ def run_peer(
 
 def table(results: list[dict[str, Any]]) -> str:
     """The one table: peer, trained tokens/s, ratio vs sft, peak RSS (and what explains them)."""
-    sft = next(r for r in results if r["peer"] == "sft")
+    sft = next((r for r in results if r["peer"] == "sft"), results[0])  # the reference row
     head = (
         f"{'peer':<30} {'trained tok/s':>13} {'sft is x faster':>15} {'peak RSS MiB':>12} "
         f"{'RSS vs sft':>10} {'padding':>8} {'1st step s':>10}"
@@ -299,7 +303,9 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{100 * r['padding_fraction']:>7.1f}% {r['time_to_first_step_s']:>10.1f}"
         )
     lines.append(
-        f"sft: {sft['achieved_flops'] / 1e9:.1f} GFLOP/s = {100 * sft['gemm_fraction']:.0f}% of "
+        ""
+        if "achieved_flops" not in sft
+        else f"sft: {sft['achieved_flops'] / 1e9:.1f} GFLOP/s = {100 * sft['gemm_fraction']:.0f}% of "
         f"the {sft['precision']} GEMM probe ({sft['gemm_flops'][sft['precision']] / 1e9:.0f} "
         f"GFLOP/s) measured in the same run; {sft['threads']} threads"
     )
@@ -310,7 +316,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def compare(args: argparse.Namespace) -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = resolve_model()
+    model_dir = resolve_model(args.model)
     data = args.work_dir / "conversations.jsonl"
     stats = make_data(data, model_dir, args.samples)
     cfg = sft_config(args.work_dir / "sft-bench.yaml", model_dir, data, args.micro_batch)
@@ -334,13 +340,14 @@ def compare(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=6, help="optimizer steps per peer (>= 2)")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per peer (>= 2)")
+    p.add_argument("--model", default=MODEL, help="built-in name or local HF dir (LoRA on it)")
     p.add_argument("--samples", type=int, default=300, help="generated conversations")
     p.add_argument("--micro-batch", type=int, default=1, help="sft micro-batch (rows)")
     p.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench-trl"))
     p.add_argument("--out", type=Path, default=None, help="write all numbers as JSON here")
-    p.add_argument("--peer", choices=PEERS[1:], help=argparse.SUPPRESS)  # internal: one TRL peer
+    p.add_argument("--peer", choices=PEERS[2:], help=argparse.SUPPRESS)  # internal: one TRL peer
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help=argparse.SUPPRESS)
