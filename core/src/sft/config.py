@@ -35,7 +35,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise SftError(f"config file not found: {path}") from None
     except UnicodeDecodeError as exc:  # found by tests/reliability/test_config_fuzz.py
-        raise SftError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+        raise SftError(
+            f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
     except OSError as exc:  # a directory, no permission ...
         raise SftError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     try:
