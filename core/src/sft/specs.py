@@ -62,9 +62,11 @@ class DataSource(Section):
     """Record format: `alpaca`, `sharegpt`, `messages`, `prompt_completion`, `text`, a plugin's
     format, or `auto` (detected from the first record's keys)."""
 
-    weight: float = Field(1.0, gt=0)
+    weight: float | None = Field(None, gt=0)
     """Mixing weight when several sources are given: each source contributes
-    `weight / sum(weights)` of the samples of an epoch (sampling without replacement first)."""
+    `weight / sum(weights)` of the samples of an epoch (its own samples without replacement
+    first, then repeated; a source without a weight counts as 1). When no source has a weight,
+    the sources are simply concatenated."""
 
     columns: dict[str, str] = {}
     """Rename columns before conversion, e.g. `{instruction: question, output: answer}` maps the

@@ -234,3 +234,18 @@ def test_worker_processes_give_identical_results(
     assert (tmp_path / "run1/rejects.jsonl").read_text() == (
         tmp_path / "run2/rejects.jsonl"
     ).read_text()
+
+
+def test_resolved_config_reproduces_the_data_key(tiny_tokenizer: Path, tmp_path: Path) -> None:
+    # RUN/config.yaml (defaults filled in) must tokenize to the same cache as the original spec,
+    # or rerunning / resuming from it would re-tokenize and refuse the resume.
+    from sft.run import config_to_dict
+    from sft.specs import RunConfig
+
+    a, b = chats(tmp_path / "a.jsonl", n=4, tag="a"), chats(tmp_path / "b.jsonl", n=4, tag="b")
+    for train in ([str(a), str(b)], [{"path": str(a), "weight": 2}, str(b)]):
+        cfg = make_config(tmp_path, {"train": train})
+        again = RunConfig.model_validate(config_to_dict(cfg))
+        first = prepare_data(cfg, resolved(tiny_tokenizer))
+        second = prepare_data(again, resolved(tiny_tokenizer))
+        assert first.key == second.key and first.train.sources == second.train.sources

@@ -121,7 +121,7 @@ def cache_key(config: RunConfig, tokenizer_path: Path, plugins: Plugins) -> str:
     h.update(json.dumps([policy, config.train.seed], sort_keys=True).encode())
     for split, srcs in (("train", d.train), ("eval", d.eval or [])):
         for src in srcs:
-            spec = src.model_dump(mode="json") | {"weighted": "weight" in src.model_fields_set}
+            spec = src.model_dump(mode="json")
             h.update(json.dumps([split, spec], sort_keys=True).encode())
             h.update(fingerprint(source_files(src.path)).encode())
     for name in TOKENIZER_FILES:
@@ -280,14 +280,15 @@ def _hold_out(
 def _mix(parts: list[list[Tagged]], sources: list[DataSource], seed: int) -> list[Tagged]:
     """Concatenate sources; with explicit weights, source i gets weight_i / sum(weights) of the
     samples (its own samples without replacement first, then repeated)."""
-    if len(parts) == 1 or not any("weight" in s.model_fields_set for s in sources):
+    if len(parts) == 1 or all(s.weight is None for s in sources):
         return [t for p in parts for t in p]
     total = sum(len(p) for p in parts)
-    wsum = sum(s.weight for s in sources)
+    weights = [1.0 if s.weight is None else s.weight for s in sources]
+    wsum = sum(weights)
     rng = np.random.default_rng([seed, 11])
     out: list[Tagged] = []
-    for part, src in zip(parts, sources, strict=True):
-        want = round(total * src.weight / wsum)
+    for part, weight in zip(parts, weights, strict=True):
+        want = round(total * weight / wsum)
         if not part:
             continue
         idx = np.concatenate([rng.permutation(len(part)) for _ in range(-(-want // len(part)))])
