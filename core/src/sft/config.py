@@ -381,14 +381,16 @@ def _backend_checks(config: RunConfig, plugins: Plugins, be: Any) -> list[Proble
             wanted.append((f"parallel.{key}", cap, key.replace("_", " ")))
     if config.data.packing is True:
         wanted.append(("data.packing", "packing", "packing"))
+    own = []
+    for text in be.validate(config):
+        path, _, msg = text.partition(": ")
+        own.append(Problem(path, msg) if msg else Problem("", text))
+    explained = {p.path for p in own}  # the backend's own message says more than the generic one
     for key, cap, what in wanted:
-        if cap not in caps:
+        if cap not in caps and key not in explained:
             have = others(cap)
             problems.append(Problem(
                 key, f"backend {name!r} does not support {what}",
                 f"backends that do: {', '.join(have)}" if have else "no installed backend does",
             ))
-    for text in be.validate(config):
-        path, _, msg = text.partition(": ")
-        problems.append(Problem(path, msg) if msg else Problem("", text))
-    return problems
+    return problems + own

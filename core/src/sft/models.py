@@ -76,6 +76,16 @@ def load_resolved(path: Path, spec: str) -> ResolvedModel:
     return ResolvedModel(path=path, spec=spec, model_type=cfg.get("model_type", "?"), config=cfg)
 
 
+def converted_builtin(name: str) -> Path | None:
+    """A built-in model already converted into the shared cache (`sft models prepare NAME` in
+    the torch environment), so environments without the converter (MindSpore) can use it."""
+    if name not in BUILTIN_MODELS:
+        return None
+    root = cache_root() / "models"
+    done = [p for p in root.glob(f"{name}-*-float32") if (p / "config.json").is_file()]
+    return max(done, key=lambda p: p.stat().st_mtime) if done else None
+
+
 def resolve_model(spec: str) -> ResolvedModel:
     """A local HF directory for `spec`, converting or downloading through plugins if needed."""
     from sft.plugins import get_plugins
@@ -88,11 +98,15 @@ def resolve_model(spec: str) -> ResolvedModel:
     found = get_plugins().hook.sft_resolve_model(spec=spec, cache_dir=str(cache_root() / "models"))
     if found:
         return load_resolved(Path(found), spec)
+    converted = converted_builtin(spec)
+    if converted is not None:
+        return load_resolved(converted, spec)
     if spec.endswith(".gguf") or spec in BUILTIN_MODELS:
         raise SftError(
             f"model {spec!r} must be converted to safetensors once, which needs the torch backend "
-            "(transformers' GGUF loader): pip install -e backends/torch, then `sft models "
-            f"prepare {spec}`"
+            "(transformers' GGUF loader): run `sft models prepare "
+            f"{spec}` in the torch environment (make venv-torch); environments that share "
+            f"$SFT_CACHE_DIR ({cache_root()}) then find the converted model"
         )
     raise SftError(
         f"model {spec!r} is not a local model directory, .gguf file or built-in name "
