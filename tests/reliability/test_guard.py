@@ -38,6 +38,9 @@ def test_exit_codes_follow_the_shell_convention_and_differ_from_errors() -> None
     assert "rank 0 wrote" in str(Preempted("SIGTERM", 7, None))  # another rank's view
     assert "nothing to resume" in str(Preempted("SIGINT", 0, None))
     assert str(Preempted("SIGTERM", -1, None)).startswith("stopped by SIGTERM; rank 0 wrote")
+    zero = str(Preempted("SIGTERM", 4, None, unresumable="strategy zero3 cannot"))
+    assert "no checkpoint: strategy zero3 cannot; the run has to start again" in zero
+    assert "--resume" not in zero
 
 
 def test_a_signal_finishes_the_step_instead_of_killing() -> None:

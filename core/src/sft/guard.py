@@ -44,12 +44,17 @@ INJECT_NAN_ENV = "SFT_TEST_INJECT_NAN_STEP"
 class Preempted(SftError):
     """A stop signal arrived; the current step finished and a checkpoint was written."""
 
-    def __init__(self, signame: str, step: int, checkpoint: Path | None) -> None:
-        """`step` < 0: unknown here (a process that neither writes nor sees the checkpoints)."""
+    def __init__(
+        self, signame: str, step: int, checkpoint: Path | None, unresumable: str = ""
+    ) -> None:
+        """`step` < 0: unknown here (a process that neither writes nor sees the checkpoints).
+        `unresumable`: why this run has no resumable checkpoint (e.g. its strategy)."""
         self.signame, self.step, self.checkpoint = signame, step, checkpoint
         self.exit_code = 128 + int(signal.Signals[signame])
         resume = "Continue with the same command plus --resume auto"
-        if checkpoint is not None:
+        if unresumable:
+            then = f"no checkpoint: {unresumable}; the run has to start again"
+        elif checkpoint is not None:
             then = f"checkpoint {checkpoint} is complete. {resume}"
         elif step == 0:
             then = "no step had finished, so there is nothing to resume; rerun the same command"

@@ -165,11 +165,16 @@ def preempted(plan: TrainPlan, sigval: Any) -> SftError:
     from sft.checkpoints import latest_checkpoint, read_meta
     from sft.guard import Preempted
 
+    name = signal.Signals(int(sigval)).name
+    strategy = plan.config.parallel.strategy
+    if strategy in ("zero2", "zero3"):  # see sft_torch.strategy: no resumable ZeRO checkpoints
+        why = f"parallel.strategy {strategy} cannot write resumable checkpoints yet"
+        return Preempted(name, -1, None, unresumable=why)
     ckpt = latest_checkpoint(plan.run_dir)
     step = int(read_meta(ckpt)["step"]) if ckpt else 0
     if ckpt is None and plan.config.parallel.node_rank != 0:
         step = -1  # rank 0 (on node 0) writes checkpoints; this node may not see its disk
-    return Preempted(signal.Signals(int(sigval)).name, step, ckpt)
+    return Preempted(name, step, ckpt)
 
 
 def describe_failure(exc: Any, log_dir: Path) -> str:
