@@ -251,6 +251,23 @@ def test_sigterm_checkpoints_within_one_step_and_exits_143(
     assert_same_run(full_reference, run, f"full, SIGTERM after step {logged}")
 
 
+FULL_DISK = """
+import shutil
+# tests/reliability: a filesystem with 1 KiB free, for the checkpoint disk-space check
+shutil.disk_usage = lambda path: shutil._ntuple_diskusage(2**40, 2**40 - 1024, 1024)
+"""
+
+
+def test_a_full_disk_stops_before_writing_a_checkpoint(workdir: Path) -> None:
+    cfg = job(workdir, "full-disk", "lora")
+    (workdir / "fulldisk").mkdir(exist_ok=True)
+    (workdir / "fulldisk" / "sitecustomize.py").write_text(FULL_DISK)
+    path = os.pathsep.join([str(workdir / "fulldisk"), os.environ.get("PYTHONPATH", "")])
+    out = finish(sft_run(cfg, env={"PYTHONPATH": path}), expect=1)
+    assert "not enough disk space for a checkpoint" in out and "MiB needed" in out, out
+    assert not list((workdir / "full-disk" / "checkpoints").iterdir())  # nothing half-written
+
+
 def nan_run(workdir: Path, name: str, step: int, **train: Any) -> tuple[subprocess.Popen, Path]:
     cfg = job(workdir, name, "lora", **train)
     return sft_run(cfg, env={"SFT_TEST_INJECT_NAN_STEP": str(step)}), workdir / name
