@@ -62,6 +62,12 @@ WORDS = WORDS_TEXT.split()
 # ------------------------------------------------------------------------------ the work
 
 
+def physical_cores() -> int:
+    import psutil
+
+    return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+
+
 def resolve_model(spec: str) -> Path:
     """A local HF model directory for `spec`; the built-in SmolLM2 is converted once from its
     GGUF and cached by sft's resolver."""
@@ -240,6 +246,7 @@ def run_peer(
     out.unlink(missing_ok=True)
     if peer.startswith("sft"):
         gc = ["train.gradient_checkpointing=true"] if peer == "sft-gc" else []
+        gc.append(f"torch.num_threads={args.threads or physical_cores()}")
         cmd = [
             sys.executable,
             "-m",
@@ -269,6 +276,8 @@ def run_peer(
             str(data),
             "--json",
             str(out),
+            "--threads",
+            str(args.threads or physical_cores()),
         ]
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -343,6 +352,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per peer (>= 2)")
     p.add_argument("--model", default=MODEL, help="built-in name or local HF dir (LoRA on it)")
     p.add_argument("--samples", type=int, default=300, help="generated conversations")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for every peer (default: physical cores)",
+    )
     p.add_argument("--micro-batch", type=int, default=1, help="sft micro-batch (rows)")
     p.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench-trl"))
@@ -353,6 +368,9 @@ def main() -> None:
     p.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.peer:
+        import torch
+
+        torch.set_num_threads(args.threads or physical_cores())  # the same threads as sft
         result = run_trl(
             args.model_dir, args.data, args.steps, args.peer == "trl-packing", args.work_dir
         )
