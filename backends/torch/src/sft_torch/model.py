@@ -95,6 +95,43 @@ def split_model(model: Any) -> tuple[Any, Any]:
     return decoder, lm.get_output_embeddings()
 
 
+def cast_frozen_linears(model: Any, dtype: torch.dtype) -> int:
+    """Store the frozen nn.Linear weights in `dtype`; returns how many parameters were cast.
+
+    Perf (see TorchOptions.bf16_frozen_weights): under bf16 autocast every matmul casts its fp32
+    weight to bf16 again (the autocast cache keeps only trainable leaves), and backward keeps
+    that copy; storing the frozen base in bf16 gives the same products with half the memory.
+    A head tied to the input embeddings is left alone: the embeddings feed the fp32 residual
+    stream."""
+    from torch import nn
+
+    tied = causal_lm(model).get_input_embeddings().weight
+    cast = 0
+    for mod in model.modules():
+        params = list(mod.parameters(recurse=False))
+        if (
+            isinstance(mod, nn.Linear)
+            and mod.weight is not tied
+            and not any(p.requires_grad for p in params)
+        ):
+            mod.to(dtype)
+            cast += sum(p.numel() for p in params)
+    return cast
+
+
+def compile_layers(model: Any) -> int:
+    """`torch.compile` every decoder layer in place (Module.compile keeps parameter names, so
+    checkpoints and exports are unchanged); returns the number of layers compiled."""
+    from torch import nn
+
+    lm = causal_lm(model)
+    n = getattr(lm.config, "num_hidden_layers", None)
+    layers = next((m for m in lm.modules() if isinstance(m, nn.ModuleList) and len(m) == n), [])
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def logits_are_plain(model: Any) -> bool:
     """Whether logits are exactly head(hidden) (no soft-capping or scaling), so the chunked loss
     over hidden states computes the same thing as the model's own forward."""

@@ -51,7 +51,18 @@ class TorchOptions(BaseModel):
     causal mask built from the sample lengths (eager / sdpa only). `auto`: `position_ids`."""
 
     num_threads: int | None = Field(None, gt=0)
-    """CPU threads for torch (`torch.set_num_threads`). Default: torch's own choice."""
+    """CPU threads for torch (`torch.set_num_threads`). Default: torch's own choice, capped at
+    the number of physical cores (hyper-threads only add contention to GEMMs)."""
+
+    bf16_frozen_weights: bool = True
+    """With bf16 precision and LoRA, keep the frozen base's Linear weights in bf16 instead of
+    fp32. Autocast casts them to bf16 for every matmul anyway, so losses and gradients are
+    bit-identical; this halves their memory and removes the per-step casts (and their saved
+    copies). Adapters, norms and embeddings stay fp32. `false`: fp32 master copies."""
+
+    compile: bool = False
+    """Compile each decoder layer with `torch.compile` (in place: parameter names, checkpoints
+    and exports are unchanged). Compiling takes minutes on CPU, so it pays off on long runs."""
 
 
 class TorchBackend:

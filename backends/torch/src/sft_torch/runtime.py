@@ -55,6 +55,16 @@ def cpu_has_native_bf16() -> bool:
     return "AMX" in cap.upper()
 
 
+def physical_cores() -> int:
+    """Physical CPU cores (hyper-threads share a core's FPUs, so more GEMM threads than this
+    only add contention); os.cpu_count() when psutil cannot tell."""
+    import os
+
+    import psutil  # a dependency of accelerate
+
+    return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto` -> bf16 where the device computes it natively, else fp32."""
     if precision != "auto":

@@ -31,7 +31,7 @@ from sft_torch.data import Position, Schedule, load_batch, next_position
 from sft_torch.guard import StepGuard, StopSignals, agreed_stop, stop_for_signal
 from sft_torch.loss import LossSettings, batch_loss, eval_loss
 from sft_torch.methods import apply_method, count_params
-from sft_torch.model import load_model, logits_are_plain
+from sft_torch.model import cast_frozen_linears, compile_layers, load_model, logits_are_plain
 from sft_torch.optim import build_optimizer, build_scheduler
 from sft_torch.outputs import save_final
 from sft_torch.plot import plot_loss
@@ -98,8 +98,12 @@ class Trainer:
     def __init__(self, plan: TrainPlan, events: RunEvents) -> None:
         cfg, opts = plan.config, plan.options
         self.plan, self.events, self.cfg = plan, events, cfg
-        if getattr(opts, "num_threads", None):
-            torch.set_num_threads(opts.num_threads)
+        # perf: an explicit torch.num_threads wins; otherwise torch's default (which may count
+        # hyper-threads) is capped at the physical cores
+        torch.set_num_threads(
+            getattr(opts, "num_threads", None)
+            or min(torch.get_num_threads(), runtime.physical_cores())
+        )
         self.rank, self.world = runtime.dist_info()
         if self.world != cfg.parallel.world_size:
             raise SftError(
@@ -141,6 +145,18 @@ class Trainer:
             enable_checkpointing(lm)
         model = apply_method(lm, cfg.method, cfg.train.gradient_checkpointing)
         model.train()  # from_pretrained returns eval mode; dropout (LoRA) must be on
+        opts = self.plan.options
+        # perf levers (TorchOptions.bf16_frozen_weights / compile); single process only, so
+        # FSDP/DeepSpeed never see mixed parameter dtypes
+        if (
+            getattr(opts, "bf16_frozen_weights", False)
+            and self.precision == "bf16"
+            and cfg.method.name == "lora"
+            and self.world == 1
+        ):
+            cast_frozen_linears(model, torch.bfloat16)
+        if getattr(opts, "compile", False):
+            compile_layers(model)
         return model
 
     def autocast(self) -> AbstractContextManager[Any]:
