@@ -49,7 +49,7 @@ def write_conversations(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def write_config(tmp_path: Path, model: Path, n: int = 8) -> Path:
+def write_config(tmp_path: Path, model: Path, n: int = 8, method: str = "full") -> Path:
     """A config whose global batch holds every row, so each step sees the whole data set in
     both the packed and the padded layout and their losses must agree step by step."""
     data = write_conversations(tmp_path / "chats.jsonl", n)
@@ -57,7 +57,7 @@ def write_config(tmp_path: Path, model: Path, n: int = 8) -> Path:
     cfg.write_text(
         f"model: {model}\n"
         f"data: {{train: {data}, max_seq_len: 512, shuffle: true}}\n"
-        "method: full\n"
+        f"method: {method}\n"
         f"train: {{global_batch_size: {n}, micro_batch_size: 2, precision: fp32,\n"
         "        learning_rate: 1.0e-3, warmup_steps: 0, lr_scheduler: constant}\n"
         "torch: {device: cpu, num_threads: 1}\n"
@@ -136,3 +136,22 @@ def test_flop_model_full_and_lora(tiny_llama):
     # sees only the frozen embedding and needs no input gradient (2N for it)
     assert lora.per_token == pytest.approx(4 * body + 6 * adapters, rel=0.03)
     assert lora.per_trained_token == 4 * v * h
+
+
+def test_bf16_frozen_weights_change_nothing_but_memory(tmp_path, tiny_llama):
+    """Under bf16 autocast the LoRA base kept in bf16 gives the very same losses: autocast would
+    have cast each fp32 weight to bf16 for every matmul anyway."""
+    cfg = write_config(tmp_path, tiny_llama, method="{name: lora, r: 4, dropout: 0.0}")
+    common = [
+        "train.precision=bf16",
+        "train.learning_rate=1.0e-2",
+    ]
+    on = run_bench(
+        cfg, steps=3, probe_seconds=0.02, overrides=[*common, "torch.bf16_frozen_weights=true"]
+    )
+    off = run_bench(
+        cfg, steps=3, probe_seconds=0.02, overrides=[*common, "torch.bf16_frozen_weights=false"]
+    )
+    assert on["levers"]["bf16_frozen_weights"] and not off["levers"]["bf16_frozen_weights"]
+    assert on["losses"] == off["losses"]
+    assert on["losses"][-1] < on["losses"][0]

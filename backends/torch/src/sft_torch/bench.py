@@ -326,6 +326,8 @@ def setup(plan: Any) -> Setup:
         "chunked_loss": opts.chunked_loss,
         "gradient_checkpointing": cfg.train.gradient_checkpointing,
         "compile": getattr(opts, "compile", False),
+        "bf16_frozen_weights": getattr(opts, "bf16_frozen_weights", False)
+        and cfg.method.name == "lora",
         "micro_batch_size": cfg.train.micro_batch_size,
         "attn_implementation": opts.attn_implementation,
     }
