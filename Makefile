@@ -58,8 +58,8 @@ test-ms: venv-ms venv-torch
 	    $(MS)/python -m pytest tests/core tests/reliability tests/backends/mindspore -m "not torch" -q
 
 lint: venv-torch
-	$(TORCH)/ruff check core backends plugins tests
-	$(TORCH)/ruff format --check core backends plugins tests
+	$(TORCH)/ruff check core backends plugins tests benchmarks configs
+	$(TORCH)/ruff format --check core backends plugins tests benchmarks configs
 	$(TORCH)/mypy
 	PYTHONPATH=backends/mindspore/src $(TORCH)/lint-imports
 

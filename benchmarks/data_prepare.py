@@ -28,11 +28,48 @@ import time
 from pathlib import Path
 from typing import Any
 
-WORDS = (
-    "the model data train token loss learning rate batch answer question because which system "
-    "example python function return value list paris france capital weather today tomorrow "
-    "please explain why how what when simple short detailed step first second finally result"
-).split()
+WORDS = [
+    "the",
+    "model",
+    "data",
+    "train",
+    "token",
+    "loss",
+    "learning",
+    "rate",
+    "batch",
+    "answer",
+    "question",
+    "because",
+    "which",
+    "system",
+    "example",
+    "python",
+    "function",
+    "return",
+    "value",
+    "list",
+    "paris",
+    "france",
+    "capital",
+    "weather",
+    "today",
+    "tomorrow",
+    "please",
+    "explain",
+    "why",
+    "how",
+    "what",
+    "when",
+    "simple",
+    "short",
+    "detailed",
+    "step",
+    "first",
+    "second",
+    "finally",
+    "result",
+]
 
 
 def sentence(rng: random.Random, lo: int, hi: int) -> str:
@@ -56,9 +93,8 @@ def conversations(n: int, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def smol_tokenizer(out: Path) -> Path:
-    from transformers import AutoTokenizer
-
     from sft.models import builtin_weights
+    from transformers import AutoTokenizer
 
     gguf = builtin_weights("smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -11,7 +11,9 @@ from tests.tiny import make_model, make_tokenizer
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Data caches and converted models of a test never leak into ~/.cache or other tests.
     monkeypatch.setenv("SFT_CACHE_DIR", str(tmp_path_factory.mktemp("sft-cache")))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

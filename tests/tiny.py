@@ -113,8 +113,11 @@ def make_model(path: str | Path, arch: str = "llama", seed: int = 0) -> Path:
     def w(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.02).astype(np.float32)
 
-    t = {"model.embed_tokens.weight": w(vocab, h), "model.norm.weight": np.ones(h, np.float32),
-         "lm_head.weight": w(vocab, h)}
+    t = {
+        "model.embed_tokens.weight": w(vocab, h),
+        "model.norm.weight": np.ones(h, np.float32),
+        "lm_head.weight": w(vocab, h),
+    }
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
         t[p + "self_attn.q_proj.weight"] = w(nh * hd, h)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 from sft.data.batching import (
     collate,
     count_trained,
@@ -22,7 +21,7 @@ def split() -> TokenizedSplit:
     samples = []
     for i in range(6):
         ids = list(range(10 * i + 1, 10 * i + 3 + i))
-        labels = [IGNORE_INDEX, IGNORE_INDEX] + ids[2:]
+        labels = [IGNORE_INDEX, IGNORE_INDEX, *ids[2:]]
         samples.append((ids, labels))
     return TokenizedSplit.from_samples(samples)
 
@@ -47,8 +46,16 @@ def test_epoch_rows_deterministic_and_complete() -> None:
 
 def test_group_by_length_keeps_every_sample() -> None:
     lengths = np.array([5, 1, 9, 3, 7, 2, 8, 4])
-    rows = epoch_rows(lengths, max_seq_len=16, packing=False, shuffle=True, seed=0, epoch=0,
-                      group_by_length=True, rows_per_group=2)
+    rows = epoch_rows(
+        lengths,
+        max_seq_len=16,
+        packing=False,
+        shuffle=True,
+        seed=0,
+        epoch=0,
+        group_by_length=True,
+        rows_per_group=2,
+    )
     flat = [r[0] for r in rows]
     assert sorted(flat) == list(range(8))
     pairs = [flat[i : i + 2] for i in range(0, 8, 2)]

@@ -9,15 +9,21 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from sft.config import apply_overrides, load_config
 from sft.errors import ConfigError
 
 
 def write(tmp_path: Path, data: dict) -> Path:
     (tmp_path / "train.jsonl").write_text(
-        json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                 {"role": "assistant", "content": "hello"}]}) + "\n"
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "hello"},
+                ]
+            }
+        )
+        + "\n"
     )
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -51,7 +57,8 @@ def test_cli_exit_code_2_without_traceback(tmp_path: Path) -> None:
     data = {**BASE, "trian": {}, "train": {"micro_batch_size": 0}, "method": "qlora"}
     proc = subprocess.run(
         [sys.executable, "-m", "sft", "config", "validate", "--config", str(write(tmp_path, data))],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -70,7 +77,11 @@ def test_unknown_method_and_backend_suggestions(tmp_path: Path) -> None:
 def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
     cfg = load_config(
         write(tmp_path, BASE),
-        ["train.learning_rate=1e-4", "method.target_modules=[q_proj, v_proj]", "data.packing=false"],
+        [
+            "train.learning_rate=1e-4",
+            "method.target_modules=[q_proj, v_proj]",
+            "data.packing=false",
+        ],
     )
     assert cfg.train.learning_rate == 1e-4
     assert cfg.method.target_modules == ["q_proj", "v_proj"]
@@ -104,17 +115,29 @@ def test_backend_section_validated_by_its_options(tmp_path: Path) -> None:
 
 def test_global_batch_consistency(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(write(tmp_path, {**BASE, "train": {"micro_batch_size": 3, "global_batch_size": 8}}))
+        load_config(
+            write(tmp_path, {**BASE, "train": {"micro_batch_size": 3, "global_batch_size": 8}})
+        )
     assert "not a multiple" in str(info.value)
-    cfg = load_config(write(tmp_path, {**BASE, "train": {"micro_batch_size": 2, "global_batch_size": 8}}))
+    cfg = load_config(
+        write(tmp_path, {**BASE, "train": {"micro_batch_size": 2, "global_batch_size": 8}})
+    )
     assert cfg.train.accumulation(1) == 4 and cfg.train.accumulation(2) == 2
 
 
 def test_schema_and_explain_come_from_field_docs(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "sft", "config", "schema"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "sft", "config", "schema"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     schema = json.loads(out)
     assert "Peak learning rate." in json.dumps(schema)
-    out = subprocess.run([sys.executable, "-m", "sft", "config", "explain", "train"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "sft", "config", "explain", "train"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "learning_rate: float = 0.0002" in out and "Peak learning rate." in out

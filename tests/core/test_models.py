@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from sft.errors import SftError
 from sft.models import resolve_model
 from sft.paths import cache_root

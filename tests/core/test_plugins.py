@@ -8,7 +8,6 @@ import sys
 
 import pluggy
 import pytest
-
 from sft.errors import SftError, UnknownNameError
 from sft.plugins import Plugins, Registry, hookimpl
 
@@ -74,15 +73,21 @@ print("heavy:", ",".join(heavy))
 
 def test_core_and_plugins_import_no_framework() -> None:
     env = {**os.environ, "SFT_DISABLE_PLUGIN_AUTOLOAD": ""}
-    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, check=True
+    ).stdout
     assert "heavy: \n" in out, out
     assert "example" in out
 
 
 def test_sft_backends_lists_missing_ones_with_install_commands() -> None:
-    out = subprocess.run([sys.executable, "-m", "sft", "backends"], capture_output=True, text=True,
-                         check=True, env={**os.environ, "COLUMNS": "200"}).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "sft", "backends"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "200"},
+    ).stdout
     assert "example" in out and "ready" in out
     for name in ("torch", "mindspore"):
         assert name in out

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from sft.config import load_config
 from sft.plugins import get_plugins
 

@@ -6,5 +6,5 @@ tokenized data and hands a `TrainPlan` to a backend. See README.md for the tour.
 
 from sft.plugins import hookimpl
 
-__all__ = ["hookimpl", "__version__"]
+__all__ = ["__version__", "hookimpl"]
 __version__ = "0.1.0"

@@ -71,7 +71,9 @@ def run(
 
 
 @config_app.command("validate")
-def config_validate(config: ConfigOpt, overrides: Overrides = None, backend: BackendOpt = None) -> None:
+def config_validate(
+    config: ConfigOpt, overrides: Overrides = None, backend: BackendOpt = None
+) -> None:
     """Check a job spec and report every problem at once (exit code 2 if any)."""
     cfg = _load(config, overrides, backend)
     typer.echo(f"{config}: OK (backend {cfg.backend}, method {cfg.method.name})")
@@ -108,7 +110,9 @@ def _explain_model(model: type[BaseModel], prefix: str) -> list[str]:
             lines += _explain_model(nested, prefix + "  ")
             continue
         typ = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        default = "" if field.is_required() else f" = {field.get_default(call_default_factory=True)!r}"
+        default = (
+            "" if field.is_required() else f" = {field.get_default(call_default_factory=True)!r}"
+        )
         lines.append(f"{prefix}{name}: {typ}{default}")
         for doc_line in (field.description or "").strip().splitlines():
             lines.append(f"{prefix}    {doc_line.strip()}")
@@ -117,7 +121,9 @@ def _explain_model(model: type[BaseModel], prefix: str) -> list[str]:
 
 @config_app.command("explain")
 def config_explain(
-    section: Annotated[Optional[str], typer.Argument(help="model, data, method, train, ...")] = None,
+    section: Annotated[
+        Optional[str], typer.Argument(help="model, data, method, train, ...")
+    ] = None,
 ) -> None:
     """Document every field of the job spec (or of one section), with types and defaults."""
     from sft import specs
@@ -138,7 +144,9 @@ def config_explain(
         if section in plugins.backends:
             typer.echo("\n".join(_explain_model(plugins.backends.get(section).Options, "")))
             return
-        raise SftError(f"no config section {section!r}; sections: {', '.join(specs.RunConfig.model_fields)}")
+        raise SftError(
+            f"no config section {section!r}; sections: {', '.join(specs.RunConfig.model_fields)}"
+        )
     typer.echo("\n".join(_explain_model(ann, "")))
 
 
@@ -194,14 +202,18 @@ def models(ctx: typer.Context) -> None:
 def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory (or an HF model dir).")],
     format: Annotated[str, typer.Option("--format", "-f", help="hf, adapter, ckpt, gguf ...")],
-    out: Annotated[Optional[Path], typer.Option(help="Output dir (default RUN_DIR/exports/FMT).")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option(help="Output dir (default RUN_DIR/exports/FMT).")
+    ] = None,
     dtype: Annotated[str, typer.Option(help="f32, f16, bf16 or q8_0 (gguf).")] = "f16",
 ) -> None:
     """Export a run (merged HF model, adapter, MindSpore ckpt, GGUF) and verify the export."""
     from sft.export import ExportRequest, run_export
 
     target = out or run_dir / "exports" / format
-    report = run_export(format, ExportRequest(run_dir=run_dir.resolve(), out=target.resolve(), dtype=dtype))
+    report = run_export(
+        format, ExportRequest(run_dir=run_dir.resolve(), out=target.resolve(), dtype=dtype)
+    )
     typer.echo(report.to_json())
     typer.echo(f"{format} export written to {report.path} (verified)")
 
@@ -218,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sft` console script; returns the exit code."""
     try:
         cmd = _command()
-        cmd.main(args=argv if argv is not None else sys.argv[1:], prog_name="sft", standalone_mode=False)
+        cmd.main(
+            args=argv if argv is not None else sys.argv[1:], prog_name="sft", standalone_mode=False
+        )
     except click.exceptions.Exit as exc:
         return int(exc.exit_code or 0)
     except (click.ClickException, typer.TyperException) as exc:  # typer >= 0.2x vendors click
@@ -235,4 +249,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

@@ -47,7 +47,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError([Problem(where, f"invalid YAML: {getattr(exc, 'problem', exc)}")])
+        problem = getattr(exc, "problem", exc)
+        raise ConfigError([Problem(where, f"invalid YAML: {problem}")]) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -73,7 +74,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> list[Problem]
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 problems.append(
-                    Problem(".".join(parts[: i + 1]), f"is {child!r}, not a section: cannot set {key}")
+                    Problem(
+                        ".".join(parts[: i + 1]), f"is {child!r}, not a section: cannot set {key}"
+                    )
                 )
                 break
             node = child
@@ -109,10 +112,14 @@ def pydantic_problems(
             tag = value.get("name") if isinstance(value, dict) else value
             msg = f"unknown method {tag!r}"
             guess = did_you_mean(str(tag), METHOD_NAMES)
-            hint = (f"did you mean {guess!r}? " if guess else "") + f"allowed: {', '.join(METHOD_NAMES)}"
+            hint = (
+                f"did you mean {guess!r}? " if guess else ""
+            ) + f"allowed: {', '.join(METHOD_NAMES)}"
         elif kind == "literal_error":
             expected = str(err.get("ctx", {}).get("expected", ""))
-            guess = did_you_mean(str(value), [e.strip(" '") for e in expected.replace(" or ", ",").split(",")])
+            guess = did_you_mean(
+                str(value), [e.strip(" '") for e in expected.replace(" or ", ",").split(",")]
+            )
             msg = f"got {value!r}; expected {expected}"
             hint = f"did you mean {guess!r}?" if guess else ""
         elif not isinstance(value, (dict, list)) and value is not None and kind != "missing":
@@ -259,7 +266,9 @@ def semantic_problems(config: RunConfig, plugins: Plugins) -> list[Problem]:
         for i, src in enumerate(srcs):
             where = f"{key}[{i}]" if len(srcs) > 1 else key
             if not (os.path.exists(src.path) or glob.glob(src.path)):
-                problems.append(Problem(f"{where}.path", f"no file or directory matches {src.path}"))
+                problems.append(
+                    Problem(f"{where}.path", f"no file or directory matches {src.path}")
+                )
             if src.format != "auto" and src.format not in plugins.formats:
                 guess = did_you_mean(src.format, plugins.formats)
                 problems.append(
@@ -335,8 +344,13 @@ def raw_backend_problems(data: dict[str, Any], plugins: Plugins) -> list[Problem
     if method in plugins.backends.get(name).capabilities:
         return []
     have = [b for b, x in plugins.backends.items() if method in x.capabilities]
-    return [Problem("method.name", f"backend {name!r} does not support method {method!r}",
-                    f"backends that do: {', '.join(have)}" if have else "no installed backend does")]
+    return [
+        Problem(
+            "method.name",
+            f"backend {name!r} does not support method {method!r}",
+            f"backends that do: {', '.join(have)}" if have else "no installed backend does",
+        )
+    ]
 
 
 def backend_problems(config: RunConfig, plugins: Plugins) -> list[Problem]:
@@ -350,12 +364,22 @@ def backend_problems(config: RunConfig, plugins: Plugins) -> list[Problem]:
 
 def _unknown_backend(name: str, plugins: Plugins) -> list[Problem]:
     if name in KNOWN_BACKENDS:
-        return [Problem("backend", f"backend {name!r} is not installed",
-                        f"install it with: {KNOWN_BACKENDS[name]}")]
+        return [
+            Problem(
+                "backend",
+                f"backend {name!r} is not installed",
+                f"install it with: {KNOWN_BACKENDS[name]}",
+            )
+        ]
     guess = did_you_mean(name, set(plugins.backends) | set(KNOWN_BACKENDS))
-    return [Problem("backend", f"unknown backend {name!r}",
-                    (f"did you mean {guess!r}? " if guess else "")
-                    + f"installed: {', '.join(plugins.backends) or '(none)'}")]
+    return [
+        Problem(
+            "backend",
+            f"unknown backend {name!r}",
+            (f"did you mean {guess!r}? " if guess else "")
+            + f"installed: {', '.join(plugins.backends) or '(none)'}",
+        )
+    ]
 
 
 def _backend_checks(config: RunConfig, plugins: Plugins, be: Any) -> list[Problem]:
@@ -375,8 +399,11 @@ def _backend_checks(config: RunConfig, plugins: Plugins, be: Any) -> list[Proble
         wanted.append(("parallel.strategy", par.strategy, f"strategy {par.strategy!r}"))
     if par.nnodes > 1:
         wanted.append(("parallel.nnodes", "multi_node", "more than one node"))
-    for key, cap in (("tensor_parallel", "tensor_parallel"), ("pipeline_parallel", "pipeline_parallel"),
-                     ("context_parallel", "context_parallel")):
+    for key, cap in (
+        ("tensor_parallel", "tensor_parallel"),
+        ("pipeline_parallel", "pipeline_parallel"),
+        ("context_parallel", "context_parallel"),
+    ):
         if getattr(par, key) > 1:
             wanted.append((f"parallel.{key}", cap, key.replace("_", " ")))
     if config.data.packing is True:
@@ -389,8 +416,11 @@ def _backend_checks(config: RunConfig, plugins: Plugins, be: Any) -> list[Proble
     for key, cap, what in wanted:
         if cap not in caps and key not in explained:
             have = others(cap)
-            problems.append(Problem(
-                key, f"backend {name!r} does not support {what}",
-                f"backends that do: {', '.join(have)}" if have else "no installed backend does",
-            ))
+            problems.append(
+                Problem(
+                    key,
+                    f"backend {name!r} does not support {what}",
+                    f"backends that do: {', '.join(have)}" if have else "no installed backend does",
+                )
+            )
     return problems + own

@@ -36,7 +36,9 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
 
 def write_config(config: RunConfig, path: Path) -> None:
     path.write_text(
-        "# Resolved by sft; rerun with: sft run --config " + str(path) + "\n"
+        "# Resolved by sft; rerun with: sft run --config "
+        + str(path)
+        + "\n"
         + yaml.safe_dump(config_to_dict(config), sort_keys=False)
     )
 

@@ -85,7 +85,9 @@ def epoch_rows(
     return [[i] for i in idx]
 
 
-def global_steps(rows: list[Row], rows_per_step: int, drop_last: bool = False) -> Iterator[list[Row]]:
+def global_steps(
+    rows: list[Row], rows_per_step: int, drop_last: bool = False
+) -> Iterator[list[Row]]:
     """Rows grouped into optimizer steps of `rows_per_step` (= micro x accumulation x world).
     The last, smaller step is kept unless `drop_last`; the loss is normalized by its own
     trained-token count, so a short step is still an honest mean."""

@@ -42,8 +42,12 @@ class TokenizedSplit:
         lengths = [len(ids) for ids, _ in samples]
         offsets = np.zeros(len(samples) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        ids = np.fromiter((t for s, _ in samples for t in s), dtype=np.int32, count=int(offsets[-1]))
-        lab = np.fromiter((t for _, s in samples for t in s), dtype=np.int32, count=int(offsets[-1]))
+        ids = np.fromiter(
+            (t for s, _ in samples for t in s), dtype=np.int32, count=int(offsets[-1])
+        )
+        lab = np.fromiter(
+            (t for _, s in samples for t in s), dtype=np.int32, count=int(offsets[-1])
+        )
         return cls(ids, lab, offsets, sources or [f"#{i}" for i in range(len(samples))])
 
     def __len__(self) -> int:

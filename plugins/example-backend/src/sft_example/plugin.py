@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
 import sft
 import sft.errors
+from pydantic import BaseModel, ConfigDict, Field
 from sft.backend import TrainPlan, TrainResult
 from sft.data.batching import (
     count_trained,
@@ -103,9 +102,15 @@ class ExampleBackend:
         }
         (plan.run_dir / opts.report_name).write_text(json.dumps(report, indent=2))
         if problems and opts.fail_on == "invalid":
-            raise sft.errors.SftError("example backend found an invalid plan: " + "; ".join(problems[:5]))
-        return TrainResult(steps=steps, final_loss=None, outputs={"report": opts.report_name},
-                           metrics={"trained_tokens": trained})
+            raise sft.errors.SftError(
+                "example backend found an invalid plan: " + "; ".join(problems[:5])
+            )
+        return TrainResult(
+            steps=steps,
+            final_loss=None,
+            outputs={"report": opts.report_name},
+            metrics={"trained_tokens": trained},
+        )
 
     @staticmethod
     def _check_row(plan: TrainPlan, row: list[int], vocab: int) -> list[str]:
