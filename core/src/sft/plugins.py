@@ -22,7 +22,7 @@ from sft.errors import SftError, UnknownNameError
 
 hookimpl = pluggy.HookimplMarker("sft")
 ENTRY_POINT_GROUP = "sft"
-BUILTIN_PLUGINS = ("sft.data.formats", "sft.data.templates", "sft.export", "sft.models")
+BUILTIN_PLUGINS = ("sft.data.formats", "sft.data.templates", "sft.models")
 
 T = TypeVar("T")
 
