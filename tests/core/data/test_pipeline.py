@@ -212,8 +212,18 @@ def test_data_commands(model_dir: Path, tmp_path: Path, capsys) -> None:
 def test_worker_processes_give_identical_results(
     tiny_tokenizer: Path, tmp_path: Path, monkeypatch
 ) -> None:
+    from sft.data import workers as workers_mod
+
     from tests.core.data.test_accounting import mixed_file
 
+    pools: list[int] = []  # processes each pool really started (0: encoded in this process)
+    real_init = workers_mod.EncodePool.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        pools.append(len(self._pool._pool) if self._pool is not None else 0)
+
+    monkeypatch.setattr(workers_mod.EncodePool, "__init__", spy)
     src = tmp_path / "d.jsonl"
     mixed = mixed_file(tmp_path / "mixed.jsonl").read_bytes()
     src.write_bytes(mixed + chats(tmp_path / "c.jsonl", n=600).read_bytes() + mixed)
@@ -225,6 +235,7 @@ def test_worker_processes_give_identical_results(
         )
         runs.append(prepare_data(cfg, resolved(tiny_tokenizer), run_dir=tmp_path / f"run{workers}"))
     one, two = runs
+    assert pools == [0, 2]  # the second build really ran in two (spawned) worker processes
     assert one.key == two.key and one.stats == two.stats and one.stats["train"]["records"] == 620
     assert np.array_equal(one.train.input_ids, two.train.input_ids)
     assert (
@@ -249,3 +260,15 @@ def test_resolved_config_reproduces_the_data_key(tiny_tokenizer: Path, tmp_path:
         first = prepare_data(cfg, resolved(tiny_tokenizer))
         second = prepare_data(again, resolved(tiny_tokenizer))
         assert first.key == second.key and first.train.sources == second.train.sources
+
+
+def _broken_worker_encoder():
+    raise OSError("tokenizer.json vanished")
+
+
+def test_a_worker_that_cannot_start_is_an_error_not_a_hang() -> None:
+    from sft.data.workers import EncodePool
+
+    with EncodePool(None, None, workers=2, init=(_broken_worker_encoder, ())) as pool:  # type: ignore[arg-type]
+        with pytest.raises(RuntimeError, match="data worker could not start: OSError: tokenizer"):
+            list(pool.map([(None, None, [])]))

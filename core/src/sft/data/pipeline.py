@@ -36,7 +36,7 @@ from sft.data.sources import fingerprint, read_source, source_files
 from sft.data.stats import check_drop_fraction, split_stats, write_report
 from sft.data.templates import Renderer, resolve_template
 from sft.data.tokenizer import end_of_turn_ids, load_tokenizer, pad_id, save_tokenizer
-from sft.data.workers import EncodePool, Job, default_workers
+from sft.data.workers import EncodePool, Init, Job, default_workers
 from sft.errors import SftError
 from sft.paths import cache_root
 from sft.plugins import Plugins, get_plugins
@@ -160,7 +160,8 @@ def build(
     encoder = Encoder(tok, renderer, d.mask, d.system_prompt)
     acc = Accounting(on_bad_record=d.on_bad_record)
     eval_acc = Accounting(on_bad_record=d.on_bad_record) if d.eval else None
-    parts, eval_samples = _encode_sources(config, plugins, encoder, acc, eval_acc)
+    init: Init = (worker_encoder, (str(tokenizer_path), trust_remote_code, d))
+    parts, eval_samples = _encode_sources(config, plugins, encoder, init, acc, eval_acc)
     if not d.eval and d.eval_fraction > 0:
         parts, eval_samples = _hold_out(parts, d.eval_fraction, config.train.seed)
     train = _mix(parts, d.train, config.train.seed)
@@ -195,10 +196,21 @@ def build(
     data.save()
 
 
+def worker_encoder(
+    tokenizer_path: str, trust_remote_code: bool, data: Any
+) -> tuple[Plugins, Encoder]:
+    """The plugins and encoder `build` uses, rebuilt in a data worker process (workers.py)."""
+    plugins = get_plugins()
+    tok = load_tokenizer(Path(tokenizer_path), trust_remote_code)
+    renderer = Renderer(resolve_template(data.template, tok, plugins), tok)
+    return plugins, Encoder(tok, renderer, data.mask, data.system_prompt)
+
+
 def _encode_sources(
     config: RunConfig,
     plugins: Plugins,
     encoder: Encoder,
+    init: Init,
     acc: Accounting,
     eval_acc: Accounting | None,
 ) -> tuple[list[list[Tagged]], list[Tagged]]:
@@ -206,7 +218,7 @@ def _encode_sources(
     d = config.data
     files = [f for src in [*d.train, *(d.eval or [])] for f in source_files(src.path)]
     eval_samples: list[Tagged] = []
-    with EncodePool(plugins, encoder, default_workers(files)) as pool:
+    with EncodePool(plugins, encoder, default_workers(files), init) as pool:
         parts = [list(_source_samples(src, plugins, pool, config, acc)) for src in d.train]
         for src in d.eval or []:
             assert eval_acc is not None

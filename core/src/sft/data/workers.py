@@ -1,4 +1,4 @@
-"""Records -> (ids, labels) in chunks, in this process or in forked worker processes.
+"""Records -> (ids, labels) in chunks, in this process or in worker processes.
 
 Rendering chat templates is Python (Jinja) and dominates preparation next to tokenization, so
 large datasets are spread over processes: chunks of raw records go out in order, outcomes come
@@ -11,14 +11,21 @@ are identical to a single-process run.
 
 Workers: `SFT_DATA_WORKERS` if set, else one per CPU but one (at most 8, at least 2) for inputs
 over 1 MiB, else none.
-Needs the `fork` start method (Linux); elsewhere everything runs in this process.
+
+Workers are *spawned*, not forked: the parent is often multi-threaded by then (torch's thread
+pools, a tokenizer's Rust pool, tqdm's monitor, a logger's writer thread), and a child forked
+from a multi-threaded process can deadlock on a lock another thread held at the fork; in this
+project's CI a forked pool inside the torch test process hung for over an hour. A spawned worker
+rebuilds its encoder from a small picklable recipe (`init`: a module-level function and its
+arguments), so it never inherits such state. As with any spawn-based pool, a script that calls
+sft's Python API at import time needs the usual `if __name__ == "__main__":` guard.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -33,16 +40,17 @@ Chunk = list[tuple[int, str, dict[str, Any] | None, tuple[str, str] | None, str 
 Job = tuple[str | None, Any, Chunk]
 Outcome = tuple[Any, ...]
 
-# Set in the parent before forking, inherited by the workers (tokenizers are not cheap to pickle).
+# This process's plugins and encoder: set by EncodePool in the parent, by _init_worker in a worker.
 _STATE: dict[str, Any] = {}
+
+Init = tuple[Callable[..., tuple[Any, Encoder]], tuple[Any, ...]]
+"""(function, args): `function(*args)` returns (plugins, encoder) in a fresh worker process."""
 
 
 def default_workers(files: list[Path]) -> int:
     env = os.environ.get("SFT_DATA_WORKERS")
     if env:
         return max(1, int(env))
-    if "fork" not in mp.get_all_start_methods():
-        return 1
     # The parent reads, parses and accounts: it keeps a core, workers get the others.
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     workers = min((cpus or 1) - 1, 8)
@@ -53,6 +61,8 @@ def default_workers(files: list[Path]) -> int:
 def encode_job(job: Job) -> list[Outcome]:
     """Convert and encode one chunk of raw records; outcomes in record order."""
     fmt, src, chunk = job
+    if "init_error" in _STATE:  # raised here, so the parent's imap re-raises it
+        raise RuntimeError(f"data worker could not start: {_STATE['init_error']}")
     plugins, encoder = _STATE["plugins"], _STATE["encoder"]
     out: list[Outcome | None] = [None] * len(chunk)
     convs, slots = [], []
@@ -81,15 +91,18 @@ def encode_job(job: Job) -> list[Outcome]:
 
 
 class EncodePool:
-    """Maps `encode_job` over chunks, with `workers` forked processes or in this process."""
+    """Maps `encode_job` over chunks, with `workers` spawned processes or in this process.
+    `init` rebuilds the encoder in each worker; without it everything runs here."""
 
-    def __init__(self, plugins: Any, encoder: Encoder, workers: int = 1) -> None:
+    def __init__(
+        self, plugins: Any, encoder: Encoder, workers: int = 1, init: Init | None = None
+    ) -> None:
         _STATE.update(plugins=plugins, encoder=encoder)
-        self.workers = workers
+        self.workers = workers if init is not None else 1
         self._pool: Any = None
-        if workers > 1:
-            ctx = mp.get_context("fork")
-            self._pool = ctx.Pool(workers, initializer=_quiet_tokenizers)
+        if init is not None and self.workers > 1:
+            ctx = mp.get_context("spawn")
+            self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=init)
 
     def map(self, jobs: Iterable[Job]) -> Iterator[list[Outcome]]:
         if self._pool is None:
@@ -108,6 +121,12 @@ class EncodePool:
         _STATE.clear()
 
 
-def _quiet_tokenizers() -> None:
+def _init_worker(build: Callable[..., tuple[Any, Encoder]], args: tuple[Any, ...]) -> None:
     # Each worker tokenizes its own chunk; nested Rust thread pools would only oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        plugins, encoder = build(*args)
+    except Exception as exc:  # a failing Pool initializer would be respawned forever
+        _STATE["init_error"] = f"{type(exc).__name__}: {exc}"
+        return
+    _STATE.update(plugins=plugins, encoder=encoder)
