@@ -40,7 +40,7 @@ from sft.data.workers import EncodePool, Init, Job, default_workers
 from sft.errors import SftError
 from sft.paths import cache_root
 from sft.plugins import Plugins, get_plugins
-from sft.specs import DataSource, RunConfig
+from sft.specs import DataSource, DataSpec, RunConfig
 
 PIPELINE_VERSION = "1"
 BATCH = 256  # records per chunk: one batched tokenizer call, one unit of work for a worker
@@ -197,7 +197,7 @@ def build(
 
 
 def worker_encoder(
-    tokenizer_path: str, trust_remote_code: bool, data: Any
+    tokenizer_path: str, trust_remote_code: bool, data: DataSpec
 ) -> tuple[Plugins, Encoder]:
     """The plugins and encoder `build` uses, rebuilt in a data worker process (workers.py)."""
     plugins = get_plugins()
