@@ -325,6 +325,8 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def compare(args: argparse.Namespace) -> None:
+    # absolute: the generated config's paths would otherwise resolve against its own directory
+    args.work_dir = args.work_dir.resolve()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model(args.model)
     data = args.work_dir / "conversations.jsonl"
