@@ -33,6 +33,20 @@ def test_auto_precision_follows_the_cpu():
         resolve_precision("fp16", CPU)
 
 
+def test_explicit_bf16_on_a_cpu_without_it_warns(monkeypatch):
+    import warnings
+
+    from sft_torch import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without native bf16 .* many times slower than fp32"):
+        assert resolve_precision("bf16", CPU) == "bf16"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_precision("bf16", CPU) == "bf16"
+
+
 def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path, tiny_llama):
     plan = make_plan(
         tmp_path,
