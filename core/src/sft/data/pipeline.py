@@ -155,9 +155,9 @@ def build(
     """Tokenize every source into `out` (renamed to `final` by the caller)."""
     d = config.data
     tok = load_tokenizer(tokenizer_path, trust_remote_code)
-    template = resolve_template(d.template, tok, plugins)
-    renderer = Renderer(template, tok)
-    encoder = Encoder(tok, renderer, d.mask, d.system_prompt)
+    encoder = make_encoder(tok, d, plugins)
+    renderer = encoder.render
+    template = renderer.template
     acc = Accounting(on_bad_record=d.on_bad_record)
     eval_acc = Accounting(on_bad_record=d.on_bad_record) if d.eval else None
     init: Init = (worker_encoder, (str(tokenizer_path), trust_remote_code, d))
@@ -201,9 +201,15 @@ def worker_encoder(
 ) -> tuple[Plugins, Encoder]:
     """The plugins and encoder `build` uses, rebuilt in a data worker process (workers.py)."""
     plugins = get_plugins()
-    tok = load_tokenizer(Path(tokenizer_path), trust_remote_code)
+    return plugins, make_encoder(
+        load_tokenizer(Path(tokenizer_path), trust_remote_code), data, plugins
+    )
+
+
+def make_encoder(tok: Any, data: DataSpec, plugins: Plugins) -> Encoder:
+    """The data section's template and mask policy over `tok` (one place for parent and workers)."""
     renderer = Renderer(resolve_template(data.template, tok, plugins), tok)
-    return plugins, Encoder(tok, renderer, data.mask, data.system_prompt)
+    return Encoder(tok, renderer, data.mask, data.system_prompt)
 
 
 def _encode_sources(

@@ -98,11 +98,10 @@ class EncodePool:
         self, plugins: Any, encoder: Encoder, workers: int = 1, init: Init | None = None
     ) -> None:
         _STATE.update(plugins=plugins, encoder=encoder)
-        self.workers = workers if init is not None else 1
         self._pool: Any = None
-        if init is not None and self.workers > 1:
+        if init is not None and workers > 1:
             ctx = mp.get_context("spawn")
-            self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=init)
+            self._pool = ctx.Pool(workers, initializer=_init_worker, initargs=init)
 
     def map(self, jobs: Iterable[Job]) -> Iterator[list[Outcome]]:
         if self._pool is None:
