@@ -2,7 +2,7 @@
 
     $ .venvs/torch/bin/python -m pytest tests/backends/torch/test_bench.py
 
-- the packed, chunked-loss run's per-step losses equal the plain run's (padded rows, full
+- the packed, chunked-loss run's (per-sample attention, fused loss) per-step losses equal the plain run's (padded rows, full
   logits) within 1e-4, on a tiny llama through the real data pipeline and training loop;
 - the bench's replay of the schedule counts the same tokens as the loop (checked inside every
   bench run), packing removes padding, and `sft bench --json` writes what it prints;
@@ -93,6 +93,7 @@ def test_packed_chunked_losses_equal_plain_losses(tmp_path, tiny_llama):
     plain = json.loads(out.read_text())
 
     assert fast["levers"]["packing"] and fast["levers"]["chunked_loss"]
+    assert fast["levers"]["fused_loss"] and fast["levers"]["packed_attention"] == "segments"
     assert not plain["levers"]["packing"] and not plain["levers"]["chunked_loss"]
     assert fast["trained_tokens"] == plain["trained_tokens"]  # the same work in every step
     assert fast["losses"] == pytest.approx(plain["losses"], abs=1e-4)

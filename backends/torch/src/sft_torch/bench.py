@@ -340,18 +340,22 @@ def setup(plan: Any) -> Setup:
     device = runtime.resolve_device(opts.device)
     threads = getattr(opts, "num_threads", None) or physical_cores()
     torch.set_num_threads(threads)  # the loop sets it again only when torch.num_threads is set
+    precision = runtime.resolve_precision(cfg.train.precision, device)
     levers = {
         "packing": plan.packing,
         "group_by_length": cfg.data.group_by_length and not plan.packing,
         "chunked_loss": opts.chunked_loss,
+        "fused_loss": opts.chunked_loss and getattr(opts, "fused_loss", False),
         "gradient_checkpointing": cfg.train.gradient_checkpointing,
         "compile": getattr(opts, "compile", False),
         "bf16_frozen_weights": getattr(opts, "bf16_frozen_weights", False)
-        and cfg.method.name == "lora",
+        and cfg.method.name == "lora"
+        and precision == "bf16",
+        "fast_dropout": getattr(opts, "fast_dropout", False) and device.type == "cpu",
         "micro_batch_size": cfg.train.micro_batch_size,
         "attn_implementation": opts.attn_implementation,
     }
-    return Setup(device, threads, runtime.resolve_precision(cfg.train.precision, device), levers)
+    return Setup(device, threads, precision, levers)
 
 
 def run_bench(
@@ -445,7 +449,8 @@ def report(
         "precision": st.precision,
         "threads": st.threads,
         "cpu_features": cpu_features() if st.device.type == "cpu" else [],
-        "levers": st.levers,
+        # packed_attention is resolved by the loop for the loaded model (`auto` -> a mode)
+        "levers": {**st.levers, "packed_attention": events.info.get("packed_attention")},
         "steps": len(work),
         "measured_steps": len(steady),
         "trained_tokens_per_s": trained / seconds,
@@ -477,6 +482,8 @@ def format_report(r: dict[str, Any]) -> str:
         mem += f", {r['peak_device_mib']:.0f} MiB on {r['device']}"
     rates = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in r["gemm_flops"].items())
     on = [k for k, v in r["levers"].items() if v is True]
+    if r["levers"].get("packing") and r["levers"].get("packed_attention"):
+        on.append(f"packed attention: {r['levers']['packed_attention']}")
     rows = [
         (
             "model",

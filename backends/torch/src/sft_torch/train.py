@@ -25,13 +25,19 @@ from sft.data.batching import count_trained, epoch_rows
 from sft.errors import SftError
 from sft.events import RunEvents
 
-from sft_torch import distributed, runtime
+from sft_torch import attention, distributed, runtime
 from sft_torch.checkpoint import TrainState, fingerprint, load_checkpoint, save_checkpoint
 from sft_torch.data import Position, Schedule, load_batch, next_position
 from sft_torch.guard import StepGuard, StopSignals, agreed_stop, stop_for_signal
 from sft_torch.loss import LossSettings, batch_loss, eval_loss
 from sft_torch.methods import apply_method, count_params
-from sft_torch.model import cast_frozen_linears, compile_layers, load_model, logits_are_plain
+from sft_torch.model import (
+    cast_frozen_linears,
+    compile_layers,
+    load_model,
+    logits_are_plain,
+    use_fast_dropout,
+)
 from sft_torch.optim import build_optimizer, build_scheduler
 from sft_torch.outputs import save_final
 from sft_torch.plot import plot_loss
@@ -122,7 +128,8 @@ class Trainer:
         self.loss_settings = LossSettings(
             chunked=chunked,
             chunk_size=opts.loss_chunk_size,
-            packed="mask" if opts.packed_attention == "mask" else "position_ids",
+            fused=getattr(opts, "fused_loss", True),
+            packed=self.packed_attention,
         )
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.train)
@@ -141,11 +148,17 @@ class Trainer:
     def _build_model(self) -> Any:
         cfg = self.cfg
         lm = load_model(self.plan, self.device)
+        opts = self.plan.options
+        self.packed_attention = attention.resolve(
+            lm,
+            getattr(opts, "packed_attention", "auto"),
+            getattr(opts, "attn_implementation", "auto"),
+            self.plan.packing,
+        )
         if cfg.train.gradient_checkpointing and cfg.method.name != "qlora":
             enable_checkpointing(lm)
         model = apply_method(lm, cfg.method, cfg.train.gradient_checkpointing)
         model.train()  # from_pretrained returns eval mode; dropout (LoRA) must be on
-        opts = self.plan.options
         # perf levers (TorchOptions.bf16_frozen_weights / compile); single process only, so
         # FSDP/DeepSpeed never see mixed parameter dtypes
         if (
@@ -155,6 +168,8 @@ class Trainer:
             and self.world == 1
         ):
             cast_frozen_linears(model, torch.bfloat16)
+        if getattr(opts, "fast_dropout", False) and self.device.type == "cpu":
+            use_fast_dropout(model)
         if getattr(opts, "compile", False):
             compile_layers(model)
         return model
@@ -264,6 +279,7 @@ class Trainer:
             "rows_per_step": self.schedule.rows_per_step,
             "steps_per_epoch": self.schedule.steps_per_epoch,
             "chunked_loss": self.loss_settings.chunked,
+            "packed_attention": self.packed_attention,
             "packing": self.plan.packing,
             "world_size": self.world,  # sft_torch.distributed: processes and their strategy
             "strategy": self.engine.strategy,

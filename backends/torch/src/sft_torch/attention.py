@@ -1,0 +1,159 @@
+"""`segments`: causal attention run per sample of a packed row, registered with transformers.
+
+    lm = AutoModelForCausalLM.from_pretrained(path, attn_implementation=register())
+
+A packed row of `max_seq_len` holds several samples that must not attend to each other. sdpa
+with the block-diagonal mask transformers derives from restarting position ids computes every
+query against every key of the row: the mask rules a score out but the kernel still computes it,
+and an explicit mask also turns off its causal block skipping. For three samples of 200, 180 and
+132 tokens in a 512-token row that is 512^2 = 262k scores per head where the samples need
+(200^2 + 180^2 + 132^2) / 2 = 45k, and attention was 16% of a SmolLM2-135M LoRA step on CPU.
+Here each sample (a run of consecutive position ids) gets its own `is_causal` sdpa call, so only
+the useful scores are computed. flash-attention's varlen kernel does the same on CUDA
+(`attn_implementation: flash_attention_2` with `packed_attention: position_ids`); this is the
+sdpa equivalent for every device, written here because no library ships one for sdpa.
+
+The outputs are those of sdpa under the block-diagonal causal mask (tested to 1e-6). A token whose
+position id does not continue the previous one and is not continued by the next (a padding token:
+position 0 between other 0s) sees only itself, so its output is its own value vector, taken
+without a kernel call. Anything this cannot express exactly falls back to transformers' sdpa with
+the mask transformers built for it (registered alongside): decoding with a KV cache, a sliding
+window, soft-capping, attention sinks, or a call without position ids.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+NAME = "sft_segments"
+
+# attention kwargs whose semantics the per-segment path does not implement
+_UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "position_bias")
+
+
+def register() -> str:
+    """Register the attention function (and sdpa's mask builder, for the fallback) under NAME
+    with transformers; idempotent. Returns NAME, to pass as `attn_implementation`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, segment_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    return NAME
+
+
+def supported(model_class: Any) -> bool:
+    """Whether a transformers model class accepts a registered attention function (it declares
+    `_supports_attention_backend`) and runs sdpa, which the fallback uses."""
+    return bool(getattr(model_class, "_supports_attention_backend", False)) and bool(
+        getattr(model_class, "_supports_sdpa", False)
+    )
+
+
+def runs(position_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each run of consecutive position ids (each sample of a packed row)."""
+    pos = position_ids.to("cpu", torch.long)
+    brk = torch.ones(pos.shape[0], dtype=torch.bool)
+    brk[1:] = pos[1:] != pos[:-1] + 1
+    starts = brk.nonzero().flatten().tolist()
+    return list(zip(starts, [*starts[1:], pos.shape[0]], strict=True))
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    # [B, kv_heads, L, D] -> [B, kv_heads * n_rep, L, D], as transformers' repeat_kv
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+@torch.compiler.disable  # torch.compile: sample boundaries are data; run this part eagerly
+def segment_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface signature: query [B, H, L, D], key/value
+    [B, H_kv, L, D]; returns ([B, L, H, D], None) like `sdpa_attention_forward`."""
+    position_ids = kwargs.get("position_ids")
+    if (
+        position_ids is None
+        or query.shape[2] != key.shape[2]
+        or position_ids.shape[-1] != query.shape[2]
+        or any(kwargs.get(k) is not None for k in _UNSUPPORTED)
+        or getattr(module, "sliding_window", None)
+        or not getattr(module, "is_causal", True)
+    ):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    p = dropout if module.training else 0.0
+    pos = position_ids.expand(query.shape[0], -1)
+    rows = []
+    for b in range(query.shape[0]):
+        pieces: list[torch.Tensor] = []
+        alone = None  # start of the current stretch of one-token runs
+        for s, e in runs(pos[b]):
+            if e - s == 1:
+                alone = s if alone is None else alone
+                continue
+            if alone is not None:
+                pieces.append(value[b : b + 1, :, alone:s])  # each sees only itself
+                alone = None
+            pieces.append(
+                F.scaled_dot_product_attention(
+                    query[b : b + 1, :, s:e],
+                    key[b : b + 1, :, s:e],
+                    value[b : b + 1, :, s:e],
+                    dropout_p=p,
+                    is_causal=True,
+                    scale=scaling,
+                )
+            )
+        if alone is not None:
+            pieces.append(value[b : b + 1, :, alone:])
+        rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2))
+    out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def resolve(lm: Any, option: str, attn_implementation: str, packing: bool) -> str:
+    """The `torch.packed_attention` mode for a loaded model (switching it to NAME for
+    `segments`). `auto`: `segments` for sdpa on a model that supports it and packed rows;
+    `position_ids` otherwise (flash-attention varlen, eager with the derived mask)."""
+    from sft.errors import SftError
+
+    usable = attn_implementation in ("auto", "sdpa") and supported(type(lm))
+    if option == "segments" and not usable:
+        raise SftError(
+            f"torch.packed_attention: segments needs sdpa attention "
+            f"(torch.attn_implementation: {attn_implementation}) on a model whose attention goes "
+            f"through transformers' AttentionInterface ({type(lm).__name__} "
+            f"{'does' if supported(type(lm)) else 'does not'}); use packed_attention: "
+            "position_ids"
+        )
+    mode = option if option != "auto" else ("segments" if usable and packing else "position_ids")
+    if mode == "segments":
+        lm.set_attn_implementation(register())
+    return mode
