@@ -270,3 +270,87 @@ def test_template_refusal_is_a_bad_record(tiny_tokenizer: Path, tmp_path: Path) 
     )
     assert isinstance(out[0], RecordError) and out[0].kind == "template_error"
     assert not isinstance(out[1], RecordError)
+
+
+OPACITY = {
+    # content only printed, in + / ~ chains: substitution is exact
+    "{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] + '</s>' }}{% endfor %}": True,
+    "{% for m in messages %}{{ m.role ~ ': ' ~ m.content }}{% endfor %}": True,
+    "{% set ms = messages[1:] %}{% for m in ms %}{{ m['content'] }}{% endfor %}": True,
+    "{% if messages|length > 2 %}x{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}": True,
+    # the template looks at or transforms the content, or handles whole messages
+    "{% for m in messages %}{{ m['content'] | trim }}{% endfor %}": False,
+    "{% for m in messages %}{% if m.content is string %}{{ m.content }}{% endif %}{% endfor %}": False,
+    "{% for m in messages %}{% if m['content'] == '' %}x{% endif %}{{ m['content'] }}{% endfor %}": False,
+    "{% for m in messages %}{{ m['content'][:10] }}{% endfor %}": False,
+    "{% for m in messages %}{% set c = m['content'] %}{{ c }}{% endfor %}": False,
+    "{% for m in messages %}{{ m.get('content') }}{% endfor %}": False,
+    "{% macro r(x) %}{{ x }}{% endmacro %}{% for m in messages %}{{ r(m['content']) }}{% endfor %}": False,
+    "{% macro r(x) %}{{ x['content'] }}{% endmacro %}{% for m in messages %}{{ r(m) }}{% endfor %}": False,
+    "{{ messages | tojson }}": False,
+    "{% for m in messages %}{{ m }}{% endfor %}": False,
+    "{{ (messages | first)['content'] | upper }}": False,
+}
+
+
+@pytest.mark.parametrize(("source", "opaque"), list(OPACITY.items()))
+def test_content_opacity_is_read_from_the_template_syntax(source: str, opaque: bool) -> None:
+    from sft.data.templates import compile_template, content_is_opaque
+
+    assert content_is_opaque(source, compile_template(source).environment) is opaque
+
+
+@pytest.mark.parametrize(
+    ("name", "opaque"), [("chatml", True), ("alpaca", True), ("llama3", False)]
+)
+def test_builtin_template_opacity(tiny_tokenizer: Path, name: str, opaque: bool) -> None:
+    tok = load_tok(tiny_tokenizer)
+    enc = Encoder(tok, Renderer(resolve_template(name, tok, get_plugins()), tok))
+    assert enc.shapes.opaque is opaque
+
+
+def test_smollm2_template_is_opaque(smol_tokenizer: Path) -> None:
+    tok = load_tok(smol_tokenizer)
+    enc = Encoder(tok, Renderer(resolve_template("auto", tok, get_plugins()), tok))
+    assert enc.shapes.opaque
+
+
+@pytest.mark.parametrize("mask", ["assistant", "last", "all"])
+def test_an_opaque_template_encodes_without_rendering_after_the_checks(
+    tiny_tokenizer: Path, mask: str
+) -> None:
+    """After the first CHECKS conversations (compared with real renderings), a content-opaque
+    template renders nothing per conversation, and the result still equals the real path."""
+    from sft.data.masks import Shapes, _chat_spans, _real_prefixes
+
+    tok = load_tok(tiny_tokenizer)
+    enc = Encoder(tok, Renderer(resolve_template("chatml", tok, get_plugins()), tok), mask)
+    calls = []
+    real_render = enc.render
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real_render(*a, **kw)
+
+    counting.template = real_render.template  # type: ignore[attr-defined]
+    enc.render = counting  # type: ignore[assignment]
+    convs = [
+        [
+            Message(S, f"sys {i}"),
+            Message(U, f" q{i} \n"),
+            Message(A, f"a {i}"),
+            Message(U, "more"),
+            Message(A, f"\tend {i} ", train=(i % 3 != 0) if mask != "all" else None),
+        ]
+        for i in range(Shapes.CHECKS + 8)
+    ]
+    for i, msgs in enumerate(convs):
+        before = len(calls)
+        got = enc.text_and_spans(Conversation(msgs, f"t:{i}"))
+        if i >= Shapes.CHECKS:
+            assert len(calls) == before, f"conversation {i} was rendered"
+            want = _chat_spans(
+                real_render, _real_prefixes(real_render, msgs), msgs, enc._trained(msgs), mask
+            )
+            assert got == want
+    assert enc.shapes.enabled and enc.shapes.trusted()

@@ -123,7 +123,7 @@ loose = st.builds(
 @given(
     st.lists(loose, min_size=2, max_size=6),
     st.sampled_from(["chatml", "llama3", "vicuna_v1.1", "alpaca", "llama2"]),
-    st.sampled_from(["assistant", "last"]),
+    st.sampled_from(["assistant", "last", "all"]),
 )
 def test_substituted_prefixes_equal_real_renderings(
     tiny_tokenizer: Path, contents: list[str], template: str, mask: str

@@ -137,6 +137,7 @@ class Renderer:
     def __init__(self, template: Template, tokenizer: Any) -> None:
         self.template = template
         self._jinja = compile_template(template.source)
+        self.environment = self._jinja.environment
         # The variables apply_chat_template passes: bos_token, eos_token, pad_token, ...
         # Built-ins use bos_token / eos_token; a tokenizer without one renders them empty.
         self._vars = {"bos_token": "", "eos_token": ""} | {
@@ -207,3 +208,92 @@ def _own_environment() -> Any:
     env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
     env.globals["raise_exception"] = raise_exception
     return env
+
+
+def content_is_opaque(source: str, env: Any) -> bool:
+    """Whether a chat template copies every message's content into its output verbatim and
+    never looks at it: then a rendering of placeholder contents with the real contents
+    substituted is exactly the real rendering, for every conversation with the same roles
+    (`masks.Shapes` then skips rendering each conversation). Decided on the Jinja syntax tree
+    (`env`: the environment the template is compiled in), conservatively:
+
+    - a message's `content` (`m['content']`, `m.content`) may only be printed, alone or in a
+      `+` / `~` chain: `{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' }}`.
+      A filter (`| trim`), a test (`is string`), a comparison, a `{% set %}`, a macro or method
+      call on it makes the template not opaque;
+    - `messages`, and every message taken from it (loop variables, `messages[1:]`,
+      `messages[0]`), may only be subscripted for a field, looped over, measured (`| length`) or
+      sliced into a `{% set %}`: a template that prints, serializes (`messages | tojson`) or
+      passes whole messages to a macro is not opaque.
+
+    False whenever in doubt; the caller then renders every conversation for real."""
+    from jinja2 import nodes
+
+    try:
+        tree = env.parse(source)
+    except Exception:
+        return False
+    parents: dict[int, Any] = {}
+    stack: list[Any] = [tree]
+    while stack:
+        node = stack.pop()
+        for child in node.iter_child_nodes():
+            parents[id(child)] = node
+            stack.append(child)
+    names = {"messages"}
+
+    def whole(node: Any) -> bool:
+        """`node` evaluates to `messages`, a slice of it or one message."""
+        while isinstance(node, nodes.Getitem):
+            if isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+                return False  # a field: m['role'], m['content']
+            node = node.node  # messages[0], messages[i], messages[1:]
+        if isinstance(node, nodes.Filter) and node.name in ("first", "last", "reverse"):
+            return node.node is not None and whole(node.node)
+        return isinstance(node, nodes.Name) and node.name in names
+
+    for _ in range(4):  # names bound to messages (loops in loops: a small fixed point)
+        for n in tree.find_all((nodes.For, nodes.Assign)):
+            value = n.iter if isinstance(n, nodes.For) else n.node
+            if isinstance(n.target, nodes.Name) and whole(value):
+                names.add(n.target.name)
+
+    for name in tree.find_all(nodes.Name):
+        if name.name not in names or name.ctx != "load":
+            continue
+        child, up = name, parents.get(id(name))
+        while up is not None and whole(up):  # through messages[0], messages[1:], | first
+            child, up = up, parents.get(id(up))
+        if isinstance(up, nodes.Getitem) and up.node is child:
+            key = up.arg
+            is_content = isinstance(key, nodes.Const) and key.value == "content"
+            if is_content and not _printed(up, parents):
+                return False
+            continue  # another field (role, ...): the role sequence is part of the shape
+        if isinstance(up, nodes.Getattr) and up.node is child:
+            call = parents.get(id(up))
+            if isinstance(call, nodes.Call) and call.node is up:
+                return False  # m.get('content'), messages.index(m): a method call
+            if up.attr == "content" and not _printed(up, parents):
+                return False
+            continue
+        if isinstance(up, nodes.For) and up.iter is child:
+            continue
+        if isinstance(up, nodes.Assign) and up.node is child:
+            continue  # {% set loop_messages = messages[1:] %}: its uses are checked by name
+        if isinstance(up, nodes.Filter) and up.node is child and up.name in ("length", "count"):
+            continue
+        if isinstance(up, nodes.Test) and up.node is child and up.name in ("defined", "undefined"):
+            continue
+        return False
+    return True
+
+
+def _printed(node: Any, parents: dict[int, Any]) -> bool:
+    """`node` is printed as is, alone or inside a chain of string concatenations."""
+    from jinja2 import nodes
+
+    up = parents.get(id(node))
+    while isinstance(up, (nodes.Add, nodes.Concat)):
+        up = parents.get(id(up))
+    return isinstance(up, nodes.Output)
