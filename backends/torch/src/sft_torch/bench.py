@@ -450,7 +450,11 @@ def report(
         "threads": st.threads,
         "cpu_features": cpu_features() if st.device.type == "cpu" else [],
         # packed_attention is resolved by the loop for the loaded model (`auto` -> a mode)
-        "levers": {**st.levers, "packed_attention": events.info.get("packed_attention")},
+        "levers": {
+            **st.levers,
+            "packed_attention": events.info.get("packed_attention"),
+            "release_memory": events.info.get("release_memory"),
+        },
         "steps": len(work),
         "measured_steps": len(steady),
         "trained_tokens_per_s": trained / seconds,

@@ -74,6 +74,12 @@ class TorchOptions(BaseModel):
     instead of torch's per-element Bernoulli sampling: 3x faster masks, p rounded to a multiple
     of 2^-16 (`sft_torch.model.FastDropout`). `false`: torch's nn.Dropout. No effect on GPU."""
 
+    release_memory: bool = True
+    """On Linux (glibc), serve allocations of 256 KiB and more with their own mmap, so freed
+    tensors go back to the OS at once instead of staying in the heap: a SmolLM2-135M LoRA step
+    on CPU peaked at 2.0 GB RSS instead of 3.6 GB, at the same speed
+    (`sft_torch.runtime.release_freed_memory`). `false`: glibc's default."""
+
     compile: bool = False
     """Compile each decoder layer with `torch.compile` (in place: parameter names, checkpoints
     and exports are unchanged). Compiling takes minutes on CPU, so it pays off on long runs."""

@@ -141,3 +141,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def release_freed_memory(threshold: int = 256 << 10) -> bool:
+    """glibc: serve every allocation of `threshold` bytes or more with its own mmap, so the
+    memory of a freed tensor goes back to the OS at once (TorchOptions.release_memory).
+
+    By default glibc raises its mmap threshold to the size of each large block freed (up to
+    32 MiB), so activations and gradients of a training step end up on the heap, where the
+    holes that freed tensors leave between live ones are never returned: the peak RSS of a
+    SmolLM2-135M LoRA step on CPU was 3.6 GB with this default and 2.0 GB with a fixed 256 KiB
+    threshold, at the same speed (one mmap per tensor of 256 KiB+, which a step allocates a few
+    thousand of). Returns False where there is no glibc mallopt (macOS, musl): nothing changes."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold))

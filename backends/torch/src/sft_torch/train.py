@@ -104,6 +104,10 @@ class Trainer:
     def __init__(self, plan: TrainPlan, events: RunEvents) -> None:
         cfg, opts = plan.config, plan.options
         self.plan, self.events, self.cfg = plan, events, cfg
+        # before the model is loaded, so its weights and every step's tensors follow it
+        self.release_memory = getattr(opts, "release_memory", False) and (
+            runtime.release_freed_memory()
+        )
         # perf: an explicit torch.num_threads wins; otherwise torch's default (which may count
         # hyper-threads) is capped at the physical cores
         torch.set_num_threads(
@@ -280,6 +284,7 @@ class Trainer:
             "steps_per_epoch": self.schedule.steps_per_epoch,
             "chunked_loss": self.loss_settings.chunked,
             "packed_attention": self.packed_attention,
+            "release_memory": self.release_memory,
             "packing": self.plan.packing,
             "world_size": self.world,  # sft_torch.distributed: processes and their strategy
             "strategy": self.engine.strategy,
