@@ -55,19 +55,24 @@ def supported(model_class: Any) -> bool:
 
 def runs(position_ids: torch.Tensor) -> list[tuple[int, int]]:
     """[start, end) of each run of consecutive position ids (each sample of a packed row)."""
-    pos = position_ids.to("cpu", torch.long)
+    pos = position_ids.to("cpu", torch.long)  # a 1-D row
     brk = torch.ones(pos.shape[0], dtype=torch.bool)
     brk[1:] = pos[1:] != pos[:-1] + 1
     starts = brk.nonzero().flatten().tolist()
     return list(zip(starts, [*starts[1:], pos.shape[0]], strict=True))
 
 
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    # [B, kv_heads, L, D] -> [B, kv_heads * n_rep, L, D], as transformers' repeat_kv
-    if n_rep == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+# Every decoder layer gets the same position_ids tensor: its runs are worked out once per
+# forward (and once per checkpoint recompute), not once per layer (a device sync each on GPU).
+_RUNS: dict[str, Any] = {}
+
+
+def _row_runs(position_ids: torch.Tensor, batch: int) -> list[list[tuple[int, int]]]:
+    key = (position_ids._version, batch)  # the tensor itself is held, so `is` cannot be fooled
+    if _RUNS.get("tensor") is not position_ids or _RUNS.get("key") != key:
+        pos = position_ids.expand(batch, -1)
+        _RUNS.update(tensor=position_ids, key=key, runs=[runs(pos[b]) for b in range(batch)])
+    return _RUNS["runs"]  # type: ignore[no-any-return]
 
 
 @torch.compiler.disable  # torch.compile: sample boundaries are data; run this part eagerly
@@ -106,15 +111,16 @@ def segment_attention(
             is_causal=is_causal,
             **kwargs,
         )
+    from transformers.integrations.sdpa_attention import repeat_kv
+
     n_rep = query.shape[1] // key.shape[1]
-    key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     p = dropout if module.training else 0.0
-    pos = position_ids.expand(query.shape[0], -1)
     rows = []
-    for b in range(query.shape[0]):
+    for b, row_runs in enumerate(_row_runs(position_ids, query.shape[0])):
         pieces: list[torch.Tensor] = []
         alone = None  # start of the current stretch of one-token runs
-        for s, e in runs(pos[b]):
+        for s, e in row_runs:
             if e - s == 1:
                 alone = s if alone is None else alone
                 continue

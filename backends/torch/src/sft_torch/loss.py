@@ -115,8 +115,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_w = grad_w if need_w else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        )
         for s in range(0, hidden.shape[0], chunk):
             h, t = hidden[s : s + chunk], targets[s : s + chunk]
             logits = F.linear(h, weight).float()

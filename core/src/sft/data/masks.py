@@ -170,13 +170,15 @@ def labels_from_spans(ids: np.ndarray, offsets: Any, spans: Spans, n_chars: int)
 
 def _real_prefixes(render: Renderer, msgs: list[Message]) -> Any:
     """prefix(k, gen): the template's rendering of the first k messages (memoized)."""
-    dicts = [{"role": m.role, "content": m.content} for m in msgs]
     cache: dict[tuple[int, bool], str] = {}
+    dicts: list[dict[str, str]] = []  # built on first use: the Shapes path may never render
 
     def prefix(k: int, gen: bool = False) -> str:
         if k == 0 and not gen:
             return ""
         if (k, gen) not in cache:
+            if not dicts:
+                dicts.extend({"role": m.role, "content": m.content} for m in msgs)
             try:
                 cache[k, gen] = render(dicts[:k], add_generation_prompt=gen)
             except TemplateError as exc:
@@ -303,7 +305,7 @@ class Shapes:
             whole, part = self._raw(roles, len(roles), False), self._raw(roles, k, gen)
             if whole is not None and part is not None and whole.startswith(part):
                 pos, n = 0, len(part)
-                pieces = _SLOT.split(whole)
+                pieces = self._pieces[(roles, len(roles), False)] or []
                 for j, p in enumerate(pieces):
                     width = len(p) if j % 2 == 0 else len(f"\ue000{p}\ue001")
                     if pos + width > n:
