@@ -75,6 +75,18 @@ def _row_runs(position_ids: torch.Tensor, batch: int) -> list[list[tuple[int, in
     return _RUNS["runs"]  # type: ignore[no-any-return]
 
 
+def _pieces(row_runs: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+    """(start, end, attend) covering a row: each run of two or more tokens, and each stretch of
+    consecutive one-token runs merged into one piece that is not attended (output = values)."""
+    out: list[tuple[int, int, bool]] = []
+    for s, e in row_runs:
+        if e - s == 1 and out and not out[-1][2]:
+            out[-1] = (out[-1][0], e, False)
+        else:
+            out.append((s, e, e - s > 1))
+    return out
+
+
 @torch.compiler.disable  # torch.compile: sample boundaries are data; run this part eagerly
 def segment_attention(
     module: torch.nn.Module,
@@ -117,29 +129,22 @@ def segment_attention(
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     p = dropout if module.training else 0.0
     rows = []
+    # split, not slices: the gradient of a split is one cat, the gradient of each slice a
+    # zero-filled tensor of the whole row (that was 2% of a step)
+    qs, ks, vs = (t.split(1) if t.shape[0] > 1 else (t,) for t in (query, key, value))
     for b, row_runs in enumerate(_row_runs(position_ids, query.shape[0])):
-        pieces: list[torch.Tensor] = []
-        alone = None  # start of the current stretch of one-token runs
-        for s, e in row_runs:
-            if e - s == 1:
-                alone = s if alone is None else alone
-                continue
-            if alone is not None:
-                pieces.append(value[b : b + 1, :, alone:s])  # each sees only itself
-                alone = None
-            pieces.append(
-                F.scaled_dot_product_attention(
-                    query[b : b + 1, :, s:e],
-                    key[b : b + 1, :, s:e],
-                    value[b : b + 1, :, s:e],
-                    dropout_p=p,
-                    is_causal=True,
-                    scale=scaling,
-                )
+        pieces = _pieces(row_runs)
+        sizes = [e - s for s, e, _ in pieces]
+        q, k, v = (t[b].split(sizes, dim=2) for t in (qs, ks, vs))
+        outs = [
+            F.scaled_dot_product_attention(
+                q[i], k[i], v[i], dropout_p=p, is_causal=True, scale=scaling
             )
-        if alone is not None:
-            pieces.append(value[b : b + 1, :, alone:])
-        rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2))
+            if attend
+            else v[i]  # one-token runs: each sees only itself
+            for i, (_, _, attend) in enumerate(pieces)
+        ]
+        rows.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
     out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
     return out.transpose(1, 2).contiguous(), None
 

@@ -454,6 +454,7 @@ def report(
             **st.levers,
             "packed_attention": events.info.get("packed_attention"),
             "release_memory": events.info.get("release_memory"),
+            "fused_lora": events.info.get("fused_lora"),
         },
         "steps": len(work),
         "measured_steps": len(steady),

@@ -121,12 +121,17 @@ class LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, hidden.shape[0], chunk):
             h, t = hidden[s : s + chunk], targets[s : s + chunk]
             logits = F.linear(h, weight).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            picked = logits.gather(1, t[:, None])
+            # log-sum-exp and softmax in place in the logits buffer: the chunk is 100 MB for
+            # 511 x 49152, and torch.logsumexp then exp(logits - lse) made two more copies of it
+            top = logits.amax(dim=-1, keepdim=True)
+            e = logits.sub_(top).exp_()
+            sums = e.sum(dim=-1, keepdim=True)
+            total += (top + sums.log() - picked).sum()
             if not (need_h or need_w):
                 continue
-            # d(sum CE)/d logits = softmax - one_hot(target), in place in the logits buffer
-            g = logits.sub_(lse[:, None]).exp_()
+            # d(sum CE)/d logits = softmax - one_hot(target)
+            g = e.div_(sums)
             g[torch.arange(t.shape[0], device=t.device), t] -= 1.0
             if grad_h is not None:
                 grad_h[s : s + chunk] = torch.mm(g.to(weight.dtype), weight)

@@ -74,6 +74,14 @@ class TorchOptions(BaseModel):
     instead of torch's per-element Bernoulli sampling: 3x faster masks, p rounded to a multiple
     of 2^-16 (`sft_torch.model.FastDropout`). `false`: torch's nn.Dropout. No effect on GPU."""
 
+    fused_lora: bool = True
+    """Run each LoRA Linear (frozen base, adapter, its dropout) as one autograd Function: the
+    scale goes on the rank-r intermediate, the adapter's output and input gradient are
+    accumulated into the base's by the GEMMs, the dropout mask is applied once each way
+    (`sft_torch.lora`). The same values as peft's forward, about 12% faster on a CPU LoRA step.
+    Calls it cannot fuse (autocast, DoRA, merged or several adapters, quantized bases, FSDP /
+    DeepSpeed parameters) run peft's forward. `false`: peft's forward always."""
+
     release_memory: bool = True
     """On Linux (glibc), serve allocations of 256 KiB and more with their own mmap, so freed
     tensors go back to the OS at once instead of staying in the heap: a SmolLM2-135M LoRA step

@@ -174,6 +174,14 @@ class Trainer:
             cast_frozen_linears(model, torch.bfloat16)
         if getattr(opts, "fast_dropout", False) and self.device.type == "cpu":
             use_fast_dropout(model)
+        # sft_torch.lora; DDP only wraps the model, FSDP / DeepSpeed replace its parameters
+        self.fused_lora = 0
+        if getattr(opts, "fused_lora", False) and (
+            self.world == 1 or cfg.parallel.strategy == "ddp"
+        ):
+            from sft_torch.lora import use_fused_lora  # imports peft
+
+            self.fused_lora = use_fused_lora(model)
         if getattr(opts, "compile", False):
             compile_layers(model)
         return model
@@ -285,6 +293,7 @@ class Trainer:
             "chunked_loss": self.loss_settings.chunked,
             "packed_attention": self.packed_attention,
             "release_memory": self.release_memory,
+            "fused_lora": self.fused_lora > 0,  # peft LoRA Linears swapped (sft_torch.lora)
             "packing": self.plan.packing,
             "world_size": self.world,  # sft_torch.distributed: processes and their strategy
             "strategy": self.engine.strategy,
