@@ -23,6 +23,7 @@ window, soft-capping, attention sinks, or a call without position ids.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -64,15 +65,17 @@ def runs(position_ids: torch.Tensor) -> list[tuple[int, int]]:
 
 # Every decoder layer gets the same position_ids tensor: its runs are worked out once per
 # forward (and once per checkpoint recompute), not once per layer (a device sync each on GPU).
-_RUNS: dict[str, Any] = {}
+# Per thread: micro-batches may run on concurrent threads (sft_torch.train).
+_RUNS = threading.local()
 
 
 def _row_runs(position_ids: torch.Tensor, batch: int) -> list[list[tuple[int, int]]]:
     key = (position_ids._version, batch)  # the tensor itself is held, so `is` cannot be fooled
-    if _RUNS.get("tensor") is not position_ids or _RUNS.get("key") != key:
+    if getattr(_RUNS, "tensor", None) is not position_ids or _RUNS.key != key:
         pos = position_ids.expand(batch, -1)
-        _RUNS.update(tensor=position_ids, key=key, runs=[runs(pos[b]) for b in range(batch)])
-    return _RUNS["runs"]  # type: ignore[no-any-return]
+        _RUNS.tensor, _RUNS.key = position_ids, key
+        _RUNS.runs = [runs(pos[b]) for b in range(batch)]
+    return _RUNS.runs  # type: ignore[no-any-return]
 
 
 def _pieces(row_runs: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:

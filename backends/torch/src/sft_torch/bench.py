@@ -455,6 +455,7 @@ def report(
             "packed_attention": events.info.get("packed_attention"),
             "release_memory": events.info.get("release_memory"),
             "fused_lora": events.info.get("fused_lora"),
+            "micro_batch_threads": events.info.get("micro_batch_threads"),
         },
         "steps": len(work),
         "measured_steps": len(steady),

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sft_torch.model import FastDropout, lane_drop_mask
+from sft_torch.model import FastDropout, lane_drop_mask, thread_generator
 
 
 class _FusedLora(torch.autograd.Function):
@@ -127,7 +127,8 @@ class FusedLoraLinear(_base_layer_class()):  # type: ignore[misc]
             if type(dropout) is FastDropout and x.device.type == "cpu":
                 drop, keep_scale = lane_drop_mask(x.shape, dropout.p)
             else:
-                drop = torch.rand(x.shape, device=x.device) < dropout.p
+                u = torch.rand(x.shape, device=x.device, generator=thread_generator())
+                drop = u < dropout.p
                 keep_scale = 1.0 / (1.0 - dropout.p) if dropout.p < 1 else 0.0
             scale *= keep_scale
         out: torch.Tensor = _FusedLora.apply(x, weight, bias, a, b, drop, scale)

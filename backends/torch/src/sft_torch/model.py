@@ -9,6 +9,9 @@ The method (full / lora / qlora / freeze) is applied afterwards by `sft_torch.me
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -178,12 +181,34 @@ class FastDropout(torch.nn.Dropout):
         return _DropScale.apply(x, drop, scale)
 
 
+_THREAD = threading.local()
+
+
+@contextlib.contextmanager
+def dropout_generator(seed: int) -> Iterator[None]:
+    """Dropout masks drawn in this thread (FastDropout, sft_torch.lora) come from a generator
+    seeded with `seed` instead of torch's default one, so micro-batches run on concurrent
+    threads (sft_torch.train) draw the same masks whatever the threads' timing."""
+    _THREAD.generator = torch.Generator().manual_seed(seed)
+    try:
+        yield
+    finally:
+        _THREAD.generator = None
+
+
+def thread_generator() -> torch.Generator | None:
+    """The generator set by `dropout_generator` in this thread; None: torch's default."""
+    return getattr(_THREAD, "generator", None)
+
+
 def lane_drop_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
     """(bool mask of the dropped elements, scale of the kept ones) for dropout p on CPU, from
-    16-bit lanes of int64 draws of torch's default generator (FastDropout; p < 1)."""
+    16-bit lanes of int64 draws of torch's default generator or this thread's
+    (`dropout_generator`) (FastDropout; p < 1)."""
     drop = round(p * 65536)
     n = shape.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64)
+    bits.random_(-(2**63), 2**63 - 1, generator=thread_generator())
     lanes = bits.view(torch.int16)[:n].view(shape)
     # int16 lanes are uniform on [-32768, 32767]
     return lanes < drop - 32768, 65536 / (65536 - drop)
