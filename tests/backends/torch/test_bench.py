@@ -66,13 +66,22 @@ def write_config(tmp_path: Path, model: Path, n: int = 8, method: str = "full") 
 
 
 @pytest.mark.slow
-def test_packed_chunked_losses_equal_plain_losses(tmp_path, tiny_llama):
-    cfg = write_config(tmp_path, tiny_llama)
+@pytest.mark.parametrize(
+    "method",
+    ["full", "{name: lora, r: 8, dropout: 0.0}"],  # LoRA: fused_lora; no dropout, same math
+)
+def test_packed_chunked_losses_equal_plain_losses(tmp_path, tiny_llama, method):
+    cfg = write_config(tmp_path, tiny_llama, method=method)
     fast = run_bench(
         cfg,
         steps=3,
         probe_seconds=0.02,
-        overrides=["data.packing=true", "torch.chunked_loss=true", "torch.loss_chunk_size=16"],
+        overrides=[
+            "data.packing=true",
+            "torch.chunked_loss=true",
+            "torch.loss_chunk_size=16",
+            "torch.micro_batch_threads=2",  # the levers of a 2-core CPU run
+        ],
     )
     out = tmp_path / "plain.json"
     code = main(
@@ -94,6 +103,8 @@ def test_packed_chunked_losses_equal_plain_losses(tmp_path, tiny_llama):
 
     assert fast["levers"]["packing"] and fast["levers"]["chunked_loss"]
     assert fast["levers"]["fused_loss"] and fast["levers"]["packed_attention"] == "segments"
+    assert fast["levers"]["micro_batch_threads"] == 2
+    assert fast["levers"]["fused_lora"] is method.startswith("{name: lora")
     assert not plain["levers"]["packing"] and not plain["levers"]["chunked_loss"]
     assert fast["trained_tokens"] == plain["trained_tokens"]  # the same work in every step
     assert fast["losses"] == pytest.approx(plain["losses"], abs=1e-4)
