@@ -354,3 +354,14 @@ def test_an_opaque_template_encodes_without_rendering_after_the_checks(
             )
             assert got == want
     assert enc.shapes.enabled and enc.shapes.trusted()
+
+
+def test_generation_prompts_are_slices_of_the_whole_rendering(tiny_tokenizer: Path) -> None:
+    """Perf: every prefix a mask needs, the generation prompts before assistant turns included,
+    is a slice of the substituted whole rendering, not a join of its own."""
+    tok = load_tok(tiny_tokenizer)
+    enc = Encoder(tok, Renderer(resolve_template("chatml", tok, get_plugins()), tok))
+    roles = (S, U, A, U, A)
+    assert all(enc.shapes._cut(roles, k, False) is not None for k in range(1, 6))
+    assert all(enc.shapes._cut(roles, k, True) is not None for k in (2, 4))
+    assert enc.shapes._cut(roles, 3, True) is None  # "<|im_start|>assistant" where a user turn is

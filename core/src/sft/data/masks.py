@@ -8,10 +8,10 @@ characters each message added. For an assistant message that is
     up to render(m[:i+1])                      ->  content + end-of-turn marker, trained
 
 (trailing whitespace after the marker, such as chatml's "\\n", stays masked). The full rendering
-is tokenized once and character spans map to tokens through the tokenizer's offsets, so the ids
-are exactly `tokenizer(render(m), add_special_tokens=False)`. A token that straddles a boundary
-is trained if any of its characters is. Labels are the token id where trained, -100 elsewhere,
-not shifted:
+is tokenized once and character spans map to tokens (labels.py: through the tokenizer's offsets,
+or byte lengths for byte-level BPE), so the ids are exactly
+`tokenizer(render(m), add_special_tokens=False)`. A token that straddles a boundary is trained
+if any of its characters is. Labels are the token id where trained, -100 elsewhere, not shifted:
 
     enc = Encoder(tokenizer, renderer, mask="assistant")
     ids, labels = enc.encode([conv])[0]
@@ -28,12 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from sft.data.cache import IGNORE_INDEX
 from sft.data.conversation import Conversation, Message, RecordError
+from sft.data.labels import Labeller, Spans
 from sft.data.templates import Renderer, TemplateError, content_is_opaque
 from sft.errors import SftError
-
-Spans = list[tuple[int, int]]
 
 
 class Encoder:
@@ -60,6 +58,7 @@ class Encoder:
         adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
         self.bos_text = tokenizer.bos_token if adds_bos else ""
         self.shapes = Shapes(renderer)
+        self.labeller = Labeller(backend)
 
     def text_and_spans(self, conv: Conversation) -> tuple[str, Spans]:
         """The rendered text and its trained character spans; raises RecordError."""
@@ -128,44 +127,8 @@ class Encoder:
             out.append(None)
             texts.append(t)
             spans.append(s)
-        encs = iter(self.backend.encode_batch(texts, add_special_tokens=False))
-        it = iter(zip(texts, spans, strict=True))
-        result: list[tuple[np.ndarray, np.ndarray] | RecordError] = []
-        for item in out:
-            if item is not None:
-                result.append(item)
-                continue
-            enc = next(encs)
-            text, sp = next(it)
-            ids = np.array(enc.ids, dtype=np.int32)
-            result.append((ids, labels_for(enc, ids, sp, len(text))))
-        return result
-
-
-def labels_for(enc: Any, ids: np.ndarray, spans: Spans, n_chars: int) -> np.ndarray:
-    """Labels from span boundaries looked up in the encoding (no per-token offsets list); falls
-    back to offsets where a boundary character belongs to no token (trimmed offsets)."""
-    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
-    for a, b in spans:
-        if b <= a:
-            continue
-        first, last = enc.char_to_token(a), enc.char_to_token(b - 1)
-        if first is None or last is None:
-            return labels_from_spans(ids, enc.offsets, spans, n_chars)
-        labels[first : last + 1] = ids[first : last + 1]
-    return labels
-
-
-def labels_from_spans(ids: np.ndarray, offsets: Any, spans: Spans, n_chars: int) -> np.ndarray:
-    """Label each token with its id if any of its characters lies in a trained span."""
-    chars = np.zeros(n_chars + 1, dtype=np.int32)
-    for a, b in spans:
-        chars[a:b] = 1
-    csum = np.concatenate([[0], np.cumsum(chars)])
-    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    start, end = off[:, 0], np.maximum(off[:, 1], off[:, 0] + 1)  # zero-width: its position
-    hit = (csum[np.minimum(end, n_chars + 1)] - csum[start]) > 0
-    return np.where(hit, ids, IGNORE_INDEX).astype(np.int32)
+        encoded = iter(self.labeller(texts, spans))
+        return [item if item is not None else next(encoded) for item in out]
 
 
 def _real_prefixes(render: Renderer, msgs: list[Message]) -> Any:
@@ -298,7 +261,8 @@ class Shapes:
     def _cut(self, roles: tuple[str, ...], k: int, gen: bool) -> tuple[int, int] | None:
         """Where the placeholder rendering of prefix (k, gen) ends inside the whole one: (pieces
         wholly inside, characters of the next literal piece), or None if it is not a prefix of
-        it or ends inside a placeholder."""
+        it or ends inside a placeholder. A generation prompt ends right before the next
+        message's placeholder: (its index, 0)."""
         key = (roles, k, gen)
         if key not in self._cuts:
             self._cuts[key] = None
@@ -309,7 +273,7 @@ class Shapes:
                 for j, p in enumerate(pieces):
                     width = len(p) if j % 2 == 0 else len(f"\ue000{p}\ue001")
                     if pos + width > n:
-                        self._cuts[key] = (j, n - pos) if j % 2 == 0 else None
+                        self._cuts[key] = (j, n - pos) if j % 2 == 0 or pos == n else None
                         break
                     pos += width
                 else:

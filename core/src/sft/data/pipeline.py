@@ -42,7 +42,7 @@ from sft.paths import cache_root
 from sft.plugins import Plugins, get_plugins
 from sft.specs import DataSource, DataSpec, RunConfig
 
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"  # 2: a span ending in a character split over tokens trains all of them
 BATCH = 256  # records per chunk: one batched tokenizer call, one unit of work for a worker
 TOKENIZER_FILES = (
     "tokenizer.json",
