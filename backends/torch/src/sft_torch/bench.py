@@ -490,6 +490,8 @@ def format_report(r: dict[str, Any]) -> str:
     on = [k for k, v in r["levers"].items() if v is True]
     if r["levers"].get("packing") and r["levers"].get("packed_attention"):
         on.append(f"packed attention: {r['levers']['packed_attention']}")
+    if (r["levers"].get("micro_batch_threads") or 1) > 1:
+        on.append(f"micro-batch threads: {r['levers']['micro_batch_threads']}")
     rows = [
         (
             "model",
