@@ -98,8 +98,10 @@ class FusedLoraLinear(_base_layer_class()):  # type: ignore[misc]
         dropout = self.lora_dropout[name]
         if type(base) is not nn.Linear or b.bias is not None or a.bias is not None:
             return None
-        if type(dropout) not in (nn.Identity, nn.Dropout, FastDropout) or getattr(
-            dropout, "inplace", False
+        if (
+            type(dropout) not in (nn.Identity, nn.Dropout, FastDropout)
+            or getattr(dropout, "inplace", False)
+            or getattr(dropout, "p", 0.0) >= 1.0 - 2**-17  # all dropped: peft's path
         ):
             return None
         if any(m._forward_hooks or m._forward_pre_hooks for m in (base, a, b)) or hasattr(
