@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sft_torch.model import FastDropout, lane_drop_mask, thread_generator
+from sft_torch.model import FastDropout, drops_all, lane_drop_mask, thread_generator
 
 
 class _FusedLora(torch.autograd.Function):
@@ -101,7 +101,7 @@ class FusedLoraLinear(_base_layer_class()):  # type: ignore[misc]
         if (
             type(dropout) not in (nn.Identity, nn.Dropout, FastDropout)
             or getattr(dropout, "inplace", False)
-            or getattr(dropout, "p", 0.0) >= 1.0 - 2**-17  # all dropped: peft's path
+            or drops_all(getattr(dropout, "p", 0.0))  # everything dropped: peft's path
         ):
             return None
         if any(m._forward_hooks or m._forward_pre_hooks for m in (base, a, b)) or hasattr(
@@ -131,7 +131,7 @@ class FusedLoraLinear(_base_layer_class()):  # type: ignore[misc]
             else:
                 u = torch.rand(x.shape, device=x.device, generator=thread_generator())
                 drop = u < dropout.p
-                keep_scale = 1.0 / (1.0 - dropout.p) if dropout.p < 1 else 0.0
+                keep_scale = 1.0 / (1.0 - dropout.p)
             scale *= keep_scale
         out: torch.Tensor = _FusedLora.apply(x, weight, bias, a, b, drop, scale)
         return out

@@ -175,7 +175,7 @@ class FastDropout(torch.nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
             return super().forward(x)
-        if round(self.p * 65536) >= 65536:
+        if drops_all(self.p):
             return x * 0.0
         drop, scale = lane_drop_mask(x.shape, self.p)
         return _DropScale.apply(x, drop, scale)
@@ -201,10 +201,15 @@ def thread_generator() -> torch.Generator | None:
     return getattr(_THREAD, "generator", None)
 
 
+def drops_all(p: float) -> bool:
+    """Whether FastDropout's p, rounded to a multiple of 2^-16, drops every element."""
+    return round(p * 65536) >= 65536
+
+
 def lane_drop_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
     """(bool mask of the dropped elements, scale of the kept ones) for dropout p on CPU, from
     16-bit lanes of int64 draws of torch's default generator or this thread's
-    (`dropout_generator`) (FastDropout; p < 1)."""
+    (`dropout_generator`) (FastDropout; not `drops_all(p)`)."""
     drop = round(p * 65536)
     n = shape.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64)

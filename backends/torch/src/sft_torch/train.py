@@ -140,9 +140,7 @@ class Trainer:
         )
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.micro_batch_threads = micro_batch_threads(
-            getattr(opts, "micro_batch_threads", None),
-            self.model,
-            self,
+            getattr(opts, "micro_batch_threads", None), self
         )
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.engine.attach_optimizer(self.optimizer)  # DeepSpeed ZeRO wraps the optimizer
@@ -221,16 +219,16 @@ class Trainer:
         mbs = distributed.rank_micro_batches(self.schedule, step_rows)
         if self.micro_batch_threads > 1:  # the same sums, micro-batches on concurrent threads
             loss_sum, tokens = self._concurrent_micro_batches(mbs, step, scale)
-            mbs = []
-        for i, (mb, weight) in enumerate(mbs):
-            batch = load_batch(split, mb, pad, self.device)
-            with self.engine.accumulate(last=i == len(mbs) - 1):
-                with self.autocast():
-                    loss, _ = self.engine.forward(batch_loss, batch, self.loss_settings)
-                loss = self.guard.poison(loss, step) * weight
-                self.engine.backward(self.scaler.scale(loss * scale))  # DeepSpeed: its own
-            loss_sum += float(loss.detach())
-            tokens += int(batch["attention_mask"].sum()) * int(weight)
+        else:
+            for i, (mb, weight) in enumerate(mbs):
+                batch = load_batch(split, mb, pad, self.device)
+                with self.engine.accumulate(last=i == len(mbs) - 1):
+                    with self.autocast():
+                        loss, _ = self.engine.forward(batch_loss, batch, self.loss_settings)
+                    loss = self.guard.poison(loss, step) * weight
+                    self.engine.backward(self.scaler.scale(loss * scale))  # DeepSpeed: its own
+                loss_sum += float(loss.detach())
+                tokens += int(batch["attention_mask"].sum()) * int(weight)
         loss_sum, tokens_f = runtime.all_reduce_sum([loss_sum, float(tokens)], self.device)
         grad_norm = self._unscale_and_clip()
         lr = self.optimizer.param_groups[0]["lr"]
@@ -351,7 +349,7 @@ class Trainer:
         }
 
 
-def micro_batch_threads(option: int | None, model: Any, trainer: Trainer) -> int:
+def micro_batch_threads(option: int | None, trainer: Trainer) -> int:
     """How many micro-batches of a step run at once (`TorchOptions.micro_batch_threads`).
 
     More than one only on CPU, in one process, without gradient checkpointing (its recompute
@@ -366,10 +364,10 @@ def micro_batch_threads(option: int | None, model: Any, trainer: Trainer) -> int
         option = want if 2 <= want <= 4 and trainer.schedule.accumulation >= want else 1
     if option <= 1:
         return 1
-    lm = causal_lm(model)
+    lm = causal_lm(trainer.model)
     unmanaged = [  # FastDropout (and fused LoRA, which draws as it does) use dropout_generator
         n
-        for n, m in model.named_modules()
+        for n, m in trainer.model.named_modules()
         if isinstance(m, torch.nn.Dropout) and m.p > 0 and not isinstance(m, FastDropout)
     ]
     attn_dropout = getattr(lm.config, "attention_dropout", 0.0)
