@@ -12,6 +12,7 @@ from typing import Any, Literal
 import sft
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sft.backend import TrainPlan, TrainResult, require_modules
+from sft.errors import SftError
 from sft.events import RunEvents
 from sft.specs import RunConfig
 
@@ -56,11 +57,15 @@ class MindSporeBackend:
             opts = MindSporeOptions.model_validate(config.options)
         except ValidationError:  # reported by core's own check of the section
             opts = MindSporeOptions()
-        device = _device(opts)
+        try:
+            device = _device(opts)
+        except SftError as exc:  # "mindspore.device_target: ..." as a config problem
+            return [str(exc)]
         return (
             _method_problems(config)
             + _packing_problems(config, device)
             + _parallel_problems(config, device)
+            + _unsupported_fields(config)
         )
 
     def default_packing(self, options: Any) -> bool:
@@ -89,6 +94,63 @@ def _method_problems(config: RunConfig) -> list[str]:
             "remove them or use --backend torch"
         ]
     return []
+
+
+def _unsupported_fields(config: RunConfig) -> list[str]:
+    """Fields this backend does not honour (yet), refused here instead of ignored."""
+    from sft.models import resolvable_here
+
+    c, problems = config, []
+    why = resolvable_here(c.model.name_or_path)
+    if why:
+        problems.append(f"model.name_or_path: {why}")
+    eval_in_training = {
+        "eval.every_steps": c.eval.every_steps is not None,
+        "eval.max_batches": c.eval.max_batches is not None,
+        "data.eval": c.data.eval is not None,
+        "data.eval_fraction": c.data.eval_fraction > 0,
+    }
+    for key, given in eval_in_training.items():
+        if given:
+            problems.append(
+                f"{key}: the MindSpore backend computes no held-out loss during training yet; "
+                "remove it, or evaluate the exported model with `sft eval` in the torch "
+                "environment"
+            )
+    if c.train.nan_policy == "skip":
+        problems.append(
+            "train.nan_policy: skip is not available on MindFormers (its train step has no "
+            "hook to hold back one update); use nan_policy: stop, which stops at the first "
+            "non-finite loss"
+        )
+    if c.train.max_consecutive_skips != 3:
+        problems.append(
+            "train.max_consecutive_skips: applies to nan_policy: skip, which the MindSpore "
+            "backend does not have; remove it"
+        )
+    if c.parallel.cpu_offload:
+        problems.append(
+            "parallel.cpu_offload: MindFormers on this backend keeps optimizer state on the "
+            "device; remove it (optimizer sharding over data parallel is the way to save memory)"
+        )
+    if c.parallel.deepspeed_config:
+        problems.append("parallel.deepspeed_config: DeepSpeed is a torch-backend feature")
+    if c.checkpoint.allow_changed:
+        problems.append(
+            "checkpoint.allow_changed: MindFormers resumes only the same run (its checkpoints "
+            "hold no data fingerprint to relax); remove it"
+        )
+    if c.model.allow_pickle:
+        problems.append(
+            "model.allow_pickle: the MindSpore backend converts safetensors weights only; "
+            "convert pickle weights to safetensors first"
+        )
+    if c.model.dtype not in ("auto", "float32"):
+        problems.append(
+            f"model.dtype: {c.model.dtype} is not available on MindFormers here, whose "
+            "parameters are float32 (param_init_type); train.precision sets the compute dtype"
+        )
+    return problems
 
 
 def _packing_problems(config: RunConfig, device: str) -> list[str]:
@@ -123,12 +185,43 @@ def _parallel_problems(config: RunConfig, device: str) -> list[str]:
     return problems
 
 
+#: What an Ascend host has even before CANN's environment is sourced: the NPU device nodes and
+#: the driver's `npu-smi` tool (MindSpore itself finds the devices through the CANN runtime).
+ASCEND_DEVICE_GLOB = "/dev/davinci[0-9]*"
+
+
+def ascend_hardware() -> str | None:
+    """Evidence of Ascend NPUs on this machine (a device node or npu-smi), or None."""
+    import glob
+    import shutil
+
+    nodes = sorted(glob.glob(ASCEND_DEVICE_GLOB))
+    if nodes:
+        return f"NPU devices {', '.join(nodes[:4])}"
+    tool = shutil.which("npu-smi")
+    return f"the Ascend driver's {tool}" if tool else None
+
+
 def _device(options: Any) -> str:
+    """`device_target: auto`: Ascend when CANN's environment is set (as its set_env.sh does),
+    CPU on a machine without NPUs; an NPU machine without CANN's environment is an error, not
+    a silent CPU run."""
     target = getattr(options, "device_target", "auto")
     if target != "auto":
         return str(target)
-    ascend = any(os.environ.get(k) for k in ("ASCEND_HOME_PATH", "ASCEND_OPP_PATH"))
-    return "Ascend" if ascend else "CPU"
+    if any(
+        os.environ.get(k) for k in ("ASCEND_HOME_PATH", "ASCEND_OPP_PATH", "ASCEND_TOOLKIT_HOME")
+    ):
+        return "Ascend"
+    found = ascend_hardware()
+    if found:
+        raise SftError(
+            f"mindspore.device_target: auto found {found} but no CANN environment "
+            "(ASCEND_HOME_PATH is not set), so MindSpore would train on the CPU. Source CANN's "
+            "environment first: `source /usr/local/Ascend/ascend-toolkit/set_env.sh` (or your "
+            "CANN install's set_env.sh), or set mindspore.device_target: CPU to train on the CPU"
+        )
+    return "CPU"
 
 
 @sft.hookimpl

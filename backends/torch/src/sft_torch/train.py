@@ -43,7 +43,6 @@ from sft_torch.model import (
 )
 from sft_torch.optim import build_optimizer, build_scheduler
 from sft_torch.outputs import save_final
-from sft_torch.plot import plot_loss
 
 
 @dataclass
@@ -486,10 +485,6 @@ def finish(
     with trainer.engine.full_weights():  # FSDP2: every rank gathers its shards; rank 0 saves
         if trainer.rank == 0:
             outputs = save_final(trainer.model, plan)
-    if trainer.rank == 0 and plan.config.logging.plot:
-        png = plot_loss(plan.run_dir)
-        if png:
-            outputs["loss_plot"] = str(png)
     metrics: dict[str, Any] = {
         **trainer.info(),
         "tokens_per_s": round(meter.total_tokens / max(meter.total_seconds, 1e-9), 2),
