@@ -78,6 +78,8 @@ class Backend(Protocol):
     capabilities: frozenset[str]
     install_hint: str
     Options: type[BaseModel]
+    # optional: `trains = False` for a backend that only checks plans (the example template):
+    # it is never named as a backend that honours a field another backend refuses
 
     def check_available(self) -> None:
         """Raise `BackendUnavailable` (with the exact install command) if it cannot run here."""

@@ -472,7 +472,7 @@ def _honoured_by(path: str, config: RunConfig, plugins: Plugins) -> str:
         return ""
     have = []
     for name, other in plugins.backends.items():
-        if name == config.backend:
+        if name == config.backend or not getattr(other, "trains", True):
             continue
         try:
             theirs = _as_problems(other.validate(config.model_copy(update={"backend": name})))

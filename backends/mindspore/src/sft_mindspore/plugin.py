@@ -65,7 +65,7 @@ class MindSporeBackend:
             _method_problems(config)
             + _packing_problems(config, device)
             + _parallel_problems(config, device)
-            + _unsupported_fields(config)
+            + _unsupported_fields(config, device)
         )
 
     def default_packing(self, options: Any) -> bool:
@@ -88,15 +88,21 @@ def _method_problems(config: RunConfig) -> list[str]:
             f"method.name: {m.name!r} runs on the torch backend (--backend torch, installed "
             "with `make venv-torch`); MindFormers trains `full` and `lora`"
         ]
-    if m.name == "lora" and (m.use_dora or m.use_rslora or m.modules_to_save):
-        return [
-            "method: use_dora, use_rslora and modules_to_save have no mindpet counterpart; "
-            "remove them or use --backend torch"
-        ]
-    return []
+    if m.name != "lora":
+        return []
+    given = {
+        "use_dora": m.use_dora,
+        "use_rslora": m.use_rslora,
+        "modules_to_save": bool(m.modules_to_save),
+    }
+    return [
+        f"method.{key}: has no mindpet counterpart in MindFormers; remove it or use --backend torch"
+        for key, on in given.items()
+        if on
+    ]
 
 
-def _unsupported_fields(config: RunConfig) -> list[str]:
+def _unsupported_fields(config: RunConfig, device: str) -> list[str]:
     """Fields this backend does not honour (yet), refused here instead of ignored."""
     from sft.models import resolvable_here
 
@@ -145,6 +151,16 @@ def _unsupported_fields(config: RunConfig) -> list[str]:
             "model.allow_pickle: the MindSpore backend converts safetensors weights only; "
             "convert pickle weights to safetensors first"
         )
+    if c.train.precision not in ("auto", "fp32" if device == "CPU" else "auto"):
+        problems.append(
+            f"train.precision: {c.train.precision} is not mapped to MindFormers' compute dtype "
+            "yet; the backend uses bfloat16 on Ascend and float32 on CPU (precision: auto)"
+        )
+    if c.train.gradient_checkpointing:
+        problems.append(
+            "train.gradient_checkpointing: MindFormers' recompute is not wired to this field "
+            "yet; remove it"
+        )
     if c.model.dtype not in ("auto", "float32"):
         problems.append(
             f"model.dtype: {c.model.dtype} is not available on MindFormers here, whose "
@@ -170,17 +186,24 @@ def _packing_problems(config: RunConfig, device: str) -> list[str]:
 def _parallel_problems(config: RunConfig, device: str) -> list[str]:
     # parallel.strategy other than ddp is refused by core (fsdp/zero are torch capabilities)
     p, problems = config.parallel, []
-    if device == "CPU" and max(p.tensor_parallel, p.pipeline_parallel, p.context_parallel) > 1:
-        problems.append(
-            "parallel: tensor/pipeline/context parallelism needs Ascend (MindSpore's semi-auto "
-            "parallel); on CPU only data parallel works: set them to 1"
-        )
+    degrees = {
+        "tensor_parallel": p.tensor_parallel,
+        "pipeline_parallel": p.pipeline_parallel,
+        "context_parallel": p.context_parallel,
+    }
+    model_parallel = [k for k, v in degrees.items() if v > 1]
+    if device == "CPU":
+        problems += [
+            f"parallel.{key}: needs Ascend (MindSpore's semi-auto parallel); on CPU only data "
+            "parallel works: set it to 1"
+            for key in model_parallel
+        ]
     prod = p.tensor_parallel * p.pipeline_parallel * p.context_parallel
     if p.world_size % prod:
         problems.append(
-            f"parallel: tensor_parallel x pipeline_parallel x context_parallel = {prod} must "
-            f"divide the device count {p.world_size} (nproc_per_node x nnodes); data parallel "
-            "takes the rest"
+            f"parallel.{model_parallel[0] if model_parallel else 'nproc_per_node'}: "
+            f"tensor_parallel x pipeline_parallel x context_parallel = {prod} must divide the "
+            f"device count {p.world_size} (nproc_per_node x nnodes); data parallel takes the rest"
         )
     return problems
 

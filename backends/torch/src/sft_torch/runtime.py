@@ -133,9 +133,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
-        # warn_only: a few CUDA kernels have no deterministic variant; say so instead of failing
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    # set both ways: the flag is process-wide and must not leak from one run into the next.
+    # warn_only: a few CUDA kernels have no deterministic variant; say so instead of failing
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def rng_state() -> dict[str, Any]:

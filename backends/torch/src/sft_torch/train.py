@@ -345,7 +345,19 @@ class Trainer:
             "packing": self.plan.packing,
             "world_size": self.world,  # sft_torch.distributed: processes and their strategy
             "strategy": self.engine.strategy,
+            # read back from the model and torch, not from the config: what really runs
+            "gradient_checkpointing": checkpointing_enabled(self.model),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
         }
+
+
+def checkpointing_enabled(model: Any) -> bool:
+    """Whether the transformers model recomputes activations in backward."""
+    lm = causal_lm(model)
+    flag = getattr(type(lm), "is_activation_checkpointing", None)  # transformers >= 5
+    if flag is None:
+        flag = getattr(type(lm), "is_gradient_checkpointing", None)
+    return bool(flag.fget(lm)) if isinstance(flag, property) else False
 
 
 def micro_batch_threads(option: int | None, trainer: Trainer) -> int:
