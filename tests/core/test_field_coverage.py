@@ -517,7 +517,13 @@ BACKEND_VALUES = {"mindspore": {"data.packing": True}}
 #: Observers that see a plan, not a finished run, skip what core does after training; that code
 #: (sft.run.after_training, the event hooks) is the same for every backend and is observed in
 #: the torch backend's real runs.
-AFTER_TRAINING = ("logging.plot", "logging.tensorboard", "export.dtype", "eval.max_new_tokens")
+AFTER_TRAINING = (
+    "logging.plot",
+    "logging.tensorboard",
+    "export.formats",
+    "export.dtype",
+    "eval.max_new_tokens",
+)
 PLAN_ONLY = {"mindspore"}
 
 

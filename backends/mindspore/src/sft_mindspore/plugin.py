@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any, Literal
 
@@ -260,6 +261,21 @@ def sft_register_exporters(register: Any) -> None:
         return run(request)
 
     register("ckpt", export_ckpt, description="MindSpore .ckpt (MindFormers names), verified")
+    if importlib.util.find_spec("sft_torch") is not None:
+        return  # the torch backend's hf / adapter exporters (logit-verified) are installed
+
+    def export_hf(request: Any) -> Any:
+        from sft_mindspore.export import export_hf as run
+
+        return run(request)
+
+    def export_adapter(request: Any) -> Any:
+        from sft_mindspore.export import export_adapter as run
+
+        return run(request)
+
+    register("hf", export_hf, description="merged HF safetensors (numpy; MindSpore env)")
+    register("adapter", export_adapter, description="PEFT adapter of a LoRA run (MindSpore env)")
 
 
 @sft.hookimpl
