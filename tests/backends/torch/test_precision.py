@@ -88,6 +88,10 @@ def test_validation_refuses_contradicting_dtypes(tmp_path: Path, tiny_llama: Pat
         tmp_path, tiny_llama, method="full", model={"dtype": "float16"}, train={"precision": "auto"}
     ).config
     assert any("model.dtype: float16 with method: full" in p for p in backend.validate(cfg))
+    cfg = make_plan(
+        tmp_path, tiny_llama, method="lora", model={"dtype": "float16"}, train={"precision": "auto"}
+    ).config
+    assert any("model.dtype: float16 needs a CUDA GPU" in p for p in backend.validate(cfg))
 
 
 # ------------------------------------------------------------------------ bf16 weight updates

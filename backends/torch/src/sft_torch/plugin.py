@@ -214,6 +214,11 @@ def _device_problems(config: RunConfig, opts: TorchOptions) -> list[str]:
             "train.precision: fp16 training needs a CUDA GPU (no fp16 autocast "
             "with loss scaling on CPU); use precision: bf16 or fp32 here"
         )
+    if config.model.dtype == "float16" and opts.device == "cpu":
+        problems.append(
+            "model.dtype: float16 needs a CUDA GPU (fp16 compute with loss scaling); use "
+            "model.dtype: auto or bfloat16 with torch.device: cpu"
+        )
     if opts.attn_implementation == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:
             problems.append(

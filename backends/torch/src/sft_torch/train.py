@@ -355,6 +355,7 @@ class Trainer:
             "trainable_params": trainable,
             "device": str(self.device),
             "precision": self.precision,
+            "optimizer": type(self.optimizer).__name__,  # CompensatedAdamW: pure bf16 weights
             "total_steps": self.schedule.total_steps,
             "rows_per_step": self.schedule.rows_per_step,
             "steps_per_epoch": self.schedule.steps_per_epoch,
