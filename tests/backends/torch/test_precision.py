@@ -197,3 +197,62 @@ def test_full_finetune_every_weight_moves_per_precision_mode(
     assert frac_auto < 0.15, frac_auto
     assert frac_pure < frac_auto + 0.05, (frac_pure, frac_auto)
     assert frac_plain > frac_auto + 0.3, (frac_plain, frac_auto)
+
+
+def test_pure_bf16_resume_restores_the_compensation(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_llama: Path
+) -> None:
+    """The compensation buffers are optimizer state: a resumed pure-bf16 run equals the
+    uninterrupted one bitwise (without them it would drop what the weights had not yet taken)."""
+    from sft.checkpoints import complete_checkpoints
+    from sft_torch import train as train_mod
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    common = {
+        "method": "full",
+        "model": {"dtype": "bfloat16"},
+        "train": {"max_steps": 6, "learning_rate": 5e-5, "precision": "bf16"},
+        "checkpoint": {"every_steps": 3, "keep_last": 5},
+    }
+
+    def run(plan: Any) -> Any:
+        trainer = train_mod.Trainer(plan, events_for(plan))
+        train_mod.fit(trainer)
+        return trainer
+
+    full = run(make_plan(tmp_path / "a", tiny_llama, **common))
+    ckpt = complete_checkpoints(full.plan.run_dir)[0]
+    resumed = run(make_plan(tmp_path / "b", tiny_llama, resume_from=ckpt, **common))
+    assert isinstance(resumed.optimizer, CompensatedAdamW)
+    for (n, a), (_, b) in zip(
+        full.model.named_parameters(), resumed.model.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), n
+        ca = full.optimizer.state[a]["compensation"]
+        assert torch.equal(ca, resumed.optimizer.state[b]["compensation"]), n
+
+
+def test_lora_modules_to_save_on_a_bf16_base_get_compensated_updates(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_llama: Path
+) -> None:
+    """LoRA on an explicit bf16 base: adapters are fp32 (peft), the trained copy of a
+    `modules_to_save` module is bf16 and gets the compensated update."""
+    from sft_torch import train as train_mod
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    method = {"name": "lora", "r": 4, "modules_to_save": ["lm_head"]}
+    plan = make_plan(
+        tmp_path,
+        tiny_llama,
+        method=method,
+        model={"dtype": "bfloat16"},
+        train={"max_steps": 2, "learning_rate": 5e-5, "precision": "auto"},
+    )
+    trainer = train_mod.Trainer(plan, events_for(plan))
+    assert trainer.precision == "bf16" and isinstance(trainer.optimizer, CompensatedAdamW)
+    train_mod.fit(trainer)
+    trained = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    saved = [p for n, p in trained.items() if "modules_to_save" in n]
+    assert saved and all(p.dtype == torch.bfloat16 for p in saved)
+    assert all(p.dtype == torch.float32 for n, p in trained.items() if "lora_" in n)
+    assert all("compensation" in trainer.optimizer.state[p] for p in saved)
