@@ -361,9 +361,11 @@ def check_fp16_weights(ctx: Ctx) -> Result:
 
     train = {"max_steps": 3, "precision": "fp16" if ctx.cuda else "auto"}
     method = {"name": "freeze", "trainable_layers": 1}
+    # dry run: validation refuses float16 with torch.device cpu, so the device is left to auto
+    device = [] if ctx.cuda else ["torch.device=auto"]
     with fp16(ctx, 2.0**8):
         trainer = trainer_for(
-            job(ctx, "fp16-weights", method=method, train=train), ["model.dtype=float16"]
+            job(ctx, "fp16-weights", method=method, train=train), ["model.dtype=float16", *device]
         )
         result = fit(trainer)
     trained = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
