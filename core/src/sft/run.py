@@ -144,6 +144,7 @@ def evaluate_prompts(backend: Any, config: RunConfig, model: str) -> dict[str, A
     evaluate = getattr(backend, "evaluate", None)
     if evaluate is None:  # validation refuses eval.prompts for such a backend; never skip it
         raise SftError(f"eval.prompts: backend {config.backend!r} cannot generate")
+    print(f"sft: eval.prompts on {model} ({config.eval.prompts})", file=sys.stderr, flush=True)
     result: dict[str, Any] = evaluate(model, Path(config.eval.prompts), config.eval.max_new_tokens)
     return result
 
