@@ -6,11 +6,17 @@ MindFormers' MFLossMonitor prints one line per step in each worker's log:
       lr: 0.0002, overflow cond: False, loss_scale: 1.0, global_norm: [1.234], ...
 
     rows = parse_losses(log_dir)   # [{"step": 3, "loss": 5.612345, "lr": 2e-4, ...}, ...]
+    for step, row in metric_rows(rows, steps, every=1): events.log(step, row)
+
+`metric_rows` gives MindFormers' per-step numbers the meaning of every key that the torch backend
+writes (`sft.events.TRAIN_ROW_KEYS`): cumulative token counts, a token-weighted loss over the
+logging interval, the lr the step trained with, the gradient norm before clipping.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,4 +66,57 @@ def parse_losses(log_dir: Path) -> list[dict[str, Any]]:
         if len(per_rank) > 1:
             row = {**row, "loss": sum(losses) / len(losses), "loss_rank0": row["loss"]}
         out.append(row)
+    return out
+
+
+@dataclass
+class StepTokens:
+    """What core's schedule says about one optimizer step."""
+
+    trained: int
+    """Trained (loss) tokens of the step, all ranks."""
+    tokens: int
+    """Non-padding tokens of the step, all ranks."""
+    epoch: int
+
+
+def metric_rows(
+    records: list[dict[str, Any]], steps: list[StepTokens], every: int
+) -> list[tuple[int, dict[str, Any]]]:
+    """(step, metrics.jsonl row) every `every` steps and at the last logged step, from
+    `parse_losses` records (one per step, MindFormers' own per-step values)."""
+    out: list[tuple[int, dict[str, Any]]] = []
+    total_trained = total_tokens = 0
+    loss_sum, trained, tokens, seconds = 0.0, 0, 0, 0.0
+    skipped = 0
+    for i, rec in enumerate(records):
+        step = rec["step"]
+        info = steps[step - 1]
+        tokens += info.tokens
+        total_tokens += info.tokens
+        seconds += rec["step_time_s"]
+        if rec.get("skipped"):
+            skipped += 1  # no update: trains nothing, no loss to average (as torch)
+        else:
+            loss_sum += rec["loss"] * info.trained
+            trained += info.trained
+            total_trained += info.trained
+        if step % every and i != len(records) - 1:
+            continue
+        row: dict[str, Any] = {
+            "tokens_per_s": tokens / max(seconds, 1e-9),
+            "trained_tokens": float(total_trained),
+            "tokens": float(total_tokens),
+        }
+        if trained:
+            row["loss"] = loss_sum / trained
+        row.update({"lr": rec["lr"], "epoch": float(info.epoch)})
+        if "grad_norm" in rec:
+            row["grad_norm"] = rec["grad_norm"]
+        if "loss_rank0" in rec:
+            row["loss_rank0"] = rec["loss_rank0"]
+        if skipped:
+            row["skipped_steps"] = float(skipped)
+        out.append((step, row))
+        loss_sum, trained, tokens, seconds = 0.0, 0, 0, 0.0
     return out

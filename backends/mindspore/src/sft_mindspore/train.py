@@ -25,13 +25,14 @@ from sft_mindspore import data as msdata
 from sft_mindspore import mfconfig
 from sft_mindspore.export import export_final
 from sft_mindspore.launch import launch
-from sft_mindspore.logs import parse_losses
+from sft_mindspore.logs import StepTokens, metric_rows, parse_losses
 from sft_mindspore.weights import check_model_type, hf_to_ckpt
 
 YAML_HEADER = (
     "# MindFormers legacy finetune config written by sft from {config}.\n"
     "# Rerun it directly: python -m sft_mindspore.entry --config {path}\n"
-    "# (or with MindFormers' run_mindformer.py on Ascend; msrun for several devices).\n"
+    "# (or with MindFormers' run_mindformer.py on Ascend after `import sft_mindspore.lr`, which\n"
+    "# registers the lr_schedule class; msrun for several devices).\n"
 )
 
 
@@ -52,7 +53,9 @@ def prepare(plan: TrainPlan, device: str) -> tuple[Path, msdata.Schedule, Path]:
     init_ckpt = work / "init" / "model.ckpt"
     resume = resume_dir(plan)
     if resume is None or not init_ckpt.exists():
-        hf_to_ckpt(plan.model.path, init_ckpt)
+        # LoRA: the starting adapters are core's seeded draw, the same the torch backend uses
+        lora = cfg.method if cfg.method.name == "lora" else None
+        hf_to_ckpt(plan.model.path, init_ckpt, lora=lora, seed=cfg.train.seed)
     output_dir = work / "output"
     doc = mfconfig.build_yaml(plan, schedule, str(init_ckpt), str(dataset), device, str(output_dir))
     apply_resume(doc, resume)
@@ -90,6 +93,11 @@ def apply_resume(doc: dict[str, Any], ckpt_dir: Path | None) -> None:
     doc["resume_training"] = True
 
 
+def step_tokens(split: Any, rows: list[list[int]]) -> int:
+    """Non-padding tokens (prompt and trained) of a step's rows."""
+    return int(sum(int(split.lengths[i]) for row in rows for i in row))
+
+
 def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
     cfg = plan.config
     device = resolve_device(plan.options)
@@ -119,25 +127,38 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
         or max(1, (os.cpu_count() or 1) // cfg.parallel.nproc_per_node),
     )
     records = parse_losses(log_dir)
-    trained = [count_trained(plan.data.train, rows) for rows in schedule.steps]
-    for rec in records:
-        step = rec.pop("step")
-        if step <= len(trained):
-            rec["trained_tokens"] = trained[step - 1]
-            if rec.get("step_time_s"):
-                rec["tokens_per_s"] = round(trained[step - 1] / rec["step_time_s"], 1)
-        events.log(step, rec)
+    split = plan.data.train
+    epochs = schedule.epochs or [0] * len(schedule.steps)
+    steps = [
+        StepTokens(count_trained(split, rows), step_tokens(split, rows), epoch)
+        for rows, epoch in zip(schedule.steps, epochs, strict=True)
+    ]
+    rows = metric_rows(records, steps, cfg.logging.every_steps)
+    for step, row in rows:
+        events.log(step, row)
     # rank 0's checkpoint lives on node 0: only that node exports
     outputs = export_final(plan, output_dir) if cfg.parallel.node_rank == 0 else {}
     elapsed = time.time() - start
+    last = rows[-1][1] if rows else {}
+    train_time = sum(r["step_time_s"] for r in records)
+    trained, tokens = int(last.get("trained_tokens", 0)), int(last.get("tokens", 0))
     return TrainResult(
         steps=len(schedule.steps),
-        final_loss=records[-1]["loss"] if records else None,
+        final_loss=last.get("loss"),
         outputs=outputs,
-        metrics={
+        metrics={  # the shared keys mean what sft.events.SUMMARY_KEYS says
             "device": device,
+            "total_steps": len(schedule.steps),
+            "rows_per_step": schedule.rows_per_step,
+            "world_size": cfg.parallel.world_size,
+            "trained_tokens": trained,
+            "tokens": tokens,
+            "tokens_per_s": round(tokens / max(train_time, 1e-9), 2),
+            "trained_tokens_per_s": round(trained / max(train_time, 1e-9), 2),
+            "train_time_s": round(train_time, 3),
             "elapsed_s": round(elapsed, 2),
-            "trained_tokens": sum(trained),
+            "resumed_at_step": records[0]["step"] - 1 if records else 0,
+            "skipped_steps": [r["step"] for r in records if r.get("skipped")],
             "dropped_rows": schedule.dropped_rows,
             "seq_length": schedule.seq_length,
             "mindformers_yaml": str(yaml_path),
