@@ -61,8 +61,8 @@ class SftWarmUpDecayLR(LearningRateSchedule):
             shape = ops.ones_like(progress)
         elif self.kind == "linear":
             shape = 1.0 - progress
-        else:
-            shape = 0.5 * (1.0 + ops.cos(math.pi * progress))
+        else:  # 0.5 (1 + cos(pi p)) written without float32's cancellation near the end
+            shape = ops.square(ops.cos(0.5 * math.pi * progress))
         decayed = self.min_ratio + (1.0 - self.min_ratio) * shape
         factor = ops.select(step < self.warmup, warm, decayed)
         return self.learning_rate * factor
