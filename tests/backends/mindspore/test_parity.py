@@ -14,6 +14,7 @@ and step-1 gradient norms by 1e-2 or more).
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -108,7 +109,7 @@ def test_metrics_have_the_same_keys_and_meanings(runs):
     assert set(TRAIN_ROW_KEYS) <= ms_keys and set(TRAIN_ROW_KEYS) <= pt_keys
     assert ms_keys - pt_keys <= MS_ONLY_ROW, ms_keys - pt_keys
     # cumulative counts: each row's trained_tokens is the sum of the steps' own counts so far
-    assert all(b["trained_tokens"] > a["trained_tokens"] for a, b in zip(ms, ms[1:]))
+    assert all(b["trained_tokens"] > a["trained_tokens"] for a, b in itertools.pairwise(ms))
     pt_summary = json.loads((torch_dir / "summary.json").read_text())["metrics"]
     assert set(SUMMARY_KEYS) <= set(ms_summary) and set(SUMMARY_KEYS) <= set(pt_summary)
     assert set(ms_summary) - set(pt_summary) <= MS_ONLY_SUMMARY
