@@ -159,3 +159,29 @@ def test_final_weights_agree(runs):
         assert all(ms[n].to_float32().any() for n in ms if "lora_B" in n)
     else:
         assert any(not np.array_equal(start[n].data, ms[n].data) for n in ms)
+
+
+def test_two_data_parallel_workers_train_the_global_token_mean(runs, tmp_path):
+    """msrun, 2 CPU workers x micro-batch 1 = the same rows per step as the single-process
+    micro-batch 2 runs; each step's gradient must be the mean over ALL the step's trained
+    tokens, as torch's, not the mean of the two ranks' own token means."""
+    method, plan, _, torch_dir = runs
+    if method != "lora":
+        pytest.skip("one data-parallel run is enough")
+    dp = make_plan(
+        tmp_path / "dp",
+        plan.model.path,
+        "lora",
+        split=synthetic_split(n=8),
+        train={"max_steps": STEPS, "precision": "fp32", **SPECS["lora"]["train"]}
+        | {"micro_batch_size": 1},
+        parallel={"nproc_per_node": 2, "master_port": 8163},
+    )
+    dp.config.logging.plot = dp.config.logging.tensorboard = False
+    train(dp, RunEvents(dp.config, dp.run_dir, get_plugins().hook))
+    ms, pt = metrics(dp.run_dir), metrics(torch_dir)
+    assert len(ms) == len(pt) == STEPS
+    for a, b in zip(ms, pt, strict=True):
+        assert a["trained_tokens"] == b["trained_tokens"] and rel(a["lr"], b["lr"]) < 1e-6
+        assert rel(a["loss"], b["loss"]) < REL, (a["step"], a["loss"], b["loss"])
+        assert rel(a["grad_norm"], b["grad_norm"]) < REL, (a, b)

@@ -55,7 +55,8 @@ def parse_lines(text: str) -> list[dict[str, Any]]:
 
 def parse_losses(log_dir: Path) -> list[dict[str, Any]]:
     """Per-step rows; with several data-parallel ranks the loss is the mean of the ranks'
-    losses (what the averaged gradient descends), and `loss_rank0` keeps rank 0's own."""
+    losses, `rank_losses` has each rank's (its own token mean; `metric_rows` weights them by
+    the ranks' trained tokens) and `loss_rank0` keeps rank 0's."""
     per_rank = [parse_lines(p.read_text(errors="replace")) for p in worker_logs(log_dir)]
     per_rank = [rows for rows in per_rank if rows]
     if not per_rank:
@@ -64,7 +65,12 @@ def parse_losses(log_dir: Path) -> list[dict[str, Any]]:
     for i, row in enumerate(per_rank[0]):
         losses = [rows[i]["loss"] for rows in per_rank if i < len(rows)]
         if len(per_rank) > 1:
-            row = {**row, "loss": sum(losses) / len(losses), "loss_rank0": row["loss"]}
+            row = {
+                **row,
+                "loss": sum(losses) / len(losses),
+                "loss_rank0": row["loss"],
+                "rank_losses": losses,
+            }
         out.append(row)
     return out
 
@@ -78,6 +84,20 @@ class StepTokens:
     tokens: int
     """Non-padding tokens of the step, all ranks."""
     epoch: int
+    trained_ranks: list[int] | None = None
+    """Trained tokens of each data-parallel rank's share of the step (several ranks only)."""
+
+
+def step_loss(rec: dict[str, Any], info: StepTokens) -> float:
+    """The step's loss over the global batch: with data parallel, the ranks' token means
+    weighted by their trained tokens (= summed token losses / all trained tokens)."""
+    losses = rec.get("rank_losses")
+    if not losses or not info.trained_ranks or len(losses) != len(info.trained_ranks):
+        return float(rec["loss"])
+    total = sum(info.trained_ranks)
+    if total == 0:
+        return float(rec["loss"])
+    return sum(x * n for x, n in zip(losses, info.trained_ranks, strict=True)) / total
 
 
 def metric_rows(
@@ -98,7 +118,7 @@ def metric_rows(
         if rec.get("skipped"):
             skipped += 1  # no update: trains nothing, no loss to average (as torch)
         else:
-            loss_sum += rec["loss"] * info.trained
+            loss_sum += step_loss(rec, info) * info.trained
             trained += info.trained
             total_trained += info.trained
         if step % every and i != len(records) - 1:

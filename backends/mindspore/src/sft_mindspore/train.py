@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sft.backend import TrainPlan, TrainResult
-from sft.data.batching import count_trained
+from sft.data.batching import count_trained, shard_for_rank
 from sft.errors import SftError
 from sft.events import RunEvents
 
@@ -129,8 +129,16 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
     records = parse_losses(log_dir)
     split = plan.data.train
     epochs = schedule.epochs or [0] * len(schedule.steps)
+    world = cfg.parallel.world_size
     steps = [
-        StepTokens(count_trained(split, rows), step_tokens(split, rows), epoch)
+        StepTokens(
+            count_trained(split, rows),
+            step_tokens(split, rows),
+            epoch,
+            [count_trained(split, shard_for_rank(rows, r, world)) for r in range(world)]
+            if world > 1
+            else None,
+        )
         for rows, epoch in zip(schedule.steps, epochs, strict=True)
     ]
     rows = metric_rows(records, steps, cfg.logging.every_steps)

@@ -262,7 +262,9 @@ def lora_target_names(target_modules: str | list[str]) -> list[str]:
     names = [hf for hf in MODULE_MAP if re.search(target_modules, hf)]
     if not names:
         raise ConfigError(
-            [f"method.target_modules: regex {target_modules!r} matches none of {sorted(MODULE_MAP)}"]
+            [
+                f"method.target_modules: regex {target_modules!r} matches none of {sorted(MODULE_MAP)}"
+            ]
         )
     return names
 
