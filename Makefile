@@ -46,10 +46,11 @@ $(V)/torch/.dev-stamp: $(V)/torch/.stamp
 	touch $@
 
 venv-ms: $(V)/ms/.stamp
-$(V)/ms/.stamp: core/pyproject.toml backends/mindspore/pyproject.toml
+$(V)/ms/.stamp: core/pyproject.toml backends/mindspore/pyproject.toml plugins/gguf/pyproject.toml
 	test -x $(MS)/python || $(PY) -m venv $(V)/ms
 	$(MS)/pip install $(PIP_FLAGS) "mindformers==1.9.0" "mindspore==2.9.0" "numpy<2" "transformers==4.57.1"
-	$(MS)/pip install $(PIP_FLAGS) -e core -e backends/mindspore -e plugins/example-backend $(DEV_DEPS) "numpy<2"
+	$(MS)/pip install $(PIP_FLAGS) -e core -e backends/mindspore -e plugins/example-backend -e plugins/gguf \
+	    $(DEV_DEPS) "numpy<2"
 	touch $@
 
 test: test-core test-torch test-ms

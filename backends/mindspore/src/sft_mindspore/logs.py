@@ -6,7 +6,7 @@ MindFormers' MFLossMonitor prints one line per step in each worker's log:
       lr: 0.0002, overflow cond: False, loss_scale: 1.0, global_norm: [1.234], ...
 
     rows = parse_losses(log_dir)   # [{"step": 3, "loss": 5.612345, "lr": 2e-4, ...}, ...]
-    for step, row in metric_rows(rows, steps, every=1): events.log(step, row)
+    for step, row in metric_rows(rows, steps): events.log(step, row)
 
 `metric_rows` gives MindFormers' per-step numbers the meaning of every key that the torch backend
 writes (`sft.events.TRAIN_ROW_KEYS`): cumulative token counts, a token-weighted loss over the
@@ -101,36 +101,40 @@ def step_loss(rec: dict[str, Any], info: StepTokens) -> float:
 
 
 def metric_rows(
-    records: list[dict[str, Any]], steps: list[StepTokens], every: int
+    records: list[dict[str, Any]], steps: list[StepTokens], start: int = 0
 ) -> list[tuple[int, dict[str, Any]]]:
-    """(step, metrics.jsonl row) every `every` steps and at the last logged step, from
-    `parse_losses` records (one per step, MindFormers' own per-step values)."""
+    """(step, metrics.jsonl row) for each `parse_losses` record. `start`: the step this process
+    began after (0, or the step a resumed run continues from).
+
+    MindFormers prints every `logging.every_steps`-th step (its per_print_times) with that step's
+    own values; token counts still cover every step since the previous row. Logging every step
+    (the default), each row is exactly the torch backend's; with a longer interval, `loss`,
+    `grad_norm` and `tokens_per_s` are the printed step's own (torch averages `loss` and the
+    throughput over the interval)."""
     out: list[tuple[int, dict[str, Any]]] = []
     total_trained = total_tokens = 0
-    loss_sum, trained, tokens, seconds = 0.0, 0, 0, 0.0
     skipped = 0
-    for i, rec in enumerate(records):
+    prev = start
+    for rec in records:
         step = rec["step"]
         info = steps[step - 1]
-        tokens += info.tokens
-        total_tokens += info.tokens
-        seconds += rec["step_time_s"]
+        between = steps[prev : step - 1]  # steps MindFormers trained but did not print
+        total_tokens += sum(s.tokens for s in between) + info.tokens
+        total_trained += sum(s.trained for s in between)
+        row: dict[str, Any] = {"tokens_per_s": info.tokens / max(rec["step_time_s"], 1e-9)}
         if rec.get("skipped"):
-            skipped += 1  # no update: trains nothing, no loss to average (as torch)
+            skipped += 1  # no update: trains nothing, no loss to report (as torch)
         else:
-            loss_sum += step_loss(rec, info) * info.trained
-            trained += info.trained
             total_trained += info.trained
-        if step % every and i != len(records) - 1:
-            continue
-        row: dict[str, Any] = {
-            "tokens_per_s": tokens / max(seconds, 1e-9),
-            "trained_tokens": float(total_trained),
-            "tokens": float(total_tokens),
-        }
-        if trained:
-            row["loss"] = loss_sum / trained
-        row.update({"lr": rec["lr"], "epoch": float(info.epoch)})
+            row["loss"] = step_loss(rec, info)
+        row.update(
+            {
+                "trained_tokens": float(total_trained),
+                "tokens": float(total_tokens),
+                "lr": rec["lr"],
+                "epoch": float(info.epoch),
+            }
+        )
         if "grad_norm" in rec:
             row["grad_norm"] = rec["grad_norm"]
         if "loss_rank0" in rec:
@@ -138,5 +142,5 @@ def metric_rows(
         if skipped:
             row["skipped_steps"] = float(skipped)
         out.append((step, row))
-        loss_sum, trained, tokens, seconds = 0.0, 0, 0, 0.0
+        prev = step
     return out

@@ -10,6 +10,7 @@ $ sft run --backend mindspore --config configs/qwen2-tiny/lora.yaml
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -98,6 +99,18 @@ def step_tokens(split: Any, rows: list[list[int]]) -> int:
     return int(sum(int(split.lengths[i]) for row in rows for i in row))
 
 
+def stop_on_nonfinite(records: list[dict[str, Any]]) -> None:
+    """`train.nan_policy: stop` (the only policy here): a non-finite loss in MindFormers' log
+    fails the run before anything is exported from the diverged weights."""
+    bad = [r["step"] for r in records if not math.isfinite(float(r.get("loss", 0.0)))]
+    if bad:
+        raise SftError(
+            f"the loss became non-finite at step {bad[0]} (train.nan_policy: stop); nothing "
+            "was exported. Lower train.learning_rate, use precision fp32/bf16, or check the "
+            "data of that step"
+        )
+
+
 def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
     cfg = plan.config
     device = resolve_device(plan.options)
@@ -108,7 +121,8 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
         )
     start = time.time()
     yaml_path, schedule, output_dir = prepare(plan, device)
-    if resume_dir(plan) is None and output_dir.exists():
+    resuming = resume_dir(plan) is not None
+    if not resuming and output_dir.exists():
         shutil.rmtree(output_dir)  # a fresh run must not pick up an older run's checkpoints
     events.train_start(
         {
@@ -123,10 +137,12 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
         yaml_path,
         cfg.parallel,
         plan.run_dir / "mindformers",
+        progress=cfg.logging.progress,
         threads=plan.options.threads  # type: ignore[attr-defined]
         or max(1, (os.cpu_count() or 1) // cfg.parallel.nproc_per_node),
     )
     records = parse_losses(log_dir)
+    stop_on_nonfinite(records)
     split = plan.data.train
     epochs = schedule.epochs or [0] * len(schedule.steps)
     world = cfg.parallel.world_size
@@ -141,7 +157,8 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
         )
         for rows, epoch in zip(schedule.steps, epochs, strict=True)
     ]
-    rows = metric_rows(records, steps, cfg.logging.every_steps)
+    resumed_at = records[0]["step"] - 1 if resuming and records else 0
+    rows = metric_rows(records, steps, start=resumed_at)
     for step, row in rows:
         events.log(step, row)
     # rank 0's checkpoint lives on node 0: only that node exports
@@ -165,7 +182,7 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
             "trained_tokens_per_s": round(trained / max(train_time, 1e-9), 2),
             "train_time_s": round(train_time, 3),
             "elapsed_s": round(elapsed, 2),
-            "resumed_at_step": records[0]["step"] - 1 if records else 0,
+            "resumed_at_step": resumed_at,
             "skipped_steps": [r["step"] for r in records if r.get("skipped")],
             "dropped_rows": schedule.dropped_rows,
             "seq_length": schedule.seq_length,

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 from typing import Any, Literal
 
 import sft
@@ -132,6 +133,14 @@ class TorchBackend:
         except ValidationError:
             return []  # core reports the section's own errors
         return _device_problems(config, opts) + _strategy_problems(config, opts)
+
+    def evaluate(self, model: str, data: Path, max_new_tokens: int) -> dict[str, Any]:
+        """Generation tasks (and held-out loss) of `data` on `model` (`eval.prompts`)."""
+        from sft_torch.commands import _threads
+        from sft_torch.eval import evaluate
+
+        _threads()
+        return evaluate(model, data, max_new_tokens)
 
     def train(self, plan: TrainPlan, events: RunEvents) -> TrainResult:
         # Multi-process runs: re-launch through torchrun, or join the process group when this

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 import warnings
 from functools import lru_cache
 from typing import Any
@@ -23,9 +24,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda if available, else cpu; an explicit device that is missing is an error."""
+    """`auto` -> cuda if available, else cpu (said once on stderr, with why); an explicit device
+    that is missing is an error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cpu":
+            say_cpu_fallback()
     if name == "cuda" and not torch.cuda.is_available():
         raise SftError(
             "torch.device is 'cuda' but torch sees no CUDA GPU "
@@ -39,6 +43,20 @@ def resolve_device(name: str) -> torch.device:
         local = int(os.environ.get("LOCAL_RANK", dist_info()[0]))
         return torch.device("cuda", local % torch.cuda.device_count())
     return torch.device(name)
+
+
+@lru_cache(maxsize=1)
+def say_cpu_fallback() -> str:
+    """One stderr line: `torch.device: auto` trains on the CPU, and why (returned for tests)."""
+    why = (
+        f"this torch build ({torch.__version__}) has no CUDA support"
+        if torch.version.cuda is None
+        else f"torch (CUDA {torch.version.cuda}) sees no GPU: check the driver and "
+        "CUDA_VISIBLE_DEVICES"
+    )
+    line = f"sft: torch.device auto -> cpu: {why}; set torch.device=cpu to silence this"
+    print(line, file=sys.stderr, flush=True)
+    return line
 
 
 @lru_cache(maxsize=1)
@@ -115,9 +133,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
-        # warn_only: a few CUDA kernels have no deterministic variant; say so instead of failing
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    # set both ways: the flag is process-wide and must not leak from one run into the next.
+    # warn_only: a few CUDA kernels have no deterministic variant; say so instead of failing
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def rng_state() -> dict[str, Any]:

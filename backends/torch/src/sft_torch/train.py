@@ -43,7 +43,6 @@ from sft_torch.model import (
 )
 from sft_torch.optim import build_optimizer, build_scheduler
 from sft_torch.outputs import save_final
-from sft_torch.plot import plot_loss
 
 
 @dataclass
@@ -348,7 +347,19 @@ class Trainer:
             "packing": self.plan.packing,
             "world_size": self.world,  # sft_torch.distributed: processes and their strategy
             "strategy": self.engine.strategy,
+            # read back from the model and torch, not from the config: what really runs
+            "gradient_checkpointing": checkpointing_enabled(self.model),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
         }
+
+
+def checkpointing_enabled(model: Any) -> bool:
+    """Whether the transformers model recomputes activations in backward."""
+    lm = causal_lm(model)
+    flag = getattr(type(lm), "is_activation_checkpointing", None)  # transformers >= 5
+    if flag is None:
+        flag = getattr(type(lm), "is_gradient_checkpointing", None)
+    return bool(flag.fget(lm)) if isinstance(flag, property) else False
 
 
 def micro_batch_threads(option: int | None, trainer: Trainer) -> int:
@@ -488,10 +499,6 @@ def finish(
     with trainer.engine.full_weights():  # FSDP2: every rank gathers its shards; rank 0 saves
         if trainer.rank == 0:
             outputs = save_final(trainer.model, plan)
-    if trainer.rank == 0 and plan.config.logging.plot:
-        png = plot_loss(plan.run_dir)
-        if png:
-            outputs["loss_plot"] = str(png)
     metrics: dict[str, Any] = {
         **trainer.info(),
         "tokens_per_s": round(meter.total_tokens / max(meter.total_seconds, 1e-9), 2),
