@@ -10,7 +10,7 @@ script: `python -m sft_mindspore.entry --config RUN_DIR/mindformers.yaml`).
 What maps to what (spec -> MindFormers):
     model config.json          -> model.model_config (LlamaConfig; qwen2 = qkv_has_bias: True)
     method lora r/alpha/...    -> model_config.pet_config (mindpet LoRA; q_proj -> wq ... regex)
-    train.* optimizer/schedule -> optimizer (AdamW), lr_schedule, runner_wrapper (clipping)
+    train.* optimizer/schedule -> optimizer (AdamW), lr_schedule (sft_mindspore.lr), runner_wrapper
     micro batch x accumulation -> runner_config (batch_size per card, gradient_accumulation_steps)
     parallel.*                 -> parallel_config (dp x mp x cp x pp must equal the device count)
 """
