@@ -5,9 +5,8 @@
     sched = build_scheduler(opt, config.train, total_steps=100)
     lr_factor(step=0, total=100, warmup=3, kind="cosine", min_ratio=0.1)   # 1/3
 
-Warmup rises linearly from peak/warmup at the first step to the peak at step `warmup - 1`
-(no step is wasted at lr 0), then `cosine` or `linear` decays to `min_lr_ratio` x peak at the
-last step; `constant` stays at the peak.
+The schedule itself (`lr_factor`, `warmup_steps`) is core's `sft.lr`, shared with the MindSpore
+backend so both train every step at the same learning rate.
 """
 
 from __future__ import annotations
@@ -17,7 +16,10 @@ from functools import partial
 from typing import Any
 
 import torch
+from sft.lr import lr_factor, warmup_steps
 from sft.specs import TrainSpec
+
+__all__ = ["build_optimizer", "build_scheduler", "lr_factor", "param_groups", "warmup_steps"]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -118,24 +120,6 @@ class CompensatedAdamW(torch.optim.Optimizer):
         exact = w.add_(update.add_(comp.float()))  # what the weight should now be, in fp32
         p.copy_(exact)  # rounded to the parameter's dtype
         comp.copy_(exact.sub_(p.float()))  # the part the rounding lost, carried to the next step
-
-
-def warmup_steps(train: TrainSpec, total: int) -> int:
-    if train.warmup_steps is not None:
-        return min(train.warmup_steps, total)
-    return math.ceil(train.warmup_ratio * total)
-
-
-def lr_factor(step: int, *, total: int, warmup: int, kind: str, min_ratio: float) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    decay_steps = max(1, total - warmup - 1)
-    progress = min(1.0, (step - warmup) / decay_steps)
-    shape = 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return min_ratio + (1.0 - min_ratio) * shape
 
 
 def build_scheduler(

@@ -178,7 +178,7 @@ class Trainer:
         )
         if cfg.train.gradient_checkpointing and cfg.method.name != "qlora":
             enable_checkpointing(lm)
-        model = apply_method(lm, cfg.method, cfg.train.gradient_checkpointing)
+        model = apply_method(lm, cfg.method, cfg.train.gradient_checkpointing, seed=cfg.train.seed)
         master_weights(model)  # trained fp16 parameters (model.dtype: float16) train in fp32
         model.train()  # from_pretrained returns eval mode; dropout (LoRA) must be on
         # perf levers (TorchOptions.bf16_frozen_weights / compile); single process only, so
