@@ -170,6 +170,7 @@ class Trainer:
         cfg = self.cfg
         lm = load_model(self.plan, self.device, self.precision)
         opts = self.plan.options
+        self.attn_implementation = lm.config._attn_implementation  # auto: sdpa, else eager
         self.packed_attention = attention.resolve(
             lm,
             getattr(opts, "packed_attention", "auto"),
@@ -360,6 +361,7 @@ class Trainer:
             "rows_per_step": self.schedule.rows_per_step,
             "steps_per_epoch": self.schedule.steps_per_epoch,
             "chunked_loss": self.loss_settings.chunked,
+            "attn_implementation": self.attn_implementation,
             "packed_attention": self.packed_attention,
             "release_memory": self.release_memory,
             "fused_lora": self.fused_lora > 0,  # peft LoRA Linears swapped (sft_torch.lora)
