@@ -112,9 +112,7 @@ def vocab_size(tok_dir: Path) -> int:
 def make_config(model_type: str, vocab: int) -> Any:
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(
-        model_type, vocab_size=vocab, **{**COMMON, **QUIRKS[model_type]}
-    )
+    return AutoConfig.for_model(model_type, vocab_size=vocab, **{**COMMON, **QUIRKS[model_type]})
 
 
 def build(path: str | Path, model_type: str, seed: int = 0) -> Path:

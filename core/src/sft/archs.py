@@ -39,9 +39,7 @@ ARCHITECTURES: dict[str, Arch] = {
     ),
     "qwen2": Arch("tied embeddings, q/k/v biases", mindspore=_MS_OK),
     "qwen3": Arch("tied embeddings, q/k norm"),
-    "qwen3_moe": Arch(
-        "4 experts, top-2, q/k norm", gguf="refused: llama.cpp stacks the experts"
-    ),
+    "qwen3_moe": Arch("4 experts, top-2, q/k norm", gguf="refused: llama.cpp stacks the experts"),
     "mistral": Arch(
         "sliding window 16",
         gguf="verified without a sliding window; refused with one (llama.cpp's llama graph "
@@ -79,9 +77,15 @@ ARCHITECTURES: dict[str, Arch] = {
 
 
 def nearest(model_type: str) -> str:
-    """The tested architecture whose name is closest (mistral3 -> mistral)."""
-    close = difflib.get_close_matches(model_type, list(ARCHITECTURES), n=1, cutoff=0.0)
-    return close[0] if close else "llama"
+    """The tested architecture whose name shares the longest prefix, then is most alike
+    (mistral3 -> mistral, gemma3 -> gemma3_text, qwen2_moe -> qwen2)."""
+
+    def score(name: str) -> tuple[int, float]:
+        prefix = next((i for i, (a, b) in enumerate(zip(name, model_type)) if a != b), None)
+        prefix = min(len(name), len(model_type)) if prefix is None else prefix
+        return prefix, difflib.SequenceMatcher(None, name, model_type).ratio()
+
+    return max(ARCHITECTURES, key=score)
 
 
 def notice(model_type: str, backend: str) -> str | None:

@@ -188,11 +188,26 @@ app.add_typer(models_app, name="models")
 
 
 @models_app.callback(invoke_without_command=True)
-def models(ctx: typer.Context) -> None:
+def models(
+    ctx: typer.Context,
+    architectures: Annotated[
+        bool,
+        typer.Option(
+            "--architectures", help="The tested architecture matrix (per backend and export)."
+        ),
+    ] = False,
+) -> None:
     """List built-in model names and where their weights come from."""
     from sft.models import BUILTIN_MODELS
 
     if ctx.invoked_subcommand is not None:
+        return
+    if architectures:
+        from sft.archs import ARCHITECTURES
+
+        for name, a in ARCHITECTURES.items():
+            typer.echo(f"{name}  ({a.quirks})")
+            typer.echo(f"    torch: {a.torch}\n    mindspore: {a.mindspore}\n    gguf: {a.gguf}")
         return
     for m in BUILTIN_MODELS.values():
         typer.echo(f"{m.name}\n    {m.description}\n    weights: {m.filename} from `{m.install}`")

@@ -118,8 +118,13 @@ LEVERS = {"chunked_loss": True, "loss_chunk_size": 5, "fused_lora": True, "micro
 
 def losses_of(tmp_path: Path, model_dir: Path, method, opts, **kw) -> tuple[Trainer, dict]:
     plan = make_plan(
-        tmp_path, model_dir, method=method, n=8, train={**TRAIN, **kw.pop("train", {})},
-        torch_opts=opts, **kw,
+        tmp_path,
+        model_dir,
+        method=method,
+        n=8,
+        train={**TRAIN, **kw.pop("train", {})},
+        torch_opts=opts,
+        **kw,
     )
     trainer = Trainer(plan, events_for(plan))
     fit(trainer)
@@ -198,9 +203,19 @@ def test_merged_and_adapter_exports_reload_in_a_fresh_process(tmp_path, arch_mod
             untrained = float(model(input_ids=x, labels=x).loss)
     assert abs(trained - untrained) > 1e-3  # the adapter matters
     done = subprocess.run(
-        [sys.executable, "-c", RELOAD, str(model_dir), str(tmp_path / "hf"),
-         str(tmp_path / "adapter"), json.dumps(ids)],
-        capture_output=True, text=True, timeout=240, check=False,
+        [
+            sys.executable,
+            "-c",
+            RELOAD,
+            str(model_dir),
+            str(tmp_path / "hf"),
+            str(tmp_path / "adapter"),
+            json.dumps(ids),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
@@ -224,10 +239,27 @@ def test_gguf_export_reads_back_or_is_refused_with_the_reason(tmp_path, arch_mod
             (model_dir / f.name).write_bytes(f.read_bytes())
         (model_dir / "config.json").write_text(json.dumps({**cfg, "sliding_window": None}))
     if not status.startswith(VERIFIED):
-        with pytest.raises(SftError, match="GGUF|gguf|rope scaling"):
+        with pytest.raises(SftError, match=r"GGUF export supports|rope scaling"):
             run_export("gguf", ExportRequest(run_dir=model_dir, out=tmp_path, dtype="f32"))
         return
     report = run_export("gguf", ExportRequest(run_dir=model_dir, out=tmp_path, dtype="f32"))
     assert report.ok and report.checks["problems"] == [], report.checks
     reader = gguf.GGUFReader(report.path)
     assert len(reader.tensors) == report.checks["tensors_compared"] > 0
+
+
+def test_auto_attention_picks_eager_where_the_model_has_no_sdpa(tmp_path, arch_models):
+    from sft_torch.model import load_kwargs
+
+    plan = make_plan(tmp_path, arch_models("gemma2"), method="full", train={"max_steps": 1})
+    assert load_kwargs(plan, torch.device("cpu"), "fp32")["attn_implementation"] == "eager"
+    trainer = Trainer(plan, events_for(plan))
+    assert trainer.info()["attn_implementation"] == "eager"  # the run says what it picked
+    assert trainer.packed_attention == "position_ids"
+    sdpa = make_plan(
+        tmp_path / "s", arch_models("gemma2"), torch_opts={"attn_implementation": "sdpa"}
+    )
+    with pytest.raises(SftError, match=r"torch.attn_implementation: sdpa: Gemma2ForCausalLM"):
+        load_model(sdpa, torch.device("cpu"))
+    llama = make_plan(tmp_path / "l", arch_models("llama"), method="full")
+    assert load_kwargs(llama, torch.device("cpu"), "fp32")["attn_implementation"] == "sdpa"

@@ -146,8 +146,7 @@ def load_model(plan: TrainPlan, device: torch.device, precision: str = "fp32") -
         path = Path(str(plan.model.path))
         pickle_only = path.is_dir() and not any(path.glob("*.safetensors*"))
         hint = (
-            " The model has only .bin/.pt weights: if you trust them, set "
-            "model.allow_pickle: true."
+            " The model has only .bin/.pt weights: if you trust them, set model.allow_pickle: true."
             if pickle_only and not cfg.model.allow_pickle
             else ""
         )
