@@ -81,7 +81,9 @@ def nearest(model_type: str) -> str:
     (mistral3 -> mistral, gemma3 -> gemma3_text, qwen2_moe -> qwen2)."""
 
     def score(name: str) -> tuple[int, float]:
-        prefix = next((i for i, (a, b) in enumerate(zip(name, model_type)) if a != b), None)
+        prefix = next(
+            (i for i, (a, b) in enumerate(zip(name, model_type, strict=False)) if a != b), None
+        )
         prefix = min(len(name), len(model_type)) if prefix is None else prefix
         return prefix, difflib.SequenceMatcher(None, name, model_type).ratio()
 
