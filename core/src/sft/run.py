@@ -43,8 +43,10 @@ def write_config(config: RunConfig, path: Path) -> None:
     )
 
 
-def is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+def is_main_process(config: RunConfig | None = None) -> bool:
+    """Rank 0 of the job: RANK (torchrun's) is 0 and, where every node runs `sft run` itself
+    (msrun, rank tables), this is node 0 — so shared run-directory files are written once."""
+    return os.environ.get("RANK", "0") == "0" and (config is None or config.parallel.node_rank == 0)
 
 
 def resolve_packing(config: RunConfig, backend: Any, options: Any) -> bool:
@@ -67,7 +69,7 @@ def build_plan(config: RunConfig, plugins: Plugins | None = None) -> tuple[Train
     options = backend_options(config, plugins)
     run_dir = Path(config.output_dir or "runs/run").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
+    if is_main_process(config):
         write_config(config, run_dir / "config.yaml")
     model = resolve_model(config.model.name_or_path)
     data = prepare_data(config, model, run_dir=run_dir)
@@ -88,7 +90,7 @@ def run(config: RunConfig, plugins: Plugins | None = None) -> dict[str, Any]:
     plugins = plugins or get_plugins()
     start = time.time()
     plan, backend = build_plan(config, plugins)
-    events = RunEvents(config, plan.run_dir, plugins.hook, is_main=is_main_process())
+    events = RunEvents(config, plan.run_dir, plugins.hook, is_main=is_main_process(config))
     result = backend.train(plan, events)
     summary: dict[str, Any] = {
         "backend": config.backend,
@@ -105,7 +107,31 @@ def run(config: RunConfig, plugins: Plugins | None = None) -> dict[str, Any]:
         "resumed_from": str(plan.resume_from) if plan.resume_from else None,
         "wall_time_s": round(time.time() - start, 2),
     }
-    if is_main_process():
+    if is_main_process(config):
         (plan.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         events.train_end(summary)
     return summary
+
+
+def dry_run(config: RunConfig, plugins: Plugins | None = None) -> dict[str, Any]:
+    """`sft run --dry-run`: resolve and validate everything, write config.yaml and the
+    backend's native plan (`backend.plan_native(plan)`, optional: native config files and the
+    launch commands of every node), train nothing. Returns what RUN_DIR/plan.json holds."""
+    plan, backend = build_plan(config, plugins)
+    native = getattr(backend, "plan_native", None)
+    out: dict[str, Any] = native(plan) if native else {}
+    result = {
+        "backend": config.backend,
+        "run_dir": str(plan.run_dir),
+        "config": str(plan.run_dir / "config.yaml"),
+        "files": out.get("files", {}),
+        "commands": out.get("commands", {}),
+        "summary": {
+            "packing": plan.packing,
+            "samples": len(plan.data.train),
+            **out.get("summary", {}),
+        },
+    }
+    if is_main_process(config):
+        (plan.run_dir / "plan.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
