@@ -246,4 +246,5 @@ def test_fp16_with_loss_scaling_and_recompute_trains_on_cpu(tmp_path, tiny_llama
     rows = metrics(plan.run_dir)
     assert len(rows) == 3 and not any(r.get("skipped") for r in rows)
     (ref,) = torch_losses([(tiny_llama, first_step_batch(plan.run_dir, 2), None)], tmp_path / "t")
-    assert 1e-6 < abs(rows[0]["loss"] - ref) < 2e-2, (rows[0]["loss"], ref)
+    # measured: fp16 1.8e-5 from torch's fp32, MindFormers fp32 2.0e-6
+    assert 5e-6 < abs(rows[0]["loss"] - ref) < 2e-2, (rows[0]["loss"], ref)
