@@ -21,6 +21,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,15 +233,25 @@ def _run_rank_table(procs: list[Process], work_dir: Path, threads: int) -> None:
         running.append((p, popen, f))
     failed = None
     try:
-        for p, popen, _ in running:
-            rc = popen.wait()
-            if rc and failed is None:
-                failed = (int(p.env["RANK_ID"]), p.log, rc)
-                for _, other, _ in running:
-                    if other.poll() is None:
-                        other.send_signal(signal.SIGTERM)
+        while failed is None and any(popen.poll() is None for _, popen, _ in running):
+            for p, popen, _ in running:
+                rc = popen.poll()
+                if rc:  # the first rank that fails stops the others
+                    failed = (int(p.env["RANK_ID"]), p.log, rc)
+                    break
+            time.sleep(0.2)
+        failed = failed or next(
+            (
+                (int(p.env["RANK_ID"]), p.log, popen.returncode)
+                for p, popen, _ in running
+                if popen.returncode
+            ),
+            None,
+        )
     finally:
         for _, popen, f in running:
+            if popen.poll() is None:
+                popen.send_signal(signal.SIGTERM)
             popen.wait()
             f.close()
     if failed is not None:
