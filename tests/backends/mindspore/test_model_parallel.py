@@ -1,0 +1,109 @@
+"""Model parallelism on MindFormers: the final export merges the ranks' shards or writes no model
+(never a shard as a model), and the batch arithmetic under pipeline parallelism follows
+MindFormers' own rule (global batch = batch_size x data_parallel x micro_batch_num).
+
+No Ascend here, so no real tensor-parallel run: the run directories below are what such a run
+leaves behind (per-rank checkpoints, with or without strategy files).
+
+$ .venvs/ms/bin/python -m pytest tests/backends/mindspore/test_model_parallel.py
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("mindspore")
+
+from sft.errors import SftError
+from sft_mindspore import runtime
+from sft_mindspore.export import export_final
+from sft_mindspore.weights import hf_to_ms_name, read_hf_dir, save_ckpt
+
+from tests.backends.mindspore.conftest import make_plan
+from tests.backends.mindspore.test_ascend_settings import ASCEND, ascend_doc
+
+pytestmark = pytest.mark.mindspore
+
+
+def _rank_checkpoints(output, model, ranks: int) -> None:
+    """A checkpoint per rank where MindFormers saves them (the contents do not matter here)."""
+    full = {hf_to_ms_name(k): v for k, v in read_hf_dir(model).items()}
+    for r in range(ranks):
+        save_ckpt(full, output / "checkpoint" / f"rank_{r}" / f"sft_rank_{r}-1_6.ckpt")
+
+
+def _plan(tmp_path, model, tp: int):
+    return make_plan(
+        tmp_path / "run",
+        model,
+        "full",
+        parallel={"nproc_per_node": 2, "tensor_parallel": tp},
+    )
+
+
+def test_data_parallel_exports_rank0_which_holds_every_weight(tmp_path, tiny_llama):
+    plan = _plan(tmp_path, tiny_llama, tp=1)
+    output = plan.run_dir / "mindformers" / "output"
+    _rank_checkpoints(output, tiny_llama, 2)
+    outputs = export_final(plan, output)
+    assert (plan.run_dir / "final" / "model" / "model.safetensors").is_file() and outputs["model"]
+
+
+@pytest.mark.parametrize("case", ["no strategy", "missing rank", "bad strategy"])
+def test_tensor_parallel_shards_are_never_exported_as_a_model(tmp_path, tiny_llama, case):
+    plan = _plan(tmp_path, tiny_llama, tp=2)
+    output = plan.run_dir / "mindformers" / "output"
+    _rank_checkpoints(output, tiny_llama, 1 if case == "missing rank" else 2)
+    if case != "no strategy":
+        (output / "strategy").mkdir(parents=True)
+        for r in range(2):
+            (output / "strategy" / f"ckpt_strategy_rank_{r}.ckpt").write_bytes(b"not protobuf")
+    stale = plan.run_dir / "final" / "model"
+    stale.mkdir(parents=True)  # an older run's model must not survive either
+    want = {
+        "no strategy": "no parallel strategy files",
+        "missing rank": "checkpoints of rank_1 are not under",
+        "bad strategy": "mindspore.transform_checkpoints failed",
+    }[case]
+    with pytest.raises(SftError, match=f"final model was NOT written.*{want}"):
+        export_final(plan, output)
+    assert not (plan.run_dir / "final").exists()
+
+
+# (nproc_per_node, nnodes, tensor, pipeline, context, micro_batch_size, accumulation)
+LAYOUTS = [
+    (8, 1, 1, 1, 1, 1, 1),
+    (8, 1, 1, 1, 1, 2, 4),
+    (8, 1, 2, 1, 1, 1, 2),
+    (8, 1, 1, 2, 1, 1, 1),
+    (8, 1, 1, 2, 1, 2, 4),
+    (8, 1, 2, 2, 1, 1, 8),
+    (8, 2, 2, 4, 1, 1, 2),
+    (8, 2, 1, 2, 2, 1, 4),
+]
+
+
+@pytest.mark.parametrize("nproc,nnodes,tp,pp,cp,micro,accum", LAYOUTS)
+def test_global_batch_under_pipeline_parallel_matches_mindformers_rule(
+    tmp_path, tiny_llama, nproc, nnodes, tp, pp, cp, micro, accum
+):
+    world = nproc * nnodes
+    text = (
+        f"parallel: {{nproc_per_node: {nproc}, nnodes: {nnodes}, tensor_parallel: {tp}, "
+        f"pipeline_parallel: {pp}, context_parallel: {cp}}}\n"
+        f"train: {{micro_batch_size: {micro}, gradient_accumulation_steps: {accum}}}\n"
+        + ASCEND
+        % ""
+    )
+    doc = ascend_doc(tmp_path, tiny_llama, text)
+    pc, rc = doc["parallel_config"], doc["runner_config"]
+    dp = world // (tp * pp * cp)
+    assert (pc["data_parallel"], pc["model_parallel"], pc["pipeline_stage"]) == (dp, tp, pp)
+    # sft's global batch (rows per optimizer step) is what MindFormers computes from the YAML
+    assert runtime.global_batch(doc) == micro * accum * world
+    if pp > 1:
+        assert pc["micro_batch_num"] == accum * pp >= pp  # every stage gets micro-batches
+        assert rc["gradient_accumulation_steps"] == 1  # MindFormers ignores it under pp
+    else:
+        assert pc["micro_batch_num"] == 1 and rc["gradient_accumulation_steps"] == accum
+    assert doc["train_dataset"]["batch_size"] == rc["batch_size"]
