@@ -107,3 +107,33 @@ def test_global_batch_under_pipeline_parallel_matches_mindformers_rule(
     else:
         assert pc["micro_batch_num"] == 1 and rc["gradient_accumulation_steps"] == accum
     assert doc["train_dataset"]["batch_size"] == rc["batch_size"]
+
+
+def test_mindformers_itself_derives_sfts_global_batch(tmp_path, tiny_llama):
+    """The same table through MindFormers' own check (BaseTrainer, installed 1.9)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    paths, want = [], []
+    for i, (nproc, nnodes, tp, pp, cp, micro, accum) in enumerate(LAYOUTS):
+        text = (
+            f"parallel: {{nproc_per_node: {nproc}, nnodes: {nnodes}, tensor_parallel: {tp}, "
+            f"pipeline_parallel: {pp}, context_parallel: {cp}}}\n"
+            f"train: {{micro_batch_size: {micro}, gradient_accumulation_steps: {accum}}}\n"
+            + ASCEND
+            % ""
+        )
+        doc = ascend_doc(tmp_path, tiny_llama, text)
+        paths.append(tmp_path / f"layout_{i}.yaml")
+        paths[-1].write_text(yaml.safe_dump(doc))
+        want.append(micro * accum * nproc * nnodes)
+    script = Path(__file__).with_name("mf_global_batch.py")
+    proc = subprocess.run(
+        [sys.executable, str(script), *map(str, paths)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == want
