@@ -212,9 +212,15 @@ def apply(doc: dict[str, Any], s: Settings, config: Any) -> None:
         "select_recompute": False,
         "parallel_optimizer_comm_recompute": False,
         "mp_comm_recompute": True,
-        "recompute_slice_activation": s.recompute,
+        "recompute_slice_activation": False,
     }
     par = doc["parallel"]
+    if s.device != "CPU":  # what MindFormers' reference finetune configs set on Ascend
+        # semi-auto parallel with full_batch: the loss is already the global batch's mean
+        par["gradients_mean"] = False
+        # ops keep the dtype the model asks for (CANN may otherwise lower fp32 matmuls)
+        ctx["ascend_config"] = {"precision_mode": "must_keep_origin_dtype"}
+        doc["runner_config"]["sink_mode"] = True  # sink_size 1: one step per sink
     par["enable_parallel_optimizer"] = s.optimizer_shard
     if s.optimizer_shard:
         par["parallel_optimizer_config"] = {
