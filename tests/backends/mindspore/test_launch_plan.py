@@ -176,3 +176,29 @@ def test_single_device_and_msrun_plans(tmp_path):
     assert len(one) == 1 and one[0].argv[1:] == [str(ENTRY), "--config", str(tmp_path / "m.yaml")]
     local = launch_plan(tmp_path / "m.yaml", ParallelSpec(nproc_per_node=2), tmp_path, {})
     assert len(local) == 1 and local[0].log == tmp_path / "msrun.log"  # one node: as before
+
+
+def test_the_shipped_ascend_example_plans_on_two_nodes(tmp_path, tiny_qwen2):
+    """examples/ascend (with a tiny model in place of Qwen2.5-7B): msrun and rank-table plans."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3] / "examples" / "ascend"
+    base = [
+        "run",
+        "--dry-run",
+        "-c",
+        str(root / "qwen2.5-7b-full.yaml"),
+        f"model={tiny_qwen2}",
+        f"output_dir={tmp_path / 'run'}",
+        "parallel.nnodes=2",
+        "train.gradient_accumulation_steps=2",  # the bundled 65 samples fill a step of 32
+    ]
+    assert main([*base, "parallel.master_addr=10.0.0.1"]) == 0
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert [len(plan["commands"][f"node {n}"]) for n in (0, 1)] == [1, 1]
+    doc = yaml.safe_load((tmp_path / "run" / "mindformers.yaml").read_text())
+    assert doc["parallel_config"]["pipeline_stage"] == 2
+    assert doc["parallel_config"]["data_parallel"] == 8
+    assert main([*base, f"parallel.rank_table_file={root / 'hccl_2x8.json'}"]) == 0
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert [len(plan["commands"][f"node {n}"]) for n in (0, 1)] == [8, 8]
