@@ -38,7 +38,7 @@ class MindSporeOptions(BaseModel):
     max_device_memory: str | None = None
     """Device memory MindSpore may use, e.g. `58GB` (context.max_device_memory). Default: the
     device's size as MindSpore reports it minus a reserve (58GB on 64 GB, 29GB on 32 GB), else
-    from `device_kind`, else 29GB (fits a 32 GB card). Ignored on CPU."""
+    from `device_kind`, else 29GB (fits a 32 GB card). On CPU only an explicit value is written."""
 
     jit_level: Literal["O0", "O1", "O2"] | None = None
     """Graph compilation level (context.jit_config.jit_level): O0 = kernel by kernel, O1 =
