@@ -20,14 +20,21 @@ from sft_mindspore.plugin import MindSporeOptions
 from sft_mindspore.train import prepare
 
 from tests.backends.mindspore.conftest import make_plan, synthetic_split
+from tests.tiny import make_model
 
 pytestmark = pytest.mark.mindspore
 
 
 def _write(tmp_path, text: str, data: str = "{train: d.jsonl}"):
     (tmp_path / "d.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    model = tmp_path / "model"
+    if not (model / "config.json").is_file():  # a local model: this env converts no built-in
+        make_model(model)
     path = tmp_path / "c.yaml"
-    path.write_text(f"backend: mindspore\ndata: {data}\n" + text)
+    head = f"backend: mindspore\ndata: {data}\n"
+    if "model:" not in text:
+        head += f"model: {model}\n"
+    path.write_text(head + text)
     return path
 
 

@@ -42,6 +42,7 @@ def _job(tmp_path, model) -> None:
         "train: {max_steps: 6, micro_batch_size: 2, learning_rate: 0.01, warmup_steps: 0}\n"
         f"output_dir: {tmp_path / 'run'}\n"
         "mindspore: {device_target: CPU, threads: 1}\n"
+        "export: {formats: [hf, adapter, ckpt, gguf], dtype: f16}\n"
     )
 
 
@@ -82,6 +83,21 @@ def test_sft_run_backend_mindspore(tmp_path, tiny_qwen2):
     assert (run / "mindformers.yaml").is_file() and (run / "config.yaml").is_file()
     for out in ("model", "adapter", "ckpt"):
         assert out in summary["outputs"]
+    # export.formats, made after training through `sft export`'s exporters: hf and adapter
+    # by this environment's numpy exporters, ckpt by MindSpore, gguf by its plugin from hf
+    for fmt in ("hf", "adapter", "ckpt", "gguf"):
+        report = json.loads((run / "exports" / fmt / f"export-{fmt}.json").read_text())
+        assert report["ok"], (fmt, report)
+        assert summary["outputs"][f"export_{fmt}"] == report["path"]
+    hf = run / "exports" / "hf"
+    from safetensors.numpy import load_file
+
+    exported = load_file(str(hf / "model.safetensors"))  # the format's own reader
+    merged = load_file(str(run / "final" / "model" / "model.safetensors"))
+    assert set(exported) == set(merged)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert exported[name].dtype == np.float16
+    assert np.allclose(exported[name], merged[name], atol=1e-3)
     tok = json.loads((run / "final" / "adapter" / "tokenizer_config.json").read_text())
     assert "im_start" in (
         tok.get("chat_template") or (run / "final" / "adapter" / "chat_template.jinja").read_text()

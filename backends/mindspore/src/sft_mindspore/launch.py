@@ -189,8 +189,10 @@ def launch(
     threads: int = 1,
     env: dict[str, str] | None = None,
     table: str | None = None,
+    progress: bool = True,
 ) -> Path:
-    """Run this node's processes to the end; returns the directory holding its worker logs."""
+    """Run this node's processes to the end; returns the directory holding its worker logs.
+    `progress` (`logging.progress`): echo MindFormers' per-step loss lines of a single worker."""
     work_dir.mkdir(parents=True, exist_ok=True)
     mine = [
         p
@@ -201,7 +203,9 @@ def launch(
     log_dir.mkdir(parents=True, exist_ok=True)
     if parallel.world_size == 1:
         proc = mine[0]
-        rc = _run_showing_progress(proc.argv, worker_env(work_dir, threads, proc.env), proc.log)
+        rc = _run_showing_progress(
+            proc.argv, worker_env(work_dir, threads, proc.env), proc.log, progress
+        )
         if rc:
             raise SftError(_failure(0, proc.log, rc))
         return work_dir
@@ -258,7 +262,7 @@ def _run_rank_table(procs: list[Process], work_dir: Path, threads: int) -> None:
         raise SftError(_failure(*failed))
 
 
-def _run_showing_progress(cmd: list[str], env: dict[str, str], log: Path) -> int:
+def _run_showing_progress(cmd: list[str], env: dict[str, str], log: Path, show: bool = True) -> int:
     """Run one worker, everything into `log`; its per-step loss lines also go to stdout so a
     long run shows progress (MindFormers' other output stays in the log)."""
     with (
@@ -275,7 +279,7 @@ def _run_showing_progress(cmd: list[str], env: dict[str, str], log: Path) -> int
         assert proc.stdout is not None
         for line in proc.stdout:
             f.write(line)
-            m = _PROGRESS.search(line)
+            m = _PROGRESS.search(line) if show else None
             if m:
                 step, total, loss = m.groups()
                 print(f"[mindformers] step {step}/{total} loss {loss}", flush=True)

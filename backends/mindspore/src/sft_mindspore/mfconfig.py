@@ -224,7 +224,7 @@ def _build_yaml(
             "dataset_config": _dataset(dataset, batch),
         },
         "do_eval": False,
-        "callbacks": _callbacks(cfg.checkpoint, steps),
+        "callbacks": _callbacks(cfg.checkpoint, steps, cfg.logging.every_steps),
         "model": {"model_config": mc, "arch": {"type": "LlamaForCausalLM"}},
         "profile": False,
     }
@@ -287,9 +287,9 @@ def _optimization(t: Any, steps: int) -> dict[str, Any]:
     }
 
 
-def _callbacks(checkpoint: Any, steps: int) -> list[dict[str, Any]]:
+def _callbacks(checkpoint: Any, steps: int, log_every: int = 1) -> list[dict[str, Any]]:
     return [
-        {"type": "MFLossMonitor", "per_print_times": 1},
+        {"type": "MFLossMonitor", "per_print_times": log_every},
         {
             "type": "CheckpointMonitor",
             "prefix": "sft",

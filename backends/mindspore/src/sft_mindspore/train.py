@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -193,6 +194,18 @@ def apply_resume(doc: dict[str, Any], ckpt_dir: Path | None) -> None:
     doc["resume_training"] = True
 
 
+def stop_on_nonfinite(records: list[dict[str, Any]]) -> None:
+    """`train.nan_policy: stop` (the only policy here): a non-finite loss in MindFormers' log
+    fails the run before anything is exported from the diverged weights."""
+    bad = [r["step"] for r in records if not math.isfinite(float(r.get("loss", 0.0)))]
+    if bad:
+        raise SftError(
+            f"the loss became non-finite at step {bad[0]} (train.nan_policy: stop); nothing "
+            "was exported. Lower train.learning_rate, use precision fp32/bf16, or check the "
+            "data of that step"
+        )
+
+
 def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
     cfg = plan.config
     device = resolve_device(plan.options)
@@ -220,8 +233,10 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
         threads=opts.threads or max(1, (os.cpu_count() or 1) // cfg.parallel.nproc_per_node),
         env=runtime.hccl_env(opts),
         table=rank_table_path(cfg.parallel, device),
+        progress=cfg.logging.progress,
     )
     records = parse_losses(log_dir)
+    stop_on_nonfinite(records)
     trained = [count_trained(plan.data.train, rows) for rows in schedule.steps]
     for rec in records:
         step = rec.pop("step")
