@@ -33,10 +33,22 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
         raise SftError(f"cannot load the tokenizer from {path}: {exc}") from exc
 
 
-_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token")
-_SPECIAL_KEYS += ("mask_token",)
-_PLAIN_KEYS = ("model_max_length", "padding_side", "truncation_side", "model_input_names")
-_PLAIN_KEYS += ("clean_up_tokenization_spaces",)
+_SPECIAL_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "pad_token",
+    "sep_token",
+    "cls_token",
+    "mask_token",
+)
+_PLAIN_KEYS = (
+    "model_max_length",
+    "padding_side",
+    "truncation_side",
+    "model_input_names",
+    "clean_up_tokenization_spaces",
+)
 
 
 def _tokenizer_config(path: Path) -> dict[str, Any]:
