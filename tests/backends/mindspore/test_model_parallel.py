@@ -70,6 +70,60 @@ def test_tensor_parallel_shards_are_never_exported_as_a_model(tmp_path, tiny_lla
     assert not (plan.run_dir / "final").exists()
 
 
+def _strategy_file(tensors: dict, split: dict, path) -> None:
+    """A MindSpore parallel strategy file (its protobuf format, as MindFormers writes one per
+    rank) for 2-way tensor parallelism: `split` weights are cut by rows over the 2 devices,
+    the others replicated."""
+    from mindspore.train import node_strategy_pb2
+
+    smap = node_strategy_pb2.ParallelStrategyMap()
+    smap.current_stage = 0
+    op = smap.parallel_strategy_item.add()  # one operator strategy, as every real file has
+    op.node_name = "Default/network-LlamaForCausalLM/MatMul-op0"
+    op.parallel_strategys.stage = 0
+    op.parallel_strategys.parallel_strategy.add().dim.extend([2, 1])
+    for name, t in tensors.items():
+        item = smap.parallel_layout_item.add()
+        item.param_name = name
+        layout = item.parallel_layouts
+        layout.dev_matrix.add().dim.extend([2])
+        rest = [-1] * (t.data.ndim - 1)
+        layout.tensor_map.add().dim.extend([0, *rest] if split[name] else [-1, *rest])
+        layout.param_split_shape.add()
+        layout.indices_offset.add()
+        layout.field = 0  # no embedding field split, no optimizer-state sharding
+        layout.opt_weight_shard_step = 0
+        layout.opt_weight_shard_size = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(smap.SerializeToString())
+
+
+def test_tensor_parallel_shards_are_merged_into_the_full_model(tmp_path, tiny_llama):
+    """Each rank holds half the rows of the q and gate projections; the export merges them with
+    mindspore.transform_checkpoints and writes exactly the full weights (rank 0's shard alone
+    would have half the rows)."""
+    import numpy as np
+    from sft_mindspore.weights import Tensor
+
+    plan = _plan(tmp_path, tiny_llama, tp=2)
+    output = plan.run_dir / "mindformers" / "output"
+    full = {hf_to_ms_name(k): v for k, v in read_hf_dir(tiny_llama).items()}
+    split = {k: k.endswith(("wq.weight", "w1.weight")) for k in full}
+    for r in range(2):
+        _strategy_file(full, split, output / "strategy" / f"ckpt_strategy_rank_{r}.ckpt")
+        shard = {
+            k: Tensor(np.ascontiguousarray(np.split(t.data, 2)[r]), t.dtype) if split[k] else t
+            for k, t in full.items()
+        }
+        save_ckpt(shard, output / "checkpoint" / f"rank_{r}" / f"sft_rank_{r}-1_6.ckpt")
+    export_final(plan, output)
+    exported = read_hf_dir(plan.run_dir / "final" / "model")
+    original = read_hf_dir(tiny_llama)
+    assert sum(split.values()) == 4 and exported.keys() == original.keys()
+    for k, t in original.items():
+        assert np.array_equal(exported[k].data, t.data), k
+
+
 # (nproc_per_node, nnodes, tensor, pipeline, context, micro_batch_size, accumulation)
 LAYOUTS = [
     (8, 1, 1, 1, 1, 1, 1),
