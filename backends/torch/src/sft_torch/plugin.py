@@ -146,6 +146,21 @@ class TorchBackend:
         _threads()
         return evaluate(model, data, max_new_tokens)
 
+    def plan_native(self, plan: TrainPlan) -> dict[str, Any]:
+        """`sft run --dry-run`: the command each node runs (torchrun for several processes)."""
+        p, config = plan.config.parallel, str(plan.run_dir / "config.yaml")
+        if p.world_size == 1:
+            return {"commands": {"node 0": [f"sft run --config {config}"]}}
+        commands = {
+            f"node {r}": [
+                f"torchrun --nnodes {p.nnodes} --node_rank {r} --nproc_per_node "
+                f"{p.nproc_per_node} --master_addr {p.master_addr} --master_port "
+                f"{p.master_port} -m sft run --config {config} parallel.node_rank={r}"
+            ]
+            for r in range(p.nnodes)
+        }
+        return {"commands": commands, "summary": {"strategy": p.strategy}}
+
     def train(self, plan: TrainPlan, events: RunEvents) -> TrainResult:
         # Multi-process runs: re-launch through torchrun, or join the process group when this
         # is a torchrun worker (sft_torch.launch); a single process just trains.
