@@ -162,20 +162,23 @@ def load_checkpoint(
     check_fingerprint(meta.get("fingerprint", {}), fp, ckpt, allow_changed)
     engine = state.dist()
     engine.check_resume(meta.get("parallel", {}), ckpt)  # strategy / world size changes
-    weights = load_file(str(ckpt / "trainable.safetensors"))
+    # FSDP2: rank 0 reads the files and the engine sends each rank its shards
+    reads = not engine.loads_on_rank0 or state.rank == 0
+    weights = load_file(str(ckpt / "trainable.safetensors")) if reads else {}
     params = dict(state.model.named_parameters())
     wanted = {n for n, p in params.items() if p.requires_grad}
-    if wanted != set(weights):
+    if reads and wanted != set(weights):
         missing = sorted(wanted - set(weights))[:3]
         raise SftError(
             f"checkpoint {ckpt} does not match this model's trainable parameters "
             f"(e.g. missing {missing}); was it saved by a different method or model?"
         )
     engine.load_weights(weights)  # FSDP2: each rank keeps its shard of the whole tensors
-    device = next(state.model.parameters()).device
-    engine.load_optimizer_state(
-        state.optimizer, torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
+    device = "cpu" if engine.loads_on_rank0 else next(state.model.parameters()).device
+    optimizer = (
+        torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True) if reads else {}
     )
+    engine.load_optimizer_state(state.optimizer, optimizer)
     state.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     rng = ckpt / f"rng-rank{state.rank}.pt"
     if rng.exists():

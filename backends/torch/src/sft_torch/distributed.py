@@ -278,6 +278,10 @@ class Engine:
         else:
             optimizer.load_state_dict(state)
 
+    #: Whether only rank 0 reads a checkpoint's files (the engine sends the other ranks their
+    #: part); else every rank reads them.
+    loads_on_rank0 = False
+
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         params = dict(self.model.named_parameters())
         with torch.no_grad():
@@ -333,11 +337,17 @@ class DDPEngine(Engine):
         return contextlib.nullcontext() if last else self.ddp.no_sync()
 
 
-def full_options(cpu_offload: bool = True, strict: bool = True) -> Any:
-    """Whole (unsharded) state dicts; every rank reads the checkpoint itself when loading."""
+def full_options(cpu_offload: bool = True, strict: bool = True, broadcast: bool = False) -> Any:
+    """Whole (unsharded) state dicts. `broadcast`: loading, only rank 0 holds the whole state
+    and torch sends each rank its shards, one tensor at a time."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload, strict=strict)
+    return StateDictOptions(
+        full_state_dict=True,
+        cpu_offload=cpu_offload,
+        strict=strict,
+        broadcast_from_rank0=broadcast,
+    )
 
 
 def check_strategy(config: RunConfig, device_type: str) -> None:

@@ -92,17 +92,26 @@ class FSDPEngine(Engine):
 
         return get_optimizer_state_dict(self.model, optimizer, options=full_options())
 
+    # Resuming, only rank 0 reads the checkpoint (into CPU memory); torch.distributed's
+    # broadcast_from_rank0 sends every rank its shards one tensor at a time, so no rank ever
+    # holds the whole optimizer state on its device (every rank used to load all of it there).
+    loads_on_rank0 = True
+
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        if not keyed_by_name(state):  # written by one process or DDP
+        if rank() == 0 and not keyed_by_name(state):  # written by one process or DDP
             state = by_name(self.model, optimizer, state)
-        set_optimizer_state_dict(self.model, optimizer, state, options=full_options(False))
+        set_optimizer_state_dict(
+            self.model, optimizer, state, options=full_options(False, broadcast=True)
+        )
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        set_model_state_dict(self.model, weights, options=full_options(False, strict=False))
+        set_model_state_dict(
+            self.model, weights, options=full_options(False, strict=False, broadcast=True)
+        )
 
 
 def swap_parameters(model: nn.Module, full: dict[str, torch.Tensor]) -> list[Any]:
