@@ -29,7 +29,7 @@ from sft.errors import SftError
 from sft.specs import RunConfig
 from torch import nn
 
-from sft_torch.distributed import Engine, ForwardRoot
+from sft_torch.distributed import Engine, ForwardRoot, world_size
 
 
 def ds_config(config: RunConfig, accumulation: int, world: int, precision: str) -> dict[str, Any]:
@@ -121,7 +121,6 @@ class DeepSpeedEngine(Engine):
     micro-batch with the accumulation boundary set by the loop, one `step()` per optimizer step
     (ZeRO reduces, clips per `gradient_clipping` and updates the partitioned fp32 weights)."""
 
-    checkpoint_format = "deepspeed"
     owns_loss_scaling = True  # fp16 loss scaling is DeepSpeed's, not torch.amp's
 
     def __init__(self, model: nn.Module, config: dict[str, Any], strategy: str) -> None:
@@ -169,6 +168,42 @@ class DeepSpeedEngine(Engine):
         if self.ds is None:
             raise RuntimeError("DeepSpeedEngine used before attach_optimizer()")
         return self.ds
+
+    # checkpoints: DeepSpeed's own (`save_checkpoint`: each rank writes its partition of the
+    # weights and optimizer state) inside sft's atomic checkpoint directory, under "deepspeed/"
+    checkpoint_format = "deepspeed"
+    NATIVE_TAG = "state"
+
+    def save_native(self, path: Path) -> None:
+        """Every rank: DeepSpeed's checkpoint of the engine (weights, ZeRO optimizer partitions)
+        into `path`, a directory every rank sees; a collective."""
+        self.engine().save_checkpoint(str(path), tag=self.NATIVE_TAG, save_latest=False)
+
+    def load_native(self, path: Path) -> None:
+        """Every rank: restore the engine from `save_native`'s directory. sft's LR schedule is
+        restored by the caller (it drives the param groups; DeepSpeed has none of its own)."""
+        loaded, _ = self.engine().load_checkpoint(
+            str(path),
+            tag=self.NATIVE_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+        if loaded is None:
+            raise SftError(f"checkpoint.resume: DeepSpeed found no checkpoint in {path}")
+
+    def check_resume(self, saved: dict[str, Any], ckpt: Any) -> None:
+        """A ZeRO checkpoint holds per-rank partitions: it resumes with the same strategy and
+        world size only, and this engine resumes nothing else."""
+        want = {"format": "deepspeed", "strategy": self.strategy, "world_size": world_size()}
+        have = {k: saved.get(k) for k in want}
+        if have != want:
+            raise SftError(
+                f"checkpoint.resume: {ckpt} was written by strategy {have['strategy']} on "
+                f"{have['world_size']} processes ({have['format']} format); parallel.strategy "
+                f"{self.strategy} resumes only its own checkpoints at the same world size "
+                f"({want['world_size']}). Resume with parallel.strategy={have['strategy']} "
+                f"parallel.nproc_per_node/nnodes giving {have['world_size']} processes"
+            )
 
     @contextlib.contextmanager
     def full_weights(self) -> Iterator[None]:

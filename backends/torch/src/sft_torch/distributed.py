@@ -292,6 +292,12 @@ class Engine:
         """Every checkpoint format sft writes holds whole tensors and a global data position,
         so any strategy resumes it at any world size; refuse only what is not such a file."""
         fmt = saved.get("format", "whole")
+        if fmt == "deepspeed":
+            raise SftError(
+                f"checkpoint.resume: {ckpt} is a DeepSpeed checkpoint (per-rank partitions); "
+                f"resume it with parallel.strategy={saved.get('strategy')} on "
+                f"{saved.get('world_size')} processes, not parallel.strategy {self.strategy}"
+            )
         if fmt not in ("whole", "fsdp-full"):
             raise SftError(
                 f"checkpoint.resume: {ckpt} has checkpoint format {fmt!r} (strategy "
