@@ -207,14 +207,29 @@ class DeepSpeedEngine(Engine):
 
     @contextlib.contextmanager
     def full_weights(self) -> Iterator[None]:
-        """ZeRO-3 partitions the parameters: gather them whole on every rank to save."""
+        """ZeRO-3 partitions the parameters: every rank enters (a collective), DeepSpeed gathers
+        them to rank 0 one module at a time and moves each to rank 0's CPU memory
+        (`_zero3_consolidated_16bit_state_dict`, what its `save_16bit_model` uses), and on rank
+        0 the model's parameters are those whole CPU tensors inside the context. (Gathering
+        every parameter on every rank at once needed the whole model on each GPU.)"""
         if self.config["zero_optimization"].get("stage") != 3:
             yield
             return
-        import deepspeed
+        from sft_torch.fsdp import swap_parameters
 
-        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+        full = self.engine()._zero3_consolidated_16bit_state_dict()  # None unless rank 0
+        if full is None:
             yield
+            return
+        prefix = "model."  # the engine's module is ForwardRoot(model)
+        originals = swap_parameters(
+            self.model, {k.removeprefix(prefix): v for k, v in full.items()}
+        )
+        try:
+            yield
+        finally:
+            for mod, name, param in originals:
+                mod._parameters[name] = param
 
 
 def wrap(
