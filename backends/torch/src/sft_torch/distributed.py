@@ -356,6 +356,15 @@ def full_options(cpu_offload: bool = True, strict: bool = True, broadcast: bool 
     )
 
 
+def loads_on_rank0(config: RunConfig) -> bool:
+    """Whether this run's model is read from disk by rank 0 alone: FSDP2 with several
+    processes. The other ranks build it on the meta device (no memory), and FSDPEngine
+    broadcasts rank 0's weights as it shards them, so no rank (and no GPU) holds another's
+    shard. Not for qlora (refused with fsdp) or the other strategies."""
+    par = config.parallel
+    return env_world_size() > 1 and par.strategy == "fsdp" and config.method.name != "qlora"
+
+
 def check_strategy(config: RunConfig, device_type: str) -> None:
     """What `parallel.strategy` cannot do here, said before anything is loaded: the launcher
     calls this before starting processes, and every worker again in `wrap_model`."""
@@ -380,7 +389,7 @@ def wrap_model(
     if par.strategy == "fsdp":
         from sft_torch.fsdp import FSDPEngine
 
-        return FSDPEngine(model, device, par.cpu_offload)
+        return FSDPEngine(model, device, par.cpu_offload, from_rank0=loads_on_rank0(plan.config))
     from sft_torch import deepspeed  # zero2 / zero3
 
     return deepspeed.wrap(

@@ -38,15 +38,38 @@ class FSDPEngine(Engine):
 
     strategy = "fsdp"
 
-    def __init__(self, model: nn.Module, device: torch.device, cpu_offload: bool) -> None:
+    def __init__(
+        self, model: nn.Module, device: torch.device, cpu_offload: bool, from_rank0: bool = False
+    ) -> None:
+        """`from_rank0` (`distributed.loads_on_rank0`): only rank 0's model holds the weights
+        (on the CPU), the others' parameters are on the meta device; each rank receives its
+        shards from rank 0 right after sharding, one tensor at a time."""
         super().__init__(model)
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+        full = model.state_dict() if from_rank0 and rank() == 0 else {}
+        if from_rank0:
+            same_rng_as_rank0()
         policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
         mesh = init_device_mesh(device)
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh, offload_policy=policy)
         self.root = fully_shard(ForwardRoot(model), mesh=mesh, offload_policy=policy)
+        if from_rank0:
+            self._fill_from_rank0(full, torch.device("cpu") if cpu_offload else device)
+
+    def _fill_from_rank0(self, full: dict[str, torch.Tensor], device: torch.device) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        if any(p.is_meta for p in self.model.parameters()):
+            # storage for this rank's shards; to_empty also empties the (real) buffers
+            buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+            self.model.to_empty(device=device)
+            with torch.no_grad():
+                for name, buf in self.model.named_buffers():
+                    buf.copy_(buffers[name])
+        set_model_state_dict(self.model, full, options=full_options(False, broadcast=True))
+        full.clear()  # rank 0: the whole weights can go
 
     def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return self.root(fn, *args, **kwargs)
@@ -112,6 +135,17 @@ class FSDPEngine(Engine):
         set_model_state_dict(
             self.model, weights, options=full_options(False, strict=False, broadcast=True)
         )
+
+
+def same_rng_as_rank0() -> None:
+    """Every rank continues from rank 0's CPU RNG state, as when every rank loaded the model
+    itself (the same seed and the same initialisation draws everywhere): building a model on
+    the meta device may draw differently from loading it."""
+    import torch.distributed as dist
+
+    box = [torch.get_rng_state()]
+    dist.broadcast_object_list(box, src=0)
+    torch.set_rng_state(box[0])
 
 
 def swap_parameters(model: nn.Module, full: dict[str, torch.Tensor]) -> list[Any]:

@@ -68,8 +68,14 @@ def load_model(plan: TrainPlan, device: torch.device) -> Any:
         compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         kwargs["quantization_config"] = quantization_config(plan, compute)
         kwargs["device_map"] = {"": device}
+    from sft_torch.distributed import loads_on_rank0, rank
+
+    sharded = loads_on_rank0(cfg)  # FSDP2: rank 0 reads the weights, FSDPEngine shards them
     try:
-        lm = AutoModelForCausalLM.from_pretrained(str(plan.model.path), **kwargs)
+        if sharded and rank() != 0:
+            lm = empty_model(plan, kwargs)
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(str(plan.model.path), **kwargs)
     except (OSError, ValueError) as exc:
         hint = (
             ""
@@ -78,10 +84,28 @@ def load_model(plan: TrainPlan, device: torch.device) -> Any:
             "model.allow_pickle: true."
         )
         raise SftError(f"cannot load the model from {plan.model.path}: {exc}.{hint}") from exc
-    if cfg.method.name != "qlora":
+    if cfg.method.name != "qlora" and not sharded:  # fully_shard moves each rank's shards
         lm.to(device)
     lm.config.use_cache = False  # no KV cache while training
     return lm
+
+
+def empty_model(plan: TrainPlan, kwargs: dict[str, Any]) -> Any:
+    """The model's modules with parameters on the meta device (no memory, no file read) and
+    real buffers (rotary tables are computed, not loaded); FSDPEngine fills in the shards."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(
+        str(plan.model.path), trust_remote_code=kwargs["trust_remote_code"]
+    )
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(
+            config,
+            dtype=kwargs["dtype"],
+            attn_implementation=kwargs["attn_implementation"],
+            trust_remote_code=kwargs["trust_remote_code"],
+        )
 
 
 def causal_lm(model: Any) -> Any:
