@@ -241,6 +241,40 @@ def wrap(
     )
 
 
+def partitions_at_load(config: RunConfig) -> bool:
+    """Whether the model is built partitioned (`zero3_loading`): ZeRO-3 with several processes."""
+    from sft_torch.distributed import env_world_size
+
+    return (
+        env_world_size() > 1
+        and config.parallel.strategy == "zero3"
+        and config.method.name != "qlora"
+    )
+
+
+@contextlib.contextmanager
+def zero3_loading(config: RunConfig, precision: str) -> Iterator[None]:
+    """While open, transformers' `from_pretrained` builds the model inside
+    `deepspeed.zero.Init` (it sees this run's DeepSpeed config through `HfDeepSpeedConfig`):
+    every parameter is partitioned over the ranks as it is created, and rank 0's values from
+    the file are copied in one module at a time, so no rank holds the whole model. Closed
+    right after loading, so later loads in the process (export, eval) are ordinary."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    use_own_extensions_dir()
+    import deepspeed
+
+    # zero.Init reads the world size from DeepSpeed's communicator: wrap the process group
+    # torch already has (deepspeed.initialize would do it later)
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    world = world_size()
+    hf = HfDeepSpeedConfig(ds_config(config, config.train.accumulation(world), world, precision))
+    try:
+        yield
+    finally:
+        del hf  # transformers holds it through a weak reference only
+
+
 def use_own_extensions_dir() -> None:
     """DeepSpeed JIT-compiles a CPU allreduce op into TORCH_EXTENSIONS_DIR (default: one dir
     in the home directory). Unless you chose a dir, keep it inside this environment, so two

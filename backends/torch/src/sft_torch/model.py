@@ -68,14 +68,23 @@ def load_model(plan: TrainPlan, device: torch.device) -> Any:
         compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         kwargs["quantization_config"] = quantization_config(plan, compute)
         kwargs["device_map"] = {"": device}
+    from sft_torch.deepspeed import partitions_at_load, zero3_loading
     from sft_torch.distributed import loads_on_rank0, rank
+    from sft_torch.runtime import resolve_precision
 
     sharded = loads_on_rank0(cfg)  # FSDP2: rank 0 reads the weights, FSDPEngine shards them
+    zero3 = partitions_at_load(cfg)  # ZeRO-3: partitioned as it is built
+    loading = (
+        zero3_loading(cfg, resolve_precision(cfg.train.precision, device))
+        if zero3
+        else contextlib.nullcontext()
+    )
     try:
         if sharded and rank() != 0:
             lm = empty_model(plan, kwargs)
         else:
-            lm = AutoModelForCausalLM.from_pretrained(str(plan.model.path), **kwargs)
+            with loading:
+                lm = AutoModelForCausalLM.from_pretrained(str(plan.model.path), **kwargs)
     except (OSError, ValueError) as exc:
         hint = (
             ""
@@ -84,7 +93,7 @@ def load_model(plan: TrainPlan, device: torch.device) -> Any:
             "model.allow_pickle: true."
         )
         raise SftError(f"cannot load the model from {plan.model.path}: {exc}.{hint}") from exc
-    if cfg.method.name != "qlora" and not sharded:  # fully_shard moves each rank's shards
+    if cfg.method.name != "qlora" and not (sharded or zero3):  # the engines place the shards
         lm.to(device)
     lm.config.use_cache = False  # no KV cache while training
     return lm
