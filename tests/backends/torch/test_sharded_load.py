@@ -158,3 +158,41 @@ def test_fsdp2_ranks_hold_their_shard_of_the_model(tmp_path: Path, model_50m: Pa
     assert sorted(mine) == sorted(ref)
     worst = max(float((mine[k] - ref[k]).abs().max()) for k in ref)
     assert worst < 1e-5, f"final weights differ by {worst}"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_meta_model_has_rank_0s_parameters(
+    tmp_path: Path, tiny_llama: Path, tied: bool
+) -> None:
+    """FSDP2 shards the same parameters on every rank: the empty model the other ranks build
+    must have exactly the loaded one's, including a head tied to the embeddings (SmolLM2's):
+    from_config left it untied, and gloo failed with a collective size mismatch."""
+    from sft_torch.model import empty_model, load_model
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    config["tie_word_embeddings"] = tied
+    (model / "config.json").write_text(json.dumps(config))
+    if tied:  # a tied checkpoint stores the embeddings only
+        from safetensors.torch import save_file
+
+        weights = load_file(str(model / "model.safetensors"))
+        del weights["lm_head.weight"]
+        save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    plan = make_plan(tmp_path, model, method="full")
+    loaded = load_model(plan, torch.device("cpu"))
+    kwargs = {
+        "dtype": torch.float32,
+        "attn_implementation": "sdpa",
+        "trust_remote_code": False,
+    }
+    empty = empty_model(plan, kwargs)
+
+    def params(lm):
+        return [(n, p.shape, p.dtype) for n, p in lm.named_parameters()]  # tied: listed once
+
+    assert params(empty) == params(loaded)
+    assert all(p.is_meta for p in empty.parameters())
+    assert all(not b.is_meta for b in empty.buffers())  # rotary tables are computed
+    assert (empty.lm_head.weight is empty.model.embed_tokens.weight) == tied

@@ -49,6 +49,7 @@ class FSDPEngine(Engine):
 
         full = model.state_dict() if from_rank0 and rank() == 0 else {}
         if from_rank0:
+            same_parameters_as_rank0(model)
             same_rng_as_rank0()
         policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
         mesh = init_device_mesh(device)
@@ -134,6 +135,35 @@ class FSDPEngine(Engine):
 
         set_model_state_dict(
             self.model, weights, options=full_options(False, strict=False, broadcast=True)
+        )
+
+
+def same_parameters_as_rank0(model: nn.Module) -> None:
+    """The model built on the meta device must have rank 0's parameters, or FSDP2's
+    collectives disagree in size. One known difference is repaired: a checkpoint that stores
+    its output head although the config ties it loads untied on rank 0 (the empty model is
+    tied), so the head gets its own parameter here. Anything else is an error naming it."""
+    import torch.distributed as dist
+
+    from sft_torch.model import causal_lm
+
+    mine = [n for n, _ in model.named_parameters()]  # a tied parameter is listed once
+    box = [mine]
+    dist.broadcast_object_list(box, src=0)
+    theirs = box[0]
+    if rank() == 0 or theirs == mine:
+        return
+    head = causal_lm(model).get_output_embeddings()
+    if head is not None and head.weight.is_meta and set(theirs) - set(mine):
+        head.weight = nn.Parameter(
+            torch.empty_like(head.weight), requires_grad=head.weight.requires_grad
+        )
+        mine = [n for n, _ in model.named_parameters()]
+    if theirs != mine:
+        raise SftError(
+            "parallel.strategy: fsdp built a different model on this rank than rank 0 loaded "
+            f"(only on rank 0: {sorted(set(theirs) - set(mine))[:3]}, only here: "
+            f"{sorted(set(mine) - set(theirs))[:3]}); use parallel.strategy ddp and report it"
         )
 
 

@@ -109,12 +109,16 @@ def empty_model(plan: TrainPlan, kwargs: dict[str, Any]) -> Any:
         str(plan.model.path), trust_remote_code=kwargs["trust_remote_code"]
     )
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(
+        lm = AutoModelForCausalLM.from_config(
             config,
             dtype=kwargs["dtype"],
             attn_implementation=kwargs["attn_implementation"],
             trust_remote_code=kwargs["trust_remote_code"],
         )
+    # from_config leaves a tied head (SmolLM2, Qwen2-0.5B ...) untied; from_pretrained on rank
+    # 0 ties it, and FSDP2 needs the same parameters on every rank
+    lm.tie_weights()
+    return lm
 
 
 def causal_lm(model: Any) -> Any:
