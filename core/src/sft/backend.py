@@ -15,8 +15,11 @@ masks), then calls `backend.train(plan, events)`.
         def check_available(self) -> None: ...  # raise BackendUnavailable(hint) if missing
         def validate(self, config) -> list[str]: return []
         def train(self, plan, events) -> TrainResult: ...
+        # optional: generation for `eval.prompts` (validation refuses the field without it)
+        def evaluate(self, model: str, data: Path, max_new_tokens: int) -> dict: ...
 
-See `plugins/example-backend` for a complete, tested template.
+A backend refuses in `validate` every field it does not honour ("key.path: why; what works");
+core adds which installed backends do honour it. See `plugins/example-backend` for a complete, tested template.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ class Backend(Protocol):
     capabilities: frozenset[str]
     install_hint: str
     Options: type[BaseModel]
+    # optional: `trains = False` for a backend that only checks plans (the example template):
+    # it is never named as a backend that honours a field another backend refuses
 
     def check_available(self) -> None:
         """Raise `BackendUnavailable` (with the exact install command) if it cannot run here."""

@@ -56,6 +56,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+#: Sections that a YAML may give as a plain string, and the key that string stands for.
+SHORTHANDS = {"model": "name_or_path", "method": "name"}
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> list[Problem]:
     """Set `a.b.c=value` items (values parsed as YAML) into `data`; returns problems."""
     problems = []
@@ -72,6 +76,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> list[Problem]
         parts = key.strip().split(".")
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
+            if i == 0 and isinstance(child, str) and part in SHORTHANDS:
+                # `model: NAME` / `method: lora` in the YAML, `model.dtype=...` on the line
+                child = node[part] = {SHORTHANDS[part]: child}
             if not isinstance(child, dict):
                 problems.append(
                     Problem(
@@ -224,6 +231,7 @@ def load_config(
     problems = apply_overrides(data, list(overrides or []))
     if backend:
         data["backend"] = backend
+    problems += launcher_world(data)
     base = cfg_path.parent if cfg_path else Path.cwd()
     resolve_paths(data, base)
     if data.get("output_dir") is None and cfg_path is not None:
@@ -250,6 +258,37 @@ def load_config(
         raise ConfigError(problems, str(cfg_path) if cfg_path else "")
     assert config is not None
     return config
+
+
+def launcher_world(data: dict[str, Any]) -> list[Problem]:
+    """Inside processes started by torchrun (`torchrun --nproc_per_node 8 -m sft run -c ...`),
+    the launcher's world is the job's: `parallel.nproc_per_node` / `nnodes` / `node_rank` come
+    from its environment unless the config sets them, and must agree when it does."""
+    env = os.environ
+    if "LOCAL_WORLD_SIZE" not in env or "WORLD_SIZE" not in env:
+        return []
+    local, world = int(env["LOCAL_WORLD_SIZE"]), int(env["WORLD_SIZE"])
+    launched = {
+        "nproc_per_node": local,
+        "nnodes": max(1, world // max(local, 1)),
+        "node_rank": int(env.get("GROUP_RANK", "0")),
+    }
+    par = data.setdefault("parallel", {})
+    if not isinstance(par, dict):
+        return []
+    problems = []
+    for key, value in launched.items():
+        given = par.setdefault(key, value)
+        if given != value:
+            problems.append(
+                Problem(
+                    f"parallel.{key}",
+                    f"is {given!r} but the launcher (torchrun) started this process with "
+                    f"{key}={value}",
+                    f"remove parallel.{key} from the config, or launch with {key}={given}",
+                )
+            )
+    return problems
 
 
 def backend_options(config: RunConfig, plugins: Plugins) -> BaseModel:
@@ -305,11 +344,36 @@ def semantic_problems(config: RunConfig, plugins: Plugins) -> list[Problem]:
                     + f"installed: {', '.join(plugins.exporters)}",
                 )
             )
+    problems += export_problems(config)
     problems += backend_problems(config, plugins)
     for extra in plugins.hook.sft_validate_config(config=config):
         for text in extra or []:
             path, _, msg = text.partition(": ")
             problems.append(Problem(path, msg) if msg else Problem("", text))
+    return problems
+
+
+def export_problems(config: RunConfig) -> list[Problem]:
+    """`export.formats` / `export.dtype` combinations no exporter can honour."""
+    ex, problems = config.export, []
+    if ex.dtype.startswith("q") and "gguf" not in ex.formats:
+        problems.append(
+            Problem(
+                "export.dtype",
+                f"{ex.dtype} is a GGUF quantization, and export.formats has no gguf",
+                "add gguf to export.formats, or use f32, f16 or bf16",
+            )
+        )
+    if "adapter" in ex.formats and config.method.name not in ("lora", "qlora"):
+        problems.append(
+            Problem(
+                "export.formats",
+                f"adapter: method {config.method.name!r} trains no adapter",
+                "export hf (the whole model) instead, or use method lora",
+            )
+        )
+    if len(set(ex.formats)) != len(ex.formats):
+        problems.append(Problem("export.formats", f"lists a format twice: {ex.formats}"))
     return problems
 
 
@@ -359,7 +423,18 @@ def backend_problems(config: RunConfig, plugins: Plugins) -> list[Problem]:
     if name not in plugins.backends:
         return _unknown_backend(name, plugins)
     be = plugins.backends.get(name)
-    return _backend_checks(config, plugins, be)
+    problems = []
+    for other, section in config.backend_options.items():
+        # the other installed backends' sections are checked too: a typo there must not wait
+        # for the day the config runs on that backend
+        if other != name and other in plugins.backends:
+            try:
+                plugins.backends.get(other).Options.model_validate(section)
+            except ValidationError as exc:
+                problems += pydantic_problems(
+                    exc, prefix=other, model=plugins.backends.get(other).Options
+                )
+    return problems + _backend_checks(config, plugins, be)
 
 
 def _unknown_backend(name: str, plugins: Plugins) -> list[Problem]:
@@ -380,6 +455,32 @@ def _unknown_backend(name: str, plugins: Plugins) -> list[Problem]:
             + f"installed: {', '.join(plugins.backends) or '(none)'}",
         )
     ]
+
+
+def _as_problems(texts: list[str]) -> list[Problem]:
+    problems = []
+    for text in texts:
+        path, _, msg = text.partition(": ")
+        problems.append(Problem(path, msg) if msg else Problem("", text))
+    return problems
+
+
+def _honoured_by(path: str, config: RunConfig, plugins: Plugins) -> str:
+    """ "backends that do: ..." for a field the chosen backend refused: every other installed
+    backend whose own validation accepts the same config at that key."""
+    if not path:
+        return ""
+    have = []
+    for name, other in plugins.backends.items():
+        if name == config.backend or not getattr(other, "trains", True):
+            continue
+        try:
+            theirs = _as_problems(other.validate(config.model_copy(update={"backend": name})))
+        except Exception:  # another backend's checks must never hide this one's message
+            continue
+        if not any(p.path == path or p.path.startswith(path + ".") for p in theirs):
+            have.append(name)
+    return f"backends that do: {', '.join(have)}" if have else ""
 
 
 def _backend_checks(config: RunConfig, plugins: Plugins, be: Any) -> list[Problem]:
@@ -408,14 +509,21 @@ def _backend_checks(config: RunConfig, plugins: Plugins, be: Any) -> list[Proble
             wanted.append((f"parallel.{key}", cap, key.replace("_", " ")))
     if config.data.packing is True:
         wanted.append(("data.packing", "packing", "packing"))
-    own = []
-    for text in be.validate(config):
-        path, _, msg = text.partition(": ")
-        own.append(Problem(path, msg) if msg else Problem("", text))
+    if config.eval.prompts and not callable(getattr(be, "evaluate", None)):
+        wanted.append(("eval.prompts", "evaluate", "generation for eval.prompts"))
+    own = [
+        Problem(p.path, p.message, p.hint or _honoured_by(p.path, config, plugins))
+        for p in _as_problems(be.validate(config))
+    ]
     explained = {p.path for p in own}  # the backend's own message says more than the generic one
     for key, cap, what in wanted:
-        if cap not in caps and key not in explained:
-            have = others(cap)
+        supported = cap in caps if cap != "evaluate" else callable(getattr(be, "evaluate", None))
+        if not supported and key not in explained:
+            have = (
+                others(cap)
+                if cap != "evaluate"
+                else [b for b, x in plugins.backends.items() if callable(getattr(x, "evaluate", 0))]
+            )
             problems.append(
                 Problem(
                     key,

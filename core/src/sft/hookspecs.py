@@ -66,9 +66,10 @@ def sft_write_data(fmt: str, data: Any, out_dir: str, config: RunConfig) -> str 
 
 
 @hookspec(firstresult=True)
-def sft_resolve_model(spec: str, cache_dir: str) -> str | None:
+def sft_resolve_model(spec: str, cache_dir: str, revision: str | None) -> str | None:
     """Turn a model spec (built-in name, `.gguf` file, hub id) into a local Hugging Face model
-    directory (config.json, safetensors, tokenizer). Return None if not yours. Stops at the
+    directory (config.json, safetensors, tokenizer). `revision` is `model.revision` (a hub
+    branch, tag or commit; None for the default). Return None if not yours. Stops at the
     first non-None result. Local HF directories are handled by core before this hook runs."""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,9 @@ def converted_builtin(name: str) -> Path | None:
     return max(done, key=lambda p: p.stat().st_mtime) if done else None
 
 
-def resolve_model(spec: str) -> ResolvedModel:
-    """A local HF directory for `spec`, converting or downloading through plugins if needed."""
+def resolve_model(spec: str, revision: str | None = None) -> ResolvedModel:
+    """A local HF directory for `spec`, converting or downloading through plugins if needed
+    (`revision`: the hub revision of a hub id)."""
     from sft.plugins import get_plugins
 
     p = Path(spec).expanduser()
@@ -95,7 +97,9 @@ def resolve_model(spec: str) -> ResolvedModel:
         if (p / "config.json").is_file():
             return load_resolved(p.resolve(), spec)
         raise SftError(f"model directory {p} has no config.json; is it a Hugging Face model?")
-    found = get_plugins().hook.sft_resolve_model(spec=spec, cache_dir=str(cache_root() / "models"))
+    found = get_plugins().hook.sft_resolve_model(
+        spec=spec, cache_dir=str(cache_root() / "models"), revision=revision
+    )
     if found:
         return load_resolved(Path(found), spec)
     converted = converted_builtin(spec)
@@ -134,6 +138,41 @@ def weight_problems(path: Path, allow_pickle: bool) -> list[str]:
     ]
 
 
+#: What a hub id looks like (`org/name`); the torch backend downloads these when online.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(spec: str) -> bool:
+    return bool(HUB_ID.match(spec)) and not os.path.exists(spec)
+
+
+def resolvable_here(spec: str) -> str | None:
+    """None if this environment can turn `spec` into a local model directory, else why not and
+    what to do (a backend that will train here calls it from `validate`). Local directories always can; built-in names, `.gguf` files and hub ids need a
+    plugin that resolves models (the torch backend), except a built-in already converted into
+    the shared cache."""
+    from sft.plugins import get_plugins
+
+    if os.path.isdir(spec) or get_plugins().pm.hook.sft_resolve_model.get_hookimpls():
+        return None
+    if spec in BUILTIN_MODELS and converted_builtin(spec) is not None:
+        return None
+    if spec.endswith(".gguf") or spec in BUILTIN_MODELS:
+        return (
+            f"{spec!r} must be converted to safetensors once, which this environment cannot do "
+            f"(no torch backend); run `sft models prepare {spec}` in the torch environment "
+            f"(make venv-torch) with the same $SFT_CACHE_DIR ({cache_root()}), or give a local "
+            "Hugging Face model directory"
+        )
+    if is_hub_id(spec):
+        return (
+            f"{spec!r} is a hub id, and this environment cannot download models (no torch "
+            "backend); download it where you are online (huggingface-cli download "
+            f"{spec}) and set model.name_or_path to that directory"
+        )
+    return None
+
+
 @hookimpl
 def sft_validate_config(config: Any) -> list[str]:
     # os.path, not Path methods: a hostile name (NUL byte, longer than NAME_MAX) must give a
@@ -145,6 +184,14 @@ def sft_validate_config(config: Any) -> list[str]:
         return [f"model.name_or_path: GGUF file not found: {spec}"]
     if os.path.isabs(spec) and not os.path.exists(spec):
         return [f"model.name_or_path: no such file or directory: {spec}"]
+    problems = []
+    revision = config.model.revision
+    if revision is not None and not is_hub_id(spec):
+        what = "a local path" if os.path.exists(spec) or os.path.isabs(spec) else "not a hub id"
+        problems.append(
+            f"model.revision: {revision!r} applies only to hub ids (org/name), and "
+            f"{spec!r} is {what}; remove model.revision"
+        )
     if os.path.isdir(spec):
-        return weight_problems(Path(spec), config.model.allow_pickle)
-    return []
+        problems += weight_problems(Path(spec), config.model.allow_pickle)
+    return problems

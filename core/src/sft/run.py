@@ -1,17 +1,24 @@
 """`sft run`: the one linear flow from a validated spec to a finished run directory.
 
     config -> backend check -> run dir + resolved config.yaml -> model (local HF dir)
-      -> tokenized data (cached) -> backend.train(plan, events) -> summary.json -> exports
+      -> tokenized data (cached) -> [eval.prompts on the base model]
+      -> backend.train(plan, events) -> summary.json
+      -> loss.png, [eval.prompts on the trained model -> eval/report.json], [export.formats]
 
 Run directory: config.yaml, data.json (record accounting), rejects.jsonl, metrics.jsonl,
 checkpoints/step-NNNNNN/, final/ (adapter or model + tokenizer + generation_config.json),
-loss.png, summary.json, exports/.
+loss.png, summary.json, eval/report.json, exports/<format>/.
+
+The steps after training run once per job (in the launching process, or on rank 0 when the job
+was started by torchrun itself), after summary.json records the trained weights: a failing export
+then fails the run without losing them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +28,7 @@ import yaml
 from sft.backend import TrainPlan
 from sft.checkpoints import resolve_resume
 from sft.config import backend_options
+from sft.errors import SftError
 from sft.events import RunEvents
 from sft.plugins import Plugins, get_plugins
 from sft.specs import RunConfig
@@ -47,6 +55,16 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+#: Set by a backend's launcher for the worker processes it starts (they run `sft run` again):
+#: the launcher, not its workers, evaluates and exports.
+WORKER_ENV = "SFT_LAUNCHED_WORKER"
+
+
+def is_job_process() -> bool:
+    """The one process that does the per-job work around training (prompt evals, exports)."""
+    return is_main_process() and not os.environ.get(WORKER_ENV)
+
+
 def resolve_packing(config: RunConfig, backend: Any, options: Any) -> bool:
     if config.data.packing != "auto":
         return bool(config.data.packing)
@@ -54,6 +72,24 @@ def resolve_packing(config: RunConfig, backend: Any, options: Any) -> bool:
         return False
     default = getattr(backend, "default_packing", None)
     return bool(default(options)) if default else True
+
+
+def packing_notice(config: RunConfig, backend: Any, packed: bool) -> str | None:
+    """What `data.packing: auto` became, said at plan time: backends resolve it differently
+    (torch packs, mindspore cannot), and packed steps hold other samples than unpacked ones, so
+    the same spec would otherwise train different batches on different backends unannounced."""
+    if config.data.packing != "auto":
+        return None
+    fix = "set data.packing: false to train identical batches on every backend"
+    if packed:
+        return (
+            f"data.packing: auto -> packed rows on backend {backend.name!r}; a backend that "
+            f"does not pack (mindspore) trains this spec with other samples per step: {fix}"
+        )
+    return (
+        f"data.packing: auto -> no packing on backend {backend.name!r}; a backend that packs "
+        f"(torch) trains this spec with other samples per step: {fix}"
+    )
 
 
 def build_plan(config: RunConfig, plugins: Plugins | None = None) -> tuple[TrainPlan, Any]:
@@ -69,8 +105,12 @@ def build_plan(config: RunConfig, plugins: Plugins | None = None) -> tuple[Train
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         write_config(config, run_dir / "config.yaml")
-    model = resolve_model(config.model.name_or_path)
+    model = resolve_model(config.model.name_or_path, config.model.revision)
     data = prepare_data(config, model, run_dir=run_dir)
+    packing = resolve_packing(config, backend, options)
+    notice = packing_notice(config, backend, packing)
+    if notice and is_main_process():
+        print(f"note: {notice}", file=sys.stderr, flush=True)
     plan = TrainPlan(
         config=config,
         options=options,
@@ -78,7 +118,7 @@ def build_plan(config: RunConfig, plugins: Plugins | None = None) -> tuple[Train
         model=model,
         data=data,
         resume_from=resolve_resume(config.checkpoint.resume, run_dir),
-        packing=resolve_packing(config, backend, options),
+        packing=packing,
     )
     return plan, backend
 
@@ -88,6 +128,8 @@ def run(config: RunConfig, plugins: Plugins | None = None) -> dict[str, Any]:
     plugins = plugins or get_plugins()
     start = time.time()
     plan, backend = build_plan(config, plugins)
+    job = is_job_process()
+    before = evaluate_prompts(backend, config, str(plan.model.path)) if job else None
     events = RunEvents(config, plan.run_dir, plugins.hook, is_main=is_main_process())
     result = backend.train(plan, events)
     summary: dict[str, Any] = {
@@ -105,7 +147,73 @@ def run(config: RunConfig, plugins: Plugins | None = None) -> dict[str, Any]:
         "resumed_from": str(plan.resume_from) if plan.resume_from else None,
         "wall_time_s": round(time.time() - start, 2),
     }
-    if is_main_process():
-        (plan.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        events.train_end(summary)
+    if not is_main_process():
+        return summary
+    summary_path = plan.run_dir / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2, default=str))
+    if job:
+        summary["outputs"].update(after_training(config, plan.run_dir, backend, before))
+        summary["wall_time_s"] = round(time.time() - start, 2)
+        summary_path.write_text(json.dumps(summary, indent=2, default=str))
+    events.train_end(summary)
     return summary
+
+
+def evaluate_prompts(backend: Any, config: RunConfig, model: str) -> dict[str, Any] | None:
+    """`eval.prompts` scored on `model` with the backend's generation (None without prompts)."""
+    if not config.eval.prompts:
+        return None
+    evaluate = getattr(backend, "evaluate", None)
+    if evaluate is None:  # validation refuses eval.prompts for such a backend; never skip it
+        raise SftError(f"eval.prompts: backend {config.backend!r} cannot generate")
+    print(f"sft: eval.prompts on {model} ({config.eval.prompts})", file=sys.stderr, flush=True)
+    result: dict[str, Any] = evaluate(model, Path(config.eval.prompts), config.eval.max_new_tokens)
+    return result
+
+
+def after_training(
+    config: RunConfig, run_dir: Path, backend: Any, before: dict[str, Any] | None
+) -> dict[str, str]:
+    """The loss plot, the before/after prompt report and the exports of a finished run; returns
+    their paths by name for summary.json's `outputs`."""
+    from sft.evalreport import write_report
+    from sft.plot import plot_loss
+
+    outputs: dict[str, str] = {}
+    if config.logging.plot:
+        png = plot_loss(run_dir)
+        if png is not None:
+            outputs["loss_plot"] = str(png)
+        else:
+            print("sft: no loss.png (needs matplotlib: pip install matplotlib)", file=sys.stderr)
+    if before is not None:
+        after = evaluate_prompts(backend, config, str(run_dir))
+        assert after is not None
+        outputs["eval_report"] = str(write_report(run_dir, before, after))
+    for fmt in config.export.formats:
+        outputs[f"export_{fmt}"] = export_after_training(config, run_dir, fmt)
+    return outputs
+
+
+def export_dtype(fmt: str, dtype: str) -> str:
+    """The dtype `fmt` is written in: `export.dtype`, except that a GGUF quantization (q8_0)
+    applies to the gguf export only and the other formats are then written in f16."""
+    return dtype if fmt == "gguf" or not dtype.startswith("q") else "f16"
+
+
+def export_after_training(config: RunConfig, run_dir: Path, fmt: str) -> str:
+    """One `export.formats` entry, through the same code path as `sft export`."""
+    from sft.export import ExportRequest, run_export
+
+    dtype = export_dtype(fmt, config.export.dtype)
+    out = run_dir / "exports" / fmt
+    try:
+        report = run_export(fmt, ExportRequest(run_dir=run_dir, out=out, dtype=dtype))
+    except SftError as exc:
+        raise SftError(
+            f"training finished and its weights are in {run_dir / 'final'}, but export "
+            f"{fmt!r} ({dtype}) failed: {exc}. Retry it with: sft export {run_dir} --format "
+            f"{fmt} --dtype {dtype}"
+        ) from exc
+    print(f"sft: {fmt} export ({dtype}) written to {report.path} (verified)", file=sys.stderr)
+    return str(report.path)

@@ -20,14 +20,21 @@ from sft_mindspore.plugin import MindSporeOptions
 from sft_mindspore.train import prepare
 
 from tests.backends.mindspore.conftest import make_plan, synthetic_split
+from tests.tiny import make_model
 
 pytestmark = pytest.mark.mindspore
 
 
 def _write(tmp_path, text: str, data: str = "{train: d.jsonl}"):
     (tmp_path / "d.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    model = tmp_path / "model"
+    if not (model / "config.json").is_file():  # a local model: this env converts no built-in
+        make_model(model)
     path = tmp_path / "c.yaml"
-    path.write_text(f"backend: mindspore\ndata: {data}\n" + text)
+    head = f"backend: mindspore\ndata: {data}\n"
+    if "model:" not in text:
+        head += f"model: {model}\n"
+    path.write_text(head + text)
     return path
 
 
@@ -58,7 +65,10 @@ def test_yaml_carries_the_spec(tmp_path, tiny_qwen2):
     assert mc["qkv_has_bias"] is True and mc["num_layers"] == 2 and mc["n_kv_heads"] == 2
     assert mc["pet_config"]["lora_rank"] == 8 and mc["pet_config"]["lora_alpha"] == 16
     assert doc["runner_wrapper"]["max_grad_norm"] == 0.5 and doc["seed"] == 7
-    assert doc["lr_schedule"]["type"] == "LinearWithWarmUpLR"
+    assert (
+        doc["lr_schedule"]["type"] == "SftWarmUpDecayLR" and doc["lr_schedule"]["kind"] == "linear"
+    )
+    assert doc["calculate_per_token_loss"] is True
     assert doc["lr_schedule"]["total_steps"] == len(schedule.steps) == 3
     # CPU: accumulation folded into the batch, so one step sees micro x accumulation rows
     assert doc["runner_config"]["batch_size"] == 4 and schedule.rows_per_step == 4

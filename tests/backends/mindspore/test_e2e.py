@@ -42,6 +42,7 @@ def _job(tmp_path, model) -> None:
         "train: {max_steps: 6, micro_batch_size: 2, learning_rate: 0.01, warmup_steps: 0}\n"
         f"output_dir: {tmp_path / 'run'}\n"
         "mindspore: {device_target: CPU, threads: 1}\n"
+        "export: {formats: [hf, adapter, ckpt, gguf], dtype: f16}\n"
     )
 
 
@@ -70,9 +71,13 @@ def test_sft_data_prepare_format_mindrecord(tmp_path, tiny_qwen2, capsys):
         assert np.array_equal(rec["labels"][1 : len(labels)], labels[1:])
 
 
-def test_sft_run_backend_mindspore(tmp_path, tiny_qwen2):
+def test_sft_run_backend_mindspore(tmp_path, tiny_qwen2, capsys):
     _job(tmp_path, tiny_qwen2)
     assert main(["run", "--backend", "mindspore", "--config", str(tmp_path / "job.yaml")]) == 0
+    # packing: auto differs between backends (issue #22): said at plan time, with the fix
+    err = capsys.readouterr().err
+    assert "data.packing: auto -> no packing on backend 'mindspore'" in err
+    assert "set data.packing: false to train identical batches" in err
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["backend"] == "mindspore" and summary["steps"] == 6
@@ -82,6 +87,21 @@ def test_sft_run_backend_mindspore(tmp_path, tiny_qwen2):
     assert (run / "mindformers.yaml").is_file() and (run / "config.yaml").is_file()
     for out in ("model", "adapter", "ckpt"):
         assert out in summary["outputs"]
+    # export.formats, made after training through `sft export`'s exporters: hf and adapter
+    # by this environment's numpy exporters, ckpt by MindSpore, gguf by its plugin from hf
+    for fmt in ("hf", "adapter", "ckpt", "gguf"):
+        report = json.loads((run / "exports" / fmt / f"export-{fmt}.json").read_text())
+        assert report["ok"], (fmt, report)
+        assert summary["outputs"][f"export_{fmt}"] == report["path"]
+    hf = run / "exports" / "hf"
+    from safetensors.numpy import load_file
+
+    exported = load_file(str(hf / "model.safetensors"))  # the format's own reader
+    merged = load_file(str(run / "final" / "model" / "model.safetensors"))
+    assert set(exported) == set(merged)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert exported[name].dtype == np.float16
+    assert np.allclose(exported[name], merged[name], atol=1e-3)
     tok = json.loads((run / "final" / "adapter" / "tokenizer_config.json").read_text())
     assert "im_start" in (
         tok.get("chat_template") or (run / "final" / "adapter" / "chat_template.jinja").read_text()

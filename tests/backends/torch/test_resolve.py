@@ -92,3 +92,32 @@ def test_builtin_smollm2_converts_to_a_sane_model(capsys):
         Sampling(max_new_tokens=12),
     )
     assert "Paris" in answer
+
+
+def _hub_snapshot(hub: Path, repo: str, ref: str, commit: str, model: Path) -> None:
+    """A model in huggingface_hub's own cache layout, as an earlier download leaves it."""
+    root = hub / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / ref).write_text(commit)
+    snap = root / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in model.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+
+
+def test_model_revision_picks_that_revision_from_the_hub_cache(
+    tmp_path, monkeypatch, tiny_llama, tiny_qwen2
+):
+    """`model.revision` reaches huggingface_hub: offline, the cached snapshot of exactly that
+    revision is used (main = a llama, v1 = a qwen2 here); a revision never downloaded is a
+    clear error, not another revision."""
+    from sft.paths import cache_root
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = cache_root() / "models" / "hub"
+    _hub_snapshot(hub, "org/tiny", "main", "a" * 40, tiny_llama)
+    _hub_snapshot(hub, "org/tiny", "v1", "b" * 40, tiny_qwen2)
+    assert resolve_model("org/tiny").model_type == "llama"
+    assert resolve_model("org/tiny", revision="v1").model_type == "qwen2"
+    with pytest.raises(SftError, match="HF_HUB_OFFLINE is set"):
+        resolve_model("org/tiny", revision="v2")

@@ -112,3 +112,16 @@ def test_pickle_weights_need_allow_pickle(tmp_path, tiny_llama):
     lm = load_model(plan, CPU)
     ref = load_file(str(tiny_llama / "model.safetensors"))
     assert torch.equal(lm.model.embed_tokens.weight, ref["model.embed_tokens.weight"])
+
+
+def test_auto_device_on_cpu_says_so_and_why(capsys):
+    from sft_torch import runtime
+
+    runtime.say_cpu_fallback.cache_clear()
+    assert runtime.resolve_device("auto").type == "cpu"
+    err = capsys.readouterr().err
+    assert "torch.device auto -> cpu" in err and ("no CUDA support" in err or "sees no GPU" in err)
+    runtime.resolve_device("auto")
+    assert capsys.readouterr().err == ""  # once per process
+    runtime.resolve_device("cpu")
+    assert capsys.readouterr().err == ""  # an explicit cpu is no fallback

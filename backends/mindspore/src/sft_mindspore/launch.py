@@ -58,14 +58,17 @@ def msrun_command(yaml_path: Path, parallel: Any, log_dir: Path) -> list[str]:
     ]
 
 
-def launch(yaml_path: Path, parallel: Any, work_dir: Path, threads: int = 1) -> Path:
-    """Run training to the end; returns the directory holding the worker logs."""
+def launch(
+    yaml_path: Path, parallel: Any, work_dir: Path, threads: int = 1, progress: bool = True
+) -> Path:
+    """Run training to the end; returns the directory holding the worker logs. `progress`
+    (`logging.progress`): echo MindFormers' per-step loss lines of a single worker."""
     work_dir.mkdir(parents=True, exist_ok=True)
     env = worker_env(work_dir, threads)
     if parallel.world_size == 1:
         log = work_dir / "worker_0.log"
         cmd = [sys.executable, str(ENTRY), "--config", str(yaml_path)]
-        rc = _run_showing_progress(cmd, env, log)
+        rc = _run_showing_progress(cmd, env, log, progress)
         if rc:
             raise SftError(_failure(0, log, rc))
         return work_dir
@@ -79,7 +82,7 @@ def launch(yaml_path: Path, parallel: Any, work_dir: Path, threads: int = 1) -> 
     return log_dir
 
 
-def _run_showing_progress(cmd: list[str], env: dict[str, str], log: Path) -> int:
+def _run_showing_progress(cmd: list[str], env: dict[str, str], log: Path, show: bool = True) -> int:
     """Run one worker, everything into `log`; its per-step loss lines also go to stdout so a
     long run shows progress (MindFormers' other output stays in the log)."""
     with (
@@ -96,7 +99,7 @@ def _run_showing_progress(cmd: list[str], env: dict[str, str], log: Path) -> int
         assert proc.stdout is not None
         for line in proc.stdout:
             f.write(line)
-            m = _PROGRESS.search(line)
+            m = _PROGRESS.search(line) if show else None
             if m:
                 step, total, loss = m.groups()
                 print(f"[mindformers] step {step}/{total} loss {loss}", flush=True)

@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any, Literal
 
 import sft
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sft.backend import TrainPlan, TrainResult, require_modules
+from sft.errors import SftError
 from sft.events import RunEvents
 from sft.specs import RunConfig
 
@@ -56,11 +58,15 @@ class MindSporeBackend:
             opts = MindSporeOptions.model_validate(config.options)
         except ValidationError:  # reported by core's own check of the section
             opts = MindSporeOptions()
-        device = _device(opts)
+        try:
+            device = _device(opts)
+        except SftError as exc:  # "mindspore.device_target: ..." as a config problem
+            return [str(exc)]
         return (
             _method_problems(config)
             + _packing_problems(config, device)
             + _parallel_problems(config, device)
+            + _unsupported_fields(config, device)
         )
 
     def default_packing(self, options: Any) -> bool:
@@ -83,12 +89,85 @@ def _method_problems(config: RunConfig) -> list[str]:
             f"method.name: {m.name!r} runs on the torch backend (--backend torch, installed "
             "with `make venv-torch`); MindFormers trains `full` and `lora`"
         ]
-    if m.name == "lora" and (m.use_dora or m.use_rslora or m.modules_to_save):
-        return [
-            "method: use_dora, use_rslora and modules_to_save have no mindpet counterpart; "
-            "remove them or use --backend torch"
-        ]
-    return []
+    if m.name != "lora":
+        return []
+    given = {
+        "use_dora": m.use_dora,
+        "use_rslora": m.use_rslora,
+        "modules_to_save": bool(m.modules_to_save),
+    }
+    return [
+        f"method.{key}: has no mindpet counterpart in MindFormers; remove it or use --backend torch"
+        for key, on in given.items()
+        if on
+    ]
+
+
+def _unsupported_fields(config: RunConfig, device: str) -> list[str]:
+    """Fields this backend does not honour (yet), refused here instead of ignored."""
+    from sft.models import resolvable_here
+
+    c, problems = config, []
+    why = resolvable_here(c.model.name_or_path)
+    if why:
+        problems.append(f"model.name_or_path: {why}")
+    eval_in_training = {
+        "eval.every_steps": c.eval.every_steps is not None,
+        "eval.max_batches": c.eval.max_batches is not None,
+        "data.eval": c.data.eval is not None,
+        "data.eval_fraction": c.data.eval_fraction > 0,
+    }
+    for key, given in eval_in_training.items():
+        if given:
+            problems.append(
+                f"{key}: the MindSpore backend computes no held-out loss during training yet; "
+                "remove it, or evaluate the exported model with `sft eval` in the torch "
+                "environment"
+            )
+    if c.train.nan_policy == "skip":
+        problems.append(
+            "train.nan_policy: skip is not available on MindFormers (its train step has no "
+            "hook to hold back one update); use nan_policy: stop, which stops at the first "
+            "non-finite loss"
+        )
+    if c.train.max_consecutive_skips != 3:
+        problems.append(
+            "train.max_consecutive_skips: applies to nan_policy: skip, which the MindSpore "
+            "backend does not have; remove it"
+        )
+    if c.parallel.cpu_offload:
+        problems.append(
+            "parallel.cpu_offload: MindFormers on this backend keeps optimizer state on the "
+            "device; remove it (optimizer sharding over data parallel is the way to save memory)"
+        )
+    if c.parallel.deepspeed_config:
+        problems.append("parallel.deepspeed_config: DeepSpeed is a torch-backend feature")
+    if c.checkpoint.allow_changed:
+        problems.append(
+            "checkpoint.allow_changed: MindFormers resumes only the same run (its checkpoints "
+            "hold no data fingerprint to relax); remove it"
+        )
+    if c.model.allow_pickle:
+        problems.append(
+            "model.allow_pickle: the MindSpore backend converts safetensors weights only; "
+            "convert pickle weights to safetensors first"
+        )
+    if c.train.precision not in ("auto", "fp32" if device == "CPU" else "auto"):
+        problems.append(
+            f"train.precision: {c.train.precision} is not mapped to MindFormers' compute dtype "
+            "yet; the backend uses bfloat16 on Ascend and float32 on CPU (precision: auto)"
+        )
+    if c.train.gradient_checkpointing:
+        problems.append(
+            "train.gradient_checkpointing: MindFormers' recompute is not wired to this field "
+            "yet; remove it"
+        )
+    if c.model.dtype not in ("auto", "float32"):
+        problems.append(
+            f"model.dtype: {c.model.dtype} is not available on MindFormers here, whose "
+            "parameters are float32 (param_init_type); train.precision sets the compute dtype"
+        )
+    return problems
 
 
 def _packing_problems(config: RunConfig, device: str) -> list[str]:
@@ -108,27 +187,65 @@ def _packing_problems(config: RunConfig, device: str) -> list[str]:
 def _parallel_problems(config: RunConfig, device: str) -> list[str]:
     # parallel.strategy other than ddp is refused by core (fsdp/zero are torch capabilities)
     p, problems = config.parallel, []
-    if device == "CPU" and max(p.tensor_parallel, p.pipeline_parallel, p.context_parallel) > 1:
-        problems.append(
-            "parallel: tensor/pipeline/context parallelism needs Ascend (MindSpore's semi-auto "
-            "parallel); on CPU only data parallel works: set them to 1"
-        )
+    degrees = {
+        "tensor_parallel": p.tensor_parallel,
+        "pipeline_parallel": p.pipeline_parallel,
+        "context_parallel": p.context_parallel,
+    }
+    model_parallel = [k for k, v in degrees.items() if v > 1]
+    if device == "CPU":
+        problems += [
+            f"parallel.{key}: needs Ascend (MindSpore's semi-auto parallel); on CPU only data "
+            "parallel works: set it to 1"
+            for key in model_parallel
+        ]
     prod = p.tensor_parallel * p.pipeline_parallel * p.context_parallel
     if p.world_size % prod:
         problems.append(
-            f"parallel: tensor_parallel x pipeline_parallel x context_parallel = {prod} must "
-            f"divide the device count {p.world_size} (nproc_per_node x nnodes); data parallel "
-            "takes the rest"
+            f"parallel.{model_parallel[0] if model_parallel else 'nproc_per_node'}: "
+            f"tensor_parallel x pipeline_parallel x context_parallel = {prod} must divide the "
+            f"device count {p.world_size} (nproc_per_node x nnodes); data parallel takes the rest"
         )
     return problems
 
 
+#: What an Ascend host has even before CANN's environment is sourced: the NPU device nodes and
+#: the driver's `npu-smi` tool (MindSpore itself finds the devices through the CANN runtime).
+ASCEND_DEVICE_GLOB = "/dev/davinci[0-9]*"
+
+
+def ascend_hardware() -> str | None:
+    """Evidence of Ascend NPUs on this machine (a device node or npu-smi), or None."""
+    import glob
+    import shutil
+
+    nodes = sorted(glob.glob(ASCEND_DEVICE_GLOB))
+    if nodes:
+        return f"NPU devices {', '.join(nodes[:4])}"
+    tool = shutil.which("npu-smi")
+    return f"the Ascend driver's {tool}" if tool else None
+
+
 def _device(options: Any) -> str:
+    """`device_target: auto`: Ascend when CANN's environment is set (as its set_env.sh does),
+    CPU on a machine without NPUs; an NPU machine without CANN's environment is an error, not
+    a silent CPU run."""
     target = getattr(options, "device_target", "auto")
     if target != "auto":
         return str(target)
-    ascend = any(os.environ.get(k) for k in ("ASCEND_HOME_PATH", "ASCEND_OPP_PATH"))
-    return "Ascend" if ascend else "CPU"
+    if any(
+        os.environ.get(k) for k in ("ASCEND_HOME_PATH", "ASCEND_OPP_PATH", "ASCEND_TOOLKIT_HOME")
+    ):
+        return "Ascend"
+    found = ascend_hardware()
+    if found:
+        raise SftError(
+            f"mindspore.device_target: auto found {found} but no CANN environment "
+            "(ASCEND_HOME_PATH is not set), so MindSpore would train on the CPU. Source CANN's "
+            "environment first: `source /usr/local/Ascend/ascend-toolkit/set_env.sh` (or your "
+            "CANN install's set_env.sh), or set mindspore.device_target: CPU to train on the CPU"
+        )
+    return "CPU"
 
 
 @sft.hookimpl
@@ -144,6 +261,21 @@ def sft_register_exporters(register: Any) -> None:
         return run(request)
 
     register("ckpt", export_ckpt, description="MindSpore .ckpt (MindFormers names), verified")
+    if importlib.util.find_spec("sft_torch") is not None:
+        return  # the torch backend's hf / adapter exporters (logit-verified) are installed
+
+    def export_hf(request: Any) -> Any:
+        from sft_mindspore.export import export_hf as run
+
+        return run(request)
+
+    def export_adapter(request: Any) -> Any:
+        from sft_mindspore.export import export_adapter as run
+
+        return run(request)
+
+    register("hf", export_hf, description="merged HF safetensors (numpy; MindSpore env)")
+    register("adapter", export_adapter, description="PEFT adapter of a LoRA run (MindSpore env)")
 
 
 @sft.hookimpl

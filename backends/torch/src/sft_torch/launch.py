@@ -34,6 +34,7 @@ import yaml
 from sft.backend import TrainPlan, TrainResult
 from sft.errors import SftError
 from sft.events import RunEvents
+from sft.run import WORKER_ENV
 
 from sft_torch import distributed
 
@@ -144,6 +145,7 @@ def launch(plan: TrainPlan) -> TrainResult:
         file=sys.stderr,
         flush=True,
     )
+    os.environ[WORKER_ENV] = "1"  # the workers train; this launcher evaluates and exports
     try:
         torchrun(args)
     except ChildFailedError as exc:
@@ -152,6 +154,8 @@ def launch(plan: TrainPlan) -> TrainResult:
         # Preempted (sft_torch.guard): the agent forwarded the signal to the workers, which
         # finished their step and checkpointed; exit 143/130 like a single process would.
         raise preempted(plan, exc.sigval) from None
+    finally:
+        os.environ.pop(WORKER_ENV, None)
     if par.node_rank != 0:
         # This launcher speaks for the ranks of its node, none of them rank 0: mark it as
         # such so `sft run` leaves the run's summary.json to node 0 (shared run directory).

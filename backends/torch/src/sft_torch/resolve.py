@@ -8,7 +8,8 @@ A GGUF file is dequantized once through transformers' GGUF loader (weights, toke
 template all come from the file) and saved under `$SFT_CACHE_DIR/models/<name>-<hash>-<dtype>`.
 The directory is written under a temporary name and renamed when complete, under a file lock, so
 a crash never leaves half a model and concurrent processes convert only once. Hub ids are
-downloaded (safetensors only) only when online and `HF_HUB_OFFLINE` is not set.
+downloaded (safetensors only) only when online and `HF_HUB_OFFLINE` is not set, at
+`model.revision` when given; offline, a snapshot an earlier download left in the cache is used.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +26,8 @@ from typing import Any
 
 import sft
 from sft.errors import SftError
-from sft.models import BUILTIN_MODELS, builtin_weights
+from sft.models import BUILTIN_MODELS, HUB_ID, builtin_weights
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -134,9 +133,27 @@ def end_of_turn_ids(tok: Any) -> list[int]:
     return ids
 
 
-def download_hub(repo_id: str, cache_dir: Path) -> Path:
+def cached_hub(repo_id: str, cache_dir: Path, revision: str | None) -> Path | None:
+    """The snapshot of `repo_id` at `revision` that an earlier download left in the cache, or
+    None (huggingface_hub's own cache lookup: refs/<revision> -> snapshots/<commit>)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = snapshot_download(
+            repo_id, revision=revision, cache_dir=str(cache_dir / "hub"), local_files_only=True
+        )
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        return None
+    return Path(path) if any(Path(path).glob("*.safetensors")) else None
+
+
+def download_hub(repo_id: str, cache_dir: Path, revision: str | None = None) -> Path:
     """A hub model's safetensors snapshot; refuses clearly when offline."""
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    if offline and (cached := cached_hub(repo_id, cache_dir, revision)) is not None:
+        return cached
+    if offline:
         raise SftError(
             f"model {repo_id!r} looks like a hub id, but HF_HUB_OFFLINE is set, so nothing is "
             "downloaded. Download it where you are online (huggingface-cli download "
@@ -148,6 +165,7 @@ def download_hub(repo_id: str, cache_dir: Path) -> Path:
     try:
         path = snapshot_download(
             repo_id,
+            revision=revision,
             cache_dir=str(cache_dir / "hub"),
             allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"],
         )
@@ -164,7 +182,9 @@ def download_hub(repo_id: str, cache_dir: Path) -> Path:
     return Path(path)
 
 
-def resolve(spec: str, cache_dir: Path, dtype: str = "float32") -> Path | None:
+def resolve(
+    spec: str, cache_dir: Path, dtype: str = "float32", revision: str | None = None
+) -> Path | None:
     """A local HF directory for a built-in name, `.gguf` file or hub id; None if not ours."""
     if spec in BUILTIN_MODELS:
         return convert_gguf(builtin_weights(spec), cache_dir, spec, dtype)
@@ -174,11 +194,11 @@ def resolve(spec: str, cache_dir: Path, dtype: str = "float32") -> Path | None:
             raise SftError(f"GGUF file not found: {spec}")
         return convert_gguf(path.resolve(), cache_dir, path.stem, dtype)
     if HUB_ID.match(spec) and not path.exists():
-        return download_hub(spec, cache_dir)
+        return download_hub(spec, cache_dir, revision)
     return None
 
 
 @sft.hookimpl
-def sft_resolve_model(spec: str, cache_dir: str) -> str | None:
-    found = resolve(spec, Path(cache_dir))
+def sft_resolve_model(spec: str, cache_dir: str, revision: str | None = None) -> str | None:
+    found = resolve(spec, Path(cache_dir), revision=revision)
     return str(found) if found else None

@@ -1,7 +1,8 @@
 """Where and how the torch backend computes: device, precision, process rank, seeds and RNG state.
 
 device = resolve_device(options.device)                 # torch.device("cpu")
-precision = resolve_precision(config.train.precision, device)   # "bf16" on avx512_bf16 CPUs
+precision = resolve_precision(config.train.precision, device)   # "bf16" on avx512_bf16 CPUs,
+                                        # on Ampere+ GPUs; "fp16" (loss scaling) on T4 / V100
 with autocast(device, precision): loss = ...
 rank, world = dist_info()                               # (0, 1) unless torch.distributed runs
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 import warnings
 from functools import lru_cache
 from typing import Any
@@ -20,12 +22,17 @@ import torch
 from sft.errors import SftError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: `model.dtype` values that fix the compute precision when `train.precision` is `auto`
+WEIGHT_PRECISION = {"bfloat16": "bf16", "float16": "fp16"}
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda if available, else cpu; an explicit device that is missing is an error."""
+    """`auto` -> cuda if available, else cpu (said once on stderr, with why); an explicit device
+    that is missing is an error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cpu":
+            say_cpu_fallback()
     if name == "cuda" and not torch.cuda.is_available():
         raise SftError(
             "torch.device is 'cuda' but torch sees no CUDA GPU "
@@ -39,6 +46,20 @@ def resolve_device(name: str) -> torch.device:
         local = int(os.environ.get("LOCAL_RANK", dist_info()[0]))
         return torch.device("cuda", local % torch.cuda.device_count())
     return torch.device(name)
+
+
+@lru_cache(maxsize=1)
+def say_cpu_fallback() -> str:
+    """One stderr line: `torch.device: auto` trains on the CPU, and why (returned for tests)."""
+    why = (
+        f"this torch build ({torch.__version__}) has no CUDA support"
+        if torch.version.cuda is None
+        else f"torch (CUDA {torch.version.cuda}) sees no GPU: check the driver and "
+        "CUDA_VISIBLE_DEVICES"
+    )
+    line = f"sft: torch.device auto -> cpu: {why}; set torch.device=cpu to silence this"
+    print(line, file=sys.stderr, flush=True)
+    return line
 
 
 @lru_cache(maxsize=1)
@@ -66,8 +87,17 @@ def physical_cores() -> int:
     return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` -> bf16 where the device computes it natively, else fp32."""
+def cuda_has_native_bf16() -> bool:
+    """True on GPUs that compute bf16 in hardware (Ampere and newer). Not
+    `torch.cuda.is_bf16_supported()`: by default that also counts emulation, which says yes on
+    a T4 or V100 where bf16 matmuls run emulated, many times slower than fp16."""
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def resolve_precision(precision: str, device: torch.device, weights: str = "auto") -> str:
+    """`auto` -> the dtype of explicit half-precision weights (`model.dtype` bfloat16/float16),
+    else bf16 where the device computes it natively, fp16 with loss scaling on CUDA GPUs
+    without native bf16 (T4, V100), else fp32."""
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
             raise SftError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
@@ -80,8 +110,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
                 stacklevel=2,
             )
         return precision
+    if weights == "float16" and device.type == "cpu":
+        raise SftError("model.dtype: float16 needs a CUDA GPU; use auto or bfloat16 on CPU")
+    if weights in WEIGHT_PRECISION:  # half-precision weights compute in their own dtype
+        return resolve_precision(WEIGHT_PRECISION[weights], device)
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cuda_has_native_bf16() else "fp16"
     if device.type == "cpu":
         return "bf16" if cpu_has_native_bf16() else "fp32"
     return "fp32"
@@ -115,9 +149,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
-        # warn_only: a few CUDA kernels have no deterministic variant; say so instead of failing
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    # set both ways: the flag is process-wide and must not leak from one run into the next.
+    # warn_only: a few CUDA kernels have no deterministic variant; say so instead of failing
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def rng_state() -> dict[str, Any]:

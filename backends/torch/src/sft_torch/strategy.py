@@ -21,11 +21,17 @@ DEEPSPEED_INSTALL = 'pip install "sft-torch[deepspeed]"  (or: pip install deepsp
 
 def strategy_problems(config: RunConfig, device_type: str | None) -> list[str]:
     """Problems of `config.parallel` for a multi-process run on `device_type` ("cpu", "cuda";
-    None when unknown), as "key.path: message"; [] for a single process (no strategy runs)."""
+    None when unknown), as "key.path: message". A single process runs no strategy, so the
+    settings of one are refused there rather than ignored."""
     par = config.parallel
-    if par.world_size == 1:
-        return []
     problems = []
+    if par.deepspeed_config and par.strategy not in ("zero2", "zero3"):
+        problems.append(
+            f"parallel.deepspeed_config: is read only by parallel.strategy zero2 / zero3, not "
+            f"{par.strategy}; set the strategy or remove deepspeed_config"
+        )
+    if par.world_size == 1:
+        return problems + single_process_problems(config)
     if par.cpu_offload and par.strategy == "ddp":
         problems.append(
             "parallel.cpu_offload: DDP keeps a whole replica on every device and offloads "
@@ -45,6 +51,22 @@ def strategy_problems(config: RunConfig, device_type: str | None) -> list[str]:
         )
     if par.strategy in ("zero2", "zero3"):
         problems += deepspeed_problems(config)
+    return problems
+
+
+def single_process_problems(config: RunConfig) -> list[str]:
+    """Strategy settings that change nothing in one process."""
+    par, problems = config.parallel, []
+    if par.strategy != "ddp":
+        problems.append(
+            f"parallel.strategy: {par.strategy} shards over processes, and this run has one "
+            "(parallel.nproc_per_node 1, nnodes 1); set nproc_per_node >= 2 or remove strategy"
+        )
+    if par.cpu_offload:
+        problems.append(
+            "parallel.cpu_offload: offloading works with parallel.strategy fsdp / zero2 / zero3 "
+            "over several processes; this run has one process: remove cpu_offload"
+        )
     return problems
 
 

@@ -33,7 +33,7 @@ def _prepared(config: Path, overrides: list[str] | None) -> tuple[Any, Any]:
     from sft.models import resolve_model
 
     cfg = load_config(config, overrides or [])
-    model = resolve_model(cfg.model.name_or_path)
+    model = resolve_model(cfg.model.name_or_path, cfg.model.revision)
     run_dir = Path(cfg.output_dir) if cfg.output_dir else None
     return cfg, prepare_data(cfg, model, run_dir=run_dir)
 

@@ -48,6 +48,7 @@ class ExampleBackend:
     capabilities = frozenset({"full", "lora", "freeze", "packing", "ddp"})
     install_hint = "pip install -e plugins/example-backend"
     Options = ExampleOptions
+    trains = False  # it walks the plan and trains nothing: never suggested for a field
 
     def check_available(self) -> None:
         return None  # needs nothing beyond core
