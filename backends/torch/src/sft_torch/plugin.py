@@ -54,8 +54,9 @@ class TorchOptions(BaseModel):
     """How packed rows are kept from attending across samples. `segments`: sdpa runs causal
     attention on each sample of a row separately (only the scores within a sample are computed;
     `sft_torch.attention`). `position_ids`: pass position ids that restart per sample and no
-    attention mask; transformers derives the block-diagonal mask (and flash-attention varlen
-    boundaries) from them, and sdpa computes the whole row under that mask. `mask`: an explicit
+    attention mask; transformers derives the block-diagonal mask from them, and sdpa computes
+    the whole row under that mask (with flash_attention_2, sft passes each sample's varlen
+    boundaries to the flash kernel itself, at any micro_batch_size). `mask`: an explicit
     4-D block-diagonal causal mask built from the sample lengths (eager / sdpa only). `auto`:
     `segments` with sdpa on models whose attention uses transformers' AttentionInterface (Llama,
     Qwen, Mistral, SmolLM ...), else `position_ids`."""
@@ -250,8 +251,8 @@ def _device_problems(config: RunConfig, opts: TorchOptions) -> list[str]:
     ):
         problems.append(
             f"torch.packed_attention: segments runs sdpa per sample, not "
-            f"{opts.attn_implementation}; use packed_attention: position_ids (flash attention "
-            "derives its varlen boundaries from them)"
+            f"{opts.attn_implementation}; use packed_attention: position_ids (with flash "
+            "attention, sft passes each sample's varlen boundaries to the kernel)"
         )
     if opts.packed_attention == "mask" and opts.attn_implementation == "flash_attention_2":
         problems.append(
