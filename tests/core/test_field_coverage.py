@@ -99,6 +99,7 @@ VALUES: dict[str, Any] = {
     "parallel.tensor_parallel": 2,
     "parallel.pipeline_parallel": 2,
     "parallel.context_parallel": 2,
+    "parallel.rank_table_file": "@data",  # any file: refused on CPU and by torch
     "checkpoint.every_steps": 1,
     "checkpoint.keep_last": 1,
     "checkpoint.resume": "auto",
@@ -477,7 +478,8 @@ def observe_mindspore(job: dict[str, Any], run_dir: Path, env: dict[str, str], r
 
     job = copy.deepcopy(job)
     job["output_dir"] = str(run_dir)
-    job.setdefault("mindspore", {}).update({"device_target": "CPU"})
+    # node_wait_timeout: a node > 0 waits for node 0's shared inputs, which never come here
+    job.setdefault("mindspore", {}).update({"device_target": "CPU", "node_wait_timeout": 1})
     cfg_path = run_dir.parent / f"{run_dir.name}.yaml"
     cfg_path.write_text(yaml.safe_dump(job))
     try:

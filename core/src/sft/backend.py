@@ -54,6 +54,7 @@ CAPABILITIES = {
     "tensor_parallel": "tensor (model) parallelism",
     "pipeline_parallel": "pipeline parallelism",
     "context_parallel": "context (sequence) parallelism",
+    "rank_table": "launch from an Ascend HCCL rank table (parallel.rank_table_file)",
 }
 
 

@@ -58,16 +58,45 @@ def run(
     resume: Annotated[
         Optional[str], typer.Option(help="`auto` (newest complete checkpoint) or a checkpoint dir.")
     ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Validate, prepare data, write config.yaml, the native config and every "
+            "node's launch commands into the run directory and print them; train nothing.",
+        ),
+    ] = False,
 ) -> None:
     """Fine-tune as the job spec says. See `sft config explain` for every field."""
     from sft.run import run as run_job
 
     extra = list(overrides or []) + ([f"checkpoint.resume={resume}"] if resume else [])
     cfg = _load(config, extra, backend)
+    if dry_run:
+        _print_dry_run(cfg)
+        return
     summary = run_job(cfg)
     if summary:
         typer.echo(f"done: {summary['steps']} steps, final loss {summary['final_loss']}")
         typer.echo(f"run directory: {summary['run_dir']}")
+
+
+def _print_dry_run(cfg: Any) -> None:
+    from sft.run import dry_run
+
+    result = dry_run(cfg)
+    typer.echo(f"dry run: nothing trained; plan in {result['run_dir']}/plan.json")
+    typer.echo(f"resolved config: {result['config']}")
+    for name, path in result["files"].items():
+        typer.echo(f"\n# {name}: {path}")
+        if path.endswith((".yaml", ".yml", ".json")):  # the native config itself
+            text = Path(path).read_text()
+            typer.echo(text, nl=not text.endswith("\n"))
+    for node, commands in result["commands"].items():
+        typer.echo(f"\n# {node}")
+        for command in commands:
+            typer.echo(command)
+    typer.echo("\n" + json.dumps(result["summary"], indent=2))
 
 
 @config_app.command("validate")

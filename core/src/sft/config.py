@@ -213,6 +213,9 @@ def resolve_paths(data: dict[str, Any], base: Path) -> None:
             m["name_or_path"] = resolved
         else:
             data["model"] = resolved
+    par = data.get("parallel")
+    if isinstance(par, dict) and isinstance(par.get("rank_table_file"), str):
+        par["rank_table_file"] = _resolve_path(par["rank_table_file"], base)
     ev = data.get("eval")
     if isinstance(ev, dict) and isinstance(ev.get("prompts"), str):
         ev["prompts"] = _resolve_path(ev["prompts"], base)
@@ -509,6 +512,8 @@ def _backend_checks(config: RunConfig, plugins: Plugins, be: Any) -> list[Proble
             wanted.append((f"parallel.{key}", cap, key.replace("_", " ")))
     if config.data.packing is True:
         wanted.append(("data.packing", "packing", "packing"))
+    if par.rank_table_file:
+        wanted.append(("parallel.rank_table_file", "rank_table", "a rank-table launch"))
     if config.eval.prompts and not callable(getattr(be, "evaluate", None)):
         wanted.append(("eval.prompts", "evaluate", "generation for eval.prompts"))
     own = [

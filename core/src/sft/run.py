@@ -52,8 +52,10 @@ def write_config(config: RunConfig, path: Path) -> None:
     )
 
 
-def is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+def is_main_process(config: RunConfig | None = None) -> bool:
+    """Rank 0 of the job: RANK (torchrun's) is 0 and, where every node runs `sft run` itself
+    (msrun, rank tables), this is node 0 — so shared run-directory files are written once."""
+    return os.environ.get("RANK", "0") == "0" and (config is None or config.parallel.node_rank == 0)
 
 
 #: Set by a backend's launcher for the worker processes it starts (they run `sft run` again):
@@ -61,9 +63,9 @@ def is_main_process() -> bool:
 WORKER_ENV = "SFT_LAUNCHED_WORKER"
 
 
-def is_job_process() -> bool:
+def is_job_process(config: RunConfig | None = None) -> bool:
     """The one process that does the per-job work around training (prompt evals, exports)."""
-    return is_main_process() and not os.environ.get(WORKER_ENV)
+    return is_main_process(config) and not os.environ.get(WORKER_ENV)
 
 
 def resolve_packing(config: RunConfig, backend: Any, options: Any) -> bool:
@@ -104,7 +106,7 @@ def build_plan(config: RunConfig, plugins: Plugins | None = None) -> tuple[Train
     options = backend_options(config, plugins)
     run_dir = Path(config.output_dir or "runs/run").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
+    if is_main_process(config):
         write_config(config, run_dir / "config.yaml")
     model = resolve_model(config.model.name_or_path, config.model.revision)
     arch_notice = archs.notice(model.model_type, config.backend)
@@ -132,9 +134,9 @@ def run(config: RunConfig, plugins: Plugins | None = None) -> dict[str, Any]:
     plugins = plugins or get_plugins()
     start = time.time()
     plan, backend = build_plan(config, plugins)
-    job = is_job_process()
+    job = is_job_process(config)
     before = evaluate_prompts(backend, config, str(plan.model.path)) if job else None
-    events = RunEvents(config, plan.run_dir, plugins.hook, is_main=is_main_process())
+    events = RunEvents(config, plan.run_dir, plugins.hook, is_main=is_main_process(config))
     result = backend.train(plan, events)
     summary: dict[str, Any] = {
         "backend": config.backend,
@@ -151,7 +153,7 @@ def run(config: RunConfig, plugins: Plugins | None = None) -> dict[str, Any]:
         "resumed_from": str(plan.resume_from) if plan.resume_from else None,
         "wall_time_s": round(time.time() - start, 2),
     }
-    if not is_main_process():
+    if not is_main_process(config):
         return summary
     summary_path = plan.run_dir / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2, default=str))
@@ -221,3 +223,27 @@ def export_after_training(config: RunConfig, run_dir: Path, fmt: str) -> str:
         ) from exc
     print(f"sft: {fmt} export ({dtype}) written to {report.path} (verified)", file=sys.stderr)
     return str(report.path)
+
+
+def dry_run(config: RunConfig, plugins: Plugins | None = None) -> dict[str, Any]:
+    """`sft run --dry-run`: resolve and validate everything, write config.yaml and the
+    backend's native plan (`backend.plan_native(plan)`, optional: native config files and the
+    launch commands of every node), train nothing. Returns what RUN_DIR/plan.json holds."""
+    plan, backend = build_plan(config, plugins)
+    native = getattr(backend, "plan_native", None)
+    out: dict[str, Any] = native(plan) if native else {}
+    result = {
+        "backend": config.backend,
+        "run_dir": str(plan.run_dir),
+        "config": str(plan.run_dir / "config.yaml"),
+        "files": out.get("files", {}),
+        "commands": out.get("commands", {}),
+        "summary": {
+            "packing": plan.packing,
+            "samples": len(plan.data.train),
+            **out.get("summary", {}),
+        },
+    }
+    if is_main_process(config):
+        (plan.run_dir / "plan.json").write_text(json.dumps(result, indent=2, default=str))
+    return result

@@ -355,6 +355,12 @@ class ParallelSpec(Section):
     context_parallel: int = Field(1, gt=0)
     """Context (sequence) parallel degree, for backends that support it (MindSpore)."""
 
+    rank_table_file: str | None = None
+    """An Ascend HCCL rank table (JSON) to launch with instead of a dynamic cluster (MindSpore
+    on Ascend): one process per device listed for this node (`server_list[node_rank]`), each
+    with RANK_TABLE_FILE / RANK_ID / DEVICE_ID / RANK_SIZE. Default: the RANK_TABLE_FILE
+    environment variable when set."""
+
     @model_validator(mode="after")
     def _ranks(self) -> ParallelSpec:
         if self.node_rank >= self.nnodes:

@@ -6,7 +6,7 @@ trainer runs unmodified. (Facts: ../shared/notes/mindspore.md, "Running ... on C
 
 1. rotary embedding `BatchMatMul ... cannot be broadcast on CPU`  -> `use_rope_slice: True`
 2. `Unsupported op [RmsNorm] on CPU`                            -> `fused_rms_norm: False`
-   (and `compute_dtype: float32`: bf16 Transpose has no CPU kernel)
+   (and no bf16 on CPU: bf16 Transpose has no CPU kernel; `runtime` refuses it)
 3. the train step's overflow check uses Ascend float-status ops  -> an `isfinite` check on the
    gradients, written with ops that exist on CPU
 4. `Unsupported op [Barrier] on CPU` with `use_parallel: True`   -> barrier becomes a no-op (the
@@ -32,11 +32,6 @@ def cpu_model_config() -> dict[str, Any]:
     return {
         "use_rope_slice": True,
         "fused_rms_norm": False,
-        "compute_dtype": "float32",
-        "layernorm_compute_type": "float32",
-        "softmax_compute_type": "float32",
-        "rotary_dtype": "float32",
-        "param_init_type": "float32",
         "use_flash_attention": False,
     }
 

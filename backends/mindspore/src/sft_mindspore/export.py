@@ -140,12 +140,77 @@ def _model_files(out: Path, plan: Any) -> None:
     write_generation_config(out, plan.model.path, plan.data.eos_ids, plan.data.pad_id)
 
 
+def full_checkpoint(plan: Any, output_dir: Path) -> Path:
+    """The run's trained weights as one unsharded checkpoint.
+
+    Data parallel only: every rank holds all weights, rank 0's checkpoint is the model. With
+    tensor, pipeline or context parallelism each rank holds a shard: all ranks' checkpoints are
+    merged by `mindspore.transform_checkpoints` with the strategy files MindFormers wrote
+    (output/strategy/ckpt_strategy_rank_R.ckpt; merged first with `merge_pipeline_strategys`).
+    When that cannot be done this raises SftError and no final model is written: a shard is
+    never exported as a model."""
+    p = plan.config.parallel
+    if p.tensor_parallel * p.pipeline_parallel * p.context_parallel == 1:
+        return final_checkpoint(output_dir)
+    layout = (
+        f"tensor_parallel {p.tensor_parallel} x pipeline_parallel {p.pipeline_parallel} x "
+        f"context_parallel {p.context_parallel}"
+    )
+    strategies = sorted((output_dir / "strategy").glob("*.ckpt"))
+    ranks = [output_dir / "checkpoint" / f"rank_{r}" for r in range(p.world_size)]
+    missing = [r.name for r in ranks if not list(r.glob("*.ckpt"))]
+    why = None
+    if not strategies:
+        why = f"no parallel strategy files in {output_dir / 'strategy'}"
+    elif missing:
+        why = (
+            f"checkpoints of {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} are "
+            f"not under {output_dir / 'checkpoint'} (each node saves its own ranks: put the "
+            "run directory on a filesystem all nodes share)"
+        )
+    if why is None:
+        try:
+            return _transform(output_dir, ranks, strategies)
+        except Exception as exc:  # MindSpore's own message says what is wrong with the files
+            why = f"mindspore.transform_checkpoints failed: {type(exc).__name__}: {exc}"
+    raise SftError(
+        f"training finished, but the final model was NOT written: with {layout} every rank "
+        f"holds only a shard, and merging them failed: {why}. The sharded checkpoints are in "
+        f"{output_dir / 'checkpoint'}; merge them with mindspore.transform_checkpoints (strategy "
+        "files from output/strategy), then `sft convert weights --to hf`"
+    )
+
+
+def _transform(output_dir: Path, ranks: list[Path], strategies: list[Path]) -> Path:
+    import mindspore as ms
+
+    work = output_dir / "merged"
+    if work.exists():
+        shutil.rmtree(work)
+    strategy = work / "strategy.ckpt"
+    strategy.parent.mkdir(parents=True)
+    if len(strategies) > 1:  # one file per rank (pipeline stages differ): merge them first
+        ms.merge_pipeline_strategys(str(strategies[0].parent), str(strategy))
+    else:
+        shutil.copy(strategies[0], strategy)
+    src = work / "src"
+    for r, rank_dir in enumerate(ranks):  # exactly each rank's last checkpoint
+        (src / rank_dir.name).mkdir(parents=True)
+        last = final_checkpoint(output_dir, r)
+        (src / rank_dir.name / last.name).symlink_to(last)
+    ms.transform_checkpoints(str(src), str(work / "full"), "full", str(strategy), None)
+    found = sorted((work / "full" / "rank_0").glob("*.ckpt"))
+    if not found:
+        raise SftError(f"no merged checkpoint under {work / 'full' / 'rank_0'}")
+    return found[0]
+
+
 def export_final(plan: Any, output_dir: Path) -> dict[str, str]:
     """Trained ckpt -> final/model (merged HF), final/adapter (PEFT), final/mindspore."""
     final = plan.run_dir / "final"
-    if final.exists():
+    if final.exists():  # an older run's model must not survive a refused export either
         shutil.rmtree(final)
-    ckpt = final_checkpoint(output_dir)
+    ckpt = full_checkpoint(plan, output_dir)
     base, lora = split_lora(load_ckpt(ckpt))
     outputs = {}
     native = save_ckpt(

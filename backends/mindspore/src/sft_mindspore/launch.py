@@ -1,27 +1,52 @@
-"""Launch MindFormers workers: one subprocess for one device, msrun for several (or many nodes).
+"""Launch MindFormers workers: one subprocess for one device, msrun's dynamic cluster for several
+(on one node or many), or one process per device from an Ascend HCCL rank table.
 
 Workers run `sft_mindspore/entry.py` with this environment's python (msrun starts `python` from
 PATH, so the environment's bin/ goes first on PATH). A failed worker becomes an SftError naming
-the rank and the log to read.
+the rank and the log to read. `launch_plan` lists the processes of every node, so `sft run
+--dry-run` can print the command each node runs.
 
     log_dir = launch(yaml_path, parallel=config.parallel, work_dir=run_dir / "mindformers")
+
+Logs are per node (`msrun/node_R/`, `ranktable/node_R/`) when there are several nodes, so
+nodes sharing one run directory never write the same file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sft.errors import SftError
+from sft.errors import ConfigError, Problem, SftError
 
 ENTRY = Path(__file__).with_name("entry.py")
 
 
-def worker_env(work_dir: Path, threads: int) -> dict[str, str]:
+@dataclass
+class Process:
+    """One process a node starts: its command line, the variables sft sets, its log."""
+
+    node_rank: int
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+
+    def shell(self) -> str:
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
+        cmd = " ".join(shlex.quote(a) for a in self.argv)
+        return (f"env {env} " if env else "") + cmd + f" > {shlex.quote(str(self.log))} 2>&1"
+
+
+def worker_env(work_dir: Path, threads: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
@@ -29,11 +54,25 @@ def worker_env(work_dir: Path, threads: int) -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("GLOG_v", "2")
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
     return env
 
 
-def msrun_command(yaml_path: Path, parallel: Any, log_dir: Path) -> list[str]:
-    """msrun for `parallel.nproc_per_node` workers on this node out of `world_size` in all."""
+def log_dir_of(
+    work_dir: Path, parallel: Any, node_rank: int | None = None, table: str | None = None
+) -> Path:
+    """Where a node's worker logs go: per node when there are several nodes."""
+    node = parallel.node_rank if node_rank is None else node_rank
+    kind = "ranktable" if table else "msrun"
+    if parallel.world_size == 1:
+        return work_dir
+    return work_dir / kind / f"node_{node}" if parallel.nnodes > 1 else work_dir / kind
+
+
+def msrun_command(
+    yaml_path: Path, parallel: Any, log_dir: Path, node_rank: int | None = None
+) -> list[str]:
+    """msrun for `parallel.nproc_per_node` workers on one node out of `world_size` in all."""
     return [
         str(Path(sys.executable).with_name("msrun")),
         "--worker_num",
@@ -45,7 +84,7 @@ def msrun_command(yaml_path: Path, parallel: Any, log_dir: Path) -> list[str]:
         "--master_port",
         str(parallel.master_port),
         "--node_rank",
-        str(parallel.node_rank),
+        str(parallel.node_rank if node_rank is None else node_rank),
         "--log_dir",
         str(log_dir),
         "--join",
@@ -58,28 +97,169 @@ def msrun_command(yaml_path: Path, parallel: Any, log_dir: Path) -> list[str]:
     ]
 
 
-def launch(
-    yaml_path: Path, parallel: Any, work_dir: Path, threads: int = 1, progress: bool = True
-) -> Path:
-    """Run training to the end; returns the directory holding the worker logs. `progress`
-    (`logging.progress`): echo MindFormers' per-step loss lines of a single worker."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    env = worker_env(work_dir, threads)
+# ------------------------------------------------------------------------------ rank table
+
+
+def rank_table_path(parallel: Any, device: str) -> str | None:
+    """The rank table an Ascend run with several devices launches from: `parallel.
+    rank_table_file`, else the RANK_TABLE_FILE environment variable; None for msrun."""
+    if device == "CPU" or parallel.world_size == 1:
+        return None
+    return parallel.rank_table_file or os.environ.get("RANK_TABLE_FILE") or None
+
+
+def read_rank_table(path: str, parallel: Any) -> list[list[dict[str, int]]]:
+    """The devices of every node, `[[{"rank_id", "device_id"}, ...] per server]`, checked
+    against `parallel` (nnodes servers, nproc_per_node devices each, ranks 0..world-1)."""
+    where = "parallel.rank_table_file"
+    try:
+        table = json.loads(Path(path).read_text())
+        servers = [
+            [
+                {"rank_id": int(d["rank_id"]), "device_id": int(d["device_id"])}
+                for d in server["device"]
+            ]
+            for server in table["server_list"]
+        ]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            [
+                Problem(
+                    where,
+                    f"cannot read the HCCL rank table {path}: {type(exc).__name__}: {exc}",
+                    "give a rank table JSON with server_list[].device[].{device_id, rank_id}",
+                )
+            ]
+        ) from exc
+    problems = []
+    if len(servers) != parallel.nnodes:
+        problems.append(
+            f"{path} lists {len(servers)} servers but parallel.nnodes is {parallel.nnodes}"
+        )
+    sizes = sorted({len(s) for s in servers})
+    if sizes != [parallel.nproc_per_node]:
+        problems.append(
+            f"{path} lists {sizes} devices per server but parallel.nproc_per_node is "
+            f"{parallel.nproc_per_node}"
+        )
+    ranks = sorted(d["rank_id"] for s in servers for d in s)
+    if ranks != list(range(len(ranks))):
+        problems.append(f"{path}: rank_id values must be 0..{len(ranks) - 1}, each once")
+    if problems:
+        raise ConfigError([Problem(where, p) for p in problems])
+    return servers
+
+
+def launch_plan(
+    yaml_path: Path, parallel: Any, work_dir: Path, env: dict[str, str], table: str | None = None
+) -> list[Process]:
+    """Every process of the run on every node, in node order. `env`: variables sft exports to
+    every worker (HCCL settings); `table`: the rank table (`rank_table_path`), None for msrun."""
     if parallel.world_size == 1:
-        log = work_dir / "worker_0.log"
-        cmd = [sys.executable, str(ENTRY), "--config", str(yaml_path)]
-        rc = _run_showing_progress(cmd, env, log, progress)
+        argv = [sys.executable, str(ENTRY), "--config", str(yaml_path)]
+        return [Process(0, argv, dict(env), work_dir / "worker_0.log")]
+    if table is None:
+        out = []
+        for node in range(parallel.nnodes):
+            log_dir = log_dir_of(work_dir, parallel, node)
+            argv = msrun_command(yaml_path, parallel, log_dir, node)
+            out.append(Process(node, argv, dict(env), log_dir.with_suffix(".log")))
+        return out
+    out = []
+    servers = read_rank_table(table, parallel)
+    for node, devices in enumerate(servers):
+        log_dir = log_dir_of(work_dir, parallel, node, table)
+        for d in devices:
+            rank_env = {
+                **env,
+                "RANK_TABLE_FILE": str(Path(table).resolve()),
+                "RANK_ID": str(d["rank_id"]),
+                "DEVICE_ID": str(d["device_id"]),
+                "RANK_SIZE": str(parallel.world_size),
+            }
+            argv = [sys.executable, str(ENTRY), "--config", str(yaml_path)]
+            out.append(Process(node, argv, rank_env, log_dir / f"worker_{d['rank_id']}.log"))
+    return out
+
+
+def launch(
+    yaml_path: Path,
+    parallel: Any,
+    work_dir: Path,
+    threads: int = 1,
+    env: dict[str, str] | None = None,
+    table: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run this node's processes to the end; returns the directory holding its worker logs.
+    `progress` (`logging.progress`): echo MindFormers' per-step loss lines of a single worker."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    mine = [
+        p
+        for p in launch_plan(yaml_path, parallel, work_dir, env or {}, table)
+        if p.node_rank == parallel.node_rank
+    ]
+    log_dir = log_dir_of(work_dir, parallel, table=table)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if parallel.world_size == 1:
+        proc = mine[0]
+        rc = _run_showing_progress(
+            proc.argv, worker_env(work_dir, threads, proc.env), proc.log, progress
+        )
         if rc:
-            raise SftError(_failure(0, log, rc))
+            raise SftError(_failure(0, proc.log, rc))
         return work_dir
-    log_dir = work_dir / "msrun"
-    cmd = msrun_command(yaml_path, parallel, log_dir)
-    with (work_dir / "msrun.log").open("w") as f:
-        rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc:
-        rank, log = _failed_rank(log_dir, parallel)
-        raise SftError(_failure(rank, log, rc))
+    if table is None:
+        proc = mine[0]
+        with proc.log.open("w") as f:
+            rc = subprocess.run(
+                proc.argv,
+                env=worker_env(work_dir, threads, proc.env),
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            ).returncode
+        if rc:
+            rank, log = _failed_rank(log_dir, parallel)
+            raise SftError(_failure(rank, log, rc))
+        return log_dir
+    _run_rank_table(mine, work_dir, threads)
     return log_dir
+
+
+def _run_rank_table(procs: list[Process], work_dir: Path, threads: int) -> None:
+    """Start one process per local device; when one fails, stop the others and report it."""
+    running = []
+    for p in procs:
+        f = p.log.open("w")
+        popen = subprocess.Popen(
+            p.argv, env=worker_env(work_dir, threads, p.env), stdout=f, stderr=subprocess.STDOUT
+        )
+        running.append((p, popen, f))
+    failed = None
+    try:
+        while failed is None and any(popen.poll() is None for _, popen, _ in running):
+            for p, popen, _ in running:
+                rc = popen.poll()
+                if rc:  # the first rank that fails stops the others
+                    failed = (int(p.env["RANK_ID"]), p.log, rc)
+                    break
+            time.sleep(0.2)
+        failed = failed or next(
+            (
+                (int(p.env["RANK_ID"]), p.log, popen.returncode)
+                for p, popen, _ in running
+                if popen.returncode
+            ),
+            None,
+        )
+    finally:
+        for _, popen, f in running:
+            if popen.poll() is None:
+                popen.send_signal(signal.SIGTERM)
+            popen.wait()
+            f.close()
+    if failed is not None:
+        raise SftError(_failure(*failed))
 
 
 def _run_showing_progress(cmd: list[str], env: dict[str, str], log: Path, show: bool = True) -> int:

@@ -140,9 +140,29 @@ def batch_layout(config: Any, device: str, dp: int) -> tuple[int, int]:
 
 
 def build_yaml(
+    plan: Any,
+    schedule: Any,
+    load_checkpoint: str,
+    dataset: str,
+    device: str,
+    output_dir: str,
+    settings: Any = None,
+) -> dict[str, Any]:
+    """The whole MindFormers YAML as a dict. `settings` (`runtime.resolve`, with the detected
+    device) decides precision, memory, JIT, recompute, optimizer sharding and the pipeline
+    micro-batches; without it they are resolved from the options alone."""
+    doc = _build_yaml(plan, schedule, load_checkpoint, dataset, device, output_dir)
+    # device settings (sft_mindspore.runtime): precision, memory, jit, recompute, pipeline
+    from sft_mindspore import runtime
+
+    settings = settings or runtime.resolve(plan.config, plan.options, device)
+    runtime.apply(doc, settings, plan.config)
+    return doc
+
+
+def _build_yaml(
     plan: Any, schedule: Any, load_checkpoint: str, dataset: str, device: str, output_dir: str
 ) -> dict[str, Any]:
-    """The whole MindFormers YAML as a dict."""
     cfg = plan.config
     deg = parallel_degrees(cfg)
     batch, accum = batch_layout(cfg, device, deg["dp"])
@@ -267,15 +287,8 @@ def _context(device: str, t: Any) -> dict[str, Any]:
         "save_graphs": False,
         "deterministic": "ON" if t.deterministic else "OFF",
     }
-    if device != "CPU":
-        ctx.update(
-            {
-                "device_id": 0,
-                "max_device_memory": "58GB",
-                "jit_config": {"jit_level": "O1"},
-                "memory_optimize_level": "O0",
-            }
-        )
+    # No device_id: MindFormers then takes DEVICE_ID (rank table) or msrun's. Memory, jit and
+    # memory_optimize_level: sft_mindspore.runtime.
     return ctx
 
 

@@ -11,7 +11,7 @@ import os
 from typing import Any, Literal
 
 import sft
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sft.backend import TrainPlan, TrainResult, require_modules
 from sft.errors import SftError
 from sft.events import RunEvents
@@ -31,6 +31,66 @@ class MindSporeOptions(BaseModel):
     threads: int | None = Field(None, gt=0)
     """CPU threads per worker (OMP_NUM_THREADS). Default: the machine's cores / workers."""
 
+    device_kind: Literal["auto", "910A", "910B", "910B4", "910C"] = "auto"
+    """Ascend chip: `910A` (32 GB, no bf16), `910B` (910B1-B3, 64 GB), `910B4` (32 GB), `910C`
+    (64 GB per die). `auto`: asked from MindSpore on the Ascend host when the run starts. Sets
+    the default `max_device_memory` and `train.precision: auto` (fp16 on 910A, else bf16);
+    bf16 on a 910A is refused."""
+
+    max_device_memory: str | None = None
+    """Device memory MindSpore may use, e.g. `58GB` (context.max_device_memory). Default: the
+    device's size as MindSpore reports it minus a reserve (58GB on 64 GB, 29GB on 32 GB), else
+    from `device_kind`, else 29GB (fits a 32 GB card). On CPU only an explicit value is written."""
+
+    jit_level: Literal["O0", "O1", "O2"] | None = None
+    """Graph compilation level (context.jit_config.jit_level): O0 = kernel by kernel, O1 =
+    with operator fusion, O2 = whole-graph sinking (Ascend only). Default: O1 on Ascend, MindSpore's
+    own on CPU."""
+
+    memory_optimize_level: Literal["O0", "O1"] | None = None
+    """context.memory_optimize_level: O1 reuses device memory more aggressively (what
+    MindFormers' reference configs use). Default: O1 on Ascend, MindSpore's own on CPU."""
+
+    optimizer_shard: bool | Literal["auto"] = "auto"
+    """MindFormers' parallel optimizer (parallel.enable_parallel_optimizer): shard optimizer
+    state and updates over the data-parallel devices (like ZeRO-1). `auto`: on for Ascend runs
+    with data parallel > 1. Needs Ascend (semi-auto parallel)."""
+
+    loss_scale: Literal["dynamic"] | float | None = None
+    """fp16 only (train.precision: fp16): `dynamic` (MindFormers' DynamicLossScaleUpdateCell,
+    start 65536, x2 / 1000 steps; the default) or a fixed scale (runner_wrapper.scale_sense)."""
+
+    hccl_connect_timeout: int | None = Field(None, gt=0)
+    """Seconds HCCL waits for all devices to connect (HCCL_CONNECT_TIMEOUT; HCCL's default is
+    120). Raise it for many nodes or slow starts. Exported to every worker."""
+
+    hccl_exec_timeout: int | None = Field(None, gt=0)
+    """Seconds a collective may wait for the other devices (HCCL_EXEC_TIMEOUT). Exported."""
+
+    hccl_buffsize: int | None = Field(None, gt=0)
+    """HCCL communication buffer per device in MB (HCCL_BUFFSIZE; HCCL's default 200). Exported."""
+
+    hccl_if_ip: str | None = None
+    """Host NIC address HCCL uses for its host-side setup on this node (HCCL_IF_IP). Exported."""
+
+    node_wait_timeout: int = Field(3600, gt=0)
+    """With several nodes, seconds nodes other than 0 wait for node 0 to write the shared inputs
+    (MindRecord, initial checkpoint, MindFormers YAML) into the shared run directory."""
+
+    @field_validator("max_device_memory")
+    @classmethod
+    def _memory(cls, v: str | None) -> str | None:
+        from sft_mindspore.runtime import check_memory_value
+
+        return check_memory_value(v)
+
+    @field_validator("loss_scale")
+    @classmethod
+    def _scale(cls, v: Any) -> Any:
+        if isinstance(v, float) and v <= 0:
+            raise ValueError("a fixed loss scale must be > 0, e.g. 1024.0, or use `dynamic`")
+        return v
+
 
 class MindSporeBackend:
     name = "mindspore"
@@ -45,6 +105,7 @@ class MindSporeBackend:
             "tensor_parallel",
             "pipeline_parallel",
             "context_parallel",
+            "rank_table",
         }
     )
     install_hint = INSTALL
@@ -62,12 +123,24 @@ class MindSporeBackend:
             device = _device(opts)
         except SftError as exc:  # "mindspore.device_target: ..." as a config problem
             return [str(exc)]
+        from sft_mindspore.runtime import problems as device_problems
+
         return (
             _method_problems(config)
             + _packing_problems(config, device)
             + _parallel_problems(config, device)
+            + device_problems(config, opts, device)
+            + _model_problems(config)
+            + _launch_problems(config, device)
             + _unsupported_fields(config, device)
         )
+
+    def plan_native(self, plan: TrainPlan) -> dict[str, Any]:
+        """`sft run --dry-run`: the MindFormers YAML and every node's launch commands, written
+        into the run directory without converting weights or writing data."""
+        from sft_mindspore.train import plan_native
+
+        return plan_native(plan)
 
     def default_packing(self, options: Any) -> bool:
         """`data.packing: auto` never packs here: on CPU the packed mask is wrong, and sft does
@@ -152,16 +225,7 @@ def _unsupported_fields(config: RunConfig, device: str) -> list[str]:
             "model.allow_pickle: the MindSpore backend converts safetensors weights only; "
             "convert pickle weights to safetensors first"
         )
-    if c.train.precision not in ("auto", "fp32" if device == "CPU" else "auto"):
-        problems.append(
-            f"train.precision: {c.train.precision} is not mapped to MindFormers' compute dtype "
-            "yet; the backend uses bfloat16 on Ascend and float32 on CPU (precision: auto)"
-        )
-    if c.train.gradient_checkpointing:
-        problems.append(
-            "train.gradient_checkpointing: MindFormers' recompute is not wired to this field "
-            "yet; remove it"
-        )
+    # train.precision and train.gradient_checkpointing: honoured (sft_mindspore.runtime)
     if c.model.dtype not in ("auto", "float32"):
         problems.append(
             f"model.dtype: {c.model.dtype} is not available on MindFormers here, whose "
@@ -207,6 +271,82 @@ def _parallel_problems(config: RunConfig, device: str) -> list[str]:
             f"device count {p.world_size} (nproc_per_node x nnodes); data parallel takes the rest"
         )
     return problems
+
+
+def _launch_problems(config: RunConfig, device: str) -> list[str]:
+    from sft.errors import ConfigError
+
+    from sft_mindspore.launch import rank_table_path, read_rank_table
+
+    p = config.parallel
+    if p.rank_table_file and device == "CPU":
+        return [
+            "parallel.rank_table_file: a rank table describes Ascend devices for HCCL; on CPU "
+            "remove it (msrun's dynamic cluster launches CPU workers)"
+        ]
+    if p.rank_table_file and p.world_size == 1:
+        return [
+            "parallel.rank_table_file: a rank-table launch starts several devices; with one "
+            "device remove it, or set parallel.nproc_per_node / nnodes to the table's devices"
+        ]
+    table = rank_table_path(p, device)
+    if table is None:
+        return []
+    try:
+        read_rank_table(table, p)
+    except ConfigError as exc:
+        return [str(problem) for problem in exc.problems]
+    return []
+
+
+def _model_problems(config: RunConfig) -> list[str]:
+    """What MindFormers' legacy llama cannot train, found before any weight is converted: LoRA
+    targets without a MindFormers cell, and (when the model's config.json can be read here: a
+    local directory or a built-in already converted) its architecture and rope scaling."""
+    from sft.errors import SftError
+
+    from sft_mindspore.mfconfig import lora_targets, rope_extension
+    from sft_mindspore.weights import SUPPORTED
+
+    out = []
+    if config.method.name == "lora":
+        try:
+            lora_targets(config.method.target_modules)
+        except SftError as exc:
+            out += [str(p) for p in getattr(exc, "problems", [])] or [str(exc)]
+    try:
+        hf = _model_config_json(config.model.name_or_path)
+    except (OSError, ValueError):  # a name no filesystem accepts: core reports the path
+        hf = None
+    if hf is None:
+        return out
+    kind = hf.get("model_type")
+    if kind not in SUPPORTED:
+        arch = ", ".join(hf.get("architectures") or []) or "?"
+        out.append(
+            f"model.name_or_path: model_type {kind!r} ({arch}) is not trained by the MindSpore "
+            f"backend (MindFormers' legacy LlamaForCausalLM takes {', '.join(SUPPORTED)}); "
+            "use --backend torch for this model"
+        )
+        return out
+    try:
+        rope_extension(hf)
+    except SftError as exc:
+        out.append("model.name_or_path: " + str(exc).removeprefix("model: "))
+    return out
+
+
+def _model_config_json(spec: str) -> dict[str, Any] | None:
+    import json
+    from pathlib import Path
+
+    from sft.models import converted_builtin
+
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        path = converted_builtin(spec) or path
+    cfg = path / "config.json"
+    return json.loads(cfg.read_text()) if cfg.is_file() else None
 
 
 #: What an Ascend host has even before CANN's environment is sourced: the NPU device nodes and

@@ -10,6 +10,8 @@ $ sft run --backend mindspore --config configs/qwen2-tiny/lora.yaml
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -17,15 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from sft.backend import TrainPlan, TrainResult
 from sft.data.batching import count_trained, shard_for_rank
 from sft.errors import SftError
 from sft.events import RunEvents
 
 from sft_mindspore import data as msdata
-from sft_mindspore import mfconfig
+from sft_mindspore import mfconfig, runtime
 from sft_mindspore.export import export_final
-from sft_mindspore.launch import launch
+from sft_mindspore.launch import launch, launch_plan, rank_table_path
 from sft_mindspore.logs import StepTokens, metric_rows, parse_losses
 from sft_mindspore.weights import check_model_type, hf_to_ckpt
 
@@ -44,26 +47,126 @@ def resolve_device(options: Any) -> str:
     return _device(options)
 
 
-def prepare(plan: TrainPlan, device: str) -> tuple[Path, msdata.Schedule, Path]:
-    """Data, weights and YAML in RUN_DIR; returns (yaml path, schedule, MindFormers output dir)."""
+def device_settings(plan: TrainPlan, device: str) -> runtime.Settings:
+    """Precision, memory, JIT ... of this run, with the device MindSpore reports on an Ascend
+    host (its kind and memory size); a setting the device cannot do is a ConfigError."""
+    detected = runtime.detect_device() if device == "Ascend" else (None, None)
+    settings = runtime.resolve(plan.config, plan.options, device, detected)
+    for note in settings.notes:
+        print(f"[sft] {note}", flush=True)
+    return settings
+
+
+def prepare(
+    plan: TrainPlan, device: str, dry_run: bool = False
+) -> tuple[Path, msdata.Schedule, Path]:
+    """Data, weights and YAML in RUN_DIR; returns (yaml path, schedule, MindFormers output dir).
+
+    Only node 0 writes these shared inputs (several nodes usually share one run directory);
+    it then writes `mindformers/prepared.json` with the YAML's hash, which the other nodes wait
+    for (`mindspore.node_wait_timeout`). `dry_run` writes the YAML alone (no data, no weights)."""
     cfg = plan.config
     check_model_type(plan.model.path)
     work = plan.run_dir / "mindformers"
     schedule = msdata.build_schedule(plan.data.train, cfg, cfg.parallel.world_size)
-    dataset = msdata.write_training_data(plan.data.train, schedule, plan.data.pad_id, work / "data")
     init_ckpt = work / "init" / "model.ckpt"
-    resume = resume_dir(plan)
-    if resume is None or not init_ckpt.exists():
-        # LoRA: the starting adapters are core's seeded draw, the same the torch backend uses
-        lora = cfg.method if cfg.method.name == "lora" else None
-        hf_to_ckpt(plan.model.path, init_ckpt, lora=lora, seed=cfg.train.seed)
+    dataset = work / "data" / "train.mindrecord"
     output_dir = work / "output"
-    doc = mfconfig.build_yaml(plan, schedule, str(init_ckpt), str(dataset), device, str(output_dir))
+    resume = resume_dir(plan)
+    settings = device_settings(plan, device)
+    doc = mfconfig.build_yaml(
+        plan, schedule, str(init_ckpt), str(dataset), device, str(output_dir), settings
+    )
     apply_resume(doc, resume)
     yaml_path = plan.run_dir / "mindformers.yaml"
     header = YAML_HEADER.format(config=plan.run_dir / "config.yaml", path=yaml_path)
-    mfconfig.write_yaml(doc, yaml_path, header)
+    text = header + yaml.safe_dump(doc, sort_keys=False)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    marker = work / PREPARED
+    if dry_run:
+        yaml_path.write_text(text)
+    elif cfg.parallel.node_rank == 0:
+        marker.unlink(missing_ok=True)
+        if resume is None and output_dir.exists():
+            shutil.rmtree(output_dir)  # a fresh run must not pick up an older run's checkpoints
+        msdata.write_training_data(plan.data.train, schedule, plan.data.pad_id, work / "data")
+        if resume is None or not init_ckpt.exists():
+            # LoRA: the starting adapters are core's seeded draw, the same the torch backend uses
+            lora = cfg.method if cfg.method.name == "lora" else None
+            hf_to_ckpt(plan.model.path, init_ckpt, lora=lora, seed=cfg.train.seed)
+        yaml_path.write_text(text)
+        _atomic_write(marker, json.dumps({"yaml_sha256": digest, "nnodes": cfg.parallel.nnodes}))
+    else:
+        wait_for_node0(marker, digest, plan.options.node_wait_timeout)  # type: ignore[attr-defined]
     return yaml_path, schedule, output_dir
+
+
+PREPARED = "prepared.json"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def wait_for_node0(marker: Path, digest: str, timeout: float, poll: float = 1.0) -> None:
+    """Wait until node 0 has written the shared inputs of the same run (same YAML)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if marker.is_file():
+            seen = json.loads(marker.read_text()).get("yaml_sha256")
+            if seen == digest:
+                return
+            raise SftError(
+                f"{marker}: node 0 prepared a different MindFormers YAML than this node would "
+                "(the nodes' configs or data differ); give every node the same config and data"
+            )
+        time.sleep(poll)
+    raise SftError(
+        f"waited {timeout:.0f} s for node 0 to write the shared inputs ({marker}); start node 0 "
+        "with the same output_dir on a filesystem all nodes share, or raise "
+        "mindspore.node_wait_timeout"
+    )
+
+
+def plan_native(plan: TrainPlan) -> dict[str, Any]:
+    """`sft run --dry-run`: RUN_DIR/mindformers.yaml and RUN_DIR/launch.sh (every node's
+    commands), nothing trained, no weights converted, no MindRecord written."""
+    cfg, opts = plan.config, plan.options
+    device = resolve_device(opts)
+    yaml_path, schedule, _ = prepare(plan, device, dry_run=True)
+    table = rank_table_path(cfg.parallel, device)
+    work = plan.run_dir / "mindformers"
+    procs = launch_plan(yaml_path, cfg.parallel, work, runtime.hccl_env(opts), table)
+    commands: dict[str, list[str]] = {}
+    for proc in procs:
+        commands.setdefault(f"node {proc.node_rank}", []).append(proc.shell())
+    launch_sh = plan.run_dir / "launch.sh"
+    lines = [
+        "#!/bin/sh",
+        f"# Launch commands sft planned for {plan.run_dir / 'config.yaml'} (MindSpore, {device}).",
+        "# `sft run` on each node (with parallel.node_rank set) writes the MindRecord and the",
+        "# initial checkpoint on node 0, then runs that node's commands below.",
+    ]
+    for node, cmds in commands.items():
+        lines += [f"# --- {node}", *cmds]
+    launch_sh.write_text("\n".join(lines) + "\n")
+    doc = yaml.safe_load(yaml_path.read_text())
+    return {
+        "files": {"mindformers_yaml": str(yaml_path), "launch": str(launch_sh)},
+        "commands": commands,
+        "summary": {
+            "device": device,
+            "launch": "rank table"
+            if table
+            else ("msrun" if cfg.parallel.world_size > 1 else "python"),
+            "steps": len(schedule.steps),
+            "seq_length": schedule.seq_length,
+            "global_batch_rows": schedule.rows_per_step,
+            "precision": doc["model"]["model_config"]["compute_dtype"],
+        },
+    }
 
 
 def resume_dir(plan: TrainPlan) -> Path | None:
@@ -121,9 +224,7 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
         )
     start = time.time()
     yaml_path, schedule, output_dir = prepare(plan, device)
-    resuming = resume_dir(plan) is not None
-    if not resuming and output_dir.exists():
-        shutil.rmtree(output_dir)  # a fresh run must not pick up an older run's checkpoints
+    resuming = resume_dir(plan) is not None  # prepare() cleared the outputs of a fresh run
     events.train_start(
         {
             "backend": "mindspore",
@@ -133,13 +234,15 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
             "seq_length": schedule.seq_length,
         }
     )
+    opts: Any = plan.options
     log_dir = launch(
         yaml_path,
         cfg.parallel,
         plan.run_dir / "mindformers",
+        threads=opts.threads or max(1, (os.cpu_count() or 1) // cfg.parallel.nproc_per_node),
+        env=runtime.hccl_env(opts),
+        table=rank_table_path(cfg.parallel, device),
         progress=cfg.logging.progress,
-        threads=plan.options.threads  # type: ignore[attr-defined]
-        or max(1, (os.cpu_count() or 1) // cfg.parallel.nproc_per_node),
     )
     records = parse_losses(log_dir)
     stop_on_nonfinite(records)

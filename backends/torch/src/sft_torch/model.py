@@ -136,10 +136,20 @@ def load_model(plan: TrainPlan, device: torch.device, precision: str = "fp32") -
     (`precision`: the resolved compute precision, for QLoRA's compute dtype)."""
     from transformers import AutoModelForCausalLM
 
+    from sft_torch.deepspeed import partitions_at_load, zero3_loading
+    from sft_torch.distributed import loads_on_rank0, rank
+
     cfg = plan.config
     kwargs = load_kwargs(plan, device, precision)
+    sharded = loads_on_rank0(cfg)  # FSDP2: rank 0 reads the weights, FSDPEngine shards them
+    zero3 = partitions_at_load(cfg)  # ZeRO-3: partitioned as it is built
+    loading = zero3_loading(cfg, precision) if zero3 else contextlib.nullcontext()
     try:
-        lm = AutoModelForCausalLM.from_pretrained(str(plan.model.path), **kwargs)
+        if sharded and rank() != 0:
+            lm = empty_model(plan, kwargs)
+        else:
+            with loading:
+                lm = AutoModelForCausalLM.from_pretrained(str(plan.model.path), **kwargs)
     except (OSError, ValueError) as exc:
         from pathlib import Path
 
@@ -151,9 +161,31 @@ def load_model(plan: TrainPlan, device: torch.device, precision: str = "fp32") -
             else ""
         )
         raise SftError(f"cannot load the model from {plan.model.path}: {exc}.{hint}") from exc
-    if cfg.method.name != "qlora":
+    if cfg.method.name != "qlora" and not (sharded or zero3):  # the engines place the shards
         lm.to(device)
     lm.config.use_cache = False  # no KV cache while training
+    return lm
+
+
+def empty_model(plan: TrainPlan, kwargs: dict[str, Any]) -> Any:
+    """The model's modules with parameters on the meta device (no memory, no file read) and
+    real buffers (rotary tables are computed, not loaded); FSDPEngine fills in the shards."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(
+        str(plan.model.path), trust_remote_code=kwargs["trust_remote_code"]
+    )
+    with init_empty_weights(include_buffers=False):
+        lm = AutoModelForCausalLM.from_config(
+            config,
+            dtype=kwargs["dtype"],
+            attn_implementation=kwargs["attn_implementation"],
+            trust_remote_code=kwargs["trust_remote_code"],
+        )
+    # from_config leaves a tied head (SmolLM2, Qwen2-0.5B ...) untied; from_pretrained on rank
+    # 0 ties it, and FSDP2 needs the same parameters on every rank
+    lm.tie_weights()
     return lm
 
 

@@ -54,8 +54,9 @@ class TorchOptions(BaseModel):
     """How packed rows are kept from attending across samples. `segments`: sdpa runs causal
     attention on each sample of a row separately (only the scores within a sample are computed;
     `sft_torch.attention`). `position_ids`: pass position ids that restart per sample and no
-    attention mask; transformers derives the block-diagonal mask (and flash-attention varlen
-    boundaries) from them, and sdpa computes the whole row under that mask. `mask`: an explicit
+    attention mask; transformers derives the block-diagonal mask from them, and sdpa computes
+    the whole row under that mask (with flash_attention_2, sft passes each sample's varlen
+    boundaries to the flash kernel itself, at any micro_batch_size). `mask`: an explicit
     4-D block-diagonal causal mask built from the sample lengths (eager / sdpa only). `auto`:
     `segments` with sdpa on models whose attention uses transformers' AttentionInterface (Llama,
     Qwen, Mistral, SmolLM ...), else `position_ids`."""
@@ -146,6 +147,21 @@ class TorchBackend:
         _threads()
         return evaluate(model, data, max_new_tokens)
 
+    def plan_native(self, plan: TrainPlan) -> dict[str, Any]:
+        """`sft run --dry-run`: the command each node runs (torchrun for several processes)."""
+        p, config = plan.config.parallel, str(plan.run_dir / "config.yaml")
+        if p.world_size == 1:
+            return {"commands": {"node 0": [f"sft run --config {config}"]}}
+        commands = {
+            f"node {r}": [
+                f"torchrun --nnodes {p.nnodes} --node_rank {r} --nproc_per_node "
+                f"{p.nproc_per_node} --master_addr {p.master_addr} --master_port "
+                f"{p.master_port} -m sft run --config {config} parallel.node_rank={r}"
+            ]
+            for r in range(p.nnodes)
+        }
+        return {"commands": commands, "summary": {"strategy": p.strategy}}
+
     def train(self, plan: TrainPlan, events: RunEvents) -> TrainResult:
         # Multi-process runs: re-launch through torchrun, or join the process group when this
         # is a torchrun worker (sft_torch.launch); a single process just trains.
@@ -235,8 +251,8 @@ def _device_problems(config: RunConfig, opts: TorchOptions) -> list[str]:
     ):
         problems.append(
             f"torch.packed_attention: segments runs sdpa per sample, not "
-            f"{opts.attn_implementation}; use packed_attention: position_ids (flash attention "
-            "derives its varlen boundaries from them)"
+            f"{opts.attn_implementation}; use packed_attention: position_ids (with flash "
+            "attention, sft passes each sample's varlen boundaries to the kernel)"
         )
     if opts.packed_attention == "mask" and opts.attn_implementation == "flash_attention_2":
         problems.append(

@@ -63,7 +63,7 @@ def prepare_data(config: RunConfig, model: Any, run_dir: Path | None = None) -> 
     RUN_DIR/data.json and rejects.jsonl, prints a one-line summary, and raises SftError when more
     than data.max_drop_fraction of the records was dropped or rejected."""
     data = load_or_build(config, Path(model.path), trust_remote_code=config.model.trust_remote_code)
-    if run_dir is not None and os.environ.get("RANK", "0") == "0":
+    if run_dir is not None and os.environ.get("RANK", "0") == "0" and not config.parallel.node_rank:
         write_report(data, Path(run_dir))
         print(summary_line(data.stats["train"]), flush=True)
     check_drop_fraction(data.stats, config.data.max_drop_fraction)

@@ -17,13 +17,84 @@ from sft.errors import SftError
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
-    """AutoTokenizer from a local model directory (never downloads)."""
+    """AutoTokenizer from a local model directory (never downloads).
+
+    A tokenizer whose `tokenizer_class` the installed transformers does not know (transformers
+    5 writes `TokenizersBackend`, which 4.57 lacks) is loaded from its `tokenizer.json` as a
+    `PreTrainedTokenizerFast` with the special tokens and chat template of its config: the
+    same ids and the same chat rendering in every environment."""
     from transformers import AutoTokenizer
 
     try:
+        if _unknown_class(Path(path)):
+            return _fast_from_tokenizer_json(Path(path))
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:
         raise SftError(f"cannot load the tokenizer from {path}: {exc}") from exc
+
+
+_SPECIAL_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "pad_token",
+    "sep_token",
+    "cls_token",
+    "mask_token",
+)
+_PLAIN_KEYS = (
+    "model_max_length",
+    "padding_side",
+    "truncation_side",
+    "model_input_names",
+    "clean_up_tokenization_spaces",
+)
+
+
+def _tokenizer_config(path: Path) -> dict[str, Any]:
+    cfg_path = path / "tokenizer_config.json"
+    return json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+
+
+def _unknown_class(path: Path) -> bool:
+    """The config names a tokenizer class this transformers lacks, and tokenizer.json exists
+    (a class shipped as remote code, `auto_map`, is left to AutoTokenizer)."""
+    import transformers
+
+    cfg = _tokenizer_config(path)
+    name = cfg.get("tokenizer_class")
+    if not isinstance(name, str) or "auto_map" in cfg or not (path / "tokenizer.json").is_file():
+        return False
+    return not any(hasattr(transformers, n) for n in (name, name + "Fast"))
+
+
+def _token_text(value: Any) -> Any:
+    # special tokens are strings or serialized AddedTokens ({"content": ..., ...})
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _fast_from_tokenizer_json(path: Path) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    cfg = _tokenizer_config(path)
+    kwargs: dict[str, Any] = {k: cfg[k] for k in _PLAIN_KEYS if k in cfg}
+    for key in _SPECIAL_KEYS:
+        if cfg.get(key) is not None:
+            kwargs[key] = _token_text(cfg[key])
+    extra = cfg.get("additional_special_tokens") or cfg.get("extra_special_tokens")
+    if isinstance(extra, list) and extra:
+        kwargs["additional_special_tokens"] = [_token_text(t) for t in extra]
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), **kwargs)
+    template = cfg.get("chat_template")
+    jinja = path / "chat_template.jinja"
+    if template is None and jinja.is_file():
+        template = jinja.read_text()
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        template = {t["name"]: t["template"] for t in template}
+    if template is not None:
+        tok.chat_template = template
+    tok.name_or_path = str(path)
+    return tok
 
 
 def save_tokenizer(tok: Any, template: Template, out: Path) -> None:
