@@ -24,11 +24,13 @@ class Arch:
     quirks: str
     """What the tiny test model keeps of the architecture."""
     torch: str = VERIFIED
-    mindspore: str = "refused: MindFormers' legacy LlamaForCausalLM runs llama and qwen2 only"
+    mindspore: str = (
+        "refused at validation: MindFormers' legacy LlamaForCausalLM takes llama, qwen2"
+    )
     gguf: str = VERIFIED
 
 
-_MS_OK = "verified (tests/backends/mindspore parity)"
+_MS_OK = "verified (first-step parity with torch: tests/backends/mindspore)"
 
 ARCHITECTURES: dict[str, Arch] = {
     "llama": Arch(
@@ -41,7 +43,7 @@ ARCHITECTURES: dict[str, Arch] = {
     "qwen3": Arch("tied embeddings, q/k norm"),
     "qwen3_moe": Arch("4 experts, top-2, q/k norm", gguf="refused: llama.cpp stacks the experts"),
     "mistral": Arch(
-        "sliding window 16",
+        "sliding window 4",
         gguf="verified without a sliding window; refused with one (llama.cpp's llama graph "
         "has none)",
     ),
