@@ -35,7 +35,8 @@ class TorchOptions(BaseModel):
     """Device to train on. `auto`: cuda if available, else cpu."""
 
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    """Attention kernel passed to transformers. `auto`: sdpa."""
+    """Attention kernel passed to transformers. `auto`: sdpa where the model class has it, else
+    eager (Gemma2: soft-capped scores); the run reports the choice (`attn_implementation`)."""
 
     chunked_loss: bool = True
     """Compute the loss from the final hidden states in chunks of trained positions, so the full
