@@ -267,3 +267,27 @@ def test_auto_attention_picks_eager_where_the_model_has_no_sdpa(tmp_path, arch_m
         load_model(sdpa, torch.device("cpu"))
     llama = make_plan(tmp_path / "l", arch_models("llama"), method="full")
     assert load_kwargs(llama, torch.device("cpu"), "fp32")["attn_implementation"] == "sdpa"
+
+
+def test_sft_run_warns_for_a_model_type_outside_the_matrix(tmp_path, arch_models, capsys):
+    from sft.config import load_config
+    from sft.run import build_plan
+
+    model = tmp_path / "moe"
+    model.mkdir()
+    for f in arch_models("qwen2").iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2_moe"}))
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    spec = tmp_path / "c.yaml"
+    spec.write_text(
+        f"model: {model}\ndata: {{train: {tmp_path / 'd.jsonl'}}}\noutput_dir: {tmp_path / 'r'}\n"
+    )
+    build_plan(load_config(spec))
+    err = capsys.readouterr().err
+    assert "warning: model_type 'qwen2_moe' is not in sft's tested architecture matrix" in err
+    assert "nearest tested one is 'qwen2'" in err
+    spec.write_text(spec.read_text().replace(str(model), str(arch_models("qwen2"))))
+    build_plan(load_config(spec))
+    assert "architecture matrix" not in capsys.readouterr().err  # control: a tested type
