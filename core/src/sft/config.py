@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from sft import trackers
 from sft.errors import ConfigError, Problem, SftError, did_you_mean
 from sft.plugins import Plugins, get_plugins
 from sft.specs import METHOD_NAMES, RunConfig
@@ -345,6 +346,7 @@ def semantic_problems(config: RunConfig, plugins: Plugins) -> list[Problem]:
                 )
             )
     problems += export_problems(config)
+    problems += trackers.problems(config, plugins)
     problems += backend_problems(config, plugins)
     for extra in plugins.hook.sft_validate_config(config=config):
         for text in extra or []:
