@@ -10,6 +10,7 @@ backend cannot run, missing data files ...) is collected into one `ConfigError`.
 from __future__ import annotations
 
 import glob
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,9 @@ def resolve_paths(data: dict[str, Any], base: Path) -> None:
             m["name_or_path"] = resolved
         else:
             data["model"] = resolved
+    meth = data.get("method")
+    if isinstance(meth, dict) and isinstance(meth.get("init_adapter"), str):
+        meth["init_adapter"] = _resolve_path(meth["init_adapter"], base)
     ev = data.get("eval")
     if isinstance(ev, dict) and isinstance(ev.get("prompts"), str):
         ev["prompts"] = _resolve_path(ev["prompts"], base)
@@ -346,6 +350,7 @@ def semantic_problems(config: RunConfig, plugins: Plugins) -> list[Problem]:
                 )
             )
     problems += export_problems(config)
+    problems += init_adapter_problems(config)
     problems += trackers.problems(config, plugins)
     problems += backend_problems(config, plugins)
     for extra in plugins.hook.sft_validate_config(config=config):
@@ -376,6 +381,59 @@ def export_problems(config: RunConfig) -> list[Problem]:
         )
     if len(set(ex.formats)) != len(ex.formats):
         problems.append(Problem("export.formats", f"lists a format twice: {ex.formats}"))
+    return problems
+
+
+#: `method` fields and the `adapter_config.json` keys that must agree with `init_adapter`.
+_ADAPTER_KEYS = {
+    "r": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "use_dora": "use_dora",
+    "use_rslora": "use_rslora",
+    "target_modules": "target_modules",
+    "modules_to_save": "modules_to_save",
+}
+
+
+def init_adapter_problems(config: RunConfig) -> list[Problem]:
+    """`method.init_adapter` is a PEFT LoRA adapter directory, and the LoRA fields the config
+    sets explicitly agree with it (the adapter's own values are the ones that train)."""
+    m = config.method
+    if m.name != "lora" or not m.init_adapter:
+        return []
+    cfg_file = Path(m.init_adapter) / "adapter_config.json"
+    if not cfg_file.is_file():
+        return [
+            Problem(
+                "method.init_adapter",
+                f"{m.init_adapter} is not a PEFT adapter directory (no adapter_config.json)",
+                "give a directory written by `save_pretrained`, e.g. a LoRA run's final/",
+            )
+        ]
+    try:
+        adapter = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as exc:
+        return [Problem("method.init_adapter", f"cannot read {cfg_file}: {exc}")]
+    if adapter.get("peft_type", "LORA") != "LORA":
+        return [Problem("method.init_adapter", f"is a {adapter['peft_type']} adapter, not LoRA")]
+    problems = []
+    for field in sorted(m.model_fields_set & set(_ADAPTER_KEYS)):
+        if _ADAPTER_KEYS[field] not in adapter:
+            continue
+        mine, theirs = getattr(m, field), adapter[_ADAPTER_KEYS[field]]
+        if isinstance(mine, list) and isinstance(theirs, list):
+            same = sorted(mine) == sorted(theirs)
+        else:
+            same = mine == theirs or (theirs is None and mine == [])
+        if not same:
+            problems.append(
+                Problem(
+                    f"method.{field}",
+                    f"is {mine!r} but method.init_adapter was trained with {theirs!r}",
+                    f"remove method.{field}: the adapter's own value is used",
+                )
+            )
     return problems
 
 

@@ -4,7 +4,8 @@
 
 - full:   every parameter trains.
 - lora:   peft LoRA adapters (target modules by list, regex or `all-linear`; DoRA, rsLoRA,
-          modules_to_save); the base is frozen.
+          modules_to_save); the base is frozen. With `init_adapter`, training continues an
+          existing PEFT adapter (loaded trainable) instead of fresh adapters.
 - qlora:  the same on a bitsandbytes 4/8-bit base (loaded quantized by `sft_torch.model`).
 - freeze: the last N decoder layers, modules matching `trainable_modules` and (optionally) the
           embeddings train; everything else has requires_grad=False, so backward stops at the
@@ -57,6 +58,18 @@ def apply_lora(lm: Any, method: LoraMethod | QLoraMethod, gradient_checkpointing
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+    if isinstance(method, LoraMethod) and method.init_adapter:
+        from peft import PeftModel
+
+        # The adapter's own config (r, alpha, targets) is used; core checked that the spec
+        # does not say otherwise.
+        try:
+            return PeftModel.from_pretrained(lm, method.init_adapter, is_trainable=True)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise SftError(
+                f"method.init_adapter: {method.init_adapter} does not fit this model ({exc}); "
+                "give an adapter trained on the same base model"
+            ) from exc
     try:
         return get_peft_model(lm, lora_config(method))
     except ValueError as exc:

@@ -1,6 +1,10 @@
-"""AdamW and the learning-rate schedule of a run.
+"""The optimizer (`train.optimizer`) and the learning-rate schedule of a run.
 
     opt = build_optimizer(model, config.train)          # no weight decay on biases and norms
+
+`adamw` is torch's AdamW; `adamw_8bit` / `paged_adamw_8bit` are bitsandbytes' (CUDA only, refused
+at validation elsewhere); `adafactor` is transformers' Adafactor driven by this learning rate and
+schedule (no relative step); `sgd` is torch's SGD with momentum betas[0].
     sched = build_scheduler(opt, config.train, total_steps=100)
     lr_factor(step=0, total=100, warmup=3, kind="cosine", min_ratio=0.1)   # 1/3
 
@@ -33,12 +37,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainSpec) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        param_groups(model, train.weight_decay),
-        lr=train.learning_rate,
-        betas=train.betas,
-        eps=train.eps,
-    )
+    groups, lr, name = param_groups(model, train.weight_decay), train.learning_rate, train.optimizer
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=train.betas, eps=train.eps)
+    if name in ("adamw_8bit", "paged_adamw_8bit"):
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+        opt: torch.optim.Optimizer = cls(groups, lr=lr, betas=train.betas, eps=train.eps)
+        return opt
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # lr given, relative_step off: sft's warmup and schedule drive it like the others
+        return Adafactor(
+            groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False
+        )
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=train.betas[0])
+    raise ValueError(f"train.optimizer: unknown optimizer {name!r}")
 
 
 def warmup_steps(train: TrainSpec, total: int) -> int:
