@@ -319,8 +319,7 @@ class TrainSpec(Section):
         bad = [k for k in unused if given[k]]
         if bad:
             raise ValueError(
-                f"{', '.join(bad)} not used by optimizer {self.optimizer!r} (AdamW only); "
-                "remove it"
+                f"{', '.join(bad)} not used by optimizer {self.optimizer!r} (AdamW only); remove it"
             )
         return self
 
