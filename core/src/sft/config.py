@@ -10,6 +10,7 @@ backend cannot run, missing data files ...) is collected into one `ConfigError`.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -19,9 +20,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from sft import trackers
+from sft.data.sources import DATASETS_INSTALL, is_dataset_repo, looks_like_hub_id
 from sft.errors import ConfigError, Problem, SftError, did_you_mean
 from sft.plugins import Plugins, get_plugins
-from sft.specs import METHOD_NAMES, RunConfig
+from sft.specs import METHOD_NAMES, DataSource, RunConfig
 
 #: Backends that ship with sft, listed even when not installed (with their install command).
 KNOWN_BACKENDS = {
@@ -189,6 +191,14 @@ def _looks_like_path(value: str) -> bool:
     return value.startswith((".", "/", "~")) or value.endswith((".gguf", ".jinja"))
 
 
+def _resolve_data_path(value: str, base: Path) -> str:
+    # `org/name` that is nothing under the config's directory stays a hub dataset id
+    resolved = _resolve_path(value, base)
+    if looks_like_hub_id(value) and not os.path.exists(resolved):
+        return value
+    return resolved
+
+
 def resolve_paths(data: dict[str, Any], base: Path) -> None:
     """Make config-relative paths absolute (data sources, templates, prompts, model files)."""
     d = data.get("data")
@@ -198,9 +208,9 @@ def resolve_paths(data: dict[str, Any], base: Path) -> None:
             items = srcs if isinstance(srcs, list) else [srcs]
             for i, src in enumerate(items):
                 if isinstance(src, str):
-                    items[i] = _resolve_path(src, base)
+                    items[i] = _resolve_data_path(src, base)
                 elif isinstance(src, dict) and isinstance(src.get("path"), str):
-                    src["path"] = _resolve_path(src["path"], base)
+                    src["path"] = _resolve_data_path(src["path"], base)
             if srcs is not None:
                 d[key] = items if isinstance(srcs, list) else items[0]
         tpl = d.get("template")
@@ -309,10 +319,7 @@ def semantic_problems(config: RunConfig, plugins: Plugins) -> list[Problem]:
     for key, srcs in (("data.train", d.train), ("data.eval", d.eval or [])):
         for i, src in enumerate(srcs):
             where = f"{key}[{i}]" if len(srcs) > 1 else key
-            if not (os.path.exists(src.path) or glob.glob(src.path)):
-                problems.append(
-                    Problem(f"{where}.path", f"no file or directory matches {src.path}")
-                )
+            problems += source_problems(src, where)
             if src.format != "auto" and src.format not in plugins.formats:
                 guess = did_you_mean(src.format, plugins.formats)
                 problems.append(
@@ -357,6 +364,44 @@ def semantic_problems(config: RunConfig, plugins: Plugins) -> list[Problem]:
         for text in extra or []:
             path, _, msg = text.partition(": ")
             problems.append(Problem(path, msg) if msg else Problem("", text))
+    return problems
+
+
+def source_problems(src: DataSource, where: str) -> list[Problem]:
+    """A data source names something readable, and split/subset/revision only where they mean
+    something (dataset repos; revision: hub ids)."""
+    hub = looks_like_hub_id(src.path)
+    if not (hub or os.path.exists(src.path) or glob.glob(src.path)):
+        return [Problem(f"{where}.path", f"no file or directory matches {src.path}")]
+    problems = []
+    repo = is_dataset_repo(src)
+    if repo and importlib.util.find_spec("datasets") is None:
+        problems.append(
+            Problem(
+                f"{where}.path",
+                f"{src.path} is a dataset repo, read with the `datasets` library, which is not "
+                "installed here",
+                f"install it with: {DATASETS_INSTALL}",
+            )
+        )
+    for key in ("split", "subset"):
+        if getattr(src, key) is not None and not repo:
+            problems.append(
+                Problem(
+                    f"{where}.{key}",
+                    f"applies to dataset repos (a hub id or a directory with a dataset card), "
+                    f"not to {src.path}",
+                    f"remove {key}",
+                )
+            )
+    if src.revision is not None and not hub:
+        problems.append(
+            Problem(
+                f"{where}.revision",
+                f"applies to hub dataset ids; {src.path} is local",
+                "remove revision (a local directory is read as it is)",
+            )
+        )
     return problems
 
 
