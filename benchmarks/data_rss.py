@@ -21,7 +21,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-WORDS = "the a model data token train loss batch step learn answer question river stone".split()
+WORDS = [
+    "the",
+    "a",
+    "model",
+    "data",
+    "token",
+    "train",
+    "loss",
+    "batch",
+    "step",
+    "learn",
+    "answer",
+    "question",
+    "river",
+    "stone",
+]
 
 
 def write_jsonl(path: Path, mb: int) -> int:
