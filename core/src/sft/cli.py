@@ -84,7 +84,7 @@ def run(
     extra = quick + list(overrides or []) + ([f"checkpoint.resume={resume}"] if resume else [])
     cfg = _load(config, extra, backend) if config else _load_quick(extra, backend)
     if config is None:
-        spec = Path(cfg.output_dir) / "config.yaml"
+        spec = Path(cfg.output_dir or "runs/run").resolve() / "config.yaml"  # run.py's default
         typer.echo(f"sft: the resolved spec is written to {spec}; repeat with: sft run -c {spec}")
     summary = run_job(cfg)
     if summary:
