@@ -19,10 +19,10 @@ from sft.errors import ConfigError
 from sft.plugins import Plugins
 from sft.run import config_to_dict
 
-from tests.backends.torch.test_sft_run import write_job
-
 
 def _job(tmp_path: Path, model: Path, trackers: list[str]) -> Path:
+    from tests.backends.torch.test_sft_run import write_job  # imports torch
+
     path = write_job(tmp_path, model)
     job = yaml.safe_load(path.read_text())
     job["train"]["max_steps"] = 3

@@ -121,7 +121,9 @@ def cache_key(config: RunConfig, tokenizer_path: Path, plugins: Plugins) -> str:
     h.update(json.dumps([policy, config.train.seed], sort_keys=True).encode())
     for split, srcs in (("train", d.train), ("eval", d.eval or [])):
         for src in srcs:
-            spec = src.model_dump(mode="json")
+            # repo fields only when given, so caches made before they existed keep their keys
+            unset = {k for k in ("split", "subset", "revision") if getattr(src, k) is None}
+            spec = src.model_dump(mode="json", exclude=unset)
             h.update(json.dumps([split, spec], sort_keys=True).encode())
             h.update(source_fingerprint(src).encode())
     for name in TOKENIZER_FILES:
