@@ -13,12 +13,14 @@ DEV_DEPS  := "pytest>=8" "hypothesis>=6.100" pytest-timeout
 PKGS_CORE := -e core -e plugins/example-backend $(addprefix -e ,$(wildcard plugins/gguf))
 PKGS_TORCH := $(PKGS_CORE) -e backends/torch $(wildcard plugins/tensorboard plugins/mlflow plugins/wandb)
 
-.PHONY: demo test test-core test-torch test-ms lint venv-core venv-torch venv-torch-dev venv-ms clean help venv-bench bench-data bench
+.PHONY: demo test test-core test-torch test-ms lint venv-core venv-torch venv-torch-dev venv-ms clean help venv-bench bench-data bench gpu-wheels gpu-check
 
 help:
 	@echo "make demo   - fine-tune SmolLM2-135M-Instruct on CPU and show before/after"
 	@echo "make test   - build the venvs and run every test (core, torch, mindspore)"
 	@echo "make lint   - ruff, mypy (core), import-linter"
+	@echo "make gpu-wheels - (with network) wheels the GPU image lacks, into .whl/gpu"
+	@echo "make gpu-check  - (on a CUDA machine) one PASS/FAIL line per GPU check, ~8 min on an H200"
 
 venv-core: $(V)/core/.stamp
 $(V)/core/.stamp: core/pyproject.toml plugins/example-backend/pyproject.toml $(wildcard plugins/gguf/pyproject.toml)
@@ -94,6 +96,22 @@ bench-data: venv-bench
 # on SmolLM2-135M LoRA; prints one table. See docs/performance.md.
 bench: venv-bench
 	$(BENCH)/python benchmarks/trl_compare.py --out runs/bench-trl/results.json
+
+# GPU check (not a test; docs/torch.md "Checking a GPU"): the GPU image has python 3.12, torch,
+# transformers, peft and accelerate but no pydantic/typer/pluggy and no network, so `gpu-wheels`
+# downloads those (pure python, pydantic-core for cp312 manylinux x86_64) into the ignored
+# .whl/gpu and checks that the working tree plus wheels fit the 64 MiB the device tool carries;
+# gpu_check.py unpacks them into a temporary directory (nothing is installed).
+GPU_PY    ?= python3
+GPU_WHEELS := pydantic typer click pluggy rich
+gpu-wheels:
+	$(PY) -m pip download $(PIP_FLAGS) --only-binary=:all: --python-version 3.12 \
+	    --implementation cp --abi cp312 --platform manylinux2014_x86_64 \
+	    --platform manylinux_2_17_x86_64 -d .whl/gpu $(GPU_WHEELS)
+	$(PY) benchmarks/gpu_check.py --check-bundle
+
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(V) runs .pytest_cache

@@ -16,6 +16,38 @@ from typing import Any
 
 from sft.specs import RunConfig
 
+#: Keys of a training row of metrics.jsonl that every backend writes, and what each means (the
+#: table in docs/reliability.md; the MindSpore parity tests compare both backends against it).
+TRAIN_ROW_KEYS = {
+    "step": "optimizer steps done (1-based); a row every logging.every_steps and at the last step",
+    "time": "Unix time the row was written",
+    "loss": "training loss: summed token cross-entropy / trained tokens, over the steps since the "
+    "previous row (token-weighted; the step's own loss when logging every step)",
+    "lr": "learning rate the row's step trained with (before the scheduler advanced)",
+    "grad_norm": "global L2 norm of the row's step's gradients, BEFORE clipping",
+    "trained_tokens": "trained (loss) tokens of all applied steps so far in this process "
+    "(cumulative; a resumed run counts from its restart)",
+    "tokens": "non-padding tokens (prompt + trained) of all steps so far in this process "
+    "(cumulative)",
+    "tokens_per_s": "non-padding tokens per second over the steps since the previous row",
+    "epoch": "0-based epoch of the row's step",
+}
+#: Keys of summary.json's `metrics` that every backend writes, and what each means.
+SUMMARY_KEYS = {
+    "device": "device the run trained on (the backend's own spelling: cpu, cuda:0, CPU, Ascend)",
+    "total_steps": "optimizer steps of the whole run",
+    "rows_per_step": "rows (samples, or packed rows) per optimizer step over all processes",
+    "world_size": "training processes (devices)",
+    "trained_tokens": "trained tokens of all applied steps in this process (= the last row's)",
+    "tokens": "non-padding tokens of all steps in this process (= the last row's)",
+    "tokens_per_s": "tokens / train_time_s",
+    "trained_tokens_per_s": "trained_tokens / train_time_s",
+    "train_time_s": "seconds spent in training steps (no loading, compiling outside steps, export)",
+    "elapsed_s": "wall seconds of the backend's train call",
+    "resumed_at_step": "optimizer step the run resumed after (0 for a fresh run)",
+    "skipped_steps": "steps whose update was skipped (non-finite loss or gradients), a list",
+}
+
 
 class RunEvents:
     def __init__(self, config: RunConfig, run_dir: Path, hook: Any, is_main: bool = True) -> None:

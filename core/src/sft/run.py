@@ -74,6 +74,24 @@ def resolve_packing(config: RunConfig, backend: Any, options: Any) -> bool:
     return bool(default(options)) if default else True
 
 
+def packing_notice(config: RunConfig, backend: Any, packed: bool) -> str | None:
+    """What `data.packing: auto` became, said at plan time: backends resolve it differently
+    (torch packs, mindspore cannot), and packed steps hold other samples than unpacked ones, so
+    the same spec would otherwise train different batches on different backends unannounced."""
+    if config.data.packing != "auto":
+        return None
+    fix = "set data.packing: false to train identical batches on every backend"
+    if packed:
+        return (
+            f"data.packing: auto -> packed rows on backend {backend.name!r}; a backend that "
+            f"does not pack (mindspore) trains this spec with other samples per step: {fix}"
+        )
+    return (
+        f"data.packing: auto -> no packing on backend {backend.name!r}; a backend that packs "
+        f"(torch) trains this spec with other samples per step: {fix}"
+    )
+
+
 def build_plan(config: RunConfig, plugins: Plugins | None = None) -> tuple[TrainPlan, Any]:
     """Everything before training: returns the plan and the backend that will run it."""
     from sft.data.pipeline import prepare_data
@@ -89,6 +107,10 @@ def build_plan(config: RunConfig, plugins: Plugins | None = None) -> tuple[Train
         write_config(config, run_dir / "config.yaml")
     model = resolve_model(config.model.name_or_path, config.model.revision)
     data = prepare_data(config, model, run_dir=run_dir)
+    packing = resolve_packing(config, backend, options)
+    notice = packing_notice(config, backend, packing)
+    if notice and is_main_process():
+        print(f"note: {notice}", file=sys.stderr, flush=True)
     plan = TrainPlan(
         config=config,
         options=options,
@@ -96,7 +118,7 @@ def build_plan(config: RunConfig, plugins: Plugins | None = None) -> tuple[Train
         model=model,
         data=data,
         resume_from=resolve_resume(config.checkpoint.resume, run_dir),
-        packing=resolve_packing(config, backend, options),
+        packing=packing,
     )
     return plan, backend
 
@@ -144,6 +166,7 @@ def evaluate_prompts(backend: Any, config: RunConfig, model: str) -> dict[str, A
     evaluate = getattr(backend, "evaluate", None)
     if evaluate is None:  # validation refuses eval.prompts for such a backend; never skip it
         raise SftError(f"eval.prompts: backend {config.backend!r} cannot generate")
+    print(f"sft: eval.prompts on {model} ({config.eval.prompts})", file=sys.stderr, flush=True)
     result: dict[str, Any] = evaluate(model, Path(config.eval.prompts), config.eval.max_new_tokens)
     return result
 

@@ -29,7 +29,9 @@ class ModelSpec(Section):
     (`sft models` lists them) or a hub id (downloaded only when online)."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Dtype the weights are loaded in. `auto`: float32 on CPU, bfloat16 on GPUs that support it."""
+    """Dtype the weights are loaded in. `auto`: float32 master weights on every device (the
+    compute precision comes from `train.precision`). `bfloat16` with full/freeze training trains
+    in pure bf16 (torch: a Kahan-compensated AdamW keeps small updates)."""
 
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint to run. Off unless you trust its author."""
@@ -289,7 +291,8 @@ class TrainSpec(Section):
     global batch, so it means the same thing at any world size."""
 
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Compute precision. `auto`: bf16 where the device supports it natively, else fp32."""
+    """Compute precision. `auto`: bf16 where the device supports it natively, fp16 with loss
+    scaling on CUDA GPUs without native bf16 (T4, V100), else fp32."""
 
     seed: int = 42
     """Seed for initialization, data order and dropout."""

@@ -28,6 +28,7 @@ from sft.models import load_resolved
 from sft.specs import RunConfig
 
 TORCH_REF = Path(__file__).with_name("torch_ref.py")
+TORCH_RUN = Path(__file__).with_name("torch_run.py")
 
 
 @pytest.fixture(autouse=True)
@@ -151,3 +152,34 @@ def torch_losses(
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [r["loss"] for r in json.loads((work / "out.json").read_text())]
+
+
+def torch_train(plan: TrainPlan, run_dir: Path) -> Path:
+    """Train `plan`'s spec on `plan`'s token data with the torch backend, in the torch
+    environment (torch_run.py); returns its run directory (metrics.jsonl, final/,
+    summary.json, init_lora_a.npz)."""
+    exe = torch_python()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = plan.config.model_dump(mode="json", exclude={"backend_options", "output_dir"})
+    split = plan.data.train
+    samples = [[a.tolist() for a in split.sample(i)] for i in range(len(split))]
+    job = {
+        "config": {**config, "backend": "torch"},
+        "samples": samples,
+        "model": str(plan.model.path),
+        "run_dir": str(run_dir),
+        "pad_id": plan.data.pad_id,
+        "eos_ids": plan.data.eos_ids,
+    }
+    (run_dir / "job.json").write_text(json.dumps(job))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["OMP_NUM_THREADS"] = "1"
+    # the torch side runs this checkout's sft and sft_torch, whatever the venv's installs are
+    repo = Path(__file__).resolve().parents[3]
+    env["PYTHONPATH"] = os.pathsep.join(
+        str(repo / d) for d in ("core/src", "backends/torch/src", "plugins/tensorboard/src")
+    )
+    cmd = [exe, str(TORCH_RUN), str(run_dir / "job.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir

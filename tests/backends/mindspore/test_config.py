@@ -65,7 +65,10 @@ def test_yaml_carries_the_spec(tmp_path, tiny_qwen2):
     assert mc["qkv_has_bias"] is True and mc["num_layers"] == 2 and mc["n_kv_heads"] == 2
     assert mc["pet_config"]["lora_rank"] == 8 and mc["pet_config"]["lora_alpha"] == 16
     assert doc["runner_wrapper"]["max_grad_norm"] == 0.5 and doc["seed"] == 7
-    assert doc["lr_schedule"]["type"] == "LinearWithWarmUpLR"
+    assert (
+        doc["lr_schedule"]["type"] == "SftWarmUpDecayLR" and doc["lr_schedule"]["kind"] == "linear"
+    )
+    assert doc["calculate_per_token_loss"] is True
     assert doc["lr_schedule"]["total_steps"] == len(schedule.steps) == 3
     # CPU: accumulation folded into the batch, so one step sees micro x accumulation rows
     assert doc["runner_config"]["batch_size"] == 4 and schedule.rows_per_step == 4

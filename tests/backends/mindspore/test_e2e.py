@@ -71,9 +71,13 @@ def test_sft_data_prepare_format_mindrecord(tmp_path, tiny_qwen2, capsys):
         assert np.array_equal(rec["labels"][1 : len(labels)], labels[1:])
 
 
-def test_sft_run_backend_mindspore(tmp_path, tiny_qwen2):
+def test_sft_run_backend_mindspore(tmp_path, tiny_qwen2, capsys):
     _job(tmp_path, tiny_qwen2)
     assert main(["run", "--backend", "mindspore", "--config", str(tmp_path / "job.yaml")]) == 0
+    # packing: auto differs between backends (issue #22): said at plan time, with the fix
+    err = capsys.readouterr().err
+    assert "data.packing: auto -> no packing on backend 'mindspore'" in err
+    assert "set data.packing: false to train identical batches" in err
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["backend"] == "mindspore" and summary["steps"] == 6

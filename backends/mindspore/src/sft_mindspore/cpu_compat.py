@@ -1,4 +1,4 @@
-"""CPU compatibility for MindFormers 1.9.0's legacy llama trainer: the four documented workarounds.
+"""CPU compatibility for MindFormers 1.9.0's legacy llama trainer: the documented workarounds.
 
 MindFormers targets Ascend; its legacy llama trainer trips over four Ascend-only paths on CPU.
 Each workaround below is minimal and applied ONLY when `device_target` is CPU, so on Ascend the
@@ -11,6 +11,11 @@ trainer runs unmodified. (Facts: ../shared/notes/mindspore.md, "Running ... on C
    gradients, written with ops that exist on CPU
 4. `Unsupported op [Barrier] on CPU` with `use_parallel: True`   -> barrier becomes a no-op (the
    CPU collective backend synchronizes in its collectives; checkpoint I/O is per rank)
+5. data parallel on CPU is MindSpore's plain DATA_PARALLEL mode, where `calculate_per_token_loss`
+   divides each rank's gradient by its OWN trained tokens and the reducer then averages ranks (a
+   mean of per-rank means; on Ascend, semi-auto parallel computes one loss over the global batch)
+   -> the divisor becomes all ranks' trained tokens / ranks, so the averaged gradient is the
+   global token mean, as the torch backend's
 
     from sft_mindspore.cpu_compat import cpu_model_config, apply_runtime_patches
     model_config.update(cpu_model_config())      # 1, 2 (at YAML generation time)
@@ -40,7 +45,7 @@ def apply_runtime_patches(device_target: str) -> list[str]:
     """Workarounds 3 and 4; returns what was patched (logged by the entry script)."""
     if device_target != "CPU":
         return []
-    return [_patch_overflow_check(), _patch_barrier()]
+    return [_patch_overflow_check(), _patch_barrier(), _patch_data_parallel_token_mean()]
 
 
 def _patch_overflow_check() -> str:
@@ -79,3 +84,28 @@ def _patch_barrier() -> str:
         if hasattr(module, "barrier"):
             module.barrier = barrier
     return "barrier: no-op"
+
+
+def _patch_data_parallel_token_mean() -> str:
+    import mindspore.ops as ops
+    from mindformers.wrapper.wrapper import MFTrainOneStepCell
+
+    original_init = MFTrainOneStepCell.__init__
+    original_grads = MFTrainOneStepCell.grads_for_legacy
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.sft_token_mean = bool(self.calculate_per_token_loss and self.reducer_flag)
+        if self.sft_token_mean:
+            self.sft_all_reduce = ops.AllReduce()
+
+    def grads_for_legacy(self: Any, scaling_sens: Any, *inputs: Any) -> Any:
+        loss, grads, factor = original_grads(self, scaling_sens, *inputs)
+        if self.sft_token_mean:
+            # grads / (sum of all ranks' tokens / ranks), then the reducer's mean over ranks
+            factor = self.sft_all_reduce(factor) / self.degree
+        return loss, grads, factor
+
+    MFTrainOneStepCell.__init__ = __init__
+    MFTrainOneStepCell.grads_for_legacy = grads_for_legacy
+    return "MFTrainOneStepCell: data-parallel gradients normalised by all ranks' trained tokens"

@@ -44,6 +44,8 @@ class Schedule:
     seq_length: int
     dropped_rows: int
     """Rows of a last, incomplete step (MindFormers drops the remainder of a batch)."""
+    epochs: list[int] | None = None
+    """0-based epoch of each step (metrics.jsonl's `epoch`)."""
 
     @property
     def rows(self) -> list[Row]:
@@ -85,13 +87,16 @@ def build_schedule(split: TokenizedSplit, config: Any, world: int = 1) -> Schedu
         )
     total = t.max_steps or max(1, int(np.ceil(t.epochs * per_epoch)))
     steps: list[list[Row]] = []
+    epochs: list[int] = []
     epoch = 0
     while len(steps) < total:
         full = [c for c in global_steps(rows(epoch), rows_per_step) if len(c) == rows_per_step]
-        steps += full[: total - len(steps)]
+        taken = full[: total - len(steps)]
+        steps += taken
+        epochs += [epoch] * len(taken)
         epoch += 1
     dropped = (len(split) - per_epoch * rows_per_step) * epoch
-    return Schedule(steps, rows_per_step, seq_length_for(split, d.max_seq_len), dropped)
+    return Schedule(steps, rows_per_step, seq_length_for(split, d.max_seq_len), dropped, epochs)
 
 
 def row_arrays(

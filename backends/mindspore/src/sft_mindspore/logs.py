@@ -6,11 +6,17 @@ MindFormers' MFLossMonitor prints one line per step in each worker's log:
       lr: 0.0002, overflow cond: False, loss_scale: 1.0, global_norm: [1.234], ...
 
     rows = parse_losses(log_dir)   # [{"step": 3, "loss": 5.612345, "lr": 2e-4, ...}, ...]
+    for step, row in metric_rows(rows, steps): events.log(step, row)
+
+`metric_rows` gives MindFormers' per-step numbers the meaning of every key that the torch backend
+writes (`sft.events.TRAIN_ROW_KEYS`): cumulative token counts, a token-weighted loss over the
+logging interval, the lr the step trained with, the gradient norm before clipping.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +55,8 @@ def parse_lines(text: str) -> list[dict[str, Any]]:
 
 def parse_losses(log_dir: Path) -> list[dict[str, Any]]:
     """Per-step rows; with several data-parallel ranks the loss is the mean of the ranks'
-    losses (what the averaged gradient descends), and `loss_rank0` keeps rank 0's own."""
+    losses, `rank_losses` has each rank's (its own token mean; `metric_rows` weights them by
+    the ranks' trained tokens) and `loss_rank0` keeps rank 0's."""
     per_rank = [parse_lines(p.read_text(errors="replace")) for p in worker_logs(log_dir)]
     per_rank = [rows for rows in per_rank if rows]
     if not per_rank:
@@ -58,6 +65,82 @@ def parse_losses(log_dir: Path) -> list[dict[str, Any]]:
     for i, row in enumerate(per_rank[0]):
         losses = [rows[i]["loss"] for rows in per_rank if i < len(rows)]
         if len(per_rank) > 1:
-            row = {**row, "loss": sum(losses) / len(losses), "loss_rank0": row["loss"]}
+            row = {
+                **row,
+                "loss": sum(losses) / len(losses),
+                "loss_rank0": row["loss"],
+                "rank_losses": losses,
+            }
         out.append(row)
+    return out
+
+
+@dataclass
+class StepTokens:
+    """What core's schedule says about one optimizer step."""
+
+    trained: int
+    """Trained (loss) tokens of the step, all ranks."""
+    tokens: int
+    """Non-padding tokens of the step, all ranks."""
+    epoch: int
+    trained_ranks: list[int] | None = None
+    """Trained tokens of each data-parallel rank's share of the step (several ranks only)."""
+
+
+def step_loss(rec: dict[str, Any], info: StepTokens) -> float:
+    """The step's loss over the global batch: with data parallel, the ranks' token means
+    weighted by their trained tokens (= summed token losses / all trained tokens)."""
+    losses = rec.get("rank_losses")
+    if not losses or not info.trained_ranks or len(losses) != len(info.trained_ranks):
+        return float(rec["loss"])
+    total = sum(info.trained_ranks)
+    if total == 0:
+        return float(rec["loss"])
+    return sum(x * n for x, n in zip(losses, info.trained_ranks, strict=True)) / total
+
+
+def metric_rows(
+    records: list[dict[str, Any]], steps: list[StepTokens], start: int = 0
+) -> list[tuple[int, dict[str, Any]]]:
+    """(step, metrics.jsonl row) for each `parse_losses` record. `start`: the step this process
+    began after (0, or the step a resumed run continues from).
+
+    MindFormers prints every `logging.every_steps`-th step (its per_print_times) with that step's
+    own values; token counts still cover every step since the previous row. Logging every step
+    (the default), each row is exactly the torch backend's; with a longer interval, `loss`,
+    `grad_norm` and `tokens_per_s` are the printed step's own (torch averages `loss` and the
+    throughput over the interval)."""
+    out: list[tuple[int, dict[str, Any]]] = []
+    total_trained = total_tokens = 0
+    skipped = 0
+    prev = start
+    for rec in records:
+        step = rec["step"]
+        info = steps[step - 1]
+        between = steps[prev : step - 1]  # steps MindFormers trained but did not print
+        total_tokens += sum(s.tokens for s in between) + info.tokens
+        total_trained += sum(s.trained for s in between)
+        row: dict[str, Any] = {"tokens_per_s": info.tokens / max(rec["step_time_s"], 1e-9)}
+        if rec.get("skipped"):
+            skipped += 1  # no update: trains nothing, no loss to report (as torch)
+        else:
+            total_trained += info.trained
+            row["loss"] = step_loss(rec, info)
+        row.update(
+            {
+                "trained_tokens": float(total_trained),
+                "tokens": float(total_tokens),
+                "lr": rec["lr"],
+                "epoch": float(info.epoch),
+            }
+        )
+        if "grad_norm" in rec:
+            row["grad_norm"] = rec["grad_norm"]
+        if "loss_rank0" in rec:
+            row["loss_rank0"] = rec["loss_rank0"]
+        if skipped:
+            row["skipped_steps"] = float(skipped)
+        out.append((step, row))
+        prev = step
     return out

@@ -10,30 +10,27 @@ script: `python -m sft_mindspore.entry --config RUN_DIR/mindformers.yaml`).
 What maps to what (spec -> MindFormers):
     model config.json          -> model.model_config (LlamaConfig; qwen2 = qkv_has_bias: True)
     method lora r/alpha/...    -> model_config.pet_config (mindpet LoRA; q_proj -> wq ... regex)
-    train.* optimizer/schedule -> optimizer (AdamW), lr_schedule, runner_wrapper (clipping)
+    train.* optimizer/schedule -> optimizer (AdamW), lr_schedule (sft_mindspore.lr), runner_wrapper
     micro batch x accumulation -> runner_config (batch_size per card, gradient_accumulation_steps)
     parallel.*                 -> parallel_config (dp x mp x cp x pp must equal the device count)
 """
 
 from __future__ import annotations
 
-import math
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 from sft.errors import ConfigError, SftError
+from sft.lr import warmup_steps
 
 from sft_mindspore.cpu_compat import cpu_model_config
-from sft_mindspore.weights import MODULE_MAP
+from sft_mindspore.weights import MODULE_MAP, lora_target_names
 
 ALL_LINEAR = list(MODULE_MAP.values())
-_SCHEDULES = {
-    "cosine": "CosineWithWarmUpLR",
-    "linear": "LinearWithWarmUpLR",
-    "constant": "ConstantWarmUpLR",
-}
+# Far above any real gradient norm: clipping then changes nothing, but MindFormers still
+# computes and logs the norm (it does only when use_clip_grad is on), as torch logs it always.
+NO_CLIP = 1e30
 
 
 def parallel_degrees(config: Any) -> dict[str, int]:
@@ -56,28 +53,7 @@ def parallel_degrees(config: Any) -> dict[str, int]:
 
 def lora_targets(target_modules: str | list[str]) -> str:
     """The spec's LoRA targets as mindpet's regex over cell names (q_proj -> wq ...)."""
-    if target_modules == "all-linear":
-        names = ALL_LINEAR
-    elif isinstance(target_modules, list):
-        unknown = [m for m in target_modules if m not in MODULE_MAP]
-        if unknown:
-            raise ConfigError(
-                [
-                    f"method.target_modules: {unknown} have no MindFormers "
-                    f"counterpart; use names from {sorted(MODULE_MAP)}"
-                ]
-            )
-        names = [MODULE_MAP[m] for m in target_modules]
-    else:  # a regex over HF names: keep the MindFormers cells whose HF name it matches
-        names = [ms for hf, ms in MODULE_MAP.items() if re.search(target_modules, hf)]
-        if not names:
-            raise ConfigError(
-                [
-                    f"method.target_modules: regex {target_modules!r} matches none "
-                    f"of {sorted(MODULE_MAP)}"
-                ]
-            )
-    return "|".join(f".*{n}$" for n in names)
+    return "|".join(f".*{MODULE_MAP[n]}$" for n in lora_target_names(target_modules))
 
 
 def model_config(hf: dict[str, Any], seq_length: int, device: str, batch_size: int) -> dict:
@@ -139,18 +115,16 @@ def rope_extension(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 def lr_schedule(train: Any, total_steps: int) -> dict[str, Any]:
-    warmup = train.warmup_steps
-    if warmup is None:
-        warmup = math.ceil(train.warmup_ratio * total_steps)
-    sched: dict[str, Any] = {
-        "type": _SCHEDULES[train.lr_scheduler],
+    """sft's own schedule class (`sft_mindspore.lr`): MindFormers' built-ins start warmup at lr 0
+    and decay on a different step count, so they cannot train the torch backend's lrs."""
+    return {
+        "type": "SftWarmUpDecayLR",
         "learning_rate": train.learning_rate,
-        "warmup_steps": warmup,
         "total_steps": total_steps,
+        "warmup_steps": warmup_steps(train, total_steps),
+        "kind": train.lr_scheduler,
+        "min_lr_ratio": train.min_lr_ratio,
     }
-    if train.lr_scheduler == "cosine":
-        sched["lr_end"] = train.learning_rate * train.min_lr_ratio
-    return sched
 
 
 def batch_layout(config: Any, device: str, dp: int) -> tuple[int, int]:
@@ -187,6 +161,9 @@ def build_yaml(
         "resume_training": False,
         "only_save_strategy": False,
         "use_parallel": cfg.parallel.world_size > 1,
+        # sum of token losses / trained tokens of all accumulated micro-batches, as torch
+        # normalises a step; without it MindFormers averages the micro-batches' own means
+        "calculate_per_token_loss": True,
         "trainer": {"type": "CausalLanguageModelingTrainer", "model_name": "llama"},
         "context": _context(device, cfg.train),
         **_parallel(device, deg, output_dir),
@@ -254,8 +231,8 @@ def _optimization(t: Any, steps: int) -> dict[str, Any]:
         "runner_wrapper": {
             "type": "MFTrainOneStepCell",
             "scale_sense": 1.0,
-            "use_clip_grad": t.max_grad_norm is not None,
-            "max_grad_norm": t.max_grad_norm or 1.0,
+            "use_clip_grad": True,
+            "max_grad_norm": t.max_grad_norm or NO_CLIP,
         },
         "optimizer": {
             "type": "AdamW",

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sft.backend import TrainPlan, TrainResult
-from sft.data.batching import count_trained
+from sft.data.batching import count_trained, shard_for_rank
 from sft.errors import SftError
 from sft.events import RunEvents
 
@@ -26,13 +26,14 @@ from sft_mindspore import data as msdata
 from sft_mindspore import mfconfig
 from sft_mindspore.export import export_final
 from sft_mindspore.launch import launch
-from sft_mindspore.logs import parse_losses
+from sft_mindspore.logs import StepTokens, metric_rows, parse_losses
 from sft_mindspore.weights import check_model_type, hf_to_ckpt
 
 YAML_HEADER = (
     "# MindFormers legacy finetune config written by sft from {config}.\n"
     "# Rerun it directly: python -m sft_mindspore.entry --config {path}\n"
-    "# (or with MindFormers' run_mindformer.py on Ascend; msrun for several devices).\n"
+    "# (or with MindFormers' run_mindformer.py on Ascend after `import sft_mindspore.lr`, which\n"
+    "# registers the lr_schedule class; msrun for several devices).\n"
 )
 
 
@@ -53,7 +54,9 @@ def prepare(plan: TrainPlan, device: str) -> tuple[Path, msdata.Schedule, Path]:
     init_ckpt = work / "init" / "model.ckpt"
     resume = resume_dir(plan)
     if resume is None or not init_ckpt.exists():
-        hf_to_ckpt(plan.model.path, init_ckpt)
+        # LoRA: the starting adapters are core's seeded draw, the same the torch backend uses
+        lora = cfg.method if cfg.method.name == "lora" else None
+        hf_to_ckpt(plan.model.path, init_ckpt, lora=lora, seed=cfg.train.seed)
     output_dir = work / "output"
     doc = mfconfig.build_yaml(plan, schedule, str(init_ckpt), str(dataset), device, str(output_dir))
     apply_resume(doc, resume)
@@ -91,6 +94,11 @@ def apply_resume(doc: dict[str, Any], ckpt_dir: Path | None) -> None:
     doc["resume_training"] = True
 
 
+def step_tokens(split: Any, rows: list[list[int]]) -> int:
+    """Non-padding tokens (prompt and trained) of a step's rows."""
+    return int(sum(int(split.lengths[i]) for row in rows for i in row))
+
+
 def stop_on_nonfinite(records: list[dict[str, Any]]) -> None:
     """`train.nan_policy: stop` (the only policy here): a non-finite loss in MindFormers' log
     fails the run before anything is exported from the diverged weights."""
@@ -113,7 +121,8 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
         )
     start = time.time()
     yaml_path, schedule, output_dir = prepare(plan, device)
-    if resume_dir(plan) is None and output_dir.exists():
+    resuming = resume_dir(plan) is not None
+    if not resuming and output_dir.exists():
         shutil.rmtree(output_dir)  # a fresh run must not pick up an older run's checkpoints
     events.train_start(
         {
@@ -134,25 +143,47 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
     )
     records = parse_losses(log_dir)
     stop_on_nonfinite(records)
-    trained = [count_trained(plan.data.train, rows) for rows in schedule.steps]
-    for rec in records:
-        step = rec.pop("step")
-        if step <= len(trained):
-            rec["trained_tokens"] = trained[step - 1]
-            if rec.get("step_time_s"):
-                rec["tokens_per_s"] = round(trained[step - 1] / rec["step_time_s"], 1)
-        events.log(step, rec)
+    split = plan.data.train
+    epochs = schedule.epochs or [0] * len(schedule.steps)
+    world = cfg.parallel.world_size
+    steps = [
+        StepTokens(
+            count_trained(split, rows),
+            step_tokens(split, rows),
+            epoch,
+            [count_trained(split, shard_for_rank(rows, r, world)) for r in range(world)]
+            if world > 1
+            else None,
+        )
+        for rows, epoch in zip(schedule.steps, epochs, strict=True)
+    ]
+    resumed_at = records[0]["step"] - 1 if resuming and records else 0
+    rows = metric_rows(records, steps, start=resumed_at)
+    for step, row in rows:
+        events.log(step, row)
     # rank 0's checkpoint lives on node 0: only that node exports
     outputs = export_final(plan, output_dir) if cfg.parallel.node_rank == 0 else {}
     elapsed = time.time() - start
+    last = rows[-1][1] if rows else {}
+    train_time = sum(r["step_time_s"] for r in records)
+    trained, tokens = int(last.get("trained_tokens", 0)), int(last.get("tokens", 0))
     return TrainResult(
         steps=len(schedule.steps),
-        final_loss=records[-1]["loss"] if records else None,
+        final_loss=last.get("loss"),
         outputs=outputs,
-        metrics={
+        metrics={  # the shared keys mean what sft.events.SUMMARY_KEYS says
             "device": device,
+            "total_steps": len(schedule.steps),
+            "rows_per_step": schedule.rows_per_step,
+            "world_size": cfg.parallel.world_size,
+            "trained_tokens": trained,
+            "tokens": tokens,
+            "tokens_per_s": round(tokens / max(train_time, 1e-9), 2),
+            "trained_tokens_per_s": round(trained / max(train_time, 1e-9), 2),
+            "train_time_s": round(train_time, 3),
             "elapsed_s": round(elapsed, 2),
-            "trained_tokens": sum(trained),
+            "resumed_at_step": resumed_at,
+            "skipped_steps": [r["step"] for r in records if r.get("skipped")],
             "dropped_rows": schedule.dropped_rows,
             "seq_length": schedule.seq_length,
             "mindformers_yaml": str(yaml_path),

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sft.errors import SftError
+from sft.errors import ConfigError, SftError
 
 # (HF pattern, MindFormers replacement); applied to the part after "model.layers.N." or whole.
 _RULES = [
@@ -56,6 +56,7 @@ MODULE_MAP = {
     "up_proj": "w3",
 }
 SUPPORTED = ("llama", "qwen2")
+_LINEAR = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+))\.weight$")
 
 _ST_DTYPES = {
     "F32": np.float32,
@@ -230,11 +231,64 @@ def load_ckpt(path: str | Path, drop_state: bool = True) -> dict[str, Tensor]:
     return {k: from_ms_tensor(v) for k, v in params.items() if not drop_state or is_model_weight(k)}
 
 
-def hf_to_ckpt(model_dir: str | Path, out: str | Path) -> Path:
-    """HF safetensors directory -> one `.ckpt` with MindFormers names."""
+def hf_to_ckpt(model_dir: str | Path, out: str | Path, lora: Any = None, seed: int = 0) -> Path:
+    """HF safetensors directory -> one `.ckpt` with MindFormers names. With `lora` (the spec's
+    LoRA method) the checkpoint also holds the starting adapters (`lora_init_tensors`), which
+    MindFormers loads into mindpet's cells instead of drawing its own."""
     check_model_type(model_dir)
-    tensors = {hf_to_ms_name(k): v for k, v in read_hf_dir(model_dir).items()}
+    hf = read_hf_dir(model_dir)
+    tensors = {hf_to_ms_name(k): v for k, v in hf.items()}
+    if lora is not None:
+        tensors.update(lora_init_tensors(hf, lora, seed))
     return save_ckpt(tensors, out)
+
+
+def lora_target_names(target_modules: str | list[str]) -> list[str]:
+    """The spec's `method.target_modules` as the HF module names (q_proj ...) that have a
+    MindFormers counterpart; a ConfigError when some or all cannot be honoured."""
+    if target_modules == "all-linear":
+        return list(MODULE_MAP)
+    if isinstance(target_modules, list):
+        unknown = [m for m in target_modules if m not in MODULE_MAP]
+        if unknown:
+            raise ConfigError(
+                [
+                    f"method.target_modules: {unknown} have no MindFormers "
+                    f"counterpart; use names from {sorted(MODULE_MAP)}"
+                ]
+            )
+        return list(target_modules)
+    # a regex over HF names: keep the modules whose HF name it matches
+    names = [hf for hf in MODULE_MAP if re.search(target_modules, hf)]
+    if not names:
+        raise ConfigError(
+            [
+                f"method.target_modules: regex {target_modules!r} matches none of {sorted(MODULE_MAP)}"
+            ]
+        )
+    return names
+
+
+def lora_init_tensors(hf: dict[str, Tensor], lora: Any, seed: int) -> dict[str, Tensor]:
+    """mindpet's `<cell>.mindpet_delta_lora_a` / `_b` for every targeted linear of the model:
+    A from core's seeded draw (`sft.lora_init`, the same matrices the torch backend gives peft),
+    B zero. Float32, as mindpet's LoRA parameters are."""
+    from sft.lora_init import lora_a
+
+    targets = set(lora_target_names(lora.target_modules))
+    out: dict[str, Tensor] = {}
+    for name, t in hf.items():
+        m = _LINEAR.match(name)
+        if m is None or m[2] not in targets:
+            continue
+        out_features, in_features = t.data.shape
+        cell = hf_to_ms_name(name).removesuffix(".weight")
+        a = lora_a(seed, m[1], lora.r, in_features)
+        out[f"{cell}.mindpet_delta_lora_a"] = Tensor(a, "F32")
+        out[f"{cell}.mindpet_delta_lora_b"] = Tensor(
+            np.zeros((out_features, lora.r), np.float32), "F32"
+        )
+    return out
 
 
 def ckpt_to_hf(ckpt: str | Path, out_dir: str | Path, config_from: str | Path | None) -> Path:

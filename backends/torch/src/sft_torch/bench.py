@@ -12,8 +12,12 @@ steps in a temporary run directory and reports:
 - time to first step (from the start of the command: data preparation, model load, first step);
 - peak memory: the process's resident-set high-water mark on CPU (`ru_maxrss`, the peak over
   the whole run), the device's peak allocation on GPU;
-- achieved FLOP/s and its fraction of the machine's GEMM rate, measured by a short matmul probe
-  (fp32 and bf16) in the same process, before and after training (the best rate counts).
+- achieved FLOP/s and its fraction of the machine's GEMM rate in the precision the run computes
+  in (bf16, fp16, tf32 or fp32), measured by a matmul probe in the same process before and after
+  training (the best rate counts): on CPU squares sized to the time budget, on a GPU a sustained
+  8192-square GEMM (a small one is launch- and sync-bound and would understate the peak);
+- on a GPU listed in `PEAK_TFLOPS`, MFU: achieved FLOP/s over the datasheet's dense peak for
+  that precision (`mfu`, None for GPUs not in the table).
 
 Useful FLOPs (recomputation from gradient checkpointing and padding are not counted):
 
@@ -45,6 +49,53 @@ from sft.errors import SftError
 from sft.events import RunEvents
 
 GEMM_SIZE = 1024
+#: square size of the GPU probe: large enough to run at the sustained tensor-core rate
+GPU_GEMM_SIZE = 8192
+
+#: Dense (no 2:4 sparsity) peak TFLOP/s per precision from NVIDIA's datasheets, keyed by a
+#: fragment of `torch.cuda.get_device_name()`; the longest matching key wins ("A10G" before
+#: "A10", "H100 PCIe" before "H100"). A precision the GPU has no tensor-core path for is
+#: absent (T4 / V100: no bf16, no tf32).
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "B200": {"bf16": 2250.0, "fp16": 2250.0, "tf32": 1100.0, "fp32": 80.0},
+    "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2},
+    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.05, "fp16": 362.05, "tf32": 183.0, "fp32": 91.6},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3},
+    "A10G": {"bf16": 70.0, "fp16": 70.0, "tf32": 35.0, "fp32": 31.2},
+    "A10": {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2},
+    "T4": {"fp16": 65.0, "fp32": 8.1},
+    "V100-PCIE": {"fp16": 112.0, "fp32": 14.0},
+    "V100": {"fp16": 125.0, "fp32": 15.7},  # SXM2
+}
+
+
+def peak_flops(device_name: str, key: str) -> float | None:
+    """Datasheet dense peak FLOP/s of the GPU called `device_name` in `key` (bf16, fp16, tf32,
+    fp32), or None when the GPU is not in `PEAK_TFLOPS` or has no such rate."""
+    name = device_name.upper()
+    hits = [k for k in PEAK_TFLOPS if k.upper() in name]
+    if not hits:
+        return None
+    tflops = PEAK_TFLOPS[max(hits, key=len)].get(key)
+    return None if tflops is None else tflops * 1e12
+
+
+def compute_key(precision: str, device_type: str, tf32: bool | None = None) -> str:
+    """The GEMM rate a run's matmuls get: its autocast dtype, or for fp32 on CUDA tf32 when
+    torch lets fp32 matmuls use tensor cores (`torch.backends.cuda.matmul.allow_tf32`)."""
+    if precision != "fp32":
+        return precision
+    if device_type != "cuda":
+        return "fp32"
+    if tf32 is None:
+        import torch
+
+        tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    return "tf32" if tf32 else "fp32"
 
 
 # ------------------------------------------------------------------------------ machine rate
@@ -109,14 +160,28 @@ def gemm_rate(dtype: Any, device: Any, size: int | None = None, seconds: float =
     return best
 
 
-def gemm_probe(device: Any, seconds: float = 0.3) -> dict[str, float]:
-    """{"fp32": FLOP/s, "bf16": FLOP/s} of this machine now."""
+def gemm_probe(device: Any, key: str = "bf16", seconds: float = 0.3) -> dict[str, float]:
+    """FLOP/s of this machine now: {"fp32": ..., key: ...} (`key` the run's compute, see
+    `compute_key`; on CPU always fp32 and bf16). On a GPU each rate is a sustained
+    `GPU_GEMM_SIZE`-square GEMM; tf32 is fp32 with tensor cores allowed."""
     import torch
 
-    return {
-        "fp32": gemm_rate(torch.float32, device, seconds=seconds),
-        "bf16": gemm_rate(torch.bfloat16, device, seconds=seconds),
-    }
+    dtypes = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
+    dtypes["fp16"] = torch.float16
+    keys = ["fp32", key] if device.type == "cuda" else ["fp32", "bf16"]
+    out: dict[str, float] = {}
+    for k in dict.fromkeys(keys):
+        if device.type != "cuda":
+            out[k] = gemm_rate(dtypes[k], device, seconds=seconds)
+            continue
+        matmul = torch.backends.cuda.matmul
+        saved = matmul.allow_tf32
+        matmul.allow_tf32 = k == "tf32"
+        try:
+            out[k] = gemm_rate(dtypes[k], device, size=GPU_GEMM_SIZE, seconds=seconds)
+        finally:
+            matmul.allow_tf32 = saved
+    return out
 
 
 def cpu_features() -> list[str]:
@@ -328,6 +393,10 @@ class Setup:
     threads: int
     precision: str
     levers: dict[str, Any] = field(default_factory=dict)
+    device_name: str = ""
+    """torch.cuda.get_device_name() on a GPU, for the peak table; "" on CPU."""
+    compute: str = ""
+    """The GEMM rate the run's matmuls get (`compute_key`): bf16, fp16, tf32 or fp32."""
 
 
 def setup(plan: Any) -> Setup:
@@ -340,7 +409,7 @@ def setup(plan: Any) -> Setup:
     device = runtime.resolve_device(opts.device)
     threads = getattr(opts, "num_threads", None) or physical_cores()
     torch.set_num_threads(threads)  # the loop sets it again only when torch.num_threads is set
-    precision = runtime.resolve_precision(cfg.train.precision, device)
+    precision = runtime.resolve_precision(cfg.train.precision, device, cfg.model.dtype)
     levers = {
         "packing": plan.packing,
         "group_by_length": cfg.data.group_by_length and not plan.packing,
@@ -355,7 +424,8 @@ def setup(plan: Any) -> Setup:
         "micro_batch_size": cfg.train.micro_batch_size,
         "attn_implementation": opts.attn_implementation,
     }
-    return Setup(device, threads, precision, levers)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return Setup(device, threads, precision, levers, name, compute_key(precision, device.type))
 
 
 def run_bench(
@@ -380,13 +450,13 @@ def run_bench(
         st = setup(plan)
         if st.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(st.device)
-        rates = gemm_probe(st.device, probe_seconds)
+        rates = gemm_probe(st.device, st.compute, probe_seconds)
         work = step_work(plan, steps)
         flops = flop_model(plan)
         events = TimedEvents(cfg, plan.run_dir, plugins.hook)
         t_train = time.perf_counter()
         backend.train(plan, events)
-        after = gemm_probe(st.device, probe_seconds)
+        after = gemm_probe(st.device, st.compute, probe_seconds)
         rates = {k: max(v, after[k]) for k, v in rates.items()}
         probe_s = t_train - prepared  # probe + meta model + replay, not part of any timing
         return report(
@@ -440,7 +510,8 @@ def report(
     trained, tokens = sum(w.trained for w in steady), sum(w.tokens for w in steady)
     slots = sum(w.slots for w in work)
     achieved = sum(flops.step_flops(w.tokens, w.trained, w.attn_units) for w in steady) / seconds
-    peak = rates["bf16" if st.precision == "bf16" else "fp32"]
+    probe = rates[st.compute or ("bf16" if st.precision == "bf16" else "fp32")]
+    peak = peak_flops(st.device_name, st.compute) if st.device_name else None
     return {
         "config": str(config_path),
         "model": cfg.model.name_or_path,
@@ -473,7 +544,11 @@ def report(
         "flops_per_token": flops.per_token + flops.per_trained_token,
         "achieved_flops": achieved,
         "gemm_flops": rates,
-        "gemm_fraction": achieved / peak,
+        "compute": st.compute,
+        "gemm_fraction": achieved / probe,
+        "device_name": st.device_name,
+        "peak_flops": peak,
+        "mfu": achieved / peak if peak else None,
         "step_seconds": [b - a for a, b in itertools.pairwise(times)],
         "losses": events.losses,
         "trained_tokens": [w.trained for w in work],
@@ -513,12 +588,26 @@ def format_report(r: dict[str, Any]) -> str:
         (
             "achieved",
             f"{r['achieved_flops'] / 1e9:.1f} GFLOP/s = "
-            f"{100 * r['gemm_fraction']:.0f}% of the {r['precision']} GEMM probe",
+            f"{100 * r['gemm_fraction']:.0f}% of the {r['compute']} GEMM probe",
         ),
-        ("GEMM probe", f"{rates} GFLOP/s (square, up to {GEMM_SIZE}, sized to the budget)"),
+        ("GEMM probe", f"{rates} GFLOP/s ({probe_shape(r)})"),
     ]
+    if r.get("mfu") is not None:
+        rows.append(
+            (
+                "MFU",
+                f"{100 * r['mfu']:.1f}% of the {r['device_name']} {r['compute']} dense peak "
+                f"({r['peak_flops'] / 1e12:.0f} TFLOP/s)",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def probe_shape(r: dict[str, Any]) -> str:
+    if r["device"].startswith("cuda"):
+        return f"sustained {GPU_GEMM_SIZE}-square GEMMs"
+    return f"square, up to {GEMM_SIZE}, sized to the budget"
 
 
 # ------------------------------------------------------------------------------ CLI

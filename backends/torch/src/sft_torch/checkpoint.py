@@ -4,6 +4,7 @@
         trainable.safetensors   every parameter that trains (LoRA adapters, or the whole model
                                 for full fine-tuning); the frozen rest is reloaded from the base
         optimizer.pt            AdamW state          scheduler.pt   LR schedule state
+        scaler.pt               fp16 runs: the grad scaler's loss scale and growth tracker
         rng-rank0.pt ...        python, numpy, torch (and CUDA) RNG states, one file per rank
         sft-checkpoint.json     written last: step, data position, fingerprint
 
@@ -55,6 +56,8 @@ class TrainState:
     rank: int = 0
     engine: Any = None
     """sft_torch.distributed engine (DDP / FSDP2); None: a single process."""
+    scaler: Any = None
+    """The fp16 run's torch.amp.GradScaler; None when no loss scaling."""
 
     def dist(self) -> Any:
         from sft_torch.distributed import Engine
@@ -127,6 +130,8 @@ def _write(
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save(optimizer, tmp / "optimizer.pt")
         torch.save(state.scheduler.state_dict(), tmp / "scheduler.pt")
+        if state.scaler is not None:
+            torch.save(state.scaler.state_dict(), tmp / "scaler.pt")
         for rank, rng in enumerate(rngs):
             torch.save(rng, tmp / f"rng-rank{rank}.pt")
     return Path(run_dir) / "checkpoints" / f"step-{position.global_step:06d}"
@@ -177,6 +182,10 @@ def load_checkpoint(
         state.optimizer, torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
     )
     state.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    if state.scaler is not None and (ckpt / "scaler.pt").is_file():
+        # without it a resumed fp16 run would restart at the initial loss scale and skip steps
+        # the uninterrupted run did not
+        state.scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
     rng = ckpt / f"rng-rank{state.rank}.pt"
     if rng.exists():
         set_rng_state(torch.load(rng, weights_only=True))

@@ -3,13 +3,17 @@
     $ sft export runs/smollm2-135m-demo --format hf --dtype f32 --out exports/quill-hf
     $ sft export runs/smollm2-135m-demo --format adapter --out exports/quill-adapter
 
-`hf` merges a LoRA adapter into its base (peft `merge_and_unload`; for QLoRA runs into the
-full-precision base, i.e. the dequantized weights) or re-saves a full model, as safetensors +
-tokenizer + chat template + `generation_config.json` carrying the end-of-turn eos ids. `adapter`
+`hf` merges a LoRA adapter into its base (peft `merge_and_unload`) or re-saves a full model,
+as safetensors + tokenizer + chat template + `generation_config.json` carrying the end-of-turn
+eos ids. A QLoRA adapter was trained against the 4/8-bit base, not the original weights: it is
+merged into dequant(quant(W)), the weights bitsandbytes computed with during training (the base
+is quantized again exactly as training did; needs bitsandbytes and a CUDA GPU). `adapter`
 writes the PEFT adapter alone. Every export reloads what it wrote and reports numbers:
 
-- logits of the export against the run's own model (base + adapter, unmerged) on probe
-  prompts: max |diff| and mean KL; fp32 must agree within 1e-4;
+- logits of the export against the run's own model (base + adapter, unmerged; for QLoRA the
+  dequantized base) on probe prompts: max |diff| and mean KL; fp32 must agree within 1e-4;
+- QLoRA: the same against the quantized model as trained (`quantized_model`), within the KL
+  tolerance of its compute dtype;
 - the exported chat template renders a probe conversation to exactly the token ids the run's
   tokenizer (final/) produces, and the eos ids agree with the template's end of turn.
 A failed check makes `sft export` fail loudly (sft.export.run_export raises).
@@ -31,6 +35,10 @@ TORCH_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 # Max mean KL(reference || export) per dtype; f32 is held to max |logit diff| < 1e-4 instead.
 KL_TOLERANCE = {"f32": 1e-6, "f16": 2e-3, "bf16": 2e-2}
 LOGIT_TOLERANCE_F32 = 1e-4
+# Max mean KL(quantized model as trained || merged export) by the QLoRA run's compute dtype
+# (bitsandbytes multiplies in it; the export in fp32)
+QLORA_KL_TOLERANCE = {"bf16": 2e-2, "fp16": 2e-3, "fp32": 1e-5}
+QLORA_INSTALL_HINT = 'pip install "sft-torch[qlora]"'
 PROBE_CONVERSATION = [
     {"role": "system", "content": "You are a careful assistant."},
     {"role": "user", "content": "What is the capital of France?"},
@@ -190,6 +198,11 @@ def export_hf(req: ExportRequest) -> ExportReport:
     model, tok, meta_dir, run = _reference(req)
     kind = run.kind if run else "model"
     seqs = probe_batch(tok)
+    quantized: dict[str, Any] = {}
+    if run is not None and run.kind == "adapter" and _run_method(run).get("name") == "qlora":
+        # the model as trained (4-bit base + adapter) and the weights it computed with
+        quantized["logits"], deq, quantized["compute"] = quantized_reference(run, seqs)
+        model = on_dequantized_base(run, deq)
     ref = logits_of(model, seqs)
     if kind == "adapter":
         model = model.merge_and_unload()
@@ -201,8 +214,12 @@ def export_hf(req: ExportRequest) -> ExportReport:
     checks: dict[str, Any] = {"source": kind, "merged": kind == "adapter", "dtype": req.dtype}
     got = logits_of(back, seqs)
     checks.update(compare_logits(ref, got))
-    if run is not None and run.kind == "adapter":
-        checks.update(qlora_drift(run, seqs, got))
+    ok_quantized = True
+    if quantized:
+        vs_trained = compare_logits(quantized["logits"], got)
+        tolerance = max(QLORA_KL_TOLERANCE[quantized["compute"]], KL_TOLERANCE[req.dtype])
+        checks["quantized_model"] = {**vs_trained, "kl_tolerance": tolerance}
+        ok_quantized = vs_trained["mean_kl"] < tolerance
     checks.update(check_template_parity(req.out, meta_dir))
     checks["no_adapter_config"] = not (req.out / "adapter_config.json").exists()
     ok_logits = (
@@ -215,58 +232,125 @@ def export_hf(req: ExportRequest) -> ExportReport:
         if req.dtype == "f32"
         else f"mean KL < {KL_TOLERANCE[req.dtype]}"
     )
-    ok = ok_logits and checks["template_ids_equal"] and checks["eos_ids_agree"]
+    ok = ok_logits and ok_quantized and checks["template_ids_equal"] and checks["eos_ids_agree"]
     return ExportReport("hf", str(req.out), checks, ok=bool(ok and checks["no_adapter_config"]))
 
 
-def _run_method(run: Any) -> dict[str, Any]:
+def _run_config(run: Any) -> dict[str, Any]:
     import yaml
 
     cfg_path = run.final.parent / "config.yaml"
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
-    method = (cfg or {}).get("method") or {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _run_method(run: Any) -> dict[str, Any]:
+    method = _run_config(run).get("method") or {}
     return method if isinstance(method, dict) else {"name": method}
 
 
-def qlora_drift(run: Any, seqs: list[list[int]], merged: list[Any]) -> dict[str, Any]:
-    """For a QLoRA run: how far the merged full-precision export is from the model as it was
-    trained (quantized base + adapter). Informational: the merge itself is checked against the
-    dequantized base + adapter above; this measures what quantization during training cost.
-    Needs bitsandbytes and a CUDA GPU, like QLoRA training itself."""
-    method = _run_method(run)
-    if method.get("name") != "qlora":
-        return {}
-    try:
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def quantized_reference(run: Any, seqs: list[list[int]]) -> tuple[list[Any], dict[str, Any], str]:
+    """(fp64 logits of the QLoRA model as trained, {module name: dequantized fp32 weight on CPU}
+    of every quantized Linear, compute precision). The base is quantized again with the run's
+    settings (bits, quant type, double quant, load dtype): bitsandbytes' quantization is
+    deterministic, so these are the 4/8-bit weights the adapter was trained against."""
+    import importlib.util
 
-        from sft_torch.generate import run_base_spec
+    import torch
 
-        if not torch.cuda.is_available():
-            raise RuntimeError("no CUDA GPU here")
-        bits = int(method.get("bits", 4))
-        quant = BitsAndBytesConfig(
-            load_in_4bit=bits == 4,
-            load_in_8bit=bits == 8,
-            bnb_4bit_quant_type=method.get("quant_type", "nf4"),
-            bnb_4bit_use_double_quant=bool(method.get("double_quant", True)),
-            bnb_4bit_compute_dtype=torch.bfloat16,
+    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+        raise SftError(
+            f"{run.final.parent} is a QLoRA run: its adapter was trained against the 4/8-bit "
+            "base, so the merged model must be built from the quantized weights, which needs "
+            "bitsandbytes and a CUDA GPU (merging into the original weights gives a different "
+            "model). Run the export on a GPU machine with "
+            f"{QLORA_INSTALL_HINT}, or use --format adapter and load it on the quantized base"
         )
-        base = AutoModelForCausalLM.from_pretrained(
-            str(resolve_model(run_base_spec(run)).path),
-            quantization_config=quant,
-            device_map={"": 0},
-        )
-        trained = PeftModel.from_pretrained(base, str(run.weights)).eval()
-        with torch.no_grad():
-            ref = [
-                trained(input_ids=torch.tensor([s], device="cuda")).logits[0].double().cpu()
-                for s in seqs
-            ]
-        return {"qlora_drift": compare_logits(ref, merged)}
-    except Exception as exc:  # informational only: say why it was not measured
-        return {"qlora_drift": f"not measured: {type(exc).__name__}: {exc}"}
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sft_torch.generate import run_base_spec
+    from sft_torch.model import qlora_compute_dtype, weights_dtype
+    from sft_torch.runtime import resolve_precision
+
+    cfg = _run_config(run)
+    method, model_cfg = _run_method(run), cfg.get("model") or {}
+    load_dtype = str(model_cfg.get("dtype", "auto")) if isinstance(model_cfg, dict) else "auto"
+    precision = resolve_precision(
+        str((cfg.get("train") or {}).get("precision", "auto")), torch.device("cuda"), load_dtype
+    )
+    compute = qlora_compute_dtype(precision)
+    base = AutoModelForCausalLM.from_pretrained(
+        str(resolve_model(run_base_spec(run)).path),
+        quantization_config=bnb_config(method, compute),
+        dtype=weights_dtype(load_dtype),
+        device_map={"": 0},
+        use_safetensors=True,
+    )
+    deq = dequantized_weights(base)
+    trained = PeftModel.from_pretrained(base, str(run.weights)).eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=compute, enabled=precision != "fp32"):
+        ref = [
+            trained(input_ids=torch.tensor([s], device="cuda")).logits[0].double().cpu()
+            for s in seqs
+        ]
+    return ref, deq, precision
+
+
+def bnb_config(method: dict[str, Any], compute: Any) -> Any:
+    """The BitsAndBytesConfig a QLoRA run trained with (`sft_torch.model.quantization_config`),
+    from the method section of its config.yaml."""
+    from transformers import BitsAndBytesConfig
+
+    if int(method.get("bits", 4)) == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=method.get("quant_type", "nf4"),
+        bnb_4bit_use_double_quant=bool(method.get("double_quant", True)),
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def dequantized_weights(model: Any, dequantize: Any = None) -> dict[str, Any]:
+    """{module name: fp32 CPU weight} of every bitsandbytes-quantized Linear of `model`, through
+    peft's `dequantize_bnb_weight` (`bitsandbytes.functional.dequantize_4bit` for 4-bit, the
+    row scales for 8-bit) unless `dequantize(weight, state)` is given."""
+    import torch
+    from peft.utils.integrations import get_bnb_param_type
+
+    if dequantize is None:
+        from peft.utils.integrations import dequantize_bnb_weight as dequantize
+    out = {}
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.nn.Parameter) and get_bnb_param_type(w):
+            out[name] = dequantize(w, getattr(mod, "state", None)).float().cpu()
+    return out
+
+
+def set_weights(model: Any, weights: dict[str, Any]) -> None:
+    """Replace the weight of each named module (shapes must match)."""
+    for name, w in weights.items():
+        mod = model.get_submodule(name)
+        if tuple(mod.weight.shape) != tuple(w.shape):
+            raise SftError(
+                f"dequantized weight of {name} has shape {tuple(w.shape)}, the base has "
+                f"{tuple(mod.weight.shape)}: is the run's base model the one it trained on?"
+            )
+        mod.weight.data = w.to(mod.weight.dtype)
+
+
+def on_dequantized_base(run: Any, deq: dict[str, Any]) -> Any:
+    """The run's adapter (unmerged) on its fp32 base whose quantized Linears hold `deq`: the
+    trained model in full precision, ready for `merge_and_unload`."""
+    from peft import PeftModel
+
+    from sft_torch.generate import load_base, run_base_spec
+
+    base = load_base(resolve_model(run_base_spec(run)).path)
+    set_weights(base, deq)
+    return PeftModel.from_pretrained(base, str(run.weights)).eval()
 
 
 def export_adapter(req: ExportRequest) -> ExportReport:

@@ -19,6 +19,7 @@ See docs/reliability.md for what users see. Tests:
 from __future__ import annotations
 
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -26,7 +27,7 @@ from typing import Any, NoReturn
 import torch
 from sft.backend import TrainPlan
 from sft.checkpoints import MARKER, checkpoint_dir
-from sft.guard import NanPolicy, Preempted, StopSignals, injected_nan_steps
+from sft.guard import Diverged, NanPolicy, Preempted, StopSignals, injected_nan_steps
 
 from sft_torch.checkpoint import TrainState, save_checkpoint
 from sft_torch.data import Position
@@ -70,6 +71,30 @@ class StepGuard:
             return True
         optimizer.zero_grad(set_to_none=True)
         return False
+
+    def applied(self) -> None:
+        """A step's update was applied: the count of consecutive skips restarts."""
+        self.policy.consecutive = 0
+
+    def overflowed(self, step: int, scale: float) -> None:
+        """Count a step the fp16 grad scaler skipped (inf/NaN gradients at loss scale `scale`;
+        the scaler halves it). A few such skips are how loss scaling finds its scale and are
+        not an error under either nan_policy; more than `train.max_consecutive_skips` in a row
+        mean the gradients are not finite at any scale: raise `Diverged`."""
+        p = self.policy
+        p.consecutive += 1
+        if p.consecutive > p.max_consecutive:
+            raise Diverged(
+                f"{p.consecutive} fp16 steps in a row overflowed (train.max_consecutive_skips is "
+                f"{p.max_consecutive}); the loss scale fell to {scale / 2:g} at step {step}. "
+                "Lower train.learning_rate or use precision bf16/fp32"
+            )
+        p.skipped.append(step)
+        print(
+            f"sft: skipped step {step}: fp16 gradient overflow at loss scale {scale:g}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _collective_device() -> torch.device | None:

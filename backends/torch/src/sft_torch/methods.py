@@ -4,8 +4,10 @@
 
 - full:   every parameter trains.
 - lora:   peft LoRA adapters (target modules by list, regex or `all-linear`; DoRA, rsLoRA,
-          modules_to_save); the base is frozen. With `init_adapter`, training continues an
-          existing PEFT adapter (loaded trainable) instead of fresh adapters.
+          modules_to_save); the base is frozen. The A matrices are core's seeded numpy draw
+          (`sft.lora_init`, peft's default distribution), so the MindSpore backend starts from
+          the same adapters for the same `train.seed`. With `init_adapter`, training continues
+          an existing PEFT adapter (loaded trainable, its weights kept) instead.
 - qlora:  the same on a bitsandbytes 4/8-bit base (loaded quantized by `sft_torch.model`).
 - freeze: the last N decoder layers, modules matching `trainable_modules` and (optionally) the
           embeddings train; everything else has requires_grad=False, so backward stops at the
@@ -22,12 +24,20 @@ from sft.specs import FreezeMethod, LoraMethod, QLoraMethod
 from torch import nn
 
 
-def apply_method(lm: Any, method: Any, gradient_checkpointing: bool = False) -> Any:
+def apply_method(
+    lm: Any, method: Any, gradient_checkpointing: bool = False, seed: int | None = None
+) -> Any:
+    """`seed` (train.seed) draws the LoRA A matrices with `sft.lora_init`; None keeps peft's own
+    torch-RNG draw (same distribution, not reproducible across backends)."""
     if method.name == "full":
         lm.requires_grad_(True)
         return lm
     if method.name in ("lora", "qlora"):
-        return apply_lora(lm, method, gradient_checkpointing)
+        model = apply_lora(lm, method, gradient_checkpointing)
+        continued = isinstance(method, LoraMethod) and method.init_adapter
+        if seed is not None and not continued:  # a loaded adapter keeps its own A
+            init_lora_a(model, seed)
+        return model
     if method.name == "freeze":
         return apply_freeze(lm, method)
     raise SftError(f"method.name: the torch backend does not know method {method.name!r}")
@@ -77,6 +87,28 @@ def apply_lora(lm: Any, method: LoraMethod | QLoraMethod, gradient_checkpointing
             f"method.target_modules / modules_to_save: {exc}. Module names of this model look "
             f"like: {', '.join(sample_module_names(lm))}"
         ) from exc
+
+
+_LORA_A = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_A\.[^.]+\.weight$")
+
+
+def init_lora_a(model: nn.Module, seed: int) -> int:
+    """Overwrite every peft `lora_A` weight with `sft.lora_init.lora_a` for its module's HF name
+    (B stays peft's zeros). Returns the number of matrices set."""
+    import torch
+    from sft.lora_init import lora_a
+
+    n = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            m = _LORA_A.match(name)
+            if m is None:
+                continue
+            r, in_features = param.shape
+            a = lora_a(seed, m["module"], r, in_features)
+            param.copy_(torch.from_numpy(a).to(dtype=param.dtype, device=param.device))
+            n += 1
+    return n
 
 
 def sample_module_names(lm: nn.Module, limit: int = 8) -> list[str]:

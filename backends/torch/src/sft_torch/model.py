@@ -21,14 +21,43 @@ from sft.errors import SftError
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def weights_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: float32 on CPU (master weights; bf16 compute comes from autocast), bfloat16 on
-    GPUs that support it, else float32."""
-    if name != "auto":
-        return TORCH_DTYPES[name]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+def weights_dtype(name: str) -> torch.dtype:
+    """`auto`: float32 on every device. Trained parameters are the optimizer's master weights
+    and an fp32 master is what lets a small update land (bf16 keeps 8 bits: at lr 5e-5 an AdamW
+    update rounds away on every weight above ~0.016); bf16/fp16 compute comes from autocast
+    (`train.precision`), as in HF's Trainer. Frozen LoRA bases go to bf16 afterwards
+    (`TorchOptions.bf16_frozen_weights`). An explicit bfloat16/float16 loads in that dtype."""
+    return torch.float32 if name == "auto" else TORCH_DTYPES[name]
+
+
+def master_weights(model: Any) -> int:
+    """Store every trained fp16 parameter in fp32; returns how many elements were cast.
+    GradScaler cannot unscale fp16 gradients (the first step would fail), and fp16's 10-bit
+    mantissa and 6e-5 floor lose small updates. Frozen fp16 weights stay fp16 (autocast
+    computes in fp16 anyway). Trained bf16 parameters exist only when `model.dtype: bfloat16`
+    asks for pure-bf16 training; `sft_torch.optim` gives them a compensated AdamW."""
+    cast = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype == torch.float16:
+            p.data = p.data.float()
+            cast += p.numel()
+    return cast
+
+
+def check_weights_precision(dtype: str, precision: str) -> None:
+    """`train.precision: fp32` means fp32 weights and fp32 matmuls: explicit half-precision
+    weights contradict it (a LoRA adapter on a bf16 base would not even run without autocast)."""
+    if precision == "fp32" and dtype in ("bfloat16", "float16"):
+        raise SftError(
+            f"model.dtype: {dtype} contradicts train.precision: fp32 (torch backend): fp32 "
+            "training keeps fp32 weights. Use model.dtype: auto, or train.precision: auto"
+        )
+
+
+def qlora_compute_dtype(precision: str) -> torch.dtype:
+    """The dtype bitsandbytes dequantizes the 4-bit base to for its matmuls: the run's compute
+    precision (`train.precision`), so a T4 (no native bf16) computes in fp16."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 def attn_implementation(option: str) -> str:
@@ -50,14 +79,12 @@ def quantization_config(plan: TrainPlan, compute_dtype: torch.dtype) -> Any:
     )
 
 
-def load_model(plan: TrainPlan, device: torch.device) -> Any:
-    """The base causal LM from `plan.model.path`, on `device`, in the configured dtype."""
-    from transformers import AutoModelForCausalLM
-
+def load_kwargs(plan: TrainPlan, device: torch.device, precision: str) -> dict[str, Any]:
+    """`from_pretrained` arguments: the configured dtype, attention kernel and safety settings;
+    for QLoRA the bitsandbytes config with the run's compute dtype (`precision`, resolved)."""
     cfg = plan.config
-    dtype = weights_dtype(cfg.model.dtype, device)
     kwargs: dict[str, Any] = {
-        "dtype": dtype,
+        "dtype": weights_dtype(cfg.model.dtype),
         "trust_remote_code": cfg.model.trust_remote_code,
         "attn_implementation": attn_implementation(plan.options.attn_implementation),  # type: ignore[attr-defined]
         # safetensors only, unless the user explicitly allows pickle files (then transformers
@@ -65,9 +92,18 @@ def load_model(plan: TrainPlan, device: torch.device) -> Any:
         "use_safetensors": None if cfg.model.allow_pickle else True,
     }
     if cfg.method.name == "qlora":
-        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        kwargs["quantization_config"] = quantization_config(plan, compute)
+        kwargs["quantization_config"] = quantization_config(plan, qlora_compute_dtype(precision))
         kwargs["device_map"] = {"": device}
+    return kwargs
+
+
+def load_model(plan: TrainPlan, device: torch.device, precision: str = "fp32") -> Any:
+    """The base causal LM from `plan.model.path`, on `device`, in the configured dtype
+    (`precision`: the resolved compute precision, for QLoRA's compute dtype)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = plan.config
+    kwargs = load_kwargs(plan, device, precision)
     try:
         lm = AutoModelForCausalLM.from_pretrained(str(plan.model.path), **kwargs)
     except (OSError, ValueError) as exc:

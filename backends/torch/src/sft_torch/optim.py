@@ -1,16 +1,17 @@
 """The optimizer (`train.optimizer`) and the learning-rate schedule of a run.
 
-    opt = build_optimizer(model, config.train)          # no weight decay on biases and norms
+    opt = build_optimizer(model, config.train)          # no weight decay on biases and norms;
+                                                        # CompensatedAdamW for bf16 parameters
 
-`adamw` is torch's AdamW; `adamw_8bit` / `paged_adamw_8bit` are bitsandbytes' (CUDA only, refused
-at validation elsewhere); `adafactor` is transformers' Adafactor driven by this learning rate and
-schedule (no relative step); `sgd` is torch's SGD with momentum betas[0].
+`adamw` is torch's AdamW (CompensatedAdamW below when parameters train in bf16);
+`adamw_8bit` / `paged_adamw_8bit` are bitsandbytes' (CUDA only, refused at validation
+elsewhere); `adafactor` is transformers' Adafactor driven by this learning rate and schedule (no
+relative step); `sgd` is torch's SGD with momentum betas[0].
     sched = build_scheduler(opt, config.train, total_steps=100)
     lr_factor(step=0, total=100, warmup=3, kind="cosine", min_ratio=0.1)   # 1/3
 
-Warmup rises linearly from peak/warmup at the first step to the peak at step `warmup - 1`
-(no step is wasted at lr 0), then `cosine` or `linear` decays to `min_lr_ratio` x peak at the
-last step; `constant` stays at the peak.
+The schedule itself (`lr_factor`, `warmup_steps`) is core's `sft.lr`, shared with the MindSpore
+backend so both train every step at the same learning rate.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from functools import partial
 from typing import Any
 
 import torch
+from sft.lr import lr_factor, warmup_steps
 from sft.specs import TrainSpec
+
+__all__ = ["build_optimizer", "build_scheduler", "lr_factor", "param_groups", "warmup_steps"]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -37,14 +41,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainSpec) -> torch.optim.Optimizer:
+    """`train.optimizer` over the trainable parameters. `adamw`: torch's AdamW when every
+    trained parameter is fp32 (the default: fp32 master weights); `CompensatedAdamW` when some
+    train in bf16 (pure-bf16 training, `model.dtype: bfloat16`), where torch's AdamW would
+    round most small updates away."""
     groups, lr, name = param_groups(model, train.weight_decay), train.learning_rate, train.optimizer
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=train.betas, eps=train.eps)
+        low = any(p.dtype != torch.float32 for g in groups for p in g["params"])
+        cls = CompensatedAdamW if low else torch.optim.AdamW
+        return cls(groups, lr=lr, betas=train.betas, eps=train.eps)
     if name in ("adamw_8bit", "paged_adamw_8bit"):
         import bitsandbytes as bnb
 
-        cls = bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit
-        opt: torch.optim.Optimizer = cls(groups, lr=lr, betas=train.betas, eps=train.eps)
+        bnb_cls = bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+        opt: torch.optim.Optimizer = bnb_cls(groups, lr=lr, betas=train.betas, eps=train.eps)
         return opt
     if name == "adafactor":
         from transformers.optimization import Adafactor
@@ -58,22 +68,81 @@ def build_optimizer(model: torch.nn.Module, train: TrainSpec) -> torch.optim.Opt
     raise ValueError(f"train.optimizer: unknown optimizer {name!r}")
 
 
-def warmup_steps(train: TrainSpec, total: int) -> int:
-    if train.warmup_steps is not None:
-        return min(train.warmup_steps, total)
-    return math.ceil(train.warmup_ratio * total)
+class CompensatedAdamW(torch.optim.Optimizer):
+    """AdamW for bf16 (or fp16) parameters with Kahan-compensated updates.
 
+    Adding an update to a bf16 weight rounds it to 8 significant bits: an update below half a
+    unit in the last place (at lr 5e-5, every weight above ~0.016) is lost, step after step,
+    and the weight never moves. Here each update is computed in fp32 and added together with
+    `compensation`, the rounding error the previous steps left (stored in the parameter's own
+    dtype, 2 bytes per weight); what the bf16 weight cannot hold is carried forward, so over
+    steps the weight follows the fp32 trajectory to within one rounding. The moments are fp32.
+    fp32 parameters get plain AdamW (no compensation). Same hyperparameters and update rule as
+    `torch.optim.AdamW` (decoupled weight decay, bias correction)."""
 
-def lr_factor(step: int, *, total: int, warmup: int, kind: str, min_ratio: float) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    decay_steps = max(1, total - warmup - 1)
-    progress = min(1.0, (step - warmup) / decay_steps)
-    shape = 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return min_ratio + (1.0 - min_ratio) * shape
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        super().__init__(
+            params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loader casts every floating state tensor to its parameter's dtype, which would
+        round the fp32 moments of a bf16 parameter to bf16 on resume: put them back exactly."""
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params, strict=True):
+            saved = state_dict["state"].get(i, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in saved:
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, lr, b1, b2, eps, wd)
+        return loss
+
+    def _update(
+        self, p: torch.Tensor, lr: float, b1: float, b2: float, eps: float, wd: float
+    ) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            if p.dtype != torch.float32:
+                state["compensation"] = torch.zeros_like(p)
+        state["step"] += 1
+        step = float(state["step"])
+        g = p.grad.float()
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (v.sqrt() / math.sqrt(1 - b2**step)).add_(eps)
+        w = p.float()
+        update = (m / denom).mul_(-lr / (1 - b1**step)).sub_(w, alpha=lr * wd)
+        if "compensation" not in state:
+            p.add_(update)
+            return
+        comp = state["compensation"]
+        exact = w.add_(update.add_(comp.float()))  # what the weight should now be, in fp32
+        p.copy_(exact)  # rounded to the parameter's dtype
+        comp.copy_(exact.sub_(p.float()))  # the part the rounding lost, carried to the next step
 
 
 def build_scheduler(

@@ -134,6 +134,7 @@ class TorchBackend:
             return []  # core reports the section's own errors
         return (
             _device_problems(config, opts)
+            + _precision_problems(config)
             + _strategy_problems(config, opts)
             + _optimizer_problems(config, opts)
         )
@@ -191,6 +192,25 @@ def _strategy_problems(config: RunConfig, opts: TorchOptions) -> list[str]:
     return strategy_problems(config, device)
 
 
+def _precision_problems(config: RunConfig) -> list[str]:
+    """model.dtype / train.precision combinations the torch backend cannot train correctly."""
+    dtype, precision = config.model.dtype, config.train.precision
+    problems = []
+    if dtype == "float16" and config.method.name == "full":
+        problems.append(
+            "model.dtype: float16 with method: full (torch backend): every parameter trains, and "
+            "fp16 weights cannot be updated through a grad scaler (fp16 gradients cannot be "
+            "unscaled) nor hold small updates. Use model.dtype: auto (fp32 master weights) with "
+            "train.precision: fp16 for fp16 compute"
+        )
+    if precision == "fp32" and dtype in ("bfloat16", "float16"):
+        problems.append(
+            f"model.dtype: {dtype} contradicts train.precision: fp32 (torch backend): fp32 "
+            "training keeps fp32 weights. Use model.dtype: auto, or train.precision: auto"
+        )
+    return problems
+
+
 def _device_problems(config: RunConfig, opts: TorchOptions) -> list[str]:
     """Checks that depend on the device: QLoRA needs bitsandbytes + CUDA, fp16 needs a GPU."""
     problems: list[str] = []
@@ -212,6 +232,11 @@ def _device_problems(config: RunConfig, opts: TorchOptions) -> list[str]:
         problems.append(
             "train.precision: fp16 training needs a CUDA GPU (no fp16 autocast "
             "with loss scaling on CPU); use precision: bf16 or fp32 here"
+        )
+    if config.model.dtype == "float16" and opts.device == "cpu":
+        problems.append(
+            "model.dtype: float16 needs a CUDA GPU (fp16 compute with loss scaling); use "
+            "model.dtype: auto or bfloat16 with torch.device: cpu"
         )
     if opts.attn_implementation == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:

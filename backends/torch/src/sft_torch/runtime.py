@@ -1,7 +1,8 @@
 """Where and how the torch backend computes: device, precision, process rank, seeds and RNG state.
 
 device = resolve_device(options.device)                 # torch.device("cpu")
-precision = resolve_precision(config.train.precision, device)   # "bf16" on avx512_bf16 CPUs
+precision = resolve_precision(config.train.precision, device)   # "bf16" on avx512_bf16 CPUs,
+                                        # on Ampere+ GPUs; "fp16" (loss scaling) on T4 / V100
 with autocast(device, precision): loss = ...
 rank, world = dist_info()                               # (0, 1) unless torch.distributed runs
 """
@@ -21,6 +22,8 @@ import torch
 from sft.errors import SftError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: `model.dtype` values that fix the compute precision when `train.precision` is `auto`
+WEIGHT_PRECISION = {"bfloat16": "bf16", "float16": "fp16"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,8 +87,17 @@ def physical_cores() -> int:
     return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` -> bf16 where the device computes it natively, else fp32."""
+def cuda_has_native_bf16() -> bool:
+    """True on GPUs that compute bf16 in hardware (Ampere and newer). Not
+    `torch.cuda.is_bf16_supported()`: by default that also counts emulation, which says yes on
+    a T4 or V100 where bf16 matmuls run emulated, many times slower than fp16."""
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def resolve_precision(precision: str, device: torch.device, weights: str = "auto") -> str:
+    """`auto` -> the dtype of explicit half-precision weights (`model.dtype` bfloat16/float16),
+    else bf16 where the device computes it natively, fp16 with loss scaling on CUDA GPUs
+    without native bf16 (T4, V100), else fp32."""
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
             raise SftError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
@@ -98,8 +110,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
                 stacklevel=2,
             )
         return precision
+    if weights == "float16" and device.type == "cpu":
+        raise SftError("model.dtype: float16 needs a CUDA GPU; use auto or bfloat16 on CPU")
+    if weights in WEIGHT_PRECISION:  # half-precision weights compute in their own dtype
+        return resolve_precision(WEIGHT_PRECISION[weights], device)
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cuda_has_native_bf16() else "fp16"
     if device.type == "cpu":
         return "bf16" if cpu_has_native_bf16() else "fp32"
     return "fp32"

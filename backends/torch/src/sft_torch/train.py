@@ -35,14 +35,20 @@ from sft_torch.model import (
     FastDropout,
     cast_frozen_linears,
     causal_lm,
+    check_weights_precision,
     compile_layers,
     dropout_generator,
     load_model,
     logits_are_plain,
+    master_weights,
     use_fast_dropout,
 )
 from sft_torch.optim import build_optimizer, build_scheduler
 from sft_torch.outputs import save_final
+
+#: GradScaler's first loss scale in fp16 runs (torch's default); it halves on every overflow
+#: and doubles after 2000 clean steps
+INIT_LOSS_SCALE = 2.0**16
 
 
 @dataclass
@@ -123,7 +129,10 @@ class Trainer:
                 f"{self.world}; multi-process runs must be launched with torchrun"
             )
         self.device = runtime.resolve_device(opts.device)
-        self.precision = runtime.resolve_precision(cfg.train.precision, self.device)
+        self.precision = runtime.resolve_precision(
+            cfg.train.precision, self.device, cfg.model.dtype
+        )
+        check_weights_precision(cfg.model.dtype, self.precision)
         self.schedule = Schedule.build(plan, self.rank, self.world)
         runtime.seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.model = self._build_model()
@@ -145,18 +154,21 @@ class Trainer:
         self.engine.attach_optimizer(self.optimizer)  # DeepSpeed ZeRO wraps the optimizer
         self.scheduler = build_scheduler(self.optimizer, cfg.train, self.schedule.total_steps)
         self.scaler = torch.amp.GradScaler(  # DeepSpeed scales fp16 losses itself
-            self.device.type, enabled=self.precision == "fp16" and not self.engine.owns_loss_scaling
+            self.device.type,
+            init_scale=INIT_LOSS_SCALE,
+            enabled=self.precision == "fp16" and not self.engine.owns_loss_scaling,
         )
         self.state = TrainState(
             self.model, self.optimizer, self.scheduler, self.rank, engine=self.engine
         )  # sft_torch.distributed: FSDP2 checkpoints
+        self.state.scaler = self.scaler if self.scaler.is_enabled() else None
         self.fingerprint = fingerprint(plan, self.schedule)
         self.guard = StepGuard.build(plan)
         self.meter = Meter()
 
     def _build_model(self) -> Any:
         cfg = self.cfg
-        lm = load_model(self.plan, self.device)
+        lm = load_model(self.plan, self.device, self.precision)
         opts = self.plan.options
         self.packed_attention = attention.resolve(
             lm,
@@ -166,7 +178,8 @@ class Trainer:
         )
         if cfg.train.gradient_checkpointing and cfg.method.name != "qlora":
             enable_checkpointing(lm)
-        model = apply_method(lm, cfg.method, cfg.train.gradient_checkpointing)
+        model = apply_method(lm, cfg.method, cfg.train.gradient_checkpointing, seed=cfg.train.seed)
+        master_weights(model)  # trained fp16 parameters (model.dtype: float16) train in fp32
         model.train()  # from_pretrained returns eval mode; dropout (LoRA) must be on
         # perf levers (TorchOptions.bf16_frozen_weights / compile); single process only, so
         # FSDP/DeepSpeed never see mixed parameter dtypes
@@ -232,9 +245,17 @@ class Trainer:
         grad_norm = self._unscale_and_clip()
         lr = self.optimizer.param_groups[0]["lr"]
         applied = self._allowed(step, loss_sum / max(n_global, 1), grad_norm, step_rows)
+        scale = self.scaler.get_scale()  # 1.0 when no loss scaling
         if applied:
             self.engine.optimizer_step(self.scaler, self.optimizer)  # DeepSpeed: in clip
         self.scaler.update()
+        if applied and self.scaler.get_scale() < scale:
+            # the grad scaler found inf/NaN gradients and skipped optimizer.step (it lowers its
+            # scale only then): a skipped step, which must not advance the LR schedule either
+            applied = False
+            self.guard.overflowed(step, scale)
+        elif applied:
+            self.guard.applied()
         self.optimizer.zero_grad(set_to_none=True)
         if applied:
             self.scheduler.step()
@@ -334,6 +355,7 @@ class Trainer:
             "trainable_params": trainable,
             "device": str(self.device),
             "precision": self.precision,
+            "optimizer": type(self.optimizer).__name__,  # CompensatedAdamW: pure bf16 weights
             "total_steps": self.schedule.total_steps,
             "rows_per_step": self.schedule.rows_per_step,
             "steps_per_epoch": self.schedule.steps_per_epoch,
