@@ -95,8 +95,11 @@ def test_bitsandbytes_optimizers_are_refused_without_cuda(tmp_path, tiny_llama, 
     assert problem.path == "train.optimizer" and name in problem.message
 
 
-def _step(name: str, **train) -> tuple[torch.Tensor, torch.Tensor, torch.optim.Optimizer]:
-    """One optimizer step on a 2x3 weight with gradient g = 1 (decayed group) -> new weight."""
+def _step(
+    name: str, grad: torch.Tensor | None = None, **train
+) -> tuple[torch.Tensor, torch.Tensor, torch.optim.Optimizer]:
+    """One optimizer step on a 2x3 weight (decayed group) with gradient `grad` (default all
+    ones) -> (weight before, weight after, optimizer)."""
     from sft_torch.optim import build_optimizer
 
     model = torch.nn.Linear(3, 2, bias=False)
@@ -104,7 +107,7 @@ def _step(name: str, **train) -> tuple[torch.Tensor, torch.Tensor, torch.optim.O
         model.weight.copy_(torch.arange(6.0).reshape(2, 3))
     before = model.weight.detach().clone()
     opt = build_optimizer(model, TrainSpec(optimizer=name, learning_rate=0.1, **train))
-    model.weight.grad = torch.ones_like(model.weight)
+    model.weight.grad = torch.ones_like(model.weight) if grad is None else grad
     opt.step()
     return before, model.weight.detach().clone(), opt
 
@@ -118,11 +121,14 @@ def test_each_optimizer_is_the_one_named():
     before, after, opt = _step("adamw")
     assert type(opt) is torch.optim.AdamW
     assert torch.allclose(after, before - 0.1, atol=1e-6)  # Adam's first step: lr * sign(g)
-    before, after, opt = _step("adafactor")
+    grad = torch.tensor([[1.0, 4.0, 0.5], [2.0, 1.0, 3.0]])
+    before, after, opt = _step("adafactor", grad)
     assert type(opt) is Adafactor and not opt.defaults["relative_step"]
     assert opt.param_groups[0]["lr"] == 0.1 and not torch.allclose(after, before)
-    # Adafactor scales the update by RMS, so it differs from AdamW's lr * sign(g) here
-    assert not torch.allclose(after, before - 0.1, atol=1e-3)
+    # Adafactor's factored second moment (row and column means) scales each element unlike
+    # Adam, whose first step is lr * sign(g) whatever g
+    _, adam_after, _ = _step("adamw", grad)
+    assert not torch.allclose(after, adam_after, atol=1e-3)
 
 
 def test_optimizer_parameters_it_does_not_have_are_refused(tmp_path, tiny_llama):
