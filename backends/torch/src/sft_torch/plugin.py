@@ -138,6 +138,7 @@ class TorchBackend:
             _device_problems(config, opts)
             + _precision_problems(config)
             + _strategy_problems(config, opts)
+            + _optimizer_problems(config, opts)
         )
 
     def evaluate(self, model: str, data: Path, max_new_tokens: int) -> dict[str, Any]:
@@ -178,6 +179,24 @@ def _cuda_available() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+def _optimizer_problems(config: RunConfig, opts: TorchOptions) -> list[str]:
+    """The bitsandbytes optimizers run on CUDA only."""
+    name = config.train.optimizer
+    if name not in ("adamw_8bit", "paged_adamw_8bit"):
+        return []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return [
+            f"train.optimizer: {name} needs bitsandbytes, which is not installed; install it "
+            f"with: {QLORA_INSTALL}, or use optimizer: adamw"
+        ]
+    if opts.device == "cuda" or (opts.device == "auto" and _cuda_available()):
+        return []
+    return [
+        f"train.optimizer: {name} (bitsandbytes) runs on CUDA GPUs only, and torch.device is "
+        f"{opts.device!r} with no GPU here; use adamw, adafactor or sgd"
+    ]
 
 
 def _strategy_problems(config: RunConfig, opts: TorchOptions) -> list[str]:
