@@ -10,6 +10,7 @@ MS        := $(V)/ms/bin
 PIP_FLAGS := -q --disable-pip-version-check
 TORCH_PIN := torch==2.13.0
 DEV_DEPS  := "pytest>=8" "hypothesis>=6.100" pytest-timeout
+LLAMA_CPP := llama-cpp-python==0.3.36
 PKGS_CORE := -e core -e plugins/example-backend $(addprefix -e ,$(wildcard plugins/gguf))
 PKGS_TORCH := $(PKGS_CORE) -e backends/torch $(wildcard plugins/tensorboard plugins/mlflow plugins/wandb)
 
@@ -39,12 +40,19 @@ $(V)/torch/.stamp: core/pyproject.toml backends/torch/pyproject.toml $(wildcard 
 
 # On top of the torch venv, what only tests and lint need (the demo does without it, so a fresh
 # `make demo` skips a few minutes): test and lint tools, DeepSpeed and its JIT-compiled CPU
-# shared-memory allreduce, built once here rather than inside a test.
+# shared-memory allreduce, and llama.cpp (llama-cpp-python: the GGUF tests load every export in
+# it, and the k-quants use its quantizer), each built once here rather than inside a test.
+# llama.cpp compiles in ~7 minutes on 2 cores; GGML_NATIVE=OFF makes a build that runs on any
+# x86-64 CI machine, not only the one it was compiled on, and the library is all we need (no
+# tests, examples, tools or server).
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 venv-torch-dev: $(V)/torch/.dev-stamp
 $(V)/torch/.dev-stamp: $(V)/torch/.stamp
 	$(TORCH)/pip install $(PIP_FLAGS) $(TORCH_PIN) $(DEV_DEPS) ruff mypy import-linter types-PyYAML \
 	    deepspeed
 	$(TORCH)/python -c "from sft_torch.deepspeed import prebuild_ops; prebuild_ops()"
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(TORCH)/pip install $(PIP_FLAGS) "$(LLAMA_CPP)"
 	touch $@
 
 venv-ms: $(V)/ms/.stamp

@@ -312,7 +312,13 @@ def export_cmd(
     out: Annotated[
         Optional[Path], typer.Option(help="Output dir (default RUN_DIR/exports/FMT).")
     ] = None,
-    dtype: Annotated[str, typer.Option(help="f32, f16, bf16 or q8_0 (gguf).")] = "f16",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="f32, f16, bf16; for gguf also q8_0, q5_1, q5_0, q4_1, q4_0, "
+            "q4_k_m, q5_k_m, q6_k (k-quants need llama-cpp-python)."
+        ),
+    ] = "f16",
 ) -> None:
     """Export a run (merged HF model, adapter, MindSpore ckpt, GGUF) and verify the export."""
     from sft.export import ExportRequest, run_export

@@ -444,8 +444,11 @@ class ExportSpec(Section):
     formats: list[str] = []
     """Exports made after training: `hf` (merged safetensors), `adapter`, `ckpt`, `gguf`."""
 
-    dtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
-    """Dtype of exported weights (`q8_0` for GGUF only)."""
+    dtype: Literal[
+        "f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q4_k_m", "q5_k_m", "q6_k"
+    ] = "f16"
+    """Dtype of exported weights. The `q*` types are GGUF quantizations (the other formats are
+    then written in f16); q4_k_m, q5_k_m and q6_k are made by llama.cpp (llama-cpp-python)."""
 
 
 class LoggingSpec(Section):

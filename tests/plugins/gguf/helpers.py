@@ -108,3 +108,73 @@ def _rope(z: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     half = z.shape[-1] // 2
     rotated = np.concatenate([-z[..., half:], z[..., :half]], -1)
     return z * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+HF_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+"""GGUF tensor names (llama.cpp's llama/qwen2) -> HF names, written out here independently."""
+
+
+def gguf_weights(path: Path, cfg: dict) -> dict[str, np.ndarray]:
+    """The weights a GGUF file holds, dequantized by gguf-py, as HF-named HF-layout arrays."""
+    import gguf
+
+    out: dict[str, np.ndarray] = {}
+    for t in gguf.GGUFReader(path).tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        value = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+        stem, _, kind = t.name.rpartition(".")
+        if stem.startswith("blk."):
+            _, n, part = stem.split(".")
+            name = f"model.layers.{n}.{HF_NAMES[part]}.{kind}"
+            heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
+            if cfg["model_type"] == "llama" and part in heads:
+                unpermuted = np.empty_like(value)
+                unpermuted[llama_rope_rows(value.shape[0], heads[part])] = value
+                value = unpermuted
+        else:
+            name = f"{HF_NAMES[stem]}.{kind}"
+        out[name] = value
+    if "lm_head.weight" not in out:  # tied: llama.cpp multiplies with the embeddings
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def widen_model(src: Path, dst: Path, hidden: int = 256, seed: int = 1) -> Path:
+    """A copy of a tiny model with rows of 256 (k-quant super-blocks), new random weights."""
+    from safetensors.numpy import save_file
+
+    dst = copy_model(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    edit_json(dst / "config.json", hidden_size=hidden, intermediate_size=2 * hidden)
+    rng = np.random.default_rng(seed)
+    shapes = {k: v.shape for k, v in load_source(src).items()}
+    old_h, old_i = cfg["hidden_size"], cfg["intermediate_size"]
+    scale = {old_h: hidden, old_i: 2 * hidden, old_h // 2: hidden // 2}
+
+    def resized(shape: tuple[int, ...]) -> tuple[int, ...]:
+        # vocab stays; hidden, intermediate and the kv width (2 of 4 heads) grow
+        return tuple(d if d == cfg["vocab_size"] else scale[d] for d in shape)
+
+    tensors = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            tensors[name] = np.ones(resized(shape), np.float32)
+        else:
+            tensors[name] = (rng.standard_normal(resized(shape)) * 0.02).astype(np.float32)
+    for f in dst.glob("model*.safetensors"):
+        f.unlink()
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst

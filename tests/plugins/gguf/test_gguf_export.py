@@ -16,8 +16,11 @@ from sft.export import ExportRequest, run_export
 from tests.plugins.gguf.helpers import llama_rope_rows, load_source
 from tests.tiny import CHATML
 
-DTYPES = ["f32", "f16", "bf16", "q8_0"]
-WEIGHT_TYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
+DTYPES = ["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
+WEIGHT_TYPE = {d: d.upper() for d in DTYPES}
+MAX_DIFF = {"f16": 1e-4, "bf16": 1e-3, "q8_0": 2e-3, "q5_1": 6e-3, "q5_0": 1.2e-2}
+MAX_DIFF.update({"q4_1": 1.2e-2, "q4_0": 2.4e-2})
+"""|diff| of the tiny models' N(0, 0.02) weights: about a step of each type over 3.5 sigma."""
 
 
 def export(model_dir: Path, out: Path, dtype: str):
@@ -42,13 +45,21 @@ def test_every_dtype_exports_and_reads_back_within_tolerance(tiny_model, tmp_pat
     assert path.name == f"{tiny_model.name}-{dtype}.gguf" and path.is_file()
     source = load_source(tiny_model)
     assert report.checks["tensors_compared"] == len(source)
-    # Norms and biases stay F32; every 2-D weight takes the file's type.
+    # Norms and biases stay F32; every 2-D weight takes the file's type, except that the 4- and
+    # 5-bit types keep the output matrix in Q8_0.
     n_2d = sum(1 for t in source.values() if t.ndim == 2)
-    assert report.checks["tensor_types"].get(WEIGHT_TYPE[dtype], 0) >= n_2d
+    low_bit = dtype in ("q5_1", "q5_0", "q4_1", "q4_0")
+    types = report.checks["tensor_types"]
+    if dtype == "f32":
+        assert types == {"F32": len(source)}
+    else:
+        assert types[WEIGHT_TYPE[dtype]] == n_2d - low_bit
+        assert types["F32"] == len(source) - n_2d
+        assert types.get("Q8_0", 0) == (n_2d if dtype == "q8_0" else int(low_bit))
     assert report.checks["max_abs_diff"]["F32"] == 0.0
     if dtype != "f32":
         diff = report.checks["max_abs_diff"][WEIGHT_TYPE[dtype]]
-        assert 0.0 < diff < {"f16": 1e-4, "bf16": 1e-3, "q8_0": 2e-3}[dtype]
+        assert 0.0 < diff < MAX_DIFF[dtype]
     assert json.loads((tmp_path / "export-gguf.json").read_text())["ok"] is True
 
 
@@ -82,6 +93,26 @@ def test_q8_0_dequantizes_close_to_the_source(tiny_llama, tmp_path):
     src = load_source(tiny_llama)["model.layers.0.mlp.down_proj.weight"]
     step = np.abs(src).reshape(-1, 32).max(1, keepdims=True) / 127
     assert np.all(np.abs(values - src).reshape(-1, 32) <= 0.6 * step)
+
+
+@pytest.mark.parametrize("dtype", ["q5_1", "q5_0", "q4_1", "q4_0"])
+def test_low_bit_blocks_dequantize_within_one_step(tiny_llama, tmp_path, dtype):
+    """Checked with gguf's reader against a step computed here, not the plugin's verifier."""
+    reader = gguf.GGUFReader(export(tiny_llama, tmp_path, dtype).path)
+    stored = {t.name: t for t in reader.tensors}
+    assert stored["output.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    t = stored["blk.0.ffn_down.weight"]
+    assert t.tensor_type.name == dtype.upper()
+    values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1, 32)
+    src = load_source(tiny_llama)["model.layers.0.mlp.down_proj.weight"].reshape(-1, 32)
+    bits = int(dtype[1])
+    levels = 2**bits - 1
+    if dtype.endswith("_1"):  # min + d * q over the block's range
+        step = (src.max(1, keepdims=True) - src.min(1, keepdims=True)) / levels
+    else:  # d * q, d = largest |value| / 2^(bits-1)
+        step = np.abs(src).max(1, keepdims=True) / 2 ** (bits - 1)
+    err = np.abs(values - src) / step
+    assert err.max() <= 1.01 and np.sqrt((err**2).mean()) < 0.5
 
 
 def test_hyperparameters_and_tokenizer_metadata(tiny_llama, tiny_qwen2, tmp_path):

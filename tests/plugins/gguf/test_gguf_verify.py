@@ -5,6 +5,7 @@ $ .venvs/core/bin/python -m pytest tests/plugins/gguf/test_gguf_verify.py -q
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import gguf
@@ -29,7 +30,8 @@ def export(model_dir: Path, out: Path, dtype: str):
 
 
 def corrupt_tensor(path: Path, name: str, index: int = 0, delta: int = 1) -> None:
-    """Change one stored value of tensor `name` in place (for Q8_0: one int8 quant)."""
+    """Change one stored value of tensor `name` in place (Q8_0: one int8 quant; Q4_0: the low
+    nibble of byte `index`, the 4-bit quant of value `index`, moved by `delta` steps mod 16)."""
     reader = gguf.GGUFReader(path)
     t = next(t for t in reader.tensors if t.name == name)
     offset = t.data_offset
@@ -39,6 +41,11 @@ def corrupt_tensor(path: Path, name: str, index: int = 0, delta: int = 1) -> Non
             value = np.frombuffer(f.read(4), np.float32)[0]
             f.seek(offset + 4 * index)
             f.write(np.float32(value + delta * 1e-3).tobytes())
+        elif t.tensor_type == gguf.GGMLQuantizationType.Q4_0:  # f16 scale, 16 bytes of nibbles
+            f.seek(offset + 2 + index)
+            b = f.read(1)[0]
+            f.seek(offset + 2 + index)
+            f.write(bytes([(b & 0xF0) | ((b + delta) & 0x0F)]))
         else:  # Q8_0 block: 2-byte f16 scale, then 32 int8 quants
             f.seek(offset + 2 + index)
             q = np.frombuffer(f.read(1), np.int8)[0]
@@ -47,7 +54,12 @@ def corrupt_tensor(path: Path, name: str, index: int = 0, delta: int = 1) -> Non
 
 
 @pytest.mark.parametrize(
-    "dtype,name,delta", [("f32", "blk.1.ffn_up.weight", 1), ("q8_0", "blk.0.attn_v.weight", 40)]
+    "dtype,name,delta",
+    [
+        ("f32", "blk.1.ffn_up.weight", 1),
+        ("q8_0", "blk.0.attn_v.weight", 40),
+        ("q4_0", "blk.1.ffn_gate.weight", 8),
+    ],
 )
 def test_a_tensor_changed_after_writing_fails_verification(
     tiny_llama, tmp_path, dtype, name, delta
@@ -133,7 +145,7 @@ def test_lora_run_without_the_hf_exporter_says_what_to_install(tmp_path, monkeyp
 
 
 def test_user_mistakes_raise_clear_errors(tiny_llama, tmp_path):
-    with pytest.raises(SftError, match="f32, f16, bf16, q8_0, not 'q4_k'"):
+    with pytest.raises(SftError, match=r"f32, f16, bf16, q8_0, q5_1, .*, q6_k, not 'q4_k'"):
         export(tiny_llama, tmp_path / "a", "q4_k")
     with pytest.raises(SftError, match="neither a Hugging Face model directory"):
         export(tmp_path / "nothing-here", tmp_path / "b", "f16")
@@ -145,3 +157,27 @@ def test_user_mistakes_raise_clear_errors(tiny_llama, tmp_path):
     edit_json(scaled / "config.json", rope_scaling={"rope_type": "yarn", "factor": 4.0})
     with pytest.raises(SftError, match="rope scaling 'yarn'"):
         export(scaled, tmp_path / "d", "f16")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is not None, reason="llama-cpp-python is installed"
+)
+def test_k_quants_without_llama_cpp_name_the_install(tiny_llama, tmp_path):
+    """No llama.cpp here (.venvs/core): the export and the run config both say what to install."""
+    import yaml
+    from sft.config import load_config
+    from sft.errors import ConfigError
+
+    with pytest.raises(SftError, match=r'q4_k_m .*pip install "llama-cpp-python==0\.3\.36"'):
+        export(tiny_llama, tmp_path / "out", "q4_k_m")
+    assert not list((tmp_path / "out").glob("*.gguf*"))
+    (tmp_path / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    job = tmp_path / "job.yaml"
+    export_spec = {"formats": ["gguf"], "dtype": "q6_k"}
+    job.write_text(
+        yaml.safe_dump(
+            {"backend": "example", "data": {"train": "train.jsonl"}, "export": export_spec}
+        )
+    )
+    with pytest.raises(ConfigError, match=r"export\.dtype: GGUF q6_k .*llama-cpp-python"):
+        load_config(job, [])

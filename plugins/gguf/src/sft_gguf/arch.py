@@ -24,6 +24,13 @@ FILE_TYPES = {
     "f16": gguf.LlamaFileType.MOSTLY_F16,
     "bf16": gguf.LlamaFileType.MOSTLY_BF16,
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
+    "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
+    "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+    "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+    "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
+    "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
 }
 """`--dtype` -> general.file_type."""
 

@@ -2,6 +2,7 @@
 
     $ sft export runs/smollm2-135m-lora --format gguf --dtype q8_0 --out exports/
     $ sft export path/to/hf-model --format gguf --dtype f16 --out exports/
+    $ sft export path/to/hf-model --format gguf --dtype q4_k_m    # needs llama-cpp-python
 
 Flow: find the HF model to convert (`source.resolve_source`: a model dir as is, a full run's
 final/model, or a LoRA run merged by the torch backend's `hf` exporter), write
@@ -21,7 +22,11 @@ from sft.errors import SftError
 from sft.export import ExportReport, ExportRequest
 from sft.plugins import hookimpl
 
-DTYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_PY_DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+"""Written by gguf-py alone."""
+LLAMA_CPP_DTYPES = ("q4_k_m", "q5_k_m", "q6_k")
+"""Quantized by llama.cpp's quantizer (llama-cpp-python), see `quantize`."""
+DTYPES = GGUF_PY_DTYPES + LLAMA_CPP_DTYPES
 
 
 @hookimpl
@@ -29,9 +34,20 @@ def sft_register_exporters(register: Any) -> None:
     register(
         "gguf",
         export_gguf,
-        description="GGUF for llama.cpp/Ollama (llama, qwen2; f32, f16, bf16, q8_0), read back "
+        description=f"GGUF for llama.cpp/Ollama (llama, qwen2; {', '.join(DTYPES)}), read back "
         "and compared with the source",
     )
+
+
+@hookimpl
+def sft_validate_config(config: Any) -> list[str] | None:
+    """A k-quant export after training needs llama-cpp-python: say so before training starts."""
+    if "gguf" not in config.export.formats:
+        return None
+    from sft_gguf.quantize import llama_cpp_missing
+
+    problem = llama_cpp_missing(config.export.dtype)
+    return [f"export.dtype: {problem}"] if problem else None
 
 
 def export_gguf(request: ExportRequest) -> ExportReport:
@@ -72,10 +88,15 @@ def export_gguf(request: ExportRequest) -> ExportReport:
 
 
 def check_dtype(dtype: str) -> str:
+    from sft_gguf.quantize import llama_cpp_missing
+
     d = (dtype or "").lower()
     if d not in DTYPES:
         raise SftError(
             f"GGUF export writes --dtype {', '.join(DTYPES)}, not {dtype!r} "
-            "(for smaller files, quantize the f16 GGUF further with llama.cpp's llama-quantize)"
+            "(for other types, quantize the f16 GGUF with llama.cpp's llama-quantize)"
         )
+    problem = llama_cpp_missing(d)
+    if problem:
+        raise SftError(problem)
     return d

@@ -2,8 +2,11 @@
 
 Every tensor is dequantized (`gguf.quants.dequantize`), its llama q/k permutation undone, and
 compared with the source tensor element by element against the tolerance of its GGML type:
-F32 must be bit-exact, F16/BF16 within half a unit in the last place, Q8_0 within 0.6 of its
-block's quantization step (half a step for rounding, plus the scale's own F16 rounding).
+F32 must be bit-exact, F16/BF16 within half a unit in the last place, and each block type within
+a bound derived from its quantizer and its block's values (`BLOCK_BOUNDS`, `tolerance`).
+For the k-quants, which llama.cpp's quantizer makes from an f16 file and whose tensor types it
+chooses itself, each tensor is held to one step of a plain quantizer with as many bits over its
+256-value super-block (`K_BITS`), plus the f16 rounding of the intermediate file.
 Metadata (architecture, hyperparameters, file type), the tokenizer (tokens, types, merges,
 special ids, add-BOS) and the chat template are compared with what the source says.
 
@@ -28,16 +31,34 @@ from sft_gguf.arch import (
     hparams,
     to_gguf_layout,
 )
+from sft_gguf.quantize import LLAMA_CPP_TYPES
 from sft_gguf.source import load_config, read_tensors
 from sft_gguf.vocab import Vocab, load_vocab
-from sft_gguf.writer import tensor_qtype
+from sft_gguf.writer import output_tensor, tensor_qtype
 
 Q = gguf.GGMLQuantizationType
 RELATIVE_TOLERANCE = {Q.F32: 0.0, Q.F16: 2.0**-11, Q.BF16: 2.0**-8}
 """Half an ulp: the largest relative error of round-to-nearest into each float type."""
 ABSOLUTE_TOLERANCE = {Q.F32: 0.0, Q.F16: 2.0**-25, Q.BF16: 0.0}
 """Half the smallest subnormal step (F16 flushes tiny values to its subnormals)."""
-Q8_0_STEP_FRACTION = 0.6
+F16_HALF_ULP = 2.0**-11
+
+BLOCK_BOUNDS = {
+    Q.Q8_0: (False, 127, 0.5, 128),
+    Q.Q5_0: (False, 16, 1.0, 16),
+    Q.Q4_0: (False, 8, 1.0, 8),
+    Q.Q5_1: (True, 31, 0.5, 31),
+    Q.Q4_1: (True, 15, 0.5, 15),
+}
+"""Blocks of 32: (has a min, levels per step, steps of rounding error, max |q| times the scale).
+
+Q8_0/Q5_0/Q4_0 store `d * q` with d = the block's largest |value| / levels; Q5_1/Q4_1 store
+`min + d * q` with d = (max - min) / levels. The rounding error is half a step, except that
+Q5_0/Q4_0 put the largest value at -16/-8 and clip its opposite at +15/+7: a whole step. The
+scale d (and min) are stored as F16, which adds up to max |q| * |d| * 2^-11 (and |min| * 2^-11).
+"""
+K_BITS = {Q.Q2_K: 2, Q.Q3_K: 3, Q.Q4_K: 4, Q.Q5_K: 5, Q.Q6_K: 6}
+"""k-quant -> bits per value; the bound is (max - min of the super-block) / (2^bits - 1)."""
 
 _T = gguf.Keys.Tokenizer
 ID_KEYS = {
@@ -175,6 +196,7 @@ def check_tensors(
         problems.append(f"tensor {name} ({source[name][0]}) is missing from the GGUF")
     for name in sorted(stored.keys() - source.keys()):
         problems.append(f"tensor {name} in the GGUF has no source tensor")
+    output_name = output_tensor(set(source))
     embd = source.get("token_embd.weight")
     if embd is not None and embd[1].shape[0] != int(cfg["vocab_size"]):
         problems.append(
@@ -184,7 +206,9 @@ def check_tensors(
     by_type: dict[str, dict[str, Any]] = {}
     for name in sorted(source.keys() & stored.keys()):
         hf_name, src = source[name]
-        diff, bound_ratio = compare_tensor(stored[name], hf_name, src, cfg, spec, dtype, problems)
+        diff, bound_ratio = compare_tensor(
+            stored[name], hf_name, src, cfg, spec, dtype, problems, output_name
+        )
         entry = by_type.setdefault(
             stored[name].tensor_type.name,
             {"tensors": 0, "max_abs_diff": 0.0, "max_diff_over_tolerance": 0.0},
@@ -208,14 +232,19 @@ def compare_tensor(
     spec: ArchSpec,
     dtype: str,
     problems: list[str],
+    output_name: str = "output.weight",
 ) -> tuple[float, float]:
     """(max |gguf - source|, max |diff| / tolerance); records a problem when out of tolerance."""
     src = np.asarray(src, dtype=np.float32)
-    want_type = tensor_qtype(t.name, src, dtype)
-    if t.tensor_type != want_type:
+    by_llama_cpp = dtype in LLAMA_CPP_TYPES
+    # llama.cpp picks each tensor's type in a k-quant file; the 1-D ones must stay F32
+    want_type = Q.F32 if by_llama_cpp else tensor_qtype(t.name, src, dtype, output_name)
+    if t.tensor_type != want_type and not (by_llama_cpp and src.ndim == 2):
         problems.append(f"{t.name} is stored as {t.tensor_type.name}, expected {want_type.name}")
-        if t.tensor_type not in (Q.F32, Q.F16, Q.BF16, Q.Q8_0):
-            return float("inf"), float("inf")
+    known = (*RELATIVE_TOLERANCE, *BLOCK_BOUNDS, *K_BITS)
+    if t.tensor_type not in known:
+        problems.append(f"{t.name} is stored as {t.tensor_type.name}, which sft cannot check")
+        return float("inf"), float("inf")
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     if shape != src.shape:
         problems.append(f"{t.name} has shape {shape}, the source {hf_name} {src.shape}")
@@ -224,6 +253,8 @@ def compare_tensor(
     values = from_gguf_layout(hf_name, values.astype(np.float32), cfg, spec)
     diff = np.abs(values.astype(np.float64) - src.astype(np.float64))
     bound = tolerance(t.tensor_type, hf_name, src, cfg, spec)
+    if by_llama_cpp and t.tensor_type != Q.F32:  # quantized from the f16 intermediate file
+        bound = bound + np.abs(src.astype(np.float64)) * F16_HALF_ULP + 2.0**-25
     bad = ~(diff <= bound)  # NaN and inf count as out of tolerance
     worst = float(np.max(diff)) if diff.size else 0.0
     worst = worst if np.isfinite(worst) else float("inf")
@@ -242,11 +273,23 @@ def tolerance(qtype: Any, hf_name: str, src: np.ndarray, cfg: dict, spec: ArchSp
     magnitude = np.abs(src.astype(np.float64))
     if qtype in RELATIVE_TOLERANCE:
         return magnitude * RELATIVE_TOLERANCE[qtype] + ABSOLUTE_TOLERANCE[qtype]
-    if qtype != Q.Q8_0:
+    # Blocks are consecutive values of a row in GGUF layout: bound each by its own values.
+    laid_out = to_gguf_layout(hf_name, src.astype(np.float64), cfg, spec)
+    if qtype in BLOCK_BOUNDS:
+        has_min, levels, steps, max_q = BLOCK_BOUNDS[qtype]
+        blocks = laid_out.reshape(-1, 32)
+        lo, hi = blocks.min(axis=1, keepdims=True), blocks.max(axis=1, keepdims=True)
+        if has_min:
+            step = (hi - lo) / levels
+            bound = step * steps + (max_q * step + np.abs(lo)) * F16_HALF_ULP
+        else:
+            step = np.maximum(np.abs(lo), np.abs(hi)) / levels
+            bound = step * steps + max_q * step * F16_HALF_ULP
+    elif qtype in K_BITS:
+        blocks = laid_out.reshape(-1, 256)
+        lo, hi = blocks.min(axis=1, keepdims=True), blocks.max(axis=1, keepdims=True)
+        bound = (hi - lo) / (2 ** K_BITS[qtype] - 1)
+    else:
         raise ValueError(f"no tolerance defined for {qtype.name}")
-    # Q8_0 blocks are 32 consecutive values of a row in GGUF layout: bound each by its scale.
-    laid_out = to_gguf_layout(hf_name, magnitude, cfg, spec)
-    blocks = laid_out.reshape(-1, 32)
-    step = blocks.max(axis=1, keepdims=True) / 127.0
-    bound = np.broadcast_to(step * Q8_0_STEP_FRACTION, blocks.shape).reshape(laid_out.shape)
+    bound = np.broadcast_to(bound + 2.0**-25, blocks.shape).reshape(laid_out.shape)
     return from_gguf_layout(hf_name, np.ascontiguousarray(bound), cfg, spec)
