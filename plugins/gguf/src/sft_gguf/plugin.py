@@ -34,7 +34,7 @@ def sft_register_exporters(register: Any) -> None:
     register(
         "gguf",
         export_gguf,
-        description=f"GGUF for llama.cpp/Ollama (llama, qwen2; {', '.join(DTYPES)}), read back "
+        description=f"GGUF for llama.cpp/Ollama (llama, mistral, qwen2, qwen3; {', '.join(DTYPES)}), read back "
         "and compared with the source",
     )
 
