@@ -190,9 +190,13 @@ def launch(
     env: dict[str, str] | None = None,
     table: str | None = None,
     progress: bool = True,
+    on_output: Any = None,
 ) -> Path:
     """Run this node's processes to the end; returns the directory holding its worker logs.
-    `progress` (`logging.progress`): echo MindFormers' per-step loss lines of a single worker."""
+    `progress` (`logging.progress`): echo MindFormers' per-step loss lines of a single worker.
+    `on_output(local_rank, text)`: called with each piece of a worker's output as it is
+    written (the pipe of one worker, the log files of several, read from where the last read
+    stopped: nothing is missed or read twice), from a reader thread; used for live metrics."""
     work_dir.mkdir(parents=True, exist_ok=True)
     mine = [
         p
@@ -204,26 +208,74 @@ def launch(
     if parallel.world_size == 1:
         proc = mine[0]
         rc = _run_showing_progress(
-            proc.argv, worker_env(work_dir, threads, proc.env), proc.log, progress
+            proc.argv, worker_env(work_dir, threads, proc.env), proc.log, progress, on_output
         )
         if rc:
             raise SftError(_failure(0, proc.log, rc))
         return work_dir
-    if table is None:
-        proc = mine[0]
-        with proc.log.open("w") as f:
-            rc = subprocess.run(
-                proc.argv,
-                env=worker_env(work_dir, threads, proc.env),
-                stdout=f,
-                stderr=subprocess.STDOUT,
-            ).returncode
-        if rc:
-            rank, log = _failed_rank(log_dir, parallel)
-            raise SftError(_failure(rank, log, rc))
-        return log_dir
-    _run_rank_table(mine, work_dir, threads)
+    first = parallel.node_rank * parallel.nproc_per_node
+    logs = [log_dir / f"worker_{first + r}.log" for r in range(parallel.nproc_per_node)]
+    for log in logs:  # msrun appends: a resumed run must not read the killed run's lines
+        log.unlink(missing_ok=True)
+    with LogTailer(logs, on_output):
+        if table is None:
+            proc = mine[0]
+            with proc.log.open("w") as f:
+                rc = subprocess.run(
+                    proc.argv,
+                    env=worker_env(work_dir, threads, proc.env),
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                ).returncode
+            if rc:
+                rank, log = _failed_rank(log_dir, parallel)
+                raise SftError(_failure(rank, log, rc))
+        else:
+            _run_rank_table(mine, work_dir, threads)
     return log_dir
+
+
+class LogTailer:
+    """Reads log files as workers write them, from a thread: each call of `on_output(i, text)`
+    gets the bytes of `logs[i]` written since the previous read (by file offset, so nothing is
+    missed or read twice); a last read when the block ends drains what remains."""
+
+    def __init__(self, logs: list[Path], on_output: Any, interval: float = 0.2) -> None:
+        import threading
+
+        self.logs, self.on_output, self.interval = logs, on_output, interval
+        self.offsets = [0] * len(logs)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="sft-log-tailer", daemon=True)
+
+    def __enter__(self) -> LogTailer:
+        if self.on_output is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.on_output is not None:
+            self.stop.set()
+            self.thread.join()
+            self.read()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.read()
+
+    def read(self) -> None:
+        for i, log in enumerate(self.logs):
+            try:
+                with log.open("rb") as f:
+                    f.seek(self.offsets[i])
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            # up to the last newline only: a multi-byte character is never cut in two
+            end = data.rfind(b"\n") + 1
+            if end:
+                self.offsets[i] += end
+                self.on_output(i, data[:end].decode(errors="replace"))
 
 
 def _run_rank_table(procs: list[Process], work_dir: Path, threads: int) -> None:
@@ -262,9 +314,12 @@ def _run_rank_table(procs: list[Process], work_dir: Path, threads: int) -> None:
         raise SftError(_failure(*failed))
 
 
-def _run_showing_progress(cmd: list[str], env: dict[str, str], log: Path, show: bool = True) -> int:
+def _run_showing_progress(
+    cmd: list[str], env: dict[str, str], log: Path, show: bool = True, on_output: Any = None
+) -> int:
     """Run one worker, everything into `log`; its per-step loss lines also go to stdout so a
-    long run shows progress (MindFormers' other output stays in the log)."""
+    long run shows progress (MindFormers' other output stays in the log), or, with
+    `on_output`, each line goes to it (the caller shows progress)."""
     with (
         log.open("w") as f,
         subprocess.Popen(
@@ -279,6 +334,10 @@ def _run_showing_progress(cmd: list[str], env: dict[str, str], log: Path, show: 
         assert proc.stdout is not None
         for line in proc.stdout:
             f.write(line)
+            if on_output is not None:
+                f.flush()
+                on_output(0, line)
+                continue
             m = _PROGRESS.search(line) if show else None
             if m:
                 step, total, loss = m.groups()
