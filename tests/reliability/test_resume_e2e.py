@@ -345,7 +345,7 @@ def test_sigkill_between_checkpoints_logs_each_step_once(
     workdir: Path, lora_reference: Path
 ) -> None:
     """Checkpoints every 3 steps, SIGKILL after step 4 or 5: the resumed run restarts after
-    step 3 and logs 4.. again; metrics.jsonl and TensorBoard must hold each step once."""
+    step 3 and logs 4.. again; metrics.jsonl must hold each step once."""
     cfg, run = job(workdir, "lora-gap", "lora"), workdir / "lora-gap"
     spec = yaml.safe_load(cfg.read_text())
     spec["checkpoint"]["every_steps"] = 3
@@ -361,11 +361,7 @@ def test_sigkill_between_checkpoints_logs_each_step_once(
     assert raw_rows(run, "loss") == list(range(1, STEPS + 1)), (k, raw_rows(run, "loss"))
     assert raw_rows(run, "eval_loss") == sorted(set(raw_rows(run, "eval_loss"))), k
     assert_same_run(lora_reference, run, f"LoRA, SIGKILL after step {k}, checkpoints every 3")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run / "tensorboard"))
-    acc.Reload()
-    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, STEPS + 1)), k
+    # (TensorBoard's side: tests/plugins/test_tensorboard.py)
     # the run is finished: resuming it again says so, trains nothing and exits 0
     before = (run / "metrics.jsonl").read_text()
     out = finish(sft_run(cfg, "--resume", "auto"))

@@ -5,6 +5,8 @@ subprocesses on a tiny llama (LoRA, fp32, CPU, 1 thread):
   between two checkpoints, then `--resume auto`: the console names the checkpoint (step, path),
   the final weights are BITWISE equal to an uninterrupted run's, metrics.jsonl has every step
   exactly once, in order, with the uninterrupted run's losses;
+- SIGTERM to `sft run` (its pid only, as a scheduler sends it): the worker writes a checkpoint
+  at the next step boundary, `sft run` exits 143 naming it, and the resumed run is bitwise equal;
 - `--resume auto` on the finished run says so and exits 0 without training.
 
     $ .venvs/ms/bin/python -m pytest tests/reliability/test_resume_mindspore_e2e.py -q
@@ -50,7 +52,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
     return d
 
 
-def job(workdir: Path, name: str) -> Path:
+def job(workdir: Path, name: str, every: int = EVERY) -> Path:
     spec = {
         "backend": "mindspore",
         "model": str(workdir / "model"),
@@ -63,7 +65,7 @@ def job(workdir: Path, name: str) -> Path:
             "warmup_steps": 2,
             "seed": 7,
         },
-        "checkpoint": {"every_steps": EVERY, "keep_last": 5},
+        "checkpoint": {"every_steps": every, "keep_last": 5},
         "logging": {"plot": False, "progress": False},
         "mindspore": {"device_target": "CPU", "threads": 1},
         "output_dir": str(workdir / name),
@@ -161,3 +163,36 @@ def test_resume_auto_on_a_finished_run_says_so_and_exits_0(reference: Path, work
     assert "epoch must bigger" not in out and "final loss None" not in out, out
     assert (reference / "metrics.jsonl").read_text() == before
     assert time.time() - t0 < 60  # nothing was trained or compiled
+
+
+def assert_same_as_reference(run: Path, reference: Path, what: str) -> None:
+    assert train_steps(run) == list(range(1, STEPS + 1)), (what, train_steps(run))
+    assert losses(run) == losses(reference), what
+    a = load_ckpt(reference / "final" / "mindspore" / "model.ckpt")
+    b = load_ckpt(run / "final" / "mindspore" / "model.ckpt")
+    differ = [n for n in a if a[n].data.tobytes() != b[n].data.tobytes()]
+    assert a.keys() == b.keys() and not differ, f"{what}: {differ[:3]}"
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_exits_143(workdir: Path, reference: Path) -> None:
+    cfg, run = job(workdir, "term", every=100), workdir / "term"  # no regular checkpoint
+    proc = sft_run(cfg)
+    deadline = time.time() + 500
+    while not (run / "metrics.jsonl").exists() or len(train_steps(run)) < 4:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    at_signal = max(train_steps(run))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, f"exit {proc.returncode}:\n{out}"
+    assert "Traceback" not in out and "SIGTERM" in out and "--resume auto" in out, out
+    saved = sorted(
+        int(p.stem.rsplit("_", 1)[1])
+        for p in run.glob("mindformers/output/checkpoint/rank_0/*.ckpt")
+    )
+    logged = max(train_steps(run))
+    assert saved == [logged] and logged in (at_signal, at_signal + 1), (saved, at_signal, out)
+    assert f"stopped by SIGTERM after step {logged}" in out, out
+    out = finish(sft_run(cfg, "--resume", "auto"))
+    assert f"resuming from the MindFormers checkpoint of step {logged}" in out, out
+    assert_same_as_reference(run, reference, f"SIGTERM after step {logged}")

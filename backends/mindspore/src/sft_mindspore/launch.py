@@ -332,17 +332,73 @@ def _run_showing_progress(
         ) as proc,
     ):
         assert proc.stdout is not None
-        for line in proc.stdout:
-            f.write(line)
-            if on_output is not None:
-                f.flush()
-                on_output(0, line)
-                continue
-            m = _PROGRESS.search(line) if show else None
-            if m:
-                step, total, loss = m.groups()
-                print(f"[mindformers] step {step}/{total} loss {loss}", flush=True)
-        return proc.wait()
+        with ForwardSignals([proc]) as fwd:
+            for line in proc.stdout:
+                _echo(line, f, show, on_output)
+            rc = proc.wait()
+        if fwd.requested and rc in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+            raise Stopped(fwd.requested)
+        return rc
+
+
+def _echo(line: str, f: Any, show: bool, on_output: Any) -> None:
+    """One line of the worker: into its log, then to `on_output` or (a loss line) stdout."""
+    f.write(line)
+    if on_output is not None:
+        f.flush()
+        on_output(0, line)
+        return
+    m = _PROGRESS.search(line) if show else None
+    if m:
+        step, total, loss = m.groups()
+        print(f"[mindformers] step {step}/{total} loss {loss}", flush=True)
+
+
+class Stopped(Exception):
+    """The workers stopped after a forwarded SIGTERM / SIGINT (they checkpointed first)."""
+
+    def __init__(self, signame: str) -> None:
+        super().__init__(signame)
+        self.signame = signame
+
+
+class ForwardSignals:
+    """While workers run: SIGTERM / SIGINT to `sft run` go on to them (sft's callback in the
+    worker then checkpoints at the next step boundary and stops); `requested` names the first.
+    Only in the main thread (elsewhere Python cannot install handlers)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, procs: list[Any]) -> None:
+        self.procs, self.requested = procs, None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> ForwardSignals:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.requested is None:
+            self.requested = name
+            print(
+                f"\n[sft] {name} received; the workers checkpoint at the next step boundary "
+                "and stop",
+                file=sys.stderr,
+                flush=True,
+            )
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
 
 
 _PROGRESS = re.compile(r"step:\[\s*(\d+)/\s*(\d+)\], loss: ?\[?([-+0-9.eEnaif]+)")

@@ -25,11 +25,12 @@ from sft.backend import TrainPlan, TrainResult
 from sft.data.batching import count_trained, shard_for_rank
 from sft.errors import SftError
 from sft.events import RunEvents
+from sft.guard import Preempted
 
 from sft_mindspore import data as msdata
 from sft_mindspore import mfconfig, runtime
 from sft_mindspore.export import export_final
-from sft_mindspore.launch import launch, launch_plan, rank_table_path
+from sft_mindspore.launch import Stopped, launch, launch_plan, rank_table_path
 from sft_mindspore.logs import LiveRows, StepTokens, parse_losses
 from sft_mindspore.weights import check_model_type, hf_to_ckpt
 
@@ -212,6 +213,14 @@ def resume_point(ckpt_dir: Path) -> tuple[int, Path]:
     return (int(m.group(2)) if m else 0), newest
 
 
+def saved_checkpoint(output_dir: Path) -> tuple[int, Path | None]:
+    """(step, rank 0's file) of the checkpoint a `--resume auto` would continue from now."""
+    ckpt_dir = output_dir / "checkpoint"
+    if not list(ckpt_dir.glob("rank_0/*.ckpt")):
+        return 0, None
+    return resume_point(ckpt_dir)
+
+
 def apply_resume(doc: dict[str, Any], ckpt_dir: Path | None) -> None:
     """Resume -> MindFormers' `resume_training` from its checkpoint directory: it restores
     weights, optimizer state and the step counter and skips the batches already trained (the
@@ -285,6 +294,19 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
             progress=cfg.logging.progress,
             on_output=live.feed,
         )
+    except Stopped as stop:  # SIGTERM / SIGINT: the worker checkpointed the step it finished
+        bar.close()
+        step, ckpt = saved_checkpoint(output_dir)
+        raise Preempted(stop.signame, step, ckpt) from None
+    except SftError as exc:  # a worker failed: say what survives
+        bar.close()
+        step, ckpt = saved_checkpoint(output_dir)
+        if ckpt is None:
+            raise
+        raise SftError(
+            f"{exc}\nThe checkpoint of step {step} ({ckpt}) is intact: fix the cause, then "
+            "continue with the same command plus --resume auto"
+        ) from None
     finally:
         bar.close()
     for rec in parse_losses(log_dir):  # what the live reader could not pair up (none expected)
