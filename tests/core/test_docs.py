@@ -56,6 +56,8 @@ def _files_of(spec: dict[str, Any]) -> list[str]:
         srcs = data.get(key)
         for src in srcs if isinstance(srcs, list) else [srcs]:
             path = src.get("path") if isinstance(src, dict) else src
+            if isinstance(src, dict) and "revision" in src:
+                continue  # a hub dataset id (revision is for those only): nothing local
             if isinstance(path, str):
                 files.append(path)
     tpl = data.get("template")
@@ -91,6 +93,11 @@ def test_doc_yaml_validates(where: str, block: str, tmp_path: Path) -> None:
         pytest.skip(f"{where}: backend {backend!r} is not installed in this environment")
     for value in _files_of(spec):
         _materialize(value, tmp_path)
+    method = spec.get("method")
+    if isinstance(method, dict) and isinstance(method.get("init_adapter"), str):
+        adapter = tmp_path / method["init_adapter"]  # a PEFT adapter directory
+        adapter.mkdir(parents=True)
+        (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     (tmp_path / "job.yaml").write_text(block)
     config = load_config(tmp_path / "job.yaml")
     assert config.backend == backend
@@ -165,8 +172,16 @@ def _validates(params: dict[str, Any]) -> None:
     backend = params.get("backend") or "torch"
     if backend not in get_plugins().backends:
         pytest.skip(f"backend {backend!r} is not installed in this environment")
+    overrides = list(params.get("overrides") or [])
     try:
-        load_config(ROOT / params["config"], list(params.get("overrides") or []), backend)
+        if params.get("config") is None:  # the quick start: --model/--data build the spec
+            from sft.cli import quick_start_overrides
+
+            data = str(ROOT / params["data"]) if params.get("data") else None
+            quick = quick_start_overrides(None, params.get("model"), data, params.get("method"), [])
+            load_config(None, quick + overrides, backend)
+        else:
+            load_config(ROOT / params["config"], overrides, backend)
     except ConfigError as exc:
         rest = [p for p in exc.problems if p.path != "model.name_or_path"]
         assert not rest, str(exc)

@@ -59,6 +59,9 @@ VALUES: dict[str, Any] = {
     "data.train.0.roles": {"system": "user"},
     "data.train.0.max_samples": 6,
     "data.train.0.weight": 3.0,
+    "data.train.0.split": "test",
+    "data.train.0.subset": "second",
+    "data.train.0.revision": "main",
     "data.eval": "@other_data",
     "data.eval_fraction": 0.25,
     "data.template": "llama3",
@@ -73,6 +76,8 @@ VALUES: dict[str, Any] = {
     "method.modules_to_save": ["lm_head"],
     "method.trainable_modules": ["mlp"],
     "method.trainable_layers": 1,
+    "method.init_adapter": "@adapter",
+    "train.optimizer": "sgd",
     "train.epochs": 0.5,
     "train.max_steps": 2,
     "train.lr_scheduler": "linear",
@@ -110,6 +115,7 @@ VALUES: dict[str, Any] = {
     "export.formats": ["hf"],
     "export.dtype": "bf16",
     "logging.every_steps": 2,
+    "logging.trackers": [],
 }
 
 #: Settings that make a field's effect observable (the field's value is compared with and
@@ -117,6 +123,8 @@ VALUES: dict[str, Any] = {
 SCENARIOS: dict[str, dict[str, Any]] = {
     "data.train.0.weight": {"data.train": [{"path": "@data"}, {"path": "@other_data"}]},
     "data.group_by_length": {"data.packing": False},
+    "data.train.0.split": {"data.train.0.path": "@repo"},
+    "data.train.0.subset": {"data.train.0.path": "@repo"},
     "data.on_bad_record": {"data.train.0.path": "@bad_data"},
     "data.eval_fraction": {"data.eval": None},
     "train.epochs": {"train.max_steps": None},
@@ -304,7 +312,60 @@ def make_job_files(root: Path) -> dict[str, str]:
     files["cache2"] = str(root / "cache2")
     files["llama"] = str(make_model(root / "llama", arch="llama"))
     files["qwen2"] = str(make_model(root / "qwen2", arch="qwen2"))
+    files["adapter"] = str(make_adapter(root / "adapter", files["llama"]))
+    files["repo"] = str(make_dataset_repo(root / "repo", files["data"], files["other_data"]))
     return files
+
+
+def make_adapter(path: Path, model: str) -> Path:
+    """A PEFT LoRA adapter of the tiny llama (r 4, no dropout, like base_job's method), with
+    non-zero B so that it changes the loss; just its config where peft is not installed (the
+    MindSpore backend refuses init_adapter at validation)."""
+    path.mkdir()
+    if importlib.util.find_spec("peft") is None:
+        cfg = {"peft_type": "LORA", "r": 4, "lora_dropout": 0.0}
+        (path / "adapter_config.json").write_text(json.dumps(cfg))
+        return path
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_pretrained(model)
+    peft_model = get_peft_model(lm, LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(path)
+    return path
+
+
+def make_dataset_repo(path: Path, data: str, other: str) -> Path:
+    """A directory laid out like a hub dataset repo: train/test splits of `data` and a second
+    subset of `other`, as parquet, mapped by the dataset card."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    card = {
+        "configs": [
+            {
+                "config_name": "default",
+                "data_files": [
+                    {"split": "train", "path": "data/train-*.parquet"},
+                    {"split": "test", "path": "data/test-*.parquet"},
+                ],
+            },
+            {"config_name": "second", "data_files": [{"split": "train", "path": "second/*"}]},
+        ]
+    }
+    rows = [json.loads(line) for line in Path(data).read_text().splitlines()]
+    others = [json.loads(line) for line in Path(other).read_text().splitlines()]
+    for name, recs in (("data/train", rows), ("data/test", others[:6]), ("second/train", others)):
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(recs), path / f"{name}-00000-of-00001.parquet")
+    (path / "README.md").write_text("---\n" + yaml.safe_dump(card) + "---\n# tiny\n")
+    return path
 
 
 def base_job(files: dict[str, str], backend: str) -> dict[str, Any]:
@@ -522,6 +583,7 @@ BACKEND_VALUES = {"mindspore": {"data.packing": True}}
 AFTER_TRAINING = (
     "logging.plot",
     "logging.tensorboard",
+    "logging.trackers",
     "export.formats",
     "export.dtype",
     "eval.max_new_tokens",

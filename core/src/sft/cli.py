@@ -52,7 +52,10 @@ def _load(config: Path, overrides: list[str] | None, backend: str | None = None)
 
 @app.command(context_settings={"allow_interspersed_args": True})
 def run(
-    config: ConfigOpt,
+    config: Annotated[
+        Optional[Path],
+        typer.Option("--config", "-c", help="Job spec YAML file (or build one: --model, --data)."),
+    ] = None,
     overrides: Overrides = None,
     backend: BackendOpt = None,
     resume: Annotated[
@@ -66,12 +69,31 @@ def run(
             "node's launch commands into the run directory and print them; train nothing.",
         ),
     ] = False,
+    model: Annotated[
+        Optional[str],
+        typer.Option(help="Model to fine-tune (built-in name, local dir, .gguf or hub id)."),
+    ] = None,
+    data: Annotated[
+        Optional[str], typer.Option(help="Training data: a file, glob, directory or dataset id.")
+    ] = None,
+    method: Annotated[
+        Optional[str], typer.Option(help="full, lora (the default), qlora or freeze.")
+    ] = None,
 ) -> None:
-    """Fine-tune as the job spec says. See `sft config explain` for every field."""
+    """Fine-tune as the job spec says. See `sft config explain` for every field.
+
+    Without a YAML file: `sft run --model smollm2-135m-instruct --data train.jsonl [--method
+    lora] [key=value ...]` builds the spec from these and the defaults, validates it the same
+    way, and writes it to RUN_DIR/config.yaml, so `sft run -c RUN_DIR/config.yaml` repeats it.
+    """
     from sft.run import run as run_job
 
-    extra = list(overrides or []) + ([f"checkpoint.resume={resume}"] if resume else [])
-    cfg = _load(config, extra, backend)
+    quick = quick_start_overrides(config, model, data, method, overrides or [])
+    extra = quick + list(overrides or []) + ([f"checkpoint.resume={resume}"] if resume else [])
+    cfg = _load(config, extra, backend) if config else _load_quick(extra, backend)
+    if config is None:
+        spec = Path(cfg.output_dir or "runs/run").resolve() / "config.yaml"  # run.py's default
+        typer.echo(f"sft: the resolved spec is written to {spec}; repeat with: sft run -c {spec}")
     if dry_run:
         _print_dry_run(cfg)
         return
@@ -97,6 +119,47 @@ def _print_dry_run(cfg: Any) -> None:
         for command in commands:
             typer.echo(command)
     typer.echo("\n" + json.dumps(result["summary"], indent=2))
+
+
+def quick_start_overrides(
+    config: Path | None,
+    model: str | None,
+    data: str | None,
+    method: str | None,
+    overrides: list[str],
+) -> list[str]:
+    """`--model/--data/--method` as overrides (on top of `--config` when one is given, else
+    of the defaults); without a config, `--model` and `--data` are required and the run
+    directory defaults to runs/<model>-<method>."""
+    given = {"model": model, "data.train": data, "method.name": method}
+    out = [f"{k}={json.dumps(v)}" for k, v in given.items() if v is not None]  # JSON is YAML
+    if config is not None:
+        return out
+    missing = [f"--{k.split('.')[0]}" for k, v in given.items() if v is None and k != "method.name"]
+    if missing:
+        from sft.errors import ConfigError, Problem
+
+        raise ConfigError(
+            [
+                Problem(
+                    " and ".join(missing),
+                    "missing: sft run needs --config FILE, or --model and --data to build a "
+                    "spec without one",
+                    "e.g. sft run --model smollm2-135m-instruct --data train.jsonl",
+                )
+            ]
+        )
+    if not any(o.partition("=")[0].strip() == "output_dir" for o in overrides):
+        name = Path(str(model).rstrip("/")).name.removesuffix(".gguf")
+        run_dir = Path("runs") / f"{name}-{method or 'lora'}"
+        out.append(f"output_dir={json.dumps(str(run_dir))}")
+    return out
+
+
+def _load_quick(overrides: list[str], backend: str | None) -> Any:
+    from sft.config import load_config
+
+    return load_config(None, overrides, backend=backend)
 
 
 @config_app.command("validate")
@@ -217,11 +280,26 @@ app.add_typer(models_app, name="models")
 
 
 @models_app.callback(invoke_without_command=True)
-def models(ctx: typer.Context) -> None:
+def models(
+    ctx: typer.Context,
+    architectures: Annotated[
+        bool,
+        typer.Option(
+            "--architectures", help="The tested architecture matrix (per backend and export)."
+        ),
+    ] = False,
+) -> None:
     """List built-in model names and where their weights come from."""
     from sft.models import BUILTIN_MODELS
 
     if ctx.invoked_subcommand is not None:
+        return
+    if architectures:
+        from sft.archs import ARCHITECTURES
+
+        for name, a in ARCHITECTURES.items():
+            typer.echo(f"{name}  ({a.quirks})")
+            typer.echo(f"    torch: {a.torch}\n    mindspore: {a.mindspore}\n    gguf: {a.gguf}")
         return
     for m in BUILTIN_MODELS.values():
         typer.echo(f"{m.name}\n    {m.description}\n    weights: {m.filename} from `{m.install}`")

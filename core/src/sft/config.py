@@ -10,6 +10,8 @@ backend cannot run, missing data files ...) is collected into one `ConfigError`.
 from __future__ import annotations
 
 import glob
+import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from sft import trackers
+from sft.data.sources import DATASETS_INSTALL, is_dataset_repo, looks_like_hub_id
 from sft.errors import ConfigError, Problem, SftError, did_you_mean
 from sft.plugins import Plugins, get_plugins
-from sft.specs import METHOD_NAMES, RunConfig
+from sft.specs import METHOD_NAMES, DataSource, RunConfig
 
 #: Backends that ship with sft, listed even when not installed (with their install command).
 KNOWN_BACKENDS = {
@@ -187,6 +191,14 @@ def _looks_like_path(value: str) -> bool:
     return value.startswith((".", "/", "~")) or value.endswith((".gguf", ".jinja"))
 
 
+def _resolve_data_path(value: str, base: Path) -> str:
+    # `org/name` that is nothing under the config's directory stays a hub dataset id
+    resolved = _resolve_path(value, base)
+    if looks_like_hub_id(value) and not os.path.exists(resolved):
+        return value
+    return resolved
+
+
 def resolve_paths(data: dict[str, Any], base: Path) -> None:
     """Make config-relative paths absolute (data sources, templates, prompts, model files)."""
     d = data.get("data")
@@ -196,9 +208,9 @@ def resolve_paths(data: dict[str, Any], base: Path) -> None:
             items = srcs if isinstance(srcs, list) else [srcs]
             for i, src in enumerate(items):
                 if isinstance(src, str):
-                    items[i] = _resolve_path(src, base)
+                    items[i] = _resolve_data_path(src, base)
                 elif isinstance(src, dict) and isinstance(src.get("path"), str):
-                    src["path"] = _resolve_path(src["path"], base)
+                    src["path"] = _resolve_data_path(src["path"], base)
             if srcs is not None:
                 d[key] = items if isinstance(srcs, list) else items[0]
         tpl = d.get("template")
@@ -216,6 +228,9 @@ def resolve_paths(data: dict[str, Any], base: Path) -> None:
     par = data.get("parallel")
     if isinstance(par, dict) and isinstance(par.get("rank_table_file"), str):
         par["rank_table_file"] = _resolve_path(par["rank_table_file"], base)
+    meth = data.get("method")
+    if isinstance(meth, dict) and isinstance(meth.get("init_adapter"), str):
+        meth["init_adapter"] = _resolve_path(meth["init_adapter"], base)
     ev = data.get("eval")
     if isinstance(ev, dict) and isinstance(ev.get("prompts"), str):
         ev["prompts"] = _resolve_path(ev["prompts"], base)
@@ -307,10 +322,7 @@ def semantic_problems(config: RunConfig, plugins: Plugins) -> list[Problem]:
     for key, srcs in (("data.train", d.train), ("data.eval", d.eval or [])):
         for i, src in enumerate(srcs):
             where = f"{key}[{i}]" if len(srcs) > 1 else key
-            if not (os.path.exists(src.path) or glob.glob(src.path)):
-                problems.append(
-                    Problem(f"{where}.path", f"no file or directory matches {src.path}")
-                )
+            problems += source_problems(src, where)
             if src.format != "auto" and src.format not in plugins.formats:
                 guess = did_you_mean(src.format, plugins.formats)
                 problems.append(
@@ -348,11 +360,51 @@ def semantic_problems(config: RunConfig, plugins: Plugins) -> list[Problem]:
                 )
             )
     problems += export_problems(config)
+    problems += init_adapter_problems(config)
+    problems += trackers.problems(config, plugins)
     problems += backend_problems(config, plugins)
     for extra in plugins.hook.sft_validate_config(config=config):
         for text in extra or []:
             path, _, msg = text.partition(": ")
             problems.append(Problem(path, msg) if msg else Problem("", text))
+    return problems
+
+
+def source_problems(src: DataSource, where: str) -> list[Problem]:
+    """A data source names something readable, and split/subset/revision only where they mean
+    something (dataset repos; revision: hub ids)."""
+    hub = looks_like_hub_id(src.path)
+    if not (hub or os.path.exists(src.path) or glob.glob(src.path)):
+        return [Problem(f"{where}.path", f"no file or directory matches {src.path}")]
+    problems = []
+    repo = is_dataset_repo(src)
+    if repo and importlib.util.find_spec("datasets") is None:
+        problems.append(
+            Problem(
+                f"{where}.path",
+                f"{src.path} is a dataset repo, read with the `datasets` library, which is not "
+                "installed here",
+                f"install it with: {DATASETS_INSTALL}",
+            )
+        )
+    for key in ("split", "subset"):
+        if getattr(src, key) is not None and not repo:
+            problems.append(
+                Problem(
+                    f"{where}.{key}",
+                    f"applies to dataset repos (a hub id or a directory with a dataset card), "
+                    f"not to {src.path}",
+                    f"remove {key}",
+                )
+            )
+    if src.revision is not None and not hub:
+        problems.append(
+            Problem(
+                f"{where}.revision",
+                f"applies to hub dataset ids; {src.path} is local",
+                "remove revision (a local directory is read as it is)",
+            )
+        )
     return problems
 
 
@@ -377,6 +429,59 @@ def export_problems(config: RunConfig) -> list[Problem]:
         )
     if len(set(ex.formats)) != len(ex.formats):
         problems.append(Problem("export.formats", f"lists a format twice: {ex.formats}"))
+    return problems
+
+
+#: `method` fields and the `adapter_config.json` keys that must agree with `init_adapter`.
+_ADAPTER_KEYS = {
+    "r": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "use_dora": "use_dora",
+    "use_rslora": "use_rslora",
+    "target_modules": "target_modules",
+    "modules_to_save": "modules_to_save",
+}
+
+
+def init_adapter_problems(config: RunConfig) -> list[Problem]:
+    """`method.init_adapter` is a PEFT LoRA adapter directory, and the LoRA fields the config
+    sets explicitly agree with it (the adapter's own values are the ones that train)."""
+    m = config.method
+    if m.name != "lora" or not m.init_adapter:
+        return []
+    cfg_file = Path(m.init_adapter) / "adapter_config.json"
+    if not cfg_file.is_file():
+        return [
+            Problem(
+                "method.init_adapter",
+                f"{m.init_adapter} is not a PEFT adapter directory (no adapter_config.json)",
+                "give a directory written by `save_pretrained`, e.g. a LoRA run's final/",
+            )
+        ]
+    try:
+        adapter = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as exc:
+        return [Problem("method.init_adapter", f"cannot read {cfg_file}: {exc}")]
+    if adapter.get("peft_type", "LORA") != "LORA":
+        return [Problem("method.init_adapter", f"is a {adapter['peft_type']} adapter, not LoRA")]
+    problems = []
+    for field in sorted(m.model_fields_set & set(_ADAPTER_KEYS)):
+        if _ADAPTER_KEYS[field] not in adapter:
+            continue
+        mine, theirs = getattr(m, field), adapter[_ADAPTER_KEYS[field]]
+        if isinstance(mine, list) and isinstance(theirs, list):
+            same = sorted(mine) == sorted(theirs)
+        else:
+            same = mine == theirs or (theirs is None and mine == [])
+        if not same:
+            problems.append(
+                Problem(
+                    f"method.{field}",
+                    f"is {mine!r} but method.init_adapter was trained with {theirs!r}",
+                    f"remove method.{field}: the adapter's own value is used",
+                )
+            )
     return problems
 
 

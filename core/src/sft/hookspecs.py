@@ -54,6 +54,13 @@ def sft_register_exporters(register: Callable[..., None]) -> None:
 
 
 @hookspec
+def sft_register_trackers(register: Callable[..., None]) -> None:
+    """Register experiment trackers: `register(name, description="")`. `logging.trackers`
+    accepts the registered names; the tracker then records a run through the lifecycle hooks
+    below when `name in sft.trackers.enabled(config)`."""
+
+
+@hookspec
 def sft_register_commands(cli: Any) -> None:
     """Add subcommands to the `sft` CLI (`cli` is the root `typer.Typer`)."""
 

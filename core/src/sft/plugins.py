@@ -104,6 +104,7 @@ class Plugins:
             "chat template", "Or give a path to a .jinja file"
         )
         self.exporters: Registry[Exporter] = Registry("export format")
+        self.trackers: Registry[str] = Registry("experiment tracker")
         self.hook.sft_register_backends(register=lambda b: self.backends.register(b.name, b))
         self.hook.sft_register_dataset_formats(
             register=lambda name, convert, detect=None: self.formats.register(
@@ -119,6 +120,10 @@ class Plugins:
             register=lambda name, fn, description="": self.exporters.register(
                 name, Exporter(name, fn, description)
             )
+        )
+
+        self.hook.sft_register_trackers(
+            register=lambda name, description="": self.trackers.register(name, description)
         )
 
     def plugin_table(self) -> list[tuple[str, str, list[str]]]:

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from sft import archs
 from sft.backend import TrainPlan
 from sft.checkpoints import resolve_resume
 from sft.config import backend_options
@@ -108,6 +109,9 @@ def build_plan(config: RunConfig, plugins: Plugins | None = None) -> tuple[Train
     if is_main_process(config):
         write_config(config, run_dir / "config.yaml")
     model = resolve_model(config.model.name_or_path, config.model.revision)
+    arch_notice = archs.notice(model.model_type, config.backend)
+    if arch_notice and is_main_process():
+        print(f"warning: {arch_notice}", file=sys.stderr, flush=True)
     data = prepare_data(config, model, run_dir=run_dir)
     packing = resolve_packing(config, backend, options)
     notice = packing_notice(config, backend, packing)

@@ -81,6 +81,16 @@ class DataSource(Section):
     max_samples: int | None = Field(None, gt=0)
     """Read at most this many records from this source (for quick experiments)."""
 
+    split: str | None = None
+    """Split of a dataset repo (a hub id such as `org/name`, or a local directory laid out like
+    one, read with `datasets.load_dataset`). Default: `train`. Not for plain files."""
+
+    subset: str | None = None
+    """Configuration (subset) of a dataset repo, `load_dataset`'s `name`. Not for plain files."""
+
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of a dataset repo id. Not for local paths."""
+
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data: Any) -> Any:
@@ -186,6 +196,11 @@ class LoraMethod(_LoraParams):
     name: Literal["lora"] = "lora"
     """Low-rank adapters on a frozen base (peft on torch, mindpet on MindSpore)."""
 
+    init_adapter: str | None = None
+    """Continue training an existing PEFT adapter directory (`adapter_config.json` +
+    `adapter_model.safetensors`, e.g. a run's `final/`) instead of fresh adapters; its own r,
+    alpha and target modules are used. Relative paths resolve against the config file."""
+
 
 class QLoraMethod(_LoraParams):
     name: Literal["qlora"] = "qlora"
@@ -247,14 +262,19 @@ class TrainSpec(Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     """Final learning rate as a fraction of the peak (cosine and linear)."""
 
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"] = "adamw"
+    """`adamw` (torch's), `adamw_8bit` / `paged_adamw_8bit` (bitsandbytes, CUDA only),
+    `adafactor` (transformers', with this learning rate and schedule) or `sgd` (momentum
+    betas[0])."""
+
     weight_decay: float = Field(0.0, ge=0)
-    """AdamW weight decay (not applied to biases and norms)."""
+    """Weight decay (not applied to biases and norms)."""
 
     betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
+    """AdamW betas; with `sgd`, betas[0] is the momentum (betas[1] unused)."""
 
     eps: float = Field(1e-8, gt=0)
-    """AdamW epsilon."""
+    """AdamW epsilon (the AdamW optimizers only)."""
 
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this; `null` disables clipping."""
@@ -289,6 +309,22 @@ class TrainSpec(Section):
 
     deterministic: bool = False
     """Use deterministic algorithms (bitwise-reproducible runs; slower on GPU)."""
+
+    @model_validator(mode="after")
+    def _optimizer_params(self) -> TrainSpec:
+        # Refused rather than ignored: these optimizers have no such parameter.
+        unused = {"sgd": ("eps", "betas[1]"), "adafactor": ("eps", "betas")}.get(self.optimizer, ())
+        given = {
+            "eps": self.eps != 1e-8,
+            "betas": tuple(self.betas) != (0.9, 0.999),
+            "betas[1]": self.betas[1] != 0.999,
+        }
+        bad = [k for k in unused if given[k]]
+        if bad:
+            raise ValueError(
+                f"{', '.join(bad)} not used by optimizer {self.optimizer!r} (AdamW only); remove it"
+            )
+        return self
 
     @model_validator(mode="after")
     def _batch(self) -> TrainSpec:
@@ -419,8 +455,16 @@ class LoggingSpec(Section):
     progress: bool = True
     """Show a progress bar with loss, tokens/s and ETA."""
 
+    trackers: list[str] | None = None
+    """Experiment trackers that record this run: `tensorboard`, `mlflow`, `wandb` (each its own
+    plugin; naming one that is not installed is a config error with its install command).
+    Default (`null`): TensorBoard when its plugin is installed and `tensorboard` is true;
+    `[]` records to none."""
+
     tensorboard: bool = True
-    """Write TensorBoard events when the tensorboard plugin is installed."""
+    """With `trackers` unset: write TensorBoard events when its plugin is installed. Superseded
+    by `trackers` (setting it to false next to a `trackers` list naming tensorboard is an
+    error)."""
 
     plot: bool = True
     """Write `loss.png` at the end (needs matplotlib)."""

@@ -13,6 +13,7 @@ import dataclasses
 import json
 
 import pytest
+import yaml
 
 pytest.importorskip("mindspore")
 
@@ -87,9 +88,31 @@ def test_device_settings_reach_the_yaml(tmp_path, tiny_llama, extra, detected, w
     assert "device_id" not in ctx  # DEVICE_ID (rank table) or msrun decides
     scale = doc["runner_wrapper"]["scale_sense"]
     if want.get("scale") == "dynamic":
-        assert scale == runtime.DYNAMIC_LOSS_SCALE
+        assert scale == {**runtime.DYNAMIC_LOSS_SCALE, "loss_scale_value": scale_start(doc)}
     elif "scale" in want:
         assert scale == want["scale"]
+
+
+def scale_start(doc):
+    """2^16 over the power of two above the tokens one rank sums per step (per-token loss)."""
+    runner, pc = doc["runner_config"], doc.get("parallel_config", {})
+    rows = runner["batch_size"] * max(
+        pc.get("micro_batch_num", 1), runner.get("gradient_accumulation_steps", 1)
+    )
+    tokens = rows * doc["model"]["model_config"]["seq_length"]
+    value = runtime.initial_loss_scale(doc)
+    assert value * tokens <= 65536 < 2 * value * tokens or value == 1
+    return value
+
+
+def test_fp16_loss_scale_starts_below_the_summed_token_gradient():
+    doc = {
+        "calculate_per_token_loss": True,
+        "runner_config": {"batch_size": 2, "gradient_accumulation_steps": 1},
+        "model": {"model_config": {"seq_length": 128}},
+    }
+    assert runtime.initial_loss_scale(doc) == 256  # 2^16 / 2^8 (256 tokens)
+    assert runtime.initial_loss_scale({**doc, "calculate_per_token_loss": False}) == 65536
 
 
 @pytest.mark.parametrize(
@@ -110,6 +133,8 @@ def test_precision_maps_to_compute_types_and_loss_scale(tmp_path, tiny_llama, te
         text += ASCEND % ""
     doc = ascend_doc(tmp_path, tiny_llama, text)
     mc = doc["model"]["model_config"]
+    if scale == runtime.DYNAMIC_LOSS_SCALE:
+        scale = {**scale, "loss_scale_value": scale_start(doc)}
     assert (mc["compute_dtype"], doc["runner_wrapper"]["scale_sense"]) == (compute, scale)
     assert mc["rotary_dtype"] == ("float16" if compute == "float16" else "float32")
 
@@ -242,7 +267,11 @@ def test_fp16_with_loss_scaling_and_recompute_trains_on_cpu(tmp_path, tiny_llama
     )
     train(plan, RunEvents(plan.config, plan.run_dir, get_plugins().hook))
     log = (plan.run_dir / "mindformers" / "worker_0.log").read_text()
-    assert "loss_scale: 65536.0" in log and "_recompute:True" in log
+    doc = yaml.safe_load((plan.run_dir / "mindformers.yaml").read_text())
+    start = doc["runner_wrapper"]["scale_sense"]["loss_scale_value"]
+    assert start < 65536  # per-token loss: the summed gradient would overflow fp16 at 2^16
+    assert f"loss_scale: {float(start)}" in log and "_recompute:True" in log
+    assert "overflow cond: True" not in log
     rows = metrics(plan.run_dir)
     assert len(rows) == 3 and not any(r.get("skipped") for r in rows)
     (ref,) = torch_losses([(tiny_llama, first_step_batch(plan.run_dir, 2), None)], tmp_path / "t")

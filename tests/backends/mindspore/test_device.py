@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
+
+pytest.importorskip("mindspore")
+
 from sft.config import load_config
 from sft.errors import ConfigError
 from sft_mindspore import plugin

@@ -214,6 +214,19 @@ def test_fsdp2_lora_matches_one_process_and_consolidates(job: Path, reference_lo
     summary = sft_run(job, resumed, LORA, f"checkpoint.resume={ckpt}")
     assert summary["metrics"]["resumed_at_step"] == 2
     assert_same_run(resumed, reference_lora, weights="adapter_model.safetensors", steps=2)
+    # and two FSDP2 processes resume it: rank 0 reads the files, broadcast_from_rank0 hands
+    # each rank its shards of the weights and the optimizer state
+    resumed = job.parent / "fsdp-resumed-on-2"
+    summary = sft_run(
+        job,
+        resumed,
+        LORA,
+        "parallel.nproc_per_node=2",
+        "parallel.strategy=fsdp",
+        f"checkpoint.resume={ckpt}",
+    )
+    assert summary["metrics"]["resumed_at_step"] == 2
+    assert_same_run(resumed, reference_lora, weights="adapter_model.safetensors", steps=2)
 
 
 def test_deepspeed_zero2_two_processes_equal_one_process(job: Path, reference: Path) -> None:

@@ -204,11 +204,9 @@ def test_the_launcher_refuses_what_a_strategy_cannot_do_before_starting_processe
     tmp_path: Path,
 ) -> None:
     config = spec(strategy="zero2")
-    config.checkpoint.every_steps = 10
+    config.train.nan_policy = "skip"
     plan = SimpleNamespace(config=config, options=SimpleNamespace(device="cpu"), run_dir=tmp_path)
-    with pytest.raises(
-        SftError, match=r"checkpoint: resumable checkpoints with parallel\.strategy"
-    ):
+    with pytest.raises(SftError, match=r"train\.nan_policy: skip cannot hold back an update"):
         launch.launch(plan)
     assert not (tmp_path / "logs").exists()  # nothing was started
 
@@ -231,5 +229,8 @@ def test_config_validation_reports_strategy_limits_with_everything_else(tmp_path
     text = str(err.value)
     assert "parallel.cpu_offload: offloading moves" in text
     assert "train.nan_policy: skip cannot hold back an update" in text
-    # one process: no strategy runs, so nothing to report
-    load_config(None, [o for o in overrides if "nproc" not in o])
+    # one process: no strategy runs, so its settings are refused as doing nothing
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [o for o in overrides if "nproc" not in o])
+    paths = {p.path for p in err.value.problems}
+    assert {"parallel.strategy", "parallel.cpu_offload"} <= paths, str(err.value)

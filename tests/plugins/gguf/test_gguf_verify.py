@@ -139,7 +139,7 @@ def test_user_mistakes_raise_clear_errors(tiny_llama, tmp_path):
         export(tmp_path / "nothing-here", tmp_path / "b", "f16")
     gpt2 = copy_model(tiny_llama, tmp_path / "gpt2-like")
     edit_json(gpt2 / "config.json", model_type="gpt2")
-    with pytest.raises(SftError, match="supports model_type llama and qwen2, not 'gpt2'"):
+    with pytest.raises(SftError, match="supports model_type llama, mistral, qwen2, qwen3, not 'gpt2'"):
         export(gpt2, tmp_path / "c", "f16")
     scaled = copy_model(tiny_llama, tmp_path / "yarn")
     edit_json(scaled / "config.json", rope_scaling={"rope_type": "yarn", "factor": 4.0})

@@ -226,6 +226,17 @@ def _unsupported_fields(config: RunConfig, device: str) -> list[str]:
             "convert pickle weights to safetensors first"
         )
     # train.precision and train.gradient_checkpointing: honoured (sft_mindspore.runtime)
+    if c.method.name == "lora" and c.method.init_adapter:
+        problems.append(
+            "method.init_adapter: the MindSpore backend cannot start LoRA from a PEFT adapter "
+            "yet; merge it into the base first (`sft export ADAPTER_RUN --format hf` in the torch "
+            "environment) and give that as model, or continue it with --backend torch"
+        )
+    if c.train.optimizer != "adamw":
+        problems.append(
+            f"train.optimizer: {c.train.optimizer} is not mapped to MindFormers here; the "
+            "MindSpore backend trains with MindFormers' AdamW (optimizer: adamw)"
+        )
     if c.model.dtype not in ("auto", "float32"):
         problems.append(
             f"model.dtype: {c.model.dtype} is not available on MindFormers here, whose "

@@ -173,6 +173,22 @@ def _data_parallel(config: Any) -> int:
     return max(1, p.world_size // (p.tensor_parallel * p.pipeline_parallel * p.context_parallel))
 
 
+def initial_loss_scale(doc: dict[str, Any]) -> int:
+    """The dynamic loss scale to start from. With `calculate_per_token_loss` MindFormers
+    differentiates the SUM of token losses (dividing by the token count afterwards), so the
+    scaled gradients are up to tokens-per-step times those of a mean loss: 2^16 over the
+    power of two above this rank's tokens per step keeps the usual 2^16 on a mean gradient
+    instead of overflowing fp16 for the first log2(tokens) steps."""
+    start = int(DYNAMIC_LOSS_SCALE["loss_scale_value"])
+    if not doc.get("calculate_per_token_loss"):
+        return start
+    runner = doc["runner_config"]
+    micro = int(doc.get("parallel_config", {}).get("micro_batch_num", 1))
+    tokens = runner["batch_size"] * max(micro, runner.get("gradient_accumulation_steps", 1))
+    tokens *= int(doc["model"]["model_config"]["seq_length"])
+    return max(1, start >> max(0, (tokens - 1).bit_length()))
+
+
 def apply(doc: dict[str, Any], s: Settings, config: Any) -> None:
     """Write the settings into a MindFormers YAML dict built by `mfconfig.build_yaml`."""
     mc = doc["model"]["model_config"]
@@ -189,7 +205,10 @@ def apply(doc: dict[str, Any], s: Settings, config: Any) -> None:
     wrapper = doc["runner_wrapper"]
     if s.precision == "fp16":
         if s.loss_scale == "dynamic":
-            wrapper["scale_sense"] = dict(DYNAMIC_LOSS_SCALE)
+            wrapper["scale_sense"] = {
+                **DYNAMIC_LOSS_SCALE,
+                "loss_scale_value": initial_loss_scale(doc),
+            }
         else:
             wrapper["scale_sense"] = float(s.loss_scale)
     else:

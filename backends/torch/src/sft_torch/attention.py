@@ -17,8 +17,14 @@ The outputs are those of sdpa under the block-diagonal causal mask (tested to 1e
 position id does not continue the previous one and is not continued by the next (a padding token:
 position 0 between other 0s) sees only itself, so its output is its own value vector, taken
 without a kernel call. Anything this cannot express exactly falls back to transformers' sdpa with
-the mask transformers built for it (registered alongside): decoding with a KV cache, a sliding
-window, soft-capping, attention sinks, or a call without position ids.
+a mask: decoding with a KV cache, a sliding window, soft-capping, attention sinks, or a call
+without position ids.
+
+No [B, 1, L, L] mask is built for a pass over whole rows (no KV cache, no padding mask), which
+is every training and eval forward: the mask function registered for NAME (`segments_mask`)
+returns None there, since the per-sample path never reads it (at B = 4, L = 8k it was 268 MB
+per forward). A layer that falls back in such a pass builds the block-diagonal causal mask from
+the position ids itself (`_fallback_mask`, once per forward).
 """
 
 from __future__ import annotations
@@ -39,11 +45,31 @@ def register() -> str:
     """Register the attention function (and sdpa's mask builder, for the fallback) under NAME
     with transformers; idempotent. Returns NAME, to pass as `attn_implementation`."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(NAME, segment_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, segments_mask)
     return NAME
+
+
+def segments_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' mask function for NAME: None for a pass over whole rows (no cache:
+    kv_length is the query length; no padding mask), which `segment_attention` runs from the
+    position ids alone; sdpa's mask otherwise (decoding, padded generation), for the fallback.
+    Called by keyword (transformers 4.57: cache_position; 5.x: q_length)."""
+    from transformers.masking_utils import sdpa_mask
+
+    cache_position = kwargs.get("cache_position")
+    q_length = kwargs.get("q_length", None if cache_position is None else cache_position.shape[0])
+    if (
+        not args
+        and kwargs.get("attention_mask") is None
+        and kwargs.get("kv_offset", 0) == 0
+        and q_length is not None
+        and kwargs.get("kv_length") == q_length
+    ):
+        return None
+    return sdpa_mask(*args, **kwargs)  # type: ignore[no-any-return]
 
 
 def supported(model_class: Any) -> bool:
@@ -76,6 +102,24 @@ def _row_runs(position_ids: torch.Tensor, batch: int) -> list[list[tuple[int, in
         _RUNS.tensor, _RUNS.key = position_ids, key
         _RUNS.runs = [runs(pos[b]) for b in range(batch)]
     return _RUNS.runs  # type: ignore[no-any-return]
+
+
+def _fallback_mask(position_ids: torch.Tensor, batch: int, window: int | None) -> torch.Tensor:
+    """Bool [B, 1, L, L]: query q sees key k iff both are in the same run of consecutive
+    position ids, k <= q, and (with a sliding window) q - k < window; once per forward."""
+    key = (position_ids._version, batch, window)
+    if getattr(_RUNS, "mask_tensor", None) is position_ids and _RUNS.mask_key == key:
+        return _RUNS.mask  # type: ignore[no-any-return]
+    pos = position_ids.expand(batch, -1)
+    brk = torch.ones_like(pos, dtype=torch.bool)
+    brk[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    seg = brk.cumsum(-1)
+    idx = torch.arange(pos.shape[-1], device=pos.device)
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (idx[None, :, None] >= idx[None, None, :])
+    if window:
+        allowed &= idx[None, :, None] - idx[None, None, :] < window
+    _RUNS.mask_tensor, _RUNS.mask_key, _RUNS.mask = position_ids, key, allowed[:, None]
+    return _RUNS.mask  # type: ignore[no-any-return]
 
 
 def _pieces(row_runs: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
@@ -115,6 +159,14 @@ def segment_attention(
     ):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        if (
+            attention_mask is None
+            and position_ids is not None
+            and query.shape[2] == key.shape[2] == position_ids.shape[-1]
+        ):
+            # segments_mask built none for this pass: the samples' block-diagonal causal mask
+            window = getattr(module, "sliding_window", None) or kwargs.get("sliding_window")
+            attention_mask = _fallback_mask(position_ids, query.shape[0], window)
         return sdpa_attention_forward(
             module,
             query,

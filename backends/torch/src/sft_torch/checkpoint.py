@@ -7,6 +7,8 @@
         scaler.pt               fp16 runs: the grad scaler's loss scale and growth tracker
         rng-rank0.pt ...        python, numpy, torch (and CUDA) RNG states, one file per rank
         sft-checkpoint.json     written last: step, data position, fingerprint
+        deepspeed/              ZeRO-2/3 only, instead of trainable.safetensors + optimizer.pt:
+                                DeepSpeed's own checkpoint, one partition file per rank
 
     save_checkpoint(state, run_dir, position, fingerprint, keep_last=2)
     position = load_checkpoint(state, ckpt_dir, fingerprint, allow_changed=False)
@@ -91,12 +93,52 @@ def save_checkpoint(
     """Write a checkpoint for the state after `position.global_step` steps (rank 0 writes;
     with FSDP2 every rank must call it: consolidating the shards is a collective)."""
     engine = state.dist()
+    if engine.checkpoint_format == "deepspeed":
+        return _save_deepspeed(state, run_dir, position, fp, keep_last)
     optimizer = engine.optimizer_state(state.optimizer)  # sft_torch.distributed: whole state
     rngs = rank_rng_states()  # collective: rank 0 saves every rank's RNG (exact DDP resume)
     with engine.full_weights():
         if state.rank != 0:
             return None
         return _write(state, run_dir, position, fp, keep_last, optimizer, rngs)
+
+
+def _save_deepspeed(
+    state: TrainState, run_dir: Path, position: Position, fp: dict[str, Any], keep_last: int
+) -> Path | None:
+    """DeepSpeed ZeRO (every rank calls it): rank 0 opens the atomic checkpoint directory and
+    tells every rank where it is; each rank writes its partitions there with DeepSpeed's own
+    `save_checkpoint` (under `deepspeed/`); once all have, rank 0 adds the LR schedule and the
+    RNGs and completes the directory. The run directory must be on a filesystem every rank
+    sees (as for multi-node runs in general)."""
+    engine = state.dist()
+    rngs = rank_rng_states()
+    if state.rank != 0:
+        engine.save_native(_shared_path(None) / "deepspeed")
+        _barrier()  # rank 0 completes the directory after this
+        return None
+    meta = {"position": position.as_dict(), "fingerprint": fp, "parallel": engine.describe()}
+    with atomic_checkpoint(run_dir, position.global_step, meta, keep_last=keep_last) as tmp:
+        _shared_path(tmp)
+        engine.save_native(tmp / "deepspeed")
+        torch.save(state.scheduler.state_dict(), tmp / "scheduler.pt")
+        for rank, rng in enumerate(rngs):
+            torch.save(rng, tmp / f"rng-rank{rank}.pt")
+        _barrier()  # every rank's partitions are written
+    return Path(run_dir) / "checkpoints" / f"step-{position.global_step:06d}"
+
+
+def _shared_path(path: Path | None) -> Path:
+    """Rank 0's `path`, on every rank."""
+    box = [str(path) if path is not None else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return Path(box[0])  # type: ignore[arg-type]
+
+
+def _barrier() -> None:
+    from sft_torch.distributed import barrier
+
+    barrier()
 
 
 def rank_rng_states() -> list[dict[str, Any]]:
@@ -167,20 +209,10 @@ def load_checkpoint(
     check_fingerprint(meta.get("fingerprint", {}), fp, ckpt, allow_changed)
     engine = state.dist()
     engine.check_resume(meta.get("parallel", {}), ckpt)  # strategy / world size changes
-    weights = load_file(str(ckpt / "trainable.safetensors"))
-    params = dict(state.model.named_parameters())
-    wanted = {n for n, p in params.items() if p.requires_grad}
-    if wanted != set(weights):
-        missing = sorted(wanted - set(weights))[:3]
-        raise SftError(
-            f"checkpoint {ckpt} does not match this model's trainable parameters "
-            f"(e.g. missing {missing}); was it saved by a different method or model?"
-        )
-    engine.load_weights(weights)  # FSDP2: each rank keeps its shard of the whole tensors
-    device = next(state.model.parameters()).device
-    engine.load_optimizer_state(
-        state.optimizer, torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
-    )
+    if engine.checkpoint_format == "deepspeed":
+        engine.load_native(ckpt / "deepspeed")  # every rank reads its own partitions
+    else:
+        _load_weights_and_optimizer(state, engine, ckpt)
     state.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     if state.scaler is not None and (ckpt / "scaler.pt").is_file():
         # without it a resumed fp16 run would restart at the initial loss scale and skip steps
@@ -190,3 +222,23 @@ def load_checkpoint(
     if rng.exists():
         set_rng_state(torch.load(rng, weights_only=True))
     return Position(**meta["position"])
+
+
+def _load_weights_and_optimizer(state: TrainState, engine: Any, ckpt: Path) -> None:
+    # FSDP2: rank 0 reads the files and the engine sends each rank its shards
+    reads = not engine.loads_on_rank0 or state.rank == 0
+    weights = load_file(str(ckpt / "trainable.safetensors")) if reads else {}
+    params = dict(state.model.named_parameters())
+    wanted = {n for n, p in params.items() if p.requires_grad}
+    if reads and wanted != set(weights):
+        missing = sorted(wanted - set(weights))[:3]
+        raise SftError(
+            f"checkpoint {ckpt} does not match this model's trainable parameters "
+            f"(e.g. missing {missing}); was it saved by a different method or model?"
+        )
+    engine.load_weights(weights)  # FSDP2: each rank keeps its shard of the whole tensors
+    device = "cpu" if engine.loads_on_rank0 else next(state.model.parameters()).device
+    optimizer = (
+        torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True) if reads else {}
+    )
+    engine.load_optimizer_state(state.optimizer, optimizer)

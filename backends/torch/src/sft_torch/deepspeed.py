@@ -29,7 +29,7 @@ from sft.errors import SftError
 from sft.specs import RunConfig
 from torch import nn
 
-from sft_torch.distributed import Engine, ForwardRoot
+from sft_torch.distributed import Engine, ForwardRoot, world_size
 
 
 def ds_config(config: RunConfig, accumulation: int, world: int, precision: str) -> dict[str, Any]:
@@ -121,7 +121,6 @@ class DeepSpeedEngine(Engine):
     micro-batch with the accumulation boundary set by the loop, one `step()` per optimizer step
     (ZeRO reduces, clips per `gradient_clipping` and updates the partitioned fp32 weights)."""
 
-    checkpoint_format = "deepspeed"
     owns_loss_scaling = True  # fp16 loss scaling is DeepSpeed's, not torch.amp's
 
     def __init__(self, model: nn.Module, config: dict[str, Any], strategy: str) -> None:
@@ -170,16 +169,67 @@ class DeepSpeedEngine(Engine):
             raise RuntimeError("DeepSpeedEngine used before attach_optimizer()")
         return self.ds
 
+    # checkpoints: DeepSpeed's own (`save_checkpoint`: each rank writes its partition of the
+    # weights and optimizer state) inside sft's atomic checkpoint directory, under "deepspeed/"
+    checkpoint_format = "deepspeed"
+    NATIVE_TAG = "state"
+
+    def save_native(self, path: Path) -> None:
+        """Every rank: DeepSpeed's checkpoint of the engine (weights, ZeRO optimizer partitions)
+        into `path`, a directory every rank sees; a collective."""
+        self.engine().save_checkpoint(str(path), tag=self.NATIVE_TAG, save_latest=False)
+
+    def load_native(self, path: Path) -> None:
+        """Every rank: restore the engine from `save_native`'s directory. sft's LR schedule is
+        restored by the caller (it drives the param groups; DeepSpeed has none of its own)."""
+        loaded, _ = self.engine().load_checkpoint(
+            str(path),
+            tag=self.NATIVE_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+        if loaded is None:
+            raise SftError(f"checkpoint.resume: DeepSpeed found no checkpoint in {path}")
+
+    def check_resume(self, saved: dict[str, Any], ckpt: Any) -> None:
+        """A ZeRO checkpoint holds per-rank partitions: it resumes with the same strategy and
+        world size only, and this engine resumes nothing else."""
+        want = {"format": "deepspeed", "strategy": self.strategy, "world_size": world_size()}
+        have = {k: saved.get(k) for k in want}
+        if have != want:
+            raise SftError(
+                f"checkpoint.resume: {ckpt} was written by strategy {have['strategy']} on "
+                f"{have['world_size']} processes ({have['format']} format); parallel.strategy "
+                f"{self.strategy} resumes only its own checkpoints at the same world size "
+                f"({want['world_size']}). Resume with parallel.strategy={have['strategy']} "
+                f"parallel.nproc_per_node/nnodes giving {have['world_size']} processes"
+            )
+
     @contextlib.contextmanager
     def full_weights(self) -> Iterator[None]:
-        """ZeRO-3 partitions the parameters: gather them whole on every rank to save."""
+        """ZeRO-3 partitions the parameters: every rank enters (a collective), DeepSpeed gathers
+        them to rank 0 one module at a time and moves each to rank 0's CPU memory
+        (`_zero3_consolidated_16bit_state_dict`, what its `save_16bit_model` uses), and on rank
+        0 the model's parameters are those whole CPU tensors inside the context. (Gathering
+        every parameter on every rank at once needed the whole model on each GPU.)"""
         if self.config["zero_optimization"].get("stage") != 3:
             yield
             return
-        import deepspeed
+        from sft_torch.fsdp import swap_parameters
 
-        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+        full = self.engine()._zero3_consolidated_16bit_state_dict()  # None unless rank 0
+        if full is None:
             yield
+            return
+        prefix = "model."  # the engine's module is ForwardRoot(model)
+        originals = swap_parameters(
+            self.model, {k.removeprefix(prefix): v for k, v in full.items()}
+        )
+        try:
+            yield
+        finally:
+            for mod, name, param in originals:
+                mod._parameters[name] = param
 
 
 def wrap(
@@ -189,6 +239,40 @@ def wrap(
     return DeepSpeedEngine(
         model, ds_config(config, accumulation, world, precision), config.parallel.strategy
     )
+
+
+def partitions_at_load(config: RunConfig) -> bool:
+    """Whether the model is built partitioned (`zero3_loading`): ZeRO-3 with several processes."""
+    from sft_torch.distributed import env_world_size
+
+    return (
+        env_world_size() > 1
+        and config.parallel.strategy == "zero3"
+        and config.method.name != "qlora"
+    )
+
+
+@contextlib.contextmanager
+def zero3_loading(config: RunConfig, precision: str) -> Iterator[None]:
+    """While open, transformers' `from_pretrained` builds the model inside
+    `deepspeed.zero.Init` (it sees this run's DeepSpeed config through `HfDeepSpeedConfig`):
+    every parameter is partitioned over the ranks as it is created, and rank 0's values from
+    the file are copied in one module at a time, so no rank holds the whole model. Closed
+    right after loading, so later loads in the process (export, eval) are ordinary."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    use_own_extensions_dir()
+    import deepspeed
+
+    # zero.Init reads the world size from DeepSpeed's communicator: wrap the process group
+    # torch already has (deepspeed.initialize would do it later)
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    world = world_size()
+    hf = HfDeepSpeedConfig(ds_config(config, config.train.accumulation(world), world, precision))
+    try:
+        yield
+    finally:
+        del hf  # transformers holds it through a weak reference only
 
 
 def use_own_extensions_dir() -> None:

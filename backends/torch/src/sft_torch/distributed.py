@@ -278,6 +278,10 @@ class Engine:
         else:
             optimizer.load_state_dict(state)
 
+    #: Whether only rank 0 reads a checkpoint's files (the engine sends the other ranks their
+    #: part); else every rank reads them.
+    loads_on_rank0 = False
+
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         params = dict(self.model.named_parameters())
         with torch.no_grad():
@@ -288,6 +292,12 @@ class Engine:
         """Every checkpoint format sft writes holds whole tensors and a global data position,
         so any strategy resumes it at any world size; refuse only what is not such a file."""
         fmt = saved.get("format", "whole")
+        if fmt == "deepspeed":
+            raise SftError(
+                f"checkpoint.resume: {ckpt} is a DeepSpeed checkpoint (per-rank partitions); "
+                f"resume it with parallel.strategy={saved.get('strategy')} on "
+                f"{saved.get('world_size')} processes, not parallel.strategy {self.strategy}"
+            )
         if fmt not in ("whole", "fsdp-full"):
             raise SftError(
                 f"checkpoint.resume: {ckpt} has checkpoint format {fmt!r} (strategy "
@@ -333,11 +343,26 @@ class DDPEngine(Engine):
         return contextlib.nullcontext() if last else self.ddp.no_sync()
 
 
-def full_options(cpu_offload: bool = True, strict: bool = True) -> Any:
-    """Whole (unsharded) state dicts; every rank reads the checkpoint itself when loading."""
+def full_options(cpu_offload: bool = True, strict: bool = True, broadcast: bool = False) -> Any:
+    """Whole (unsharded) state dicts. `broadcast`: loading, only rank 0 holds the whole state
+    and torch sends each rank its shards, one tensor at a time."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload, strict=strict)
+    return StateDictOptions(
+        full_state_dict=True,
+        cpu_offload=cpu_offload,
+        strict=strict,
+        broadcast_from_rank0=broadcast,
+    )
+
+
+def loads_on_rank0(config: RunConfig) -> bool:
+    """Whether this run's model is read from disk by rank 0 alone: FSDP2 with several
+    processes. The other ranks build it on the meta device (no memory), and FSDPEngine
+    broadcasts rank 0's weights as it shards them, so no rank (and no GPU) holds another's
+    shard. Not for qlora (refused with fsdp) or the other strategies."""
+    par = config.parallel
+    return env_world_size() > 1 and par.strategy == "fsdp" and config.method.name != "qlora"
 
 
 def check_strategy(config: RunConfig, device_type: str) -> None:
@@ -364,7 +389,7 @@ def wrap_model(
     if par.strategy == "fsdp":
         from sft_torch.fsdp import FSDPEngine
 
-        return FSDPEngine(model, device, par.cpu_offload)
+        return FSDPEngine(model, device, par.cpu_offload, from_rank0=loads_on_rank0(plan.config))
     from sft_torch import deepspeed  # zero2 / zero3
 
     return deepspeed.wrap(

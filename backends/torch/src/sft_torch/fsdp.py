@@ -38,15 +38,39 @@ class FSDPEngine(Engine):
 
     strategy = "fsdp"
 
-    def __init__(self, model: nn.Module, device: torch.device, cpu_offload: bool) -> None:
+    def __init__(
+        self, model: nn.Module, device: torch.device, cpu_offload: bool, from_rank0: bool = False
+    ) -> None:
+        """`from_rank0` (`distributed.loads_on_rank0`): only rank 0's model holds the weights
+        (on the CPU), the others' parameters are on the meta device; each rank receives its
+        shards from rank 0 right after sharding, one tensor at a time."""
         super().__init__(model)
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+        full = model.state_dict() if from_rank0 and rank() == 0 else {}
+        if from_rank0:
+            same_parameters_as_rank0(model)
+            same_rng_as_rank0()
         policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
         mesh = init_device_mesh(device)
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh, offload_policy=policy)
         self.root = fully_shard(ForwardRoot(model), mesh=mesh, offload_policy=policy)
+        if from_rank0:
+            self._fill_from_rank0(full, torch.device("cpu") if cpu_offload else device)
+
+    def _fill_from_rank0(self, full: dict[str, torch.Tensor], device: torch.device) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        if any(p.is_meta for p in self.model.parameters()):
+            # storage for this rank's shards; to_empty also empties the (real) buffers
+            buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+            self.model.to_empty(device=device)
+            with torch.no_grad():
+                for name, buf in self.model.named_buffers():
+                    buf.copy_(buffers[name])
+        set_model_state_dict(self.model, full, options=full_options(False, broadcast=True))
+        full.clear()  # rank 0: the whole weights can go
 
     def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return self.root(fn, *args, **kwargs)
@@ -92,17 +116,66 @@ class FSDPEngine(Engine):
 
         return get_optimizer_state_dict(self.model, optimizer, options=full_options())
 
+    # Resuming, only rank 0 reads the checkpoint (into CPU memory); torch.distributed's
+    # broadcast_from_rank0 sends every rank its shards one tensor at a time, so no rank ever
+    # holds the whole optimizer state on its device (every rank used to load all of it there).
+    loads_on_rank0 = True
+
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        if not keyed_by_name(state):  # written by one process or DDP
+        if rank() == 0 and not keyed_by_name(state):  # written by one process or DDP
             state = by_name(self.model, optimizer, state)
-        set_optimizer_state_dict(self.model, optimizer, state, options=full_options(False))
+        set_optimizer_state_dict(
+            self.model, optimizer, state, options=full_options(False, broadcast=True)
+        )
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        set_model_state_dict(self.model, weights, options=full_options(False, strict=False))
+        set_model_state_dict(
+            self.model, weights, options=full_options(False, strict=False, broadcast=True)
+        )
+
+
+def same_parameters_as_rank0(model: nn.Module) -> None:
+    """The model built on the meta device must have rank 0's parameters, or FSDP2's
+    collectives disagree in size. One known difference is repaired: a checkpoint that stores
+    its output head although the config ties it loads untied on rank 0 (the empty model is
+    tied), so the head gets its own parameter here. Anything else is an error naming it."""
+    import torch.distributed as dist
+
+    from sft_torch.model import causal_lm
+
+    mine = [n for n, _ in model.named_parameters()]  # a tied parameter is listed once
+    box = [mine]
+    dist.broadcast_object_list(box, src=0)
+    theirs = box[0]
+    if rank() == 0 or theirs == mine:
+        return
+    head = causal_lm(model).get_output_embeddings()
+    if head is not None and head.weight.is_meta and set(theirs) - set(mine):
+        head.weight = nn.Parameter(
+            torch.empty_like(head.weight), requires_grad=head.weight.requires_grad
+        )
+        mine = [n for n, _ in model.named_parameters()]
+    if theirs != mine:
+        raise SftError(
+            "parallel.strategy: fsdp built a different model on this rank than rank 0 loaded "
+            f"(only on rank 0: {sorted(set(theirs) - set(mine))[:3]}, only here: "
+            f"{sorted(set(mine) - set(theirs))[:3]}); use parallel.strategy ddp and report it"
+        )
+
+
+def same_rng_as_rank0() -> None:
+    """Every rank continues from rank 0's CPU RNG state, as when every rank loaded the model
+    itself (the same seed and the same initialisation draws everywhere): building a model on
+    the meta device may draw differently from loading it."""
+    import torch.distributed as dist
+
+    box = [torch.get_rng_state()]
+    dist.broadcast_object_list(box, src=0)
+    torch.set_rng_state(box[0])
 
 
 def swap_parameters(model: nn.Module, full: dict[str, torch.Tensor]) -> list[Any]:

@@ -142,10 +142,6 @@ def stop_for_signal(
     """After a stop signal (called by every rank): make sure a complete checkpoint exists for
     the step just finished (the regular schedule may have written it already; otherwise every
     rank joins the save, a collective under FSDP2), then raise `Preempted` (exit 143/130)."""
-    engine = state.dist()
-    if engine.checkpoint_format == "deepspeed":  # sft_torch.strategy refuses their resume
-        why = f"parallel.strategy {engine.strategy} cannot write resumable checkpoints yet"
-        raise Preempted(signame, position.global_step, None, unresumable=why)
     ckpt = checkpoint_dir(run_dir, position.global_step)
     if not _saved_already(ckpt):
         save_checkpoint(state, run_dir, position, fingerprint, keep_last)

@@ -170,10 +170,6 @@ def preempted(plan: TrainPlan, sigval: Any) -> SftError:
     from sft.guard import Preempted
 
     name = signal.Signals(int(sigval)).name
-    strategy = plan.config.parallel.strategy
-    if strategy in ("zero2", "zero3"):  # see sft_torch.strategy: no resumable ZeRO checkpoints
-        why = f"parallel.strategy {strategy} cannot write resumable checkpoints yet"
-        return Preempted(name, -1, None, unresumable=why)
     ckpt = latest_checkpoint(plan.run_dir)
     step = int(read_meta(ckpt)["step"]) if ckpt else 0
     if ckpt is None and plan.config.parallel.node_rank != 0:

@@ -12,14 +12,19 @@ logits nor their fp32 copy is ever held whole; backward recomputes one chunk's l
 
 Packed rows (several samples per row) must not attend across samples. `packed="position_ids"`
 passes no attention mask: transformers (4.57 and 5.x, `masking_utils.find_packed_sequence_indices`)
-turns position ids that restart at 0 into a block-diagonal causal mask (flash attention into
-varlen boundaries). `packed="mask"` passes an explicit 4-D mask built from the sample lengths.
+turns position ids that restart at 0 into a block-diagonal causal mask. Flash attention is
+different: transformers derives varlen boundaries from position ids only for a batch of one row,
+so for flash attention sft passes the boundaries itself (`varlen_kwargs`: `cu_seq_lens_q/k` and
+`max_length_q/k` over the flattened batch, which transformers' flash path hands to
+`flash_attn_varlen_func`). `packed="mask"` passes an explicit 4-D mask built from the sample
+lengths.
 Right padding needs no mask either way: causal attention never looks forward, and each padding
 token (position id 0) becomes a one-token "sample" of its own.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -87,10 +92,45 @@ def model_inputs(model: Any, batch: dict[str, Any], settings: LossSettings) -> d
         "use_cache": False,
     }
     packed = any(len(lens) > 1 for lens in batch["seq_lens"])
-    if packed and (settings.packed == "mask" or not transformers_detects_packing()):
-        eager = causal_lm(model).config._attn_implementation == "eager"
-        inputs["attention_mask"] = block_causal_mask(batch, eager)
+    if not packed:
+        return inputs
+    impl = str(causal_lm(model).config._attn_implementation)
+    if uses_flash(impl):
+        inputs.update(varlen_kwargs(batch))
+    elif settings.packed == "mask" or not transformers_detects_packing():
+        inputs["attention_mask"] = block_causal_mask(batch, impl == "eager")
     return inputs
+
+
+def uses_flash(attn_implementation: str) -> bool:
+    """flash_attention_2 / _3 or a hub flash kernel: transformers' `_flash_attention_forward`."""
+    return "flash" in attn_implementation
+
+
+def varlen_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The flash-attention varlen boundaries of a [B, L] batch flattened to one row of B * L
+    tokens: each sample is a sequence, and so is each padding token (as transformers derives
+    them from position ids for one row). Computed on the host from the sample lengths, so no
+    layer syncs with the device to find them.
+
+        seq_lens [[3, 2], [4]], L = 6  ->  cu_seq_lens [0, 3, 5, 6, 10, 11, 12], max_length 4
+    """
+    L = batch["input_ids"].shape[1]
+    bounds = [0]
+    for b, lens in enumerate(batch["seq_lens"]):
+        end = b * L
+        for n in lens:
+            end += n
+            bounds.append(end)
+        bounds.extend(range(end + 1, (b + 1) * L + 1))  # padding: one-token sequences
+    cu = torch.tensor(bounds, dtype=torch.int32, device=batch["input_ids"].device)
+    longest = max(e - s for s, e in itertools.pairwise(bounds))
+    return {
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
 
 
 def _chunk_ce(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@
 - lora:   peft LoRA adapters (target modules by list, regex or `all-linear`; DoRA, rsLoRA,
           modules_to_save); the base is frozen. The A matrices are core's seeded numpy draw
           (`sft.lora_init`, peft's default distribution), so the MindSpore backend starts from
-          the same adapters for the same `train.seed`.
+          the same adapters for the same `train.seed`. With `init_adapter`, training continues
+          an existing PEFT adapter (loaded trainable, its weights kept) instead.
 - qlora:  the same on a bitsandbytes 4/8-bit base (loaded quantized by `sft_torch.model`).
 - freeze: the last N decoder layers, modules matching `trainable_modules` and (optionally) the
           embeddings train; everything else has requires_grad=False, so backward stops at the
@@ -33,7 +34,8 @@ def apply_method(
         return lm
     if method.name in ("lora", "qlora"):
         model = apply_lora(lm, method, gradient_checkpointing)
-        if seed is not None:
+        continued = isinstance(method, LoraMethod) and method.init_adapter
+        if seed is not None and not continued:  # a loaded adapter keeps its own A
             init_lora_a(model, seed)
         return model
     if method.name == "freeze":
@@ -66,6 +68,18 @@ def apply_lora(lm: Any, method: LoraMethod | QLoraMethod, gradient_checkpointing
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+    if isinstance(method, LoraMethod) and method.init_adapter:
+        from peft import PeftModel
+
+        # The adapter's own config (r, alpha, targets) is used; core checked that the spec
+        # does not say otherwise.
+        try:
+            return PeftModel.from_pretrained(lm, method.init_adapter, is_trainable=True)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise SftError(
+                f"method.init_adapter: {method.init_adapter} does not fit this model ({exc}); "
+                "give an adapter trained on the same base model"
+            ) from exc
     try:
         return get_peft_model(lm, lora_config(method))
     except ValueError as exc:

@@ -60,8 +60,39 @@ def qlora_compute_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
-def attn_implementation(option: str) -> str:
-    return "sdpa" if option == "auto" else option
+def model_class(path: str, trust_remote_code: bool = False) -> Any:
+    """The transformers causal-LM class `path` loads into (None: unknown, e.g. remote code)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def attn_implementation(option: str, cls: Any = None) -> str:
+    """The attention kernel for `torch.attn_implementation`. `auto`: sdpa where the model class
+    has an sdpa path, else eager (Gemma2 in transformers 5.x has none: it computes soft-capped
+    scores, which sdpa cannot). Both keep packed samples apart exactly: transformers builds the
+    block-diagonal causal mask (sliding window included) from the restarting position ids."""
+    if option != "auto":
+        return option
+    return "eager" if cls is not None and not getattr(cls, "_supports_sdpa", True) else "sdpa"
+
+
+def check_attn_implementation(option: str, cls: Any) -> None:
+    """An explicit kernel the model class does not implement is a config error, said as one
+    (transformers' own message ends up suggesting unrelated load options)."""
+    flags = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}
+    if cls is None or option not in flags or getattr(cls, flags[option], True):
+        return
+    raise SftError(
+        f"torch.attn_implementation: {option}: {cls.__name__} (transformers) has no {option} "
+        "attention; use attn_implementation: auto (picks sdpa where the model has it, else "
+        "eager) or eager"
+    )
 
 
 def quantization_config(plan: TrainPlan, compute_dtype: torch.dtype) -> Any:
@@ -83,10 +114,13 @@ def load_kwargs(plan: TrainPlan, device: torch.device, precision: str) -> dict[s
     """`from_pretrained` arguments: the configured dtype, attention kernel and safety settings;
     for QLoRA the bitsandbytes config with the run's compute dtype (`precision`, resolved)."""
     cfg = plan.config
+    option = plan.options.attn_implementation  # type: ignore[attr-defined]
+    cls = model_class(str(plan.model.path), cfg.model.trust_remote_code)
+    check_attn_implementation(option, cls)
     kwargs: dict[str, Any] = {
         "dtype": weights_dtype(cfg.model.dtype),
         "trust_remote_code": cfg.model.trust_remote_code,
-        "attn_implementation": attn_implementation(plan.options.attn_implementation),  # type: ignore[attr-defined]
+        "attn_implementation": attn_implementation(option, cls),
         # safetensors only, unless the user explicitly allows pickle files (then transformers
         # loads them with weights_only=True)
         "use_safetensors": None if cfg.model.allow_pickle else True,
@@ -102,21 +136,56 @@ def load_model(plan: TrainPlan, device: torch.device, precision: str = "fp32") -
     (`precision`: the resolved compute precision, for QLoRA's compute dtype)."""
     from transformers import AutoModelForCausalLM
 
+    from sft_torch.deepspeed import partitions_at_load, zero3_loading
+    from sft_torch.distributed import loads_on_rank0, rank
+
     cfg = plan.config
     kwargs = load_kwargs(plan, device, precision)
+    sharded = loads_on_rank0(cfg)  # FSDP2: rank 0 reads the weights, FSDPEngine shards them
+    zero3 = partitions_at_load(cfg)  # ZeRO-3: partitioned as it is built
+    loading = zero3_loading(cfg, precision) if zero3 else contextlib.nullcontext()
     try:
-        lm = AutoModelForCausalLM.from_pretrained(str(plan.model.path), **kwargs)
+        if sharded and rank() != 0:
+            lm = empty_model(plan, kwargs)
+        else:
+            with loading:
+                lm = AutoModelForCausalLM.from_pretrained(str(plan.model.path), **kwargs)
     except (OSError, ValueError) as exc:
+        from pathlib import Path
+
+        path = Path(str(plan.model.path))
+        pickle_only = path.is_dir() and not any(path.glob("*.safetensors*"))
         hint = (
-            ""
-            if cfg.model.allow_pickle
-            else " If the model only has .bin/.pt weights and you trust them, set "
-            "model.allow_pickle: true."
+            " The model has only .bin/.pt weights: if you trust them, set model.allow_pickle: true."
+            if pickle_only and not cfg.model.allow_pickle
+            else ""
         )
         raise SftError(f"cannot load the model from {plan.model.path}: {exc}.{hint}") from exc
-    if cfg.method.name != "qlora":
+    if cfg.method.name != "qlora" and not (sharded or zero3):  # the engines place the shards
         lm.to(device)
     lm.config.use_cache = False  # no KV cache while training
+    return lm
+
+
+def empty_model(plan: TrainPlan, kwargs: dict[str, Any]) -> Any:
+    """The model's modules with parameters on the meta device (no memory, no file read) and
+    real buffers (rotary tables are computed, not loaded); FSDPEngine fills in the shards."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(
+        str(plan.model.path), trust_remote_code=kwargs["trust_remote_code"]
+    )
+    with init_empty_weights(include_buffers=False):
+        lm = AutoModelForCausalLM.from_config(
+            config,
+            dtype=kwargs["dtype"],
+            attn_implementation=kwargs["attn_implementation"],
+            trust_remote_code=kwargs["trust_remote_code"],
+        )
+    # from_config leaves a tied head (SmolLM2, Qwen2-0.5B ...) untied; from_pretrained on rank
+    # 0 ties it, and FSDP2 needs the same parameters on every rank
+    lm.tie_weights()
     return lm
 
 

@@ -1,7 +1,12 @@
-"""AdamW and the learning-rate schedule of a run.
+"""The optimizer (`train.optimizer`) and the learning-rate schedule of a run.
 
     opt = build_optimizer(model, config.train)          # no weight decay on biases and norms;
                                                         # CompensatedAdamW for bf16 parameters
+
+`adamw` is torch's AdamW (CompensatedAdamW below when parameters train in bf16);
+`adamw_8bit` / `paged_adamw_8bit` are bitsandbytes' (CUDA only, refused at validation
+elsewhere); `adafactor` is transformers' Adafactor driven by this learning rate and schedule (no
+relative step); `sgd` is torch's SGD with momentum betas[0].
     sched = build_scheduler(opt, config.train, total_steps=100)
     lr_factor(step=0, total=100, warmup=3, kind="cosine", min_ratio=0.1)   # 1/3
 
@@ -27,7 +32,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            # ds_shape: a ZeRO-3 parameter built partitioned holds an empty 1-D placeholder
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -36,13 +42,31 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainSpec) -> torch.optim.Optimizer:
-    """torch's AdamW when every trained parameter is fp32 (the default: fp32 master weights);
-    `CompensatedAdamW` when some train in bf16 (pure-bf16 training, `model.dtype: bfloat16`),
-    where torch's AdamW would round most small updates away."""
-    groups = param_groups(model, train.weight_decay)
-    low = any(p.dtype != torch.float32 for g in groups for p in g["params"])
-    cls = CompensatedAdamW if low else torch.optim.AdamW
-    return cls(groups, lr=train.learning_rate, betas=train.betas, eps=train.eps)
+    """`train.optimizer` over the trainable parameters. `adamw`: torch's AdamW when every
+    trained parameter is fp32 (the default: fp32 master weights); `CompensatedAdamW` when some
+    train in bf16 (pure-bf16 training, `model.dtype: bfloat16`), where torch's AdamW would
+    round most small updates away."""
+    groups, lr, name = param_groups(model, train.weight_decay), train.learning_rate, train.optimizer
+    if name == "adamw":
+        low = any(p.dtype != torch.float32 for g in groups for p in g["params"])
+        cls = CompensatedAdamW if low else torch.optim.AdamW
+        return cls(groups, lr=lr, betas=train.betas, eps=train.eps)
+    if name in ("adamw_8bit", "paged_adamw_8bit"):
+        import bitsandbytes as bnb
+
+        bnb_cls = bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+        opt: torch.optim.Optimizer = bnb_cls(groups, lr=lr, betas=train.betas, eps=train.eps)
+        return opt
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # lr given, relative_step off: sft's warmup and schedule drive it like the others
+        return Adafactor(
+            groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False
+        )
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=train.betas[0])
+    raise ValueError(f"train.optimizer: unknown optimizer {name!r}")
 
 
 class CompensatedAdamW(torch.optim.Optimizer):

@@ -35,7 +35,8 @@ class TorchOptions(BaseModel):
     """Device to train on. `auto`: cuda if available, else cpu."""
 
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    """Attention kernel passed to transformers. `auto`: sdpa."""
+    """Attention kernel passed to transformers. `auto`: sdpa where the model class has it, else
+    eager (Gemma2: soft-capped scores); the run reports the choice (`attn_implementation`)."""
 
     chunked_loss: bool = True
     """Compute the loss from the final hidden states in chunks of trained positions, so the full
@@ -54,8 +55,9 @@ class TorchOptions(BaseModel):
     """How packed rows are kept from attending across samples. `segments`: sdpa runs causal
     attention on each sample of a row separately (only the scores within a sample are computed;
     `sft_torch.attention`). `position_ids`: pass position ids that restart per sample and no
-    attention mask; transformers derives the block-diagonal mask (and flash-attention varlen
-    boundaries) from them, and sdpa computes the whole row under that mask. `mask`: an explicit
+    attention mask; transformers derives the block-diagonal mask from them, and sdpa computes
+    the whole row under that mask (with flash_attention_2, sft passes each sample's varlen
+    boundaries to the flash kernel itself, at any micro_batch_size). `mask`: an explicit
     4-D block-diagonal causal mask built from the sample lengths (eager / sdpa only). `auto`:
     `segments` with sdpa on models whose attention uses transformers' AttentionInterface (Llama,
     Qwen, Mistral, SmolLM ...), else `position_ids`."""
@@ -136,6 +138,7 @@ class TorchBackend:
             _device_problems(config, opts)
             + _precision_problems(config)
             + _strategy_problems(config, opts)
+            + _optimizer_problems(config, opts)
         )
 
     def evaluate(self, model: str, data: Path, max_new_tokens: int) -> dict[str, Any]:
@@ -176,6 +179,24 @@ def _cuda_available() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+def _optimizer_problems(config: RunConfig, opts: TorchOptions) -> list[str]:
+    """The bitsandbytes optimizers run on CUDA only."""
+    name = config.train.optimizer
+    if name not in ("adamw_8bit", "paged_adamw_8bit"):
+        return []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return [
+            f"train.optimizer: {name} needs bitsandbytes, which is not installed; install it "
+            f"with: {QLORA_INSTALL}, or use optimizer: adamw"
+        ]
+    if opts.device == "cuda" or (opts.device == "auto" and _cuda_available()):
+        return []
+    return [
+        f"train.optimizer: {name} (bitsandbytes) runs on CUDA GPUs only, and torch.device is "
+        f"{opts.device!r} with no GPU here; use adamw, adafactor or sgd"
+    ]
 
 
 def _strategy_problems(config: RunConfig, opts: TorchOptions) -> list[str]:
@@ -250,8 +271,8 @@ def _device_problems(config: RunConfig, opts: TorchOptions) -> list[str]:
     ):
         problems.append(
             f"torch.packed_attention: segments runs sdpa per sample, not "
-            f"{opts.attn_implementation}; use packed_attention: position_ids (flash attention "
-            "derives its varlen boundaries from them)"
+            f"{opts.attn_implementation}; use packed_attention: position_ids (with flash "
+            "attention, sft passes each sample's varlen boundaries to the kernel)"
         )
     if opts.packed_attention == "mask" and opts.attn_implementation == "flash_attention_2":
         problems.append(

@@ -163,7 +163,9 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's device only: each rank draws from its own GPU, and a resume may see
+        # another number of GPUs (get_rng_state_all saved every visible one)
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -174,7 +176,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda, device = state["cuda"], torch.cuda.current_device()
+        if isinstance(cuda, list | tuple):  # older checkpoints: one state per visible GPU
+            cuda = cuda[device] if device < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda, device)
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number

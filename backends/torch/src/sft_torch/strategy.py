@@ -3,9 +3,9 @@ so `sft config validate` reports it with every other problem and a launch fails 
 process starts.
 
     $ sft config validate --config cfg.yaml parallel.nproc_per_node=2 parallel.strategy=zero2 \
-          checkpoint.every_steps=100
+          train.nan_policy=skip
     cfg.yaml: 1 problem
-      - checkpoint: resumable checkpoints with parallel.strategy zero2 are not supported ...
+      - train.nan_policy: skip cannot hold back an update inside DeepSpeed's engine ...
 
     strategy_problems(config, device_type="cpu")   # -> ["parallel.cpu_offload: ...", ...]
 """
@@ -83,11 +83,6 @@ def deepspeed_problems(config: RunConfig) -> list[str]:
         problems.append(
             f"train.nan_policy: skip cannot hold back an update inside DeepSpeed's engine; use "
             f"nan_policy: stop with parallel.strategy {name}, or ddp / fsdp"
-        )
-    if config.checkpoint.every_steps or config.checkpoint.resume:
-        problems.append(
-            f"checkpoint: resumable checkpoints with parallel.strategy {name} are not supported "
-            f"by the torch backend yet; remove checkpoint.every_steps / resume, or use ddp or fsdp"
         )
     if config.method.name == "qlora":
         problems.append("parallel.strategy: ZeRO with method qlora is not supported; use ddp")

@@ -171,6 +171,7 @@ class Trainer:
         cfg = self.cfg
         lm = load_model(self.plan, self.device, self.precision)
         opts = self.plan.options
+        self.attn_implementation = lm.config._attn_implementation  # auto: sdpa, else eager
         self.packed_attention = attention.resolve(
             lm,
             getattr(opts, "packed_attention", "auto"),
@@ -361,6 +362,7 @@ class Trainer:
             "rows_per_step": self.schedule.rows_per_step,
             "steps_per_epoch": self.schedule.steps_per_epoch,
             "chunked_loss": self.loss_settings.chunked,
+            "attn_implementation": self.attn_implementation,
             "packed_attention": self.packed_attention,
             "release_memory": self.release_memory,
             "fused_lora": self.fused_lora > 0,  # peft LoRA Linears swapped (sft_torch.lora)
@@ -389,7 +391,8 @@ def micro_batch_threads(option: int | None, trainer: Trainer) -> int:
     More than one only on CPU, in one process, without gradient checkpointing (its recompute
     replays torch's default generator, not a thread's), and when every dropout of the model is
     a FastDropout (drawing from `dropout_generator`, as fused LoRA does) and attention has none:
-    anything else drawing random numbers on concurrent threads would make runs irreproducible.
+    anything else drawing random numbers on concurrent threads would make runs irreproducible;
+    and no peft LoRA on MoE expert parameters (its per-forward parametrization is module state).
     `None` (auto): torch's thread count when that is 2-4 and the step has that many
     micro-batches (measured on 2 cores: 1.12x); else 1."""
     auto = option is None
@@ -405,12 +408,16 @@ def micro_batch_threads(option: int | None, trainer: Trainer) -> int:
         if isinstance(m, torch.nn.Dropout) and m.p > 0 and not isinstance(m, FastDropout)
     ]
     attn_dropout = getattr(lm.config, "attention_dropout", 0.0)
+    # peft's LoRA on parameters (MoE experts) registers a parametrization on the shared module
+    # for each forward: two threads at once break each other's graphs (qwen3_moe, mixtral)
+    param_lora = [n for n, m in trainer.model.named_modules() if type(m).__name__ == "ParamWrapper"]
     blockers = [
         f"device {trainer.device.type}" if trainer.device.type != "cpu" else "",
         f"{trainer.world} processes" if trainer.world > 1 else "",
         "gradient checkpointing" if trainer.cfg.train.gradient_checkpointing else "",
         f"torch's own dropout in {', '.join(unmanaged[:3])}" if unmanaged else "",
         f"attention dropout {attn_dropout}" if attn_dropout else "",
+        f"LoRA on expert parameters ({param_lora[0]})" if param_lora else "",
     ]
     blockers = [b for b in blockers if b]
     if not blockers:
@@ -419,7 +426,8 @@ def micro_batch_threads(option: int | None, trainer: Trainer) -> int:
         return 1
     raise SftError(
         f"torch.micro_batch_threads: {option} needs CPU, one process, no gradient checkpointing "
-        f"and every dropout a FastDropout (torch.fast_dropout: true); this run has "
+        f"and every dropout a FastDropout (torch.fast_dropout: true), no LoRA on MoE expert "
+        f"parameters; this run has "
         f"{'; '.join(blockers)}. Set micro_batch_threads: 1 or leave it unset"
     )
 

@@ -32,7 +32,7 @@ from sft.data.cache import PreparedData, TokenizedSplit
 from sft.data.conversation import RecordError
 from sft.data.formats import detect_format
 from sft.data.masks import Encoder
-from sft.data.sources import fingerprint, read_source, source_files
+from sft.data.sources import is_dataset_repo, read_source, source_files, source_fingerprint
 from sft.data.stats import check_drop_fraction, split_stats, write_report
 from sft.data.templates import Renderer, resolve_template
 from sft.data.tokenizer import end_of_turn_ids, load_tokenizer, pad_id, save_tokenizer
@@ -121,9 +121,11 @@ def cache_key(config: RunConfig, tokenizer_path: Path, plugins: Plugins) -> str:
     h.update(json.dumps([policy, config.train.seed], sort_keys=True).encode())
     for split, srcs in (("train", d.train), ("eval", d.eval or [])):
         for src in srcs:
-            spec = src.model_dump(mode="json")
+            # repo fields only when given, so caches made before they existed keep their keys
+            unset = {k for k in ("split", "subset", "revision") if getattr(src, k) is None}
+            spec = src.model_dump(mode="json", exclude=unset)
             h.update(json.dumps([split, spec], sort_keys=True).encode())
-            h.update(fingerprint(source_files(src.path)).encode())
+            h.update(source_fingerprint(src).encode())
     for name in TOKENIZER_FILES:
         f = tokenizer_path / name
         if f.is_file():
@@ -222,7 +224,11 @@ def _encode_sources(
 ) -> tuple[list[list[Tagged]], list[Tagged]]:
     """Samples of each training source, and of the eval sources (if any)."""
     d = config.data
-    files = [f for src in [*d.train, *(d.eval or [])] for f in source_files(src.path)]
+    files = [
+        f
+        for src in [*d.train, *(d.eval or [])]
+        for f in source_files(src.path, every_file=is_dataset_repo(src))
+    ]
     eval_samples: list[Tagged] = []
     with EncodePool(plugins, encoder, default_workers(files), init) as pool:
         parts = [list(_source_samples(src, plugins, pool, config, acc)) for src in d.train]

@@ -1,13 +1,17 @@
 """Reading raw records from files: jsonl, json arrays, parquet, csv, arrow, globs and HF
-`save_to_disk` directories, streamed, each record tagged with where it came from.
+`save_to_disk` directories, streamed, each record tagged with where it came from; and from
+dataset repos (a hub id `org/name`, or a local directory laid out like one), streamed by
+`datasets.load_dataset(..., streaming=True)`.
 
     for rec in read_source(DataSource(path="data/*.jsonl", max_samples=100)):
         rec.where      # "data/a.jsonl:12" (1-based line; `file:row` for columnar files)
         rec.data       # the record as a dict (columns already renamed), or None when bad
         rec.error      # RecordError for malformed JSON / invalid UTF-8 / not an object
 
-pyarrow reads parquet and arrow (the `datasets` library is not needed). A bad record is
-yielded, not raised, so the caller decides between `on_bad_record: error` and `skip`.
+pyarrow reads parquet and arrow (the `datasets` library is needed only for dataset repos). A
+bad record is yielded, not raised, so the caller decides between `on_bad_record: error` and `skip`.
+Nothing is read whole: jsonl line by line, parquet in batches of 1024 rows, arrow memory-mapped,
+dataset repos as an IterableDataset.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import csv
 import glob
 import hashlib
 import json
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +32,77 @@ from sft.errors import SftError
 from sft.specs import DataSource
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
+DATASETS_INSTALL = "pip install datasets"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """`org/name` that is no local file, directory or glob: a Hugging Face dataset repo id."""
+    return (
+        bool(_HUB_ID.match(path))
+        and not path.endswith(SUFFIXES)
+        and not os.path.exists(path)
+        and not glob.has_magic(path)
+    )
+
+
+def is_dataset_repo(src: DataSource) -> bool:
+    """Read with `datasets.load_dataset`: a hub id, or a local directory that is a dataset repo
+    (it has a dataset card README.md, or the source names a split or subset) and not a
+    `save_to_disk` directory."""
+    if looks_like_hub_id(src.path):
+        return True
+    d = Path(src.path)
+    if not d.is_dir() or (d / "state.json").is_file() or (d / "dataset_dict.json").is_file():
+        return False
+    return (d / "README.md").is_file() or src.split is not None or src.subset is not None
+
+
+def read_dataset_repo(src: DataSource) -> Iterator[RawRecord]:
+    """Records of one split of a dataset repo, streamed (`where` is `repo[split]:row`)."""
+    try:
+        import datasets
+    except ImportError:
+        raise SftError(
+            f"data source {src.path} is a dataset repo, read with the `datasets` library, which "
+            f"is not installed; install it with: {DATASETS_INSTALL}"
+        ) from None
+    split = src.split or "train"
+    try:
+        ds = datasets.load_dataset(
+            src.path, name=src.subset, split=split, revision=src.revision, streaming=True
+        )
+        rows = iter(ds)
+        first = next(rows, None)
+    except Exception as exc:  # datasets raises many kinds; all mean "cannot load"
+        where = "a local dataset directory" if os.path.isdir(src.path) else "a hub dataset id"
+        raise SftError(
+            f"data source {src.path} ({where}): datasets.load_dataset(split={split!r}, "
+            f"subset={src.subset!r}, revision={src.revision!r}) failed: "
+            f"{type(exc).__name__}: {exc}. Check the id, split and subset (and that you are "
+            "online for a hub id), or give a local file"
+        ) from None
+    if first is None:
+        return
+    yield RawRecord(f"{src.path}[{split}]:1", dict(first))
+    for i, rec in enumerate(rows, 2):
+        yield RawRecord(f"{src.path}[{split}]:{i}", dict(rec))
+
+
+def source_fingerprint(src: DataSource) -> str:
+    """Hash of what a source reads: its files' bytes, or for a hub id the repo's commit."""
+    if looks_like_hub_id(src.path):
+        try:
+            from huggingface_hub import HfApi
+
+            sha = HfApi().dataset_info(src.path, revision=src.revision).sha
+        except Exception as exc:  # offline, unknown repo, no access
+            raise SftError(
+                f"data source {src.path}: cannot look up this hub dataset ({exc}); "
+                "a hub id needs the network (or download it and give the local directory)"
+            ) from None
+        return hashlib.sha256(f"{src.path}@{sha}".encode()).hexdigest()
+    return fingerprint(source_files(src.path, every_file=is_dataset_repo(src)))
 
 
 @dataclass
@@ -46,13 +123,19 @@ class RawRecord:
         return rec
 
 
-def source_files(path: str) -> list[Path]:
-    """The files a source path names: a file, a glob, or a directory (save_to_disk or files)."""
+def source_files(path: str, every_file: bool = False) -> list[Path]:
+    """The files a source path names: a file, a glob, or a directory (save_to_disk or files;
+    `every_file`: all of a dataset repo directory, its card and configs too). A hub id names
+    none here."""
     p = Path(path)
     if p.is_file():
         return [p]
+    if p.is_dir() and every_file:
+        return sorted(f for f in p.rglob("*") if f.is_file() and ".cache" not in f.parts)
     if p.is_dir():
         return _dir_files(p)
+    if looks_like_hub_id(path):
+        return []
     if any(c in path for c in "*?["):
         files = sorted(Path(f) for f in glob.glob(path, recursive=True) if Path(f).is_file())
         if files:
@@ -92,15 +175,17 @@ def fingerprint(files: list[Path]) -> str:
 def read_source(src: DataSource, parse: bool = True) -> Iterator[RawRecord]:
     """Records of one source, in file order, at most `src.max_samples`, columns renamed.
     `parse=False` leaves JSON lines unparsed (`rec.raw`) for a worker process to parse."""
-    n = 0
-    for f in source_files(src.path):
-        for rec in read_file(f, parse):
-            if rec.data is not None and src.columns:
-                rec.data = rename_columns(rec.data, src.columns)
-            yield rec
-            n += 1
-            if src.max_samples is not None and n >= src.max_samples:
-                return
+    records = (
+        read_dataset_repo(src)
+        if is_dataset_repo(src)
+        else (rec for f in source_files(src.path) for rec in read_file(f, parse))
+    )
+    for n, rec in enumerate(records, 1):
+        if rec.data is not None and src.columns:
+            rec.data = rename_columns(rec.data, src.columns)
+        yield rec
+        if src.max_samples is not None and n >= src.max_samples:
+            return
 
 
 def rename_columns(data: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:

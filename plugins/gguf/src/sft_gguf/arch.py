@@ -1,4 +1,4 @@
-"""The supported architectures (llama, qwen2): GGUF hyperparameters and tensor names/layout.
+"""The supported architectures (llama, mistral, qwen2, qwen3): GGUF hyperparameters and tensor names/layout.
 
 Everything here follows llama.cpp's `convert_hf_to_gguf.py` (LlamaModel, Qwen2Model, TextModel):
 the same `{arch}.*` keys from the same config.json fields, tensor names through gguf-py's
@@ -45,20 +45,46 @@ class ArchSpec:
         return gguf.MODEL_ARCH_NAMES[self.arch]
 
 
+_LLAMA = ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, permute_qk=True, rope_dimension_count=True)
+
 ARCHS = {
-    "llama": ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, permute_qk=True, rope_dimension_count=True),
+    "llama": _LLAMA,
+    # llama.cpp's converter writes Mistral as llama (MistralForCausalLM -> LlamaModel)
+    "mistral": _LLAMA,
     "qwen2": ArchSpec("qwen2", gguf.MODEL_ARCH.QWEN2, permute_qk=False, rope_dimension_count=False),
+    # Qwen3Model(Qwen2Model): qwen2's keys and layout plus per-head q/k norms (plain renames)
+    "qwen3": ArchSpec("qwen3", gguf.MODEL_ARCH.QWEN3, permute_qk=False, rope_dimension_count=False),
 }
+"""config.json `model_type` -> spec. Only architectures whose llama.cpp conversion is a plain
+rename of every tensor (plus llama's q/k permutation) with llama's hyperparameters; the others
+are in REFUSED with the reason."""
+
+REFUSED = {
+    "qwen3_moe": "llama.cpp stacks the experts into one tensor per layer",
+    "mixtral": "llama.cpp stacks the experts into one tensor per layer",
+    "deepseek_v3": "llama.cpp stacks the experts and splits kv_b_proj",
+    "gemma": "llama.cpp stores the norm weights as 1 + w",
+    "gemma2": "llama.cpp stores the norm weights as 1 + w (and soft-capping keys)",
+    "gemma3_text": "llama.cpp stores the norm weights as 1 + w (and sliding-window keys)",
+    "phi3": "llama.cpp needs rope-factor tensors and sliding-window keys for phi3",
+    "olmo2": "llama.cpp's olmo2 graph needs its own post-norm tensor names",
+    "granite": "llama.cpp needs granite's embedding/residual/attention/logit scale keys",
+    "smollm3": "llama.cpp needs smollm3's no-rope layer keys",
+    "cohere2": "llama.cpp needs cohere2's sliding-window and logit-scale keys",
+    "glm4": "llama.cpp splits glm4's fused gate_up_proj",
+}
+"""Architectures gguf-py knows whose conversion is more than a rename: refused, with why."""
 
 
 def arch_spec(cfg: dict[str, Any]) -> ArchSpec:
     """The spec for config.json's `model_type` (architectures may be missing after a GGUF load)."""
     model_type = cfg.get("model_type")
     if model_type not in ARCHS:
+        why = f": {REFUSED[model_type]}" if model_type in REFUSED else ""
         raise SftError(
-            f"GGUF export supports model_type {' and '.join(sorted(ARCHS))}, not {model_type!r} "
-            "(config.json); for other architectures use llama.cpp's convert_hf_to_gguf.py on "
-            "the merged model (`sft export RUN_DIR --format hf`)"
+            f"GGUF export supports model_type {', '.join(sorted(ARCHS))}, not {model_type!r} "
+            f"(config.json){why}; use llama.cpp's convert_hf_to_gguf.py on the merged model "
+            "(`sft export RUN_DIR --format hf`)"
         )
     return ARCHS[model_type]
 
@@ -104,6 +130,13 @@ def check_unsupported_features(cfg: dict[str, Any]) -> None:
     rope_type = (
         rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else None
     )
+    window = cfg.get("sliding_window")
+    if window and cfg.get("use_sliding_window", True) and window < cfg["max_position_embeddings"]:
+        raise SftError(
+            f"config.json has sliding_window: {window}, which llama.cpp's "
+            f"{cfg.get('model_type')} graph does not apply (it would attend further back than "
+            "the model was trained to); use llama.cpp's convert_hf_to_gguf.py on the merged model"
+        )
     if rope_type not in (None, "default"):
         raise SftError(
             f"config.json asks for rope scaling {rope_type!r}, which this GGUF exporter does not "
@@ -117,7 +150,7 @@ def gguf_name(hf_name: str, tensor_map: gguf.TensorNameMap) -> str:
     if name is None:
         raise SftError(
             f"tensor {hf_name!r} has no GGUF name for this architecture; the model has parts "
-            "llama.cpp's llama/qwen2 graphs do not know, so it cannot be exported to GGUF"
+            "llama.cpp's graph for this architecture does not know, so it cannot be exported to GGUF"
         )
     return name
 

@@ -3,7 +3,9 @@
     $ pip install -e plugins/tensorboard        # then every `sft run` writes RUN_DIR/tensorboard/
     $ tensorboard --logdir runs/                # loss, lr, grad_norm, tokens_per_s, eval_loss ...
 
-Turn it off per run with `logging.tensorboard: false`. The writer (tensorboard's own, no torch)
+On by default (`logging.trackers` unset); turn it off with `logging.trackers: []` (or the older
+`logging.tensorboard: false`), or name the trackers you want: `logging.trackers: [tensorboard,
+mlflow]`. The writer (tensorboard's own, no torch)
 is imported only when a run starts, so loading the plugin costs nothing. Only the main process
 gets these hooks, so multi-process runs write one event stream.
 """
@@ -25,8 +27,15 @@ def _writer(run_dir: str) -> Any:
 
 
 @sft.hookimpl
+def sft_register_trackers(register: Any) -> None:
+    register("tensorboard", "TensorBoard event files in RUN_DIR/tensorboard/")
+
+
+@sft.hookimpl
 def sft_train_start(config: Any, run_dir: str, info: dict[str, Any]) -> None:
-    if not config.logging.tensorboard:
+    from sft.trackers import enabled
+
+    if "tensorboard" not in enabled(config):
         return
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
