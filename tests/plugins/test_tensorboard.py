@@ -63,3 +63,26 @@ def test_loading_the_plugin_does_not_import_tensorboard():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_resumed_run_replaces_the_killed_runs_later_steps(tmp_path):
+    """A run killed after step 5 whose last checkpoint is step 3: the resumed process logs 4..6
+    again; TensorBoard must show each step once (the plugin's session-restart event)."""
+    from sft_tensorboard import plugin
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    killed = run_events(tmp_path, tensorboard=True)
+    killed.train_start({"resumed_at_step": 0})
+    for step in range(1, 6):
+        killed.log(step, {"loss": 10.0 + step})
+    plugin._writers.pop(str(tmp_path.resolve()))  # the process died: its writer is gone
+    resumed = run_events(tmp_path, tensorboard=True)
+    resumed.restart(3)
+    resumed.train_start({"resumed_at_step": 3})
+    for step in range(4, 7):
+        resumed.log(step, {"loss": 20.0 + step})
+    resumed.train_end({"steps": 6, "final_loss": 26.0})
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert got == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0), (5, 25.0), (6, 26.0)]

@@ -333,3 +333,37 @@ def test_torchrun_job_preempted_then_killed_resumes_bitwise(workdir: Path) -> No
     finish(sft_run(cfg, "--resume", "auto"))
     what = f"DDP LoRA, SIGTERM after step {saved[-1]}, SIGKILL after step {k}"
     assert_same_run(workdir / "ddp-ref", run, what)
+
+
+def raw_rows(run_dir: Path, kind: str) -> list[int]:
+    """Steps of metrics.jsonl's `kind` rows (loss / eval_loss) as written: duplicates kept."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if kind in r]
+
+
+def test_sigkill_between_checkpoints_logs_each_step_once(
+    workdir: Path, lora_reference: Path
+) -> None:
+    """Checkpoints every 3 steps, SIGKILL after step 4 or 5: the resumed run restarts after
+    step 3 and logs 4.. again; metrics.jsonl must hold each step once."""
+    cfg, run = job(workdir, "lora-gap", "lora"), workdir / "lora-gap"
+    spec = yaml.safe_load(cfg.read_text())
+    spec["checkpoint"]["every_steps"] = 3
+    cfg.write_text(yaml.safe_dump(spec))
+    k = random.choice([4, 5])
+    proc = sft_run(cfg)
+    wait_for_step(proc, run, k)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert max(raw_rows(run, "loss")) > 3, "nothing logged after the checkpoint: no test"
+    out = finish(sft_run(cfg, "--resume", "auto"))
+    assert f"resuming from the checkpoint of step 3 ({run / 'checkpoints' / 'step-000003'})" in out
+    assert raw_rows(run, "loss") == list(range(1, STEPS + 1)), (k, raw_rows(run, "loss"))
+    assert raw_rows(run, "eval_loss") == sorted(set(raw_rows(run, "eval_loss"))), k
+    assert_same_run(lora_reference, run, f"LoRA, SIGKILL after step {k}, checkpoints every 3")
+    # (TensorBoard's side: tests/plugins/test_tensorboard.py)
+    # the run is finished: resuming it again says so, trains nothing and exits 0
+    before = (run / "metrics.jsonl").read_text()
+    out = finish(sft_run(cfg, "--resume", "auto"))
+    assert f"{run} already finished ({STEPS} steps" in out and "final loss None" not in out, out
+    assert (run / "metrics.jsonl").read_text() == before

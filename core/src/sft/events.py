@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,25 @@ class RunEvents:
         self.config, self.run_dir, self.hook, self.is_main = config, run_dir, hook, is_main
         self.metrics_path = run_dir / "metrics.jsonl"
 
+    def restart(self, step: int) -> None:
+        """The run (re)starts after optimizer step `step` (0: fresh): metrics.jsonl keeps only
+        the rows of steps <= `step`, so steps a killed process logged after its last checkpoint
+        are not repeated when the resumed run logs them again. Written to a temporary file and
+        renamed over metrics.jsonl, so a crash here leaves the old or the new file, never half."""
+        if not self.is_main or not self.metrics_path.exists():
+            return
+        kept = [
+            line
+            for line in self.metrics_path.read_text().splitlines(keepends=True)
+            if line.strip() and line.endswith("\n") and _step_of(line) <= step
+        ]
+        tmp = self.metrics_path.with_name(f".metrics.jsonl.tmp{os.getpid()}")
+        with tmp.open("w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.metrics_path)
+
     def train_start(self, info: dict[str, Any]) -> None:
         if self.is_main:
             self.hook.sft_train_start(config=self.config, run_dir=str(self.run_dir), info=info)
@@ -71,6 +91,15 @@ class RunEvents:
     def train_end(self, summary: dict[str, Any]) -> None:
         if self.is_main:
             self.hook.sft_train_end(config=self.config, run_dir=str(self.run_dir), summary=summary)
+
+
+def _step_of(line: str) -> int:
+    """A metrics.jsonl line's step; a line that does not parse (a process killed while writing
+    it) counts as after every step, so restart() drops it."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 2**62
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

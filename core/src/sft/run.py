@@ -133,7 +133,12 @@ def run(config: RunConfig, plugins: Plugins | None = None) -> dict[str, Any]:
     """Train as the config says; returns the contents of summary.json."""
     plugins = plugins or get_plugins()
     start = time.time()
+    finished = finished_run(config)
+    if finished is not None:
+        return finished
     plan, backend = build_plan(config, plugins)
+    if is_main_process(config):  # until this run finishes, the run directory is not finished
+        (plan.run_dir / "summary.json").unlink(missing_ok=True)
     job = is_job_process(config)
     before = evaluate_prompts(backend, config, str(plan.model.path)) if job else None
     events = RunEvents(config, plan.run_dir, plugins.hook, is_main=is_main_process(config))
@@ -162,6 +167,38 @@ def run(config: RunConfig, plugins: Plugins | None = None) -> dict[str, Any]:
         summary["wall_time_s"] = round(time.time() - start, 2)
         summary_path.write_text(json.dumps(summary, indent=2, default=str))
     events.train_end(summary)
+    return summary
+
+
+def finished_run(config: RunConfig) -> dict[str, Any] | None:
+    """`checkpoint.resume: auto` on a run directory whose run already finished with the same
+    config (its summary.json is written last, and removed when a run starts): say so and return
+    that summary instead of training again. None when there is something to do."""
+    if config.checkpoint.resume != "auto":
+        return None
+    run_dir = Path(config.output_dir or "runs/run").resolve()
+    summary_path, config_path = run_dir / "summary.json", run_dir / "config.yaml"
+    if not (summary_path.is_file() and config_path.is_file()):
+        return None
+    try:
+        summary: dict[str, Any] = json.loads(summary_path.read_text())
+        before = yaml.safe_load(config_path.read_text())
+    except (ValueError, yaml.YAMLError):
+        return None
+    now = yaml.safe_load(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    for doc in (before, now):
+        if isinstance(doc, dict) and isinstance(doc.get("checkpoint"), dict):
+            doc["checkpoint"].pop("resume", None)
+    if before != now:
+        return None  # e.g. more max_steps: resume and train the new steps
+    if is_main_process(config):
+        print(
+            f"sft: {run_dir} already finished ({summary.get('steps')} steps, final loss "
+            f"{summary.get('final_loss')}); nothing to resume. Its outputs: {summary_path}. "
+            "To train again, run without --resume or with another output_dir.",
+            file=sys.stderr,
+            flush=True,
+        )
     return summary
 
 

@@ -184,6 +184,9 @@ def test_msrun_two_data_parallel_workers_keep_ranks_identical(tmp_path, tiny_lla
     for name, t in rank0.items():
         assert np.array_equal(t.data, rank1[name].data), name
     assert (plan.run_dir / "mindformers" / "msrun" / "worker_1.log").is_file()
+    # live: step 1's row was written while the workers still wrote their logs (read as they grow)
+    last_write = (plan.run_dir / "mindformers" / "msrun" / "worker_0.log").stat().st_mtime
+    assert rows[0]["time"] < last_write - 0.05, (rows[0]["time"], last_write)
 
 
 def test_worker_failure_names_the_rank_and_its_log(tmp_path, tiny_llama):

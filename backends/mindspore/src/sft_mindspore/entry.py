@@ -44,9 +44,19 @@ def main(argv: list[str] | None = None) -> int:
         config.use_parallel = False
         build_context(config)
         return loss_of(config, args.loss_of, args.batch, args.out)
+    from sft_mindspore import callbacks
+
+    callbacks.use_sft_monitor(config)  # + a checkpoint at the step after SIGTERM / SIGINT
     build_context(config)
-    Trainer(config).train()
-    print(f"[sft] rank {os.environ.get('RANK_ID', '0')} finished", flush=True)
+    with callbacks.STOP:
+        Trainer(config).train()
+    rank = os.environ.get("RANK_ID", "0")
+    if callbacks.STOP.requested:
+        import signal
+
+        print(f"[sft] rank {rank} stopped by {callbacks.STOP.requested}", flush=True)
+        return 128 + int(signal.Signals[callbacks.STOP.requested])
+    print(f"[sft] rank {rank} finished", flush=True)
     return 0
 
 

@@ -190,9 +190,13 @@ def launch(
     env: dict[str, str] | None = None,
     table: str | None = None,
     progress: bool = True,
+    on_output: Any = None,
 ) -> Path:
     """Run this node's processes to the end; returns the directory holding its worker logs.
-    `progress` (`logging.progress`): echo MindFormers' per-step loss lines of a single worker."""
+    `progress` (`logging.progress`): echo MindFormers' per-step loss lines of a single worker.
+    `on_output(local_rank, text)`: called with each piece of a worker's output as it is
+    written (the pipe of one worker, the log files of several, read from where the last read
+    stopped: nothing is missed or read twice), from a reader thread; used for live metrics."""
     work_dir.mkdir(parents=True, exist_ok=True)
     mine = [
         p
@@ -204,26 +208,74 @@ def launch(
     if parallel.world_size == 1:
         proc = mine[0]
         rc = _run_showing_progress(
-            proc.argv, worker_env(work_dir, threads, proc.env), proc.log, progress
+            proc.argv, worker_env(work_dir, threads, proc.env), proc.log, progress, on_output
         )
         if rc:
             raise SftError(_failure(0, proc.log, rc))
         return work_dir
-    if table is None:
-        proc = mine[0]
-        with proc.log.open("w") as f:
-            rc = subprocess.run(
-                proc.argv,
-                env=worker_env(work_dir, threads, proc.env),
-                stdout=f,
-                stderr=subprocess.STDOUT,
-            ).returncode
-        if rc:
-            rank, log = _failed_rank(log_dir, parallel)
-            raise SftError(_failure(rank, log, rc))
-        return log_dir
-    _run_rank_table(mine, work_dir, threads)
+    first = parallel.node_rank * parallel.nproc_per_node
+    logs = [log_dir / f"worker_{first + r}.log" for r in range(parallel.nproc_per_node)]
+    for log in logs:  # msrun appends: a resumed run must not read the killed run's lines
+        log.unlink(missing_ok=True)
+    with LogTailer(logs, on_output):
+        if table is None:
+            proc = mine[0]
+            with proc.log.open("w") as f:
+                rc = subprocess.run(
+                    proc.argv,
+                    env=worker_env(work_dir, threads, proc.env),
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                ).returncode
+            if rc:
+                rank, log = _failed_rank(log_dir, parallel)
+                raise SftError(_failure(rank, log, rc))
+        else:
+            _run_rank_table(mine, work_dir, threads)
     return log_dir
+
+
+class LogTailer:
+    """Reads log files as workers write them, from a thread: each call of `on_output(i, text)`
+    gets the bytes of `logs[i]` written since the previous read (by file offset, so nothing is
+    missed or read twice); a last read when the block ends drains what remains."""
+
+    def __init__(self, logs: list[Path], on_output: Any, interval: float = 0.2) -> None:
+        import threading
+
+        self.logs, self.on_output, self.interval = logs, on_output, interval
+        self.offsets = [0] * len(logs)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="sft-log-tailer", daemon=True)
+
+    def __enter__(self) -> LogTailer:
+        if self.on_output is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.on_output is not None:
+            self.stop.set()
+            self.thread.join()
+            self.read()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.read()
+
+    def read(self) -> None:
+        for i, log in enumerate(self.logs):
+            try:
+                with log.open("rb") as f:
+                    f.seek(self.offsets[i])
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            # up to the last newline only: a multi-byte character is never cut in two
+            end = data.rfind(b"\n") + 1
+            if end:
+                self.offsets[i] += end
+                self.on_output(i, data[:end].decode(errors="replace"))
 
 
 def _run_rank_table(procs: list[Process], work_dir: Path, threads: int) -> None:
@@ -262,9 +314,12 @@ def _run_rank_table(procs: list[Process], work_dir: Path, threads: int) -> None:
         raise SftError(_failure(*failed))
 
 
-def _run_showing_progress(cmd: list[str], env: dict[str, str], log: Path, show: bool = True) -> int:
+def _run_showing_progress(
+    cmd: list[str], env: dict[str, str], log: Path, show: bool = True, on_output: Any = None
+) -> int:
     """Run one worker, everything into `log`; its per-step loss lines also go to stdout so a
-    long run shows progress (MindFormers' other output stays in the log)."""
+    long run shows progress (MindFormers' other output stays in the log), or, with
+    `on_output`, each line goes to it (the caller shows progress)."""
     with (
         log.open("w") as f,
         subprocess.Popen(
@@ -277,13 +332,73 @@ def _run_showing_progress(cmd: list[str], env: dict[str, str], log: Path, show: 
         ) as proc,
     ):
         assert proc.stdout is not None
-        for line in proc.stdout:
-            f.write(line)
-            m = _PROGRESS.search(line) if show else None
-            if m:
-                step, total, loss = m.groups()
-                print(f"[mindformers] step {step}/{total} loss {loss}", flush=True)
-        return proc.wait()
+        with ForwardSignals([proc]) as fwd:
+            for line in proc.stdout:
+                _echo(line, f, show, on_output)
+            rc = proc.wait()
+        if fwd.requested and rc in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+            raise Stopped(fwd.requested)
+        return rc
+
+
+def _echo(line: str, f: Any, show: bool, on_output: Any) -> None:
+    """One line of the worker: into its log, then to `on_output` or (a loss line) stdout."""
+    f.write(line)
+    if on_output is not None:
+        f.flush()
+        on_output(0, line)
+        return
+    m = _PROGRESS.search(line) if show else None
+    if m:
+        step, total, loss = m.groups()
+        print(f"[mindformers] step {step}/{total} loss {loss}", flush=True)
+
+
+class Stopped(Exception):
+    """The workers stopped after a forwarded SIGTERM / SIGINT (they checkpointed first)."""
+
+    def __init__(self, signame: str) -> None:
+        super().__init__(signame)
+        self.signame = signame
+
+
+class ForwardSignals:
+    """While workers run: SIGTERM / SIGINT to `sft run` go on to them (sft's callback in the
+    worker then checkpoints at the next step boundary and stops); `requested` names the first.
+    Only in the main thread (elsewhere Python cannot install handlers)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, procs: list[Any]) -> None:
+        self.procs, self.requested = procs, None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> ForwardSignals:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.requested is None:
+            self.requested = name
+            print(
+                f"\n[sft] {name} received; the workers checkpoint at the next step boundary "
+                "and stop",
+                file=sys.stderr,
+                flush=True,
+            )
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
 
 
 _PROGRESS = re.compile(r"step:\[\s*(\d+)/\s*(\d+)\], loss: ?\[?([-+0-9.eEnaif]+)")

@@ -111,26 +111,34 @@ def metric_rows(
     (the default), each row is exactly the torch backend's; with a longer interval, `loss`,
     `grad_norm` and `tokens_per_s` are the printed step's own (torch averages `loss` and the
     throughput over the interval)."""
-    out: list[tuple[int, dict[str, Any]]] = []
-    total_trained = total_tokens = 0
-    skipped = 0
-    prev = start
-    for rec in records:
-        step = rec["step"]
+    rows = RowBuilder(steps, start)
+    return [rows.add(rec) for rec in records]
+
+
+class RowBuilder:
+    """`metric_rows` one record at a time (the live reader adds each step as MindFormers logs
+    it; the cumulative token counts carry over between calls)."""
+
+    def __init__(self, steps: list[StepTokens], start: int = 0) -> None:
+        self.steps, self.prev = steps, start
+        self.total_trained = self.total_tokens = self.skipped = 0
+
+    def add(self, rec: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        steps, step = self.steps, rec["step"]
         info = steps[step - 1]
-        between = steps[prev : step - 1]  # steps MindFormers trained but did not print
-        total_tokens += sum(s.tokens for s in between) + info.tokens
-        total_trained += sum(s.trained for s in between)
+        between = steps[self.prev : step - 1]  # steps MindFormers trained but did not print
+        self.total_tokens += sum(s.tokens for s in between) + info.tokens
+        self.total_trained += sum(s.trained for s in between)
         row: dict[str, Any] = {"tokens_per_s": info.tokens / max(rec["step_time_s"], 1e-9)}
         if rec.get("skipped"):
-            skipped += 1  # no update: trains nothing, no loss to report (as torch)
+            self.skipped += 1  # no update: trains nothing, no loss to report (as torch)
         else:
-            total_trained += info.trained
+            self.total_trained += info.trained
             row["loss"] = step_loss(rec, info)
         row.update(
             {
-                "trained_tokens": float(total_trained),
-                "tokens": float(total_tokens),
+                "trained_tokens": float(self.total_trained),
+                "tokens": float(self.total_tokens),
                 "lr": rec["lr"],
                 "epoch": float(info.epoch),
             }
@@ -139,8 +147,64 @@ def metric_rows(
             row["grad_norm"] = rec["grad_norm"]
         if "loss_rank0" in rec:
             row["loss_rank0"] = rec["loss_rank0"]
-        if skipped:
-            row["skipped_steps"] = float(skipped)
-        out.append((step, row))
-        prev = step
-    return out
+        if self.skipped:
+            row["skipped_steps"] = float(self.skipped)
+        self.prev = step
+        return step, row
+
+
+def merge_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """One step's record from each data-parallel rank (rank 0 first) -> the step's record."""
+    row = per_rank[0]
+    if len(per_rank) == 1:
+        return row
+    losses = [r["loss"] for r in per_rank]
+    return {
+        **row,
+        "loss": sum(losses) / len(losses),
+        "loss_rank0": row["loss"],
+        "rank_losses": losses,
+    }
+
+
+class LiveRows:
+    """metrics.jsonl rows while MindFormers trains: `feed(rank, text)` takes what a worker wrote
+    to its log since the last call (any chunking: a partial line waits for its end); a step is
+    emitted, once and in order, when every rank of this node has logged it, through
+    `emit(step, row, record)`. `rows` keeps what was emitted."""
+
+    def __init__(self, steps: list[StepTokens], ranks: int, start: int, emit: Any) -> None:
+        self.builder = RowBuilder(steps, start)
+        self.ranks, self.emit, self.done = ranks, emit, start
+        self.partial = [""] * ranks
+        self.seen: list[dict[int, dict[str, Any]]] = [{} for _ in range(ranks)]
+        self.rows: list[tuple[int, dict[str, Any]]] = []
+        self.records: list[dict[str, Any]] = []
+
+    def feed(self, rank: int, text: str) -> None:
+        lines = (self.partial[rank] + text).split("\n")
+        self.partial[rank] = lines.pop()  # "" after a complete line
+        for rec in parse_lines("\n".join(lines)):
+            if rec["step"] > self.done:
+                self.seen[rank][rec["step"]] = rec
+        while True:
+            ready = [seen.get(s) for seen in self.seen for s in [self._next()]]
+            if not ready or any(r is None for r in ready):
+                return
+            rec = merge_ranks(ready)  # type: ignore[arg-type]
+            for seen in self.seen:
+                seen.pop(rec["step"])
+            self.emit_record(rec)
+
+    def emit_record(self, rec: dict[str, Any]) -> None:
+        step, row = self.builder.add(rec)
+        self.done = step
+        self.rows.append((step, row))
+        self.records.append(rec)
+        self.emit(step, row, rec)
+
+    def _next(self) -> int:
+        """The smallest step logged by rank 0 after the last emitted one (MindFormers may print
+        every n-th step only), or -1."""
+        after = [s for s in self.seen[0] if s > self.done]
+        return min(after) if after else -1

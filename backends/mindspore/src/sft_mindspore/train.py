@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -24,12 +25,13 @@ from sft.backend import TrainPlan, TrainResult
 from sft.data.batching import count_trained, shard_for_rank
 from sft.errors import SftError
 from sft.events import RunEvents
+from sft.guard import Preempted
 
 from sft_mindspore import data as msdata
 from sft_mindspore import mfconfig, runtime
 from sft_mindspore.export import export_final
-from sft_mindspore.launch import launch, launch_plan, rank_table_path
-from sft_mindspore.logs import StepTokens, metric_rows, parse_losses
+from sft_mindspore.launch import Stopped, launch, launch_plan, rank_table_path
+from sft_mindspore.logs import LiveRows, StepTokens, parse_losses
 from sft_mindspore.weights import check_model_type, hf_to_ckpt
 
 YAML_HEADER = (
@@ -187,6 +189,38 @@ def resume_dir(plan: TrainPlan) -> Path | None:
     return None
 
 
+_CKPT_NAME = re.compile(r"-(\d+)_(\d+)\.ckpt$")
+
+
+def resume_point(ckpt_dir: Path) -> tuple[int, Path]:
+    """(optimizer step, rank 0's checkpoint file) MindFormers resumes from in `ckpt_dir`: like its
+    resume_ckpt.get_info_from_meta, the smallest `last_step` of the ranks' meta.json (every rank
+    must have it), else rank 0's newest checkpoint. sft writes one MindFormers epoch, so the
+    step in the name `PREFIX-EPOCH_STEP.ckpt` is the global optimizer step."""
+    best: tuple[int, Path] | None = None
+    for meta in sorted(ckpt_dir.glob("rank_*/meta.json")):
+        try:
+            info = json.loads(meta.read_text())
+            step, name = int(info["last_step"]), str(info["last_ckpt_file"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if best is None or step < best[0]:
+            best = (step, ckpt_dir / "rank_0" / re.sub(r"rank_\d+", "rank_0", name))
+    if best is not None and best[1].is_file():
+        return best
+    newest = max(ckpt_dir.glob("rank_0/*.ckpt"), key=lambda p: p.stat().st_mtime)
+    m = _CKPT_NAME.search(newest.name)
+    return (int(m.group(2)) if m else 0), newest
+
+
+def saved_checkpoint(output_dir: Path) -> tuple[int, Path | None]:
+    """(step, rank 0's file) of the checkpoint a `--resume auto` would continue from now."""
+    ckpt_dir = output_dir / "checkpoint"
+    if not list(ckpt_dir.glob("rank_0/*.ckpt")):
+        return 0, None
+    return resume_point(ckpt_dir)
+
+
 def apply_resume(doc: dict[str, Any], ckpt_dir: Path | None) -> None:
     """Resume -> MindFormers' `resume_training` from its checkpoint directory: it restores
     weights, optimizer state and the step counter and skips the batches already trained (the
@@ -224,10 +258,19 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
         )
     start = time.time()
     yaml_path, schedule, output_dir = prepare(plan, device)
-    resuming = resume_dir(plan) is not None  # prepare() cleared the outputs of a fresh run
+    ckpt_dir = resume_dir(plan)  # prepare() cleared the outputs of a fresh run
+    resumed_at, total = 0, len(schedule.steps)
+    if ckpt_dir is not None:
+        resumed_at, ckpt = resume_point(ckpt_dir)
+        print(
+            f"[sft] resuming from the MindFormers checkpoint of step {resumed_at} ({ckpt})",
+            flush=True,
+        )
+    events.restart(resumed_at)  # drop rows a killed run logged after that checkpoint
     events.train_start(
         {
             "backend": "mindspore",
+            "resumed_at_step": resumed_at,
             "device": device,
             "yaml": str(yaml_path),
             "steps": len(schedule.steps),
@@ -235,35 +278,42 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
         }
     )
     opts: Any = plan.options
-    log_dir = launch(
-        yaml_path,
-        cfg.parallel,
-        plan.run_dir / "mindformers",
-        threads=opts.threads or max(1, (os.cpu_count() or 1) // cfg.parallel.nproc_per_node),
-        env=runtime.hccl_env(opts),
-        table=rank_table_path(cfg.parallel, device),
-        progress=cfg.logging.progress,
-    )
-    records = parse_losses(log_dir)
-    stop_on_nonfinite(records)
-    split = plan.data.train
-    epochs = schedule.epochs or [0] * len(schedule.steps)
-    world = cfg.parallel.world_size
-    steps = [
-        StepTokens(
-            count_trained(split, rows),
-            step_tokens(split, rows),
-            epoch,
-            [count_trained(split, shard_for_rank(rows, r, world)) for r in range(world)]
-            if world > 1
-            else None,
+    if resumed_at >= total:  # e.g. killed while exporting: MindFormers would refuse to start
+        print(f"[sft] all {total} steps were trained; exporting step {total}", flush=True)
+        return finished(plan, events, schedule, output_dir, device, yaml_path, start)
+    steps = schedule_tokens(plan, schedule)
+    live, bar = live_rows(plan, events, steps, resumed_at)
+    try:
+        log_dir = launch(
+            yaml_path,
+            cfg.parallel,
+            plan.run_dir / "mindformers",
+            threads=opts.threads or max(1, (os.cpu_count() or 1) // cfg.parallel.nproc_per_node),
+            env=runtime.hccl_env(opts),
+            table=rank_table_path(cfg.parallel, device),
+            progress=cfg.logging.progress,
+            on_output=live.feed,
         )
-        for rows, epoch in zip(schedule.steps, epochs, strict=True)
-    ]
-    resumed_at = records[0]["step"] - 1 if resuming and records else 0
-    rows = metric_rows(records, steps, start=resumed_at)
-    for step, row in rows:
-        events.log(step, row)
+    except Stopped as stop:  # SIGTERM / SIGINT: the worker checkpointed the step it finished
+        bar.close()
+        step, ckpt = saved_checkpoint(output_dir)
+        raise Preempted(stop.signame, step, ckpt) from None
+    except SftError as exc:  # a worker failed: say what survives
+        bar.close()
+        step, ckpt = saved_checkpoint(output_dir)
+        if ckpt is None:
+            raise
+        raise SftError(
+            f"{exc}\nThe checkpoint of step {step} ({ckpt}) is intact: fix the cause, then "
+            "continue with the same command plus --resume auto"
+        ) from None
+    finally:
+        bar.close()
+    for rec in parse_losses(log_dir):  # what the live reader could not pair up (none expected)
+        if rec["step"] > live.done:
+            live.emit_record(rec)
+    records, rows = live.records, live.rows
+    stop_on_nonfinite(records)
     # rank 0's checkpoint lives on node 0: only that node exports
     outputs = export_final(plan, output_dir) if cfg.parallel.node_rank == 0 else {}
     elapsed = time.time() - start
@@ -287,6 +337,95 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
             "elapsed_s": round(elapsed, 2),
             "resumed_at_step": resumed_at,
             "skipped_steps": [r["step"] for r in records if r.get("skipped")],
+            "dropped_rows": schedule.dropped_rows,
+            "seq_length": schedule.seq_length,
+            "mindformers_yaml": str(yaml_path),
+        },
+    )
+
+
+def schedule_tokens(plan: TrainPlan, schedule: msdata.Schedule) -> list[StepTokens]:
+    """Core's token counts of every optimizer step (all ranks, and per data-parallel rank)."""
+    split, world = plan.data.train, plan.config.parallel.world_size
+    epochs = schedule.epochs or [0] * len(schedule.steps)
+    return [
+        StepTokens(
+            count_trained(split, rows),
+            step_tokens(split, rows),
+            epoch,
+            [count_trained(split, shard_for_rank(rows, r, world)) for r in range(world)]
+            if world > 1
+            else None,
+        )
+        for rows, epoch in zip(schedule.steps, epochs, strict=True)
+    ]
+
+
+def live_rows(
+    plan: TrainPlan, events: RunEvents, steps: list[StepTokens], resumed_at: int
+) -> tuple[LiveRows, Any]:
+    """The live reader of MindFormers' loss lines: each step becomes a metrics.jsonl row (and
+    TensorBoard's, through the hooks) as soon as every local rank logged it, and moves the
+    progress bar (the torch backend's: step/total, ETA, loss, lr, tokens/s)."""
+    from tqdm.auto import tqdm
+
+    cfg = plan.config
+    bar = tqdm(
+        total=len(steps),
+        initial=resumed_at,
+        disable=not (cfg.logging.progress and cfg.parallel.node_rank == 0),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
+
+    def emit(step: int, row: dict[str, Any], rec: dict[str, Any]) -> None:
+        events.log(step, row)
+        if "loss" in row:
+            bar.set_postfix(
+                loss=f"{row['loss']:.4f}",
+                lr=f"{row['lr']:.2e}",
+                tok_s=f"{row['tokens_per_s']:.0f}",
+                refresh=False,
+            )
+        bar.update(step - bar.n)
+
+    return LiveRows(steps, cfg.parallel.nproc_per_node, resumed_at, emit), bar
+
+
+def finished(
+    plan: TrainPlan,
+    events: RunEvents,
+    schedule: msdata.Schedule,
+    output_dir: Path,
+    device: str,
+    yaml_path: Path,
+    start: float,
+) -> TrainResult:
+    """Every step has a MindFormers checkpoint already (a run killed after training, before its
+    summary): export the last one, nothing to train."""
+    from sft.events import read_metrics
+
+    outputs = export_final(plan, output_dir) if plan.config.parallel.node_rank == 0 else {}
+    trained = [r for r in read_metrics(plan.run_dir) if "loss" in r]
+    total = len(schedule.steps)
+    return TrainResult(
+        steps=total,
+        final_loss=trained[-1]["loss"] if trained else None,
+        outputs=outputs,
+        metrics={
+            "device": device,
+            "total_steps": total,
+            "rows_per_step": schedule.rows_per_step,
+            "world_size": plan.config.parallel.world_size,
+            "trained_tokens": 0,
+            "tokens": 0,
+            "tokens_per_s": 0.0,
+            "trained_tokens_per_s": 0.0,
+            "train_time_s": 0.0,
+            "elapsed_s": round(time.time() - start, 2),
+            "resumed_at_step": total,
+            "skipped_steps": [],
             "dropped_rows": schedule.dropped_rows,
             "seq_length": schedule.seq_length,
             "mindformers_yaml": str(yaml_path),

@@ -14,6 +14,7 @@ batch, clip, step -> log / eval / checkpoint -> final weights (sft_torch.outputs
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -484,6 +485,14 @@ def fit(trainer: Trainer, started: float | None = None) -> TrainResult:
     started = time.time() if started is None else started
     events = trainer.events
     start = trainer.resume()
+    if trainer.plan.resume_from is not None and trainer.rank == 0:
+        print(
+            f"sft: resuming from the checkpoint of step {start.global_step} "
+            f"({trainer.plan.resume_from})",
+            file=sys.stderr,
+            flush=True,
+        )
+    events.restart(start.global_step)  # drop rows a killed run logged after that checkpoint
     events.train_start({**trainer.info(), "resumed_at_step": start.global_step})
     evals: dict[str, float] = {}
     total = trainer.schedule.total_steps

@@ -40,9 +40,14 @@ def sft_train_start(config: Any, run_dir: str, info: dict[str, Any]) -> None:
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
     key = os.path.abspath(run_dir)
+    resumed = int(info.get("resumed_at_step") or 0)
     if key in _writers:  # a resumed run in the same process: keep appending
+        if resumed:
+            _writers[key].add_event(_restart_event(resumed))
         return
     _writers[key] = writer = EventFileWriter(os.path.join(run_dir, "tensorboard"))
+    if resumed:
+        writer.add_event(_restart_event(resumed))
     text = json.dumps({k: v for k, v in info.items() if _jsonable(v)}, indent=2, default=str)
     writer.add_event(_text_event("run/info", f"```\n{text}\n```", step=0))
 
@@ -88,6 +93,18 @@ def _scalar_event(tag: str, value: float, step: int) -> Any:
 
     summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)])
     return Event(wall_time=time.time(), step=int(step), summary=summary)
+
+
+def _restart_event(resumed_at: int) -> Any:
+    """A session restart at the step after the resumed checkpoint: TensorBoard then discards
+    the events of steps >= it that a killed process wrote (its purge of orphaned data), so the
+    charts show each step once, as metrics.jsonl does."""
+    import time
+
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    start = SessionLog(status=SessionLog.START)
+    return Event(wall_time=time.time(), step=resumed_at + 1, session_log=start)
 
 
 def _text_event(tag: str, text: str, step: int) -> Any:

@@ -1,0 +1,91 @@
+"""The live reader of MindFormers' loss lines (`sft_mindspore.logs.LiveRows`, fed by
+`launch.LogTailer`): whatever the chunking of the workers' output, each step becomes one row, in
+order, as soon as every rank logged it, with the same values `metric_rows` gives after the run.
+
+    $ .venvs/ms/bin/python -m pytest tests/backends/mindspore/test_live_metrics.py -q
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sft_mindspore.launch import LogTailer
+from sft_mindspore.logs import LiveRows, StepTokens, metric_rows, parse_lines
+
+pytestmark = [pytest.mark.mindspore]
+
+STEPS = [StepTokens(10 + i, 20 + i, 0, [4 + i, 6]) for i in range(6)]
+
+
+def log_line(step: int, loss: float) -> str:
+    return (
+        "2026-12-03 08:47:54,150 - mindformers[mindformers/core/callback/callback.py:747] - INFO - "
+        f"{{ Epoch:[  1/  1], step:[{step:5d}/    6], loss:[{loss:.6f}/{loss:.6f}], "
+        f"per_step_time: {20 + step}ms, lr: {1e-3 * step:.6g}, overflow cond: False, "
+        f"loss_scale: 1.0, global_norm: [{0.5 + step}], train_throughput_per_npu: 1T\n"
+        "some other MindFormers line\n"
+    )
+
+
+def test_any_chunking_of_two_ranks_gives_each_step_once_in_order() -> None:
+    logs = ["".join(log_line(s, 2.0 + s + r / 10) for s in range(1, 7)) for r in range(2)]
+    rng = random.Random(0)
+    got: list[int] = []
+    live = LiveRows(STEPS, ranks=2, start=0, emit=lambda step, row, rec: got.append(step))
+    pos = [0, 0]
+    while pos != [len(logs[0]), len(logs[1])]:
+        r = rng.randrange(2)
+        n = rng.randint(1, 40)
+        live.feed(r, logs[r][pos[r] : pos[r] + n])
+        pos[r] = min(pos[r] + n, len(logs[r]))
+        assert got == list(range(1, len(got) + 1))  # in order, never twice, while it runs
+    assert got == [1, 2, 3, 4, 5, 6]
+    # the same rows metric_rows computes from the whole logs after the run
+    per_rank = [parse_lines(text) for text in logs]
+    merged = [
+        {
+            **a,
+            "loss": (a["loss"] + b["loss"]) / 2,
+            "loss_rank0": a["loss"],
+            "rank_losses": [a["loss"], b["loss"]],
+        }
+        for a, b in zip(*per_rank, strict=True)
+    ]
+    assert live.rows == metric_rows(merged, STEPS)
+
+
+def test_a_resumed_run_emits_only_steps_after_its_checkpoint() -> None:
+    got: list[int] = []
+    live = LiveRows(STEPS, ranks=1, start=3, emit=lambda step, row, rec: got.append(step))
+    live.feed(0, "".join(log_line(s, 1.0) for s in range(1, 7)))
+    assert got == [4, 5, 6]
+    assert live.rows[0][1]["tokens"] == STEPS[3].tokens  # counted from the restart
+
+
+def test_tailer_reads_files_as_they_grow_without_loss_or_repeat(tmp_path: Path) -> None:
+    logs = [tmp_path / "worker_0.log", tmp_path / "worker_1.log"]
+    got: list[int] = []
+    live = LiveRows(STEPS, ranks=2, start=0, emit=lambda step, row, rec: got.append(step))
+    lock = threading.Lock()
+
+    def feed(rank: int, text: str) -> None:
+        with lock:
+            live.feed(rank, text)
+
+    with LogTailer(logs, feed, interval=0.01):
+        files = [p.open("w") for p in logs]
+        for step in range(1, 7):
+            for f in files:
+                text = log_line(step, 3.0)
+                f.write(text[:25])  # a line written in two pieces
+                f.flush()
+                time.sleep(0.005)
+                f.write(text[25:])
+                f.flush()
+        for f in files:
+            f.close()
+    assert got == [1, 2, 3, 4, 5, 6]

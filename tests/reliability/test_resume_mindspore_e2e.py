@@ -1,0 +1,198 @@
+"""Exact resume on the MindSpore backend with a real SIGKILL, end to end through `sft run`
+subprocesses on a tiny llama (LoRA, fp32, CPU, 1 thread):
+
+- killed (SIGKILL to `sft run` and the MindFormers worker, its whole process group) after a step
+  between two checkpoints, then `--resume auto`: the console names the checkpoint (step, path),
+  the final weights are BITWISE equal to an uninterrupted run's, metrics.jsonl has every step
+  exactly once, in order, with the uninterrupted run's losses;
+- SIGTERM to `sft run` (its pid only, as a scheduler sends it): the worker writes a checkpoint
+  at the next step boundary, `sft run` exits 143 naming it, and the resumed run is bitwise equal;
+- `--resume auto` on the finished run says so and exits 0 without training.
+
+    $ .venvs/ms/bin/python -m pytest tests/reliability/test_resume_mindspore_e2e.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip("mindspore")
+
+from sft_mindspore.weights import load_ckpt
+
+pytestmark = [pytest.mark.mindspore, pytest.mark.slow]
+
+STEPS, EVERY = 8, 3  # checkpoints at steps 3 and 6 (and 8)
+WORDS = "the quick brown fox jumps over lazy dog hello help capital france paris".split()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
+    d = tmp_path_factory.mktemp("ms-resume")
+    rng = random.Random(0)
+    with open(d / "train.jsonl", "w") as f:
+        for _ in range(48):
+            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
+            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
+            msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    os.symlink(tiny_llama, d / "model")
+    return d
+
+
+def job(workdir: Path, name: str, every: int = EVERY) -> Path:
+    spec = {
+        "backend": "mindspore",
+        "model": str(workdir / "model"),
+        "data": {"train": str(workdir / "train.jsonl"), "max_seq_len": 128, "packing": False},
+        "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "train": {
+            "max_steps": STEPS,
+            "micro_batch_size": 2,
+            "learning_rate": 1e-2,
+            "warmup_steps": 2,
+            "seed": 7,
+        },
+        "checkpoint": {"every_steps": every, "keep_last": 5},
+        "logging": {"plot": False, "progress": False},
+        "mindspore": {"device_target": "CPU", "threads": 1},
+        "output_dir": str(workdir / name),
+    }
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def sft_run(cfg: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sft", "run", "--config", str(cfg), *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: SIGKILL reaches the worker too
+    )
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{out}"
+    assert "Traceback" not in out, out
+    return out
+
+
+def worker_step(run_dir: Path) -> int:
+    """The last step MindFormers' loss monitor logged in the worker's log."""
+    log = run_dir / "mindformers" / "worker_0.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return max((int(s) for s in re.findall(r"step:\[\s*(\d+)/", text)), default=0)
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    """The steps of metrics.jsonl's training rows, raw (duplicates kept), in file order; safe
+    while the run writes it (a line not yet complete is left out)."""
+    text = (run_dir / "metrics.jsonl").read_text()
+    lines = text[: text.rfind("\n") + 1].splitlines()
+    return [r["step"] for r in map(json.loads, lines) if "loss" in r]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference(workdir: Path) -> Path:
+    finish(sft_run(job(workdir, "ref")))
+    return workdir / "ref"
+
+
+def test_sigkill_between_checkpoints_resumes_bitwise_with_each_step_once(
+    workdir: Path, reference: Path
+) -> None:
+    cfg, run = job(workdir, "kill"), workdir / "kill"
+    k = random.choice([4, 5])  # after the step-3 checkpoint, before the step-6 one
+    proc = sft_run(cfg)
+    deadline = time.time() + 500
+    while worker_step(run) < k:
+        assert proc.poll() is None, f"run ended before step {k}: {proc.communicate()[0]}"
+        assert time.time() < deadline, f"step {k} never logged"
+        time.sleep(0.05)
+    # live metrics: the rows are in metrics.jsonl while MindFormers still trains, each once
+    while not (run / "metrics.jsonl").exists() or len(train_steps(run)) < k:
+        assert proc.poll() is None and time.time() < deadline, "no live rows"
+        time.sleep(0.05)
+    live = train_steps(run)
+    assert live == list(range(1, len(live) + 1)), live
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert worker_step(run) < STEPS, "the worker finished before the kill"
+
+    out = finish(sft_run(cfg, "--resume", "auto"))
+    ckpt = run / "mindformers" / "output" / "checkpoint" / "rank_0" / "sft_rank_0-1_3.ckpt"
+    assert f"resuming from the MindFormers checkpoint of step 3 ({ckpt})" in out, out
+    assert train_steps(run) == list(range(1, STEPS + 1)), (k, train_steps(run))
+    assert losses(run) == losses(reference), f"SIGKILL after step {k}"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["metrics"]["resumed_at_step"] == 3
+    a = load_ckpt(reference / "final" / "mindspore" / "model.ckpt")
+    b = load_ckpt(run / "final" / "mindspore" / "model.ckpt")
+    assert a.keys() == b.keys()
+    differ = [n for n in a if a[n].data.tobytes() != b[n].data.tobytes()]
+    assert not differ, f"SIGKILL after step {k}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+    assert np.array_equal(a[next(iter(a))].data, b[next(iter(b))].data)
+
+
+def test_resume_auto_on_a_finished_run_says_so_and_exits_0(reference: Path, workdir: Path) -> None:
+    before = (reference / "metrics.jsonl").read_text()
+    t0 = time.time()
+    out = finish(sft_run(job(workdir, "ref"), "--resume", "auto"))
+    assert f"{reference} already finished ({STEPS} steps" in out, out
+    assert "epoch must bigger" not in out and "final loss None" not in out, out
+    assert (reference / "metrics.jsonl").read_text() == before
+    assert time.time() - t0 < 60  # nothing was trained or compiled
+
+
+def assert_same_as_reference(run: Path, reference: Path, what: str) -> None:
+    assert train_steps(run) == list(range(1, STEPS + 1)), (what, train_steps(run))
+    assert losses(run) == losses(reference), what
+    a = load_ckpt(reference / "final" / "mindspore" / "model.ckpt")
+    b = load_ckpt(run / "final" / "mindspore" / "model.ckpt")
+    differ = [n for n in a if a[n].data.tobytes() != b[n].data.tobytes()]
+    assert a.keys() == b.keys() and not differ, f"{what}: {differ[:3]}"
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_exits_143(workdir: Path, reference: Path) -> None:
+    cfg, run = job(workdir, "term", every=100), workdir / "term"  # no regular checkpoint
+    proc = sft_run(cfg)
+    deadline = time.time() + 500
+    while not (run / "metrics.jsonl").exists() or len(train_steps(run)) < 4:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    at_signal = max(train_steps(run))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, f"exit {proc.returncode}:\n{out}"
+    assert "Traceback" not in out and "SIGTERM" in out and "--resume auto" in out, out
+    saved = sorted(
+        int(p.stem.rsplit("_", 1)[1])
+        for p in run.glob("mindformers/output/checkpoint/rank_0/*.ckpt")
+    )
+    logged = max(train_steps(run))
+    assert saved == [logged] and logged in (at_signal, at_signal + 1), (saved, at_signal, out)
+    assert f"stopped by SIGTERM after step {logged}" in out, out
+    out = finish(sft_run(cfg, "--resume", "auto"))
+    assert f"resuming from the MindFormers checkpoint of step {logged}" in out, out
+    assert_same_as_reference(run, reference, f"SIGTERM after step {logged}")
