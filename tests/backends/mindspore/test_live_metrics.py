@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("mindspore")
+
 from sft_mindspore.launch import LogTailer
 from sft_mindspore.logs import LiveRows, StepTokens, metric_rows, parse_lines
 
