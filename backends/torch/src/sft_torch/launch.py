@@ -12,7 +12,7 @@ that fails as one clear error.
   first when WORLD_SIZE > 1, and recording a failure where torchrun's agent can read it);
 - otherwise this process is the launcher: `sft run` has already prepared the data cache (it is
   content-hashed, so the workers only read it); torchrun's elastic agent (in-process,
-  `torch.distributed.run`) starts `python -m sft run --config RUN/launch-config.yaml` (the
+  `torch.distributed.run`) starts `python -m sft run --config RUN/launch-config[-nodeN].yaml` (the
   launcher's validated spec) on every local rank and waits. A rank that raises is recorded in its error file; the agent
   then stops the others and the launcher raises `SftError` naming the rank, the cause and the
   log file. On success the launcher returns rank 0's result from RUN/summary.json.
@@ -111,12 +111,16 @@ def torchrun_args(plan: TrainPlan, log_dir: Path) -> list[str]:
 def worker_config(plan: TrainPlan) -> Path:
     """The spec the workers load: only the fields the user set (plus the run directory), so
     each worker validates exactly the config the launcher did. (A full dump would also mark
-    every default as set, and the data cache key notices which fields were given.)"""
+    every default as set, and the data cache key notices which fields were given.) One file per
+    node when there are several: nodes share the run directory and differ in node_rank, so one
+    shared file would hand a node the other's rank."""
     config = plan.config
     data = config.model_dump(mode="json", exclude_unset=True, exclude={"backend_options"})
     data.update(config.backend_options)
     data["output_dir"] = str(plan.run_dir)
-    path = plan.run_dir / "launch-config.yaml"
+    par = config.parallel
+    name = "launch-config.yaml" if par.nnodes == 1 else f"launch-config-node{par.node_rank}.yaml"
+    path = plan.run_dir / name
     path.write_text(
         "# Written by sft for the torchrun workers of this run\n"
         + yaml.safe_dump(data, sort_keys=False)
