@@ -66,7 +66,13 @@ def train(overrides: list[str]) -> dict[str, Any]:
     if RUN_DIR.exists():  # the demo's own output: a rerun starts clean (no appended metrics)
         print(f"    removing the previous demo run {RUN_DIR}")
         shutil.rmtree(RUN_DIR)
-    first = [f"output_dir={RUN_DIR.resolve()}", f"torch.num_threads={threads()}"]
+    # eval.prompts=null: the demo scores the prompts itself, before and after, with its own
+    # report (sft run would score them a second time)
+    first = [
+        f"output_dir={RUN_DIR.resolve()}",
+        f"torch.num_threads={threads()}",
+        "eval.prompts=null",
+    ]
     config = load_config(CONFIG, [*first, *overrides])
     return run(config)
 
