@@ -29,6 +29,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 from sft import specs
+from sft.config import _unwrap_model as _model_of  # the same walk the loader's hints use
 from sft.config import load_config
 from sft.errors import ConfigError, SftError
 
@@ -159,16 +160,6 @@ METHOD_VARIANTS = {
 
 
 # ----------------------------------------------------------------------------- the field walk
-
-
-def _model_of(ann: Any) -> type[BaseModel] | None:
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    for arg in typing.get_args(ann):
-        found = _model_of(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def _is_list_of_models(ann: Any) -> bool:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sft.errors import ConfigError, Problem, SftError
+from sft.guard import StopSignals
 
 ENTRY = Path(__file__).with_name("entry.py")
 
@@ -362,29 +363,14 @@ class Stopped(Exception):
         self.signame = signame
 
 
-class ForwardSignals:
+class ForwardSignals(StopSignals):
     """While workers run: SIGTERM / SIGINT to `sft run` go on to them (sft's callback in the
     worker then checkpoints at the next step boundary and stops); `requested` names the first.
-    Only in the main thread (elsewhere Python cannot install handlers)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    Installing and restoring the handlers (main thread only) is core's StopSignals'."""
 
     def __init__(self, procs: list[Any]) -> None:
-        self.procs, self.requested = procs, None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> ForwardSignals:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
+        super().__init__()
+        self.procs = procs
 
     def _handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
