@@ -364,9 +364,7 @@ def semantic_problems(config: RunConfig, plugins: Plugins) -> list[Problem]:
     problems += trackers.problems(config, plugins)
     problems += backend_problems(config, plugins)
     for extra in plugins.hook.sft_validate_config(config=config):
-        for text in extra or []:
-            path, _, msg = text.partition(": ")
-            problems.append(Problem(path, msg) if msg else Problem("", text))
+        problems += _as_problems(extra or [])
     return problems
 
 
