@@ -61,7 +61,7 @@ def device_settings(plan: TrainPlan, device: str) -> runtime.Settings:
 
 def prepare(
     plan: TrainPlan, device: str, dry_run: bool = False
-) -> tuple[Path, msdata.Schedule, Path]:
+) -> tuple[Path, msdata.RecordSchedule, Path]:
     """Data, weights and YAML in RUN_DIR; returns (yaml path, schedule, MindFormers output dir).
 
     Only node 0 writes these shared inputs (several nodes usually share one run directory);
@@ -344,7 +344,7 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
     )
 
 
-def schedule_tokens(plan: TrainPlan, schedule: msdata.Schedule) -> list[StepTokens]:
+def schedule_tokens(plan: TrainPlan, schedule: msdata.RecordSchedule) -> list[StepTokens]:
     """Core's token counts of every optimizer step (all ranks, and per data-parallel rank)."""
     split, world = plan.data.train, plan.config.parallel.world_size
     epochs = schedule.epochs or [0] * len(schedule.steps)
@@ -396,7 +396,7 @@ def live_rows(
 def finished(
     plan: TrainPlan,
     events: RunEvents,
-    schedule: msdata.Schedule,
+    schedule: msdata.RecordSchedule,
     output_dir: Path,
     device: str,
     yaml_path: Path,

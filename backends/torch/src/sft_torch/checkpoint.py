@@ -30,9 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from sft.backend import TrainPlan
 from sft.checkpoints import atomic_checkpoint, read_meta
+from sft.data.schedule import Position, Schedule
 from sft.errors import SftError
 
-from sft_torch.data import Position, Schedule
 from sft_torch.runtime import rng_state, set_rng_state
 
 #: Fingerprint entries that change which rows a step trains on, or what the weights mean.
