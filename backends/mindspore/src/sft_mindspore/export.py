@@ -22,18 +22,15 @@ from typing import Any
 
 import numpy as np
 from sft.errors import SftError
+from sft.safetensors_io import Tensor, read_dir, read_file, write_file
 
 from sft_mindspore.weights import (
     MODULE_MAP,
-    Tensor,
     copy_model_files,
     hf_to_ms_name,
     load_ckpt,
     ms_to_hf_name,
-    read_hf_dir,
-    read_safetensors_file,
     save_ckpt,
-    write_safetensors_file,
 )
 
 _HF_MODULES = {v: k for k, v in MODULE_MAP.items()}
@@ -224,7 +221,7 @@ def export_final(plan: Any, output_dir: Path) -> dict[str, str]:
     scale = plan.config.method.alpha / plan.config.method.r if lora else 0.0
     merged = merge_lora(base, lora, scale) if lora else base
     _model_files(final / "model", plan)
-    write_safetensors_file(
+    write_file(
         {ms_to_hf_name(k): v for k, v in merged.items()}, final / "model" / "model.safetensors"
     )
     outputs["model"] = str(final / "model")
@@ -232,7 +229,7 @@ def export_final(plan: Any, output_dir: Path) -> dict[str, str]:
         adir = final / "adapter"
         _model_files(adir, plan)
         (adir / "config.json").unlink()  # an adapter dir holds no base config
-        write_safetensors_file(peft_adapter(lora), adir / "adapter_model.safetensors")
+        write_file(peft_adapter(lora), adir / "adapter_model.safetensors")
         cfg = adapter_config(plan.config.method, lora, str(plan.model.path))
         (adir / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
         outputs["adapter"] = str(adir)
@@ -292,7 +289,7 @@ def merge_peft(weights: dict[str, Tensor], adapter_dir: Path) -> dict[str, Tenso
         raise SftError(f"{adapter_dir}: DoRA adapters cannot be merged into a ckpt here")
     r, alpha = cfg["r"], cfg["lora_alpha"]
     scale = alpha / np.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    ad = read_safetensors_file(adapter_dir / "adapter_model.safetensors")
+    ad = read_file(adapter_dir / "adapter_model.safetensors")
     merged = dict(weights)
     for key, a in ad.items():
         m = re.match(r"^base_model\.model\.(.*)\.lora_A(?:\.default)?\.weight$", key)
@@ -324,7 +321,7 @@ def export_ckpt(request: Any) -> Any:
     if request.dtype not in _DTYPES:
         raise SftError(f"--dtype {request.dtype}: a MindSpore ckpt export takes {list(_DTYPES)}")
     model_dir, adapter = locate_weights(Path(request.run_dir))
-    weights = read_hf_dir(model_dir)
+    weights = read_dir(model_dir)
     if adapter is not None:
         weights = merge_peft(weights, adapter)
     expected = {hf_to_ms_name(k): to_dtype(v, _DTYPES[request.dtype]) for k, v in weights.items()}
@@ -364,7 +361,7 @@ def export_hf(request: Any) -> Any:
     if request.dtype not in _DTYPES:
         raise SftError(f"--dtype {request.dtype}: an hf export takes {list(_DTYPES)}")
     model_dir, adapter = locate_weights(Path(request.run_dir))
-    weights = read_hf_dir(model_dir)
+    weights = read_dir(model_dir)
     if adapter is not None:
         weights = merge_peft(weights, adapter)
     expected = {k: to_dtype(v, _DTYPES[request.dtype]) for k, v in weights.items()}
@@ -373,8 +370,8 @@ def export_hf(request: Any) -> Any:
     copy_model_files(model_dir, out)
     (out / "config.json").write_text((model_dir / "config.json").read_text())
     path = out / "model.safetensors"
-    write_safetensors_file(expected, path)
-    mismatched = _compare(expected, read_safetensors_file(path))
+    write_file(expected, path)
+    mismatched = _compare(expected, read_file(path))
     return ExportReport(
         format="hf",
         path=str(out),
@@ -404,7 +401,7 @@ def export_adapter(request: Any) -> Any:
         shutil.rmtree(out)
     shutil.copytree(src, out)
     name = "adapter_model.safetensors"
-    mismatched = _compare(read_safetensors_file(src / name), read_safetensors_file(out / name))
+    mismatched = _compare(read_file(src / name), read_file(out / name))
     return ExportReport(
         format="adapter",
         path=str(out),
