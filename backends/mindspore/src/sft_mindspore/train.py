@@ -42,13 +42,6 @@ YAML_HEADER = (
 )
 
 
-def resolve_device(options: Any) -> str:
-    """`mindspore.device_target`, with `auto` = Ascend when CANN is installed, else CPU."""
-    from sft_mindspore.plugin import _device
-
-    return _device(options)
-
-
 def device_settings(plan: TrainPlan, device: str) -> runtime.Settings:
     """Precision, memory, JIT ... of this run, with the device MindSpore reports on an Ascend
     host (its kind and memory size); a setting the device cannot do is a ConfigError."""
@@ -136,7 +129,7 @@ def plan_native(plan: TrainPlan) -> dict[str, Any]:
     """`sft run --dry-run`: RUN_DIR/mindformers.yaml and RUN_DIR/launch.sh (every node's
     commands), nothing trained, no weights converted, no MindRecord written."""
     cfg, opts = plan.config, plan.options
-    device = resolve_device(opts)
+    device = runtime.resolve_device(opts)
     yaml_path, schedule, _ = prepare(plan, device, dry_run=True)
     table = rank_table_path(cfg.parallel, device)
     work = plan.run_dir / "mindformers"
@@ -250,7 +243,7 @@ def stop_on_nonfinite(records: list[dict[str, Any]]) -> None:
 
 def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
     cfg = plan.config
-    device = resolve_device(plan.options)
+    device = runtime.resolve_device(plan.options)
     if device == "CPU" and plan.packing:
         raise SftError(
             "data.packing: packed rows need FlashAttention on Ascend; on CPU set "
