@@ -26,6 +26,7 @@ from sft.data.batching import count_trained, shard_for_rank
 from sft.errors import SftError
 from sft.events import RunEvents
 from sft.guard import Preempted
+from sft.rundir import config_path
 
 from sft_mindspore import data as msdata
 from sft_mindspore import mfconfig, runtime
@@ -74,7 +75,7 @@ def prepare(
     )
     apply_resume(doc, resume)
     yaml_path = plan.run_dir / "mindformers.yaml"
-    header = YAML_HEADER.format(config=plan.run_dir / "config.yaml", path=yaml_path)
+    header = YAML_HEADER.format(config=config_path(plan.run_dir), path=yaml_path)
     text = header + yaml.safe_dump(doc, sort_keys=False)
     digest = hashlib.sha256(text.encode()).hexdigest()
     marker = work / PREPARED

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from sft.errors import SftError
+from sft.rundir import config_path, final_dir, find_final_weights
 from sft.safetensors_io import read_dir, weight_files
 
 MERGED_DIRNAME = ".hf-merged"
@@ -34,10 +35,10 @@ def resolve_source(run_dir: Path, out_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if is_model_dir(run_dir):
         return run_dir
-    for full in (run_dir / "final" / "model", run_dir / "final"):
-        if is_model_dir(full):  # full fine-tuning: the run saved a whole model
-            return full
-    if not (run_dir / "final").is_dir() and not (run_dir / "config.yaml").is_file():
+    found = find_final_weights(run_dir)
+    if found and found.model and is_model_dir(found.model):
+        return found.model  # full fine-tuning: the run saved a whole model
+    if not final_dir(run_dir).is_dir() and not config_path(run_dir).is_file():
         raise SftError(
             f"{run_dir} is neither a Hugging Face model directory (config.json + *.safetensors) "
             "nor an sft run directory (config.yaml, final/); pass one of those to `sft export`"
