@@ -14,7 +14,7 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 PKGS_CORE := -e core -e plugins/example-backend $(addprefix -e ,$(wildcard plugins/gguf))
 PKGS_TORCH := $(PKGS_CORE) -e backends/torch $(wildcard plugins/tensorboard plugins/mlflow plugins/wandb)
 
-.PHONY: demo test test-core test-torch test-ms lint mutate venv-core venv-torch venv-torch-dev venv-ms clean help venv-bench bench-data bench gpu-wheels gpu-check
+.PHONY: demo test test-core test-torch test-ms lint mutate mutate-results venv-core venv-torch venv-torch-dev venv-ms clean help venv-bench bench-data bench gpu-wheels gpu-check
 
 help:
 	@echo "make demo   - fine-tune SmolLM2-135M-Instruct on CPU and show before/after"
@@ -88,10 +88,11 @@ lint: venv-torch-dev
 # protocol one small edit at a time and runs the core tests that cover each change; a mutant
 # that no test fails is a behaviour nobody checks. mutmut 3 wants the code under src/ and the
 # tests under tests/ of one directory, so this copies them into the ignored .mutate/ and runs
-# there, in its own venv (never the shared ones). forkserver: some tests fork or start
-# subprocesses, which with mutmut's default fork isolation lost the coverage it records. MUTANTS narrows a run to some mutants
-# (mutmut's glob on names, e.g. MUTANTS='sft.data.batching*'); `make mutate-results` lists the
-# survivors, `$(MUTATE_VENV)/bin/mutmut show NAME` (in .mutate/) prints one as a diff.
+# there, in its own venv (never the shared ones). forkserver: with mutmut's default fork
+# isolation the test-to-function map came back empty for these tests. MUTANTS narrows a run to
+# some mutants (mutmut's globs on names, e.g. MUTANTS='sft.data.batching*'); `make
+# mutate-results` lists the survivors; `$(MUTATE_VENV)/bin/mutmut show NAME`, run in .mutate/,
+# prints one as a diff.
 MUTATE_VENV  ?= $(V)/mutate
 MUTATE_DIR   := .mutate
 MUTATE_FILES := src/sft/data/masks.py src/sft/data/labels.py src/sft/data/batching.py \
@@ -108,7 +109,7 @@ $(MUTATE_VENV)/.stamp: core/pyproject.toml
 mutate: $(MUTATE_VENV)/.stamp
 	rm -rf $(MUTATE_DIR) && mkdir -p $(MUTATE_DIR)/tests/core/data $(MUTATE_DIR)/tests/reliability
 	cp -r core/src $(MUTATE_DIR)/src
-	cp tests/__init__.py tests/conftest.py tests/tiny.py $(MUTATE_DIR)/tests/
+	cp tests/__init__.py tests/conftest.py tests/fuzz.py tests/tiny.py $(MUTATE_DIR)/tests/
 	cp tests/core/__init__.py $(MUTATE_DIR)/tests/core/
 	cp tests/core/data/__init__.py tests/core/data/conftest.py $(MUTATE_DIR)/tests/core/data/
 	cp tests/reliability/__init__.py $(MUTATE_DIR)/tests/reliability/
