@@ -150,3 +150,27 @@ def test_split_refuses_conversations(tiny_tokenizer: Path, tmp_path: Path) -> No
     cfg = make_config(tmp_path, {"train": str(src), "max_seq_len": 32, "length_policy": "split"})
     with pytest.raises(SftError, match="split only applies to the text format"):
         prepare_data(cfg, resolved(tiny_tokenizer))
+
+
+def test_summary_line_reads_as_documented() -> None:
+    """The one line a user reads before training (and in the "no training samples left"
+    error), literally. (`make mutate` found it unchecked.)"""
+    from sft.data.accounting import summary_line
+
+    acc = {
+        "records": 9,
+        "trained": 5,
+        "truncated": 2,
+        "split": 0,
+        "dropped": {"too_long": 1},
+        "rejected": {"malformed_json": 2, "empty_content": 1},
+        "samples": 6,
+    }
+    assert summary_line(acc, "train") == (
+        "train: 9 records -> 5 trained (2 truncated), 1 dropped (too_long 1), "
+        "3 rejected (malformed_json 2, empty_content 1); 6 samples"
+    )
+    acc = {"records": 4, "trained": 4, "truncated": 1, "split": 3, "dropped": {}, "rejected": {}}
+    assert summary_line({**acc, "samples": 7}) == (
+        "data: 4 records -> 4 trained (1 truncated, 3 split), 0 dropped, 0 rejected; 7 samples"
+    )
