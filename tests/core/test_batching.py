@@ -127,6 +127,8 @@ def test_group_by_length_sorts_each_window_of_64_groups_longest_first() -> None:
     )
     order = [r[0] for r in rows]
     assert sorted(order) == list(range(300))  # every sample once
+    one = {"max_seq_len": 64, "packing": False, "shuffle": False, "seed": 0, "epoch": 0}
+    assert epoch_rows(lengths, group_by_length=True, **one) == [[i] for i in range(300)]  # 1/group
     for s, e in [(0, 128), (128, 256), (256, 300)]:
         window = order[s:e]
         assert set(window) == set(range(s, e)), f"window {s}:{e} mixes other rows"
@@ -155,3 +157,8 @@ def test_collate_pads_to_pad_to_with_int64_arrays() -> None:
     assert b["input_ids"].shape == (2, 8)
     assert b["input_ids"][0].tolist() == [1, 2] + [9] * 6
     assert b["attention_mask"][1].tolist() == [1, 1, 1] + [0] * 5
+    # three samples in one packed row follow each other (the write offset accumulates)
+    b = collate(split(), [[0, 1, 2]], pad_id=0)
+    assert b["input_ids"][0].tolist() == [1, 2, 11, 12, 13, 21, 22, 23, 24]
+    assert b["position_ids"][0].tolist() == [0, 1, 0, 1, 2, 0, 1, 2, 3]
+    assert b["seq_lens"] == [[2, 3, 4]] and b["sample_index"][0].tolist() == [0, 1, 2]
