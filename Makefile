@@ -84,7 +84,7 @@ lint: venv-torch-dev
 	PYTHONPATH=backends/mindspore/src $(TORCH)/lint-imports
 
 # Mutation testing (not a test, not in CI; slow, see docs/CONTRIBUTING.md for times and rates):
-# mutmut changes core's data preparation (masks, labels, batching, accounting) and checkpoint
+# mutmut changes core's batching, record accounting and checkpoint
 # protocol one small edit at a time and runs the core tests that cover each change; a mutant
 # that no test fails is a behaviour nobody checks. mutmut 3 wants the code under src/ and the
 # tests under tests/ of one directory, so this copies them into the ignored .mutate/ and runs
@@ -95,10 +95,11 @@ lint: venv-torch-dev
 # prints one as a diff.
 MUTATE_VENV  ?= $(V)/mutate
 MUTATE_DIR   := .mutate
-MUTATE_FILES := src/sft/data/masks.py src/sft/data/labels.py src/sft/data/batching.py \
-    src/sft/data/accounting.py src/sft/checkpoints.py
+# masks.py and labels.py are not in the list yet: with their tests (test_masks.py,
+# test_labels.py) in the runner, mutmut 3.8's coverage pass came back empty (no test mapped to
+# any mutant, so it stops); see docs/CONTRIBUTING.md.
+MUTATE_FILES := src/sft/data/batching.py src/sft/data/accounting.py src/sft/checkpoints.py
 MUTATE_TESTS := tests/core/test_batching.py tests/core/data/test_accounting.py \
-    tests/core/data/test_labels.py tests/core/data/test_masks.py \
     tests/reliability/test_checkpoints.py
 MUTANTS      ?=
 $(MUTATE_VENV)/.stamp: core/pyproject.toml
@@ -121,8 +122,12 @@ mutate: $(MUTATE_VENV)/.stamp
 	    '    not torch and not mindspore' \
 	    'pytest_add_cli_args_test_selection =' $(addprefix '    ,$(addsuffix ',$(MUTATE_TESTS))) \
 	    > $(MUTATE_DIR)/setup.cfg
-	cd $(MUTATE_DIR) && SFT_TEST_ENV=core PYTHONPATH=$(abspath $(MUTATE_DIR))/mutants/src \
-	    $(abspath $(MUTATE_VENV))/bin/mutmut run --max-children 2 $(MUTANTS)
+	# run twice: here the first run after generating the mutants always stopped with "could not
+	# find any test case for any mutant" (mutmut 3.8.1); the second, on the same mutants, maps
+	# the tests and runs
+	cd $(MUTATE_DIR) && export SFT_TEST_ENV=core PYTHONPATH=$(abspath $(MUTATE_DIR))/mutants/src \
+	    && { $(abspath $(MUTATE_VENV))/bin/mutmut run --max-children 2 $(MUTANTS) \
+	    || $(abspath $(MUTATE_VENV))/bin/mutmut run --max-children 2 $(MUTANTS); }
 	$(MAKE) --no-print-directory mutate-results
 
 mutate-results:
