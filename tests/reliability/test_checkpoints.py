@@ -141,7 +141,8 @@ def test_leftovers_of_live_writers_stay_and_only_a_moved_aside_checkpoint_comes_
     `.tmp-*` is never promoted (its writer died before committing it)."""
     save(tmp_path, 4)
     root = tmp_path / "checkpoints"
-    dead, live, me = _dead_pid(), 1, os.getpid()  # pid 1 always runs
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead, live, me = _dead_pid(), writer.pid, os.getpid()
     complete = {"step": 4}
 
     def leftover(name: str, step: int | None = None) -> None:
@@ -155,7 +156,12 @@ def test_leftovers_of_live_writers_stay_and_only_a_moved_aside_checkpoint_comes_
     leftover(f".old-step-000006-{dead}")  # incomplete: delete, never resume it
     leftover(f".tmp-step-000007-{dead}", 7)  # complete but never committed: delete
     leftover(f".old-step-000008-{dead}", 8)  # complete, step 8 missing: put back
-    save(tmp_path, 9)
+    try:
+        save(tmp_path, 9)
+        assert writer.poll() is None, "checking that the writer is alive must not signal it"
+    finally:
+        writer.kill()
+        writer.wait()
     assert sorted(p.name for p in root.iterdir()) == [
         f".tmp-step-000001-{live}",
         "step-000004",
