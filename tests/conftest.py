@@ -45,3 +45,9 @@ def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 ENV = os.environ.get("SFT_TEST_ENV", "")
+
+
+def pytest_report_header() -> str:
+    from tests.fuzz import SEED
+
+    return f"fuzz seed: {SEED} (SFT_FUZZ_SEED={SEED} replays the fresh-seed fuzz examples)"

@@ -95,3 +95,70 @@ def test_split_save_load_roundtrip(tmp_path) -> None:
     assert np.array_equal(s.input_ids, t.input_ids) and np.array_equal(s.labels, t.labels)
     assert t.sources == s.sources and len(t) == 6
     assert t.trained_tokens() == sum(len(s.sample(i)[0]) - 2 for i in range(6))
+
+
+# Mutation testing (`make mutate`, docs/CONTRIBUTING.md) found the behaviours below unchecked.
+
+
+def test_epoch_rows_shuffle_is_seeded_per_epoch_and_off_means_file_order() -> None:
+    lengths = [5] * 20
+    kw = {"max_seq_len": 8, "packing": False, "seed": 3}
+    plain = epoch_rows(lengths, shuffle=False, epoch=0, **kw)
+    assert plain == [[i] for i in range(20)]  # no shuffle: file order, not grouped by default
+    a = epoch_rows(lengths, shuffle=True, epoch=0, **kw)
+    assert a == epoch_rows(lengths, shuffle=True, epoch=0, **kw)  # the seed decides
+    assert a != plain and sorted(a) == plain
+    assert epoch_rows(lengths, shuffle=True, epoch=1, **kw) != a  # a new order each epoch
+    assert epoch_rows(lengths, shuffle=True, epoch=0, max_seq_len=8, packing=False, seed=4) != a
+
+
+def test_group_by_length_sorts_each_window_of_64_groups_longest_first() -> None:
+    # 2 rows per group -> windows of 128 rows; 300 rows = two full windows and a partial one
+    lengths = [(7 * i) % 50 + 1 for i in range(300)]
+    rows = epoch_rows(
+        lengths,
+        max_seq_len=64,
+        packing=False,
+        shuffle=False,
+        seed=0,
+        epoch=0,
+        group_by_length=True,
+        rows_per_group=2,
+    )
+    order = [r[0] for r in rows]
+    assert sorted(order) == list(range(300))  # every sample once
+    one = {"max_seq_len": 64, "packing": False, "shuffle": False, "seed": 0, "epoch": 0}
+    assert epoch_rows(lengths, group_by_length=True, **one) == [[i] for i in range(300)]  # 1/group
+    for s, e in [(0, 128), (128, 256), (256, 300)]:
+        window = order[s:e]
+        assert set(window) == set(range(s, e)), f"window {s}:{e} mixes other rows"
+        assert [lengths[i] for i in window] == sorted((lengths[i] for i in window), reverse=True)
+
+
+def test_steps_per_epoch_counts_or_drops_the_short_last_step() -> None:
+    assert steps_per_epoch(10, 4) == 3 and steps_per_epoch(10, 4, drop_last=True) == 2
+    assert isinstance(steps_per_epoch(10, 4, drop_last=True), int)
+    assert steps_per_epoch(8, 4) == steps_per_epoch(8, 4, drop_last=True) == 2
+
+
+def test_count_trained_counts_labels_after_the_first_token() -> None:
+    # sample i: 2 masked tokens then i trained ones; the shifted loss never predicts token 0
+    s = split()
+    assert count_trained(s, [[0], [1], [2]]) == 0 + 1 + 2
+    assert count_trained(s, [[5, 4]]) == 5 + 4
+    first_trained = TokenizedSplit.from_samples([([1, 2, 3], [1, 2, 3])])
+    assert count_trained(first_trained, [[0]]) == 2  # label 0 is never a target
+
+
+def test_collate_pads_to_pad_to_with_int64_arrays() -> None:
+    b = collate(split(), [[0], [1]], pad_id=9, pad_to=8)
+    for key in ("input_ids", "labels", "position_ids", "attention_mask", "sample_index"):
+        assert b[key].dtype == np.int64, key
+    assert b["input_ids"].shape == (2, 8)
+    assert b["input_ids"][0].tolist() == [1, 2] + [9] * 6
+    assert b["attention_mask"][1].tolist() == [1, 1, 1] + [0] * 5
+    # three samples in one packed row follow each other (the write offset accumulates)
+    b = collate(split(), [[0, 1, 2]], pad_id=0)
+    assert b["input_ids"][0].tolist() == [1, 2, 11, 12, 13, 21, 22, 23, 24]
+    assert b["position_ids"][0].tolist() == [0, 1, 0, 1, 2, 0, 1, 2, 3]
+    assert b["seq_lens"] == [[2, 3, 4]] and b["sample_index"][0].tolist() == [0, 1, 2]

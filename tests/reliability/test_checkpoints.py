@@ -127,3 +127,77 @@ def _dead_pid() -> int:
         check=True,
     )
     return int(proc.stdout)
+
+
+# Mutation testing (`make mutate`, docs/CONTRIBUTING.md) found the behaviours below unchecked.
+
+
+def test_leftovers_of_live_writers_stay_and_only_a_moved_aside_checkpoint_comes_back(
+    tmp_path: Path,
+) -> None:
+    """Cleanup before a save: a `.tmp-*` of another live process (a concurrent writer) is left
+    alone and does not stop the cleanup of the rest; this process's own and dead processes'
+    leftovers go; a complete `.old-*` comes back only where its step is missing; a complete
+    `.tmp-*` is never promoted (its writer died before committing it)."""
+    save(tmp_path, 4)
+    root = tmp_path / "checkpoints"
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead, live, me = _dead_pid(), writer.pid, os.getpid()
+    complete = {"step": 4}
+
+    def leftover(name: str, step: int | None = None) -> None:
+        (root / name).mkdir()
+        if step is not None:
+            (root / name / MARKER).write_text(json.dumps({"step": step}))
+
+    leftover(f".tmp-step-000001-{live}")  # sorts first: the loop must go on past it
+    leftover(f".tmp-step-000002-{me}")
+    leftover(f".old-step-000004-{dead}", **complete)  # step-000004 exists: delete
+    leftover(f".old-step-000006-{dead}")  # incomplete: delete, never resume it
+    leftover(f".tmp-step-000007-{dead}", 7)  # complete but never committed: delete
+    leftover(f".old-step-000008-{dead}", 8)  # complete, step 8 missing: put back
+    try:
+        save(tmp_path, 9)
+        assert writer.poll() is None, "checking that the writer is alive must not signal it"
+    finally:
+        writer.kill()
+        writer.wait()
+    assert sorted(p.name for p in root.iterdir()) == [
+        f".tmp-step-000001-{live}",
+        "step-000004",
+        "step-000008",
+        "step-000009",
+    ]
+    assert read_meta(root / "step-000004")["position"] == 4  # the real one, not the old copy
+
+
+def test_latest_checkpoint_of_a_run_without_any_is_none(tmp_path: Path) -> None:
+    assert latest_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoints").mkdir()
+    assert latest_checkpoint(tmp_path) is None and resolve_resume("auto", tmp_path) is None
+
+
+def test_a_marker_that_is_not_an_object_is_a_clear_error(tmp_path: Path) -> None:
+    ckpt = save(tmp_path, 1)
+    (ckpt / MARKER).write_text("[1, 2]")
+    with pytest.raises(SftError, match=rf"checkpoint .*step-000001: {MARKER} is not a JSON obj"):
+        read_meta(ckpt)
+    (ckpt / MARKER).write_text("{")
+    with pytest.raises(SftError, match="resume from another checkpoint or use --resume auto"):
+        read_meta(ckpt)
+
+
+def test_the_disk_space_check_reports_mib_and_creates_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from collections import namedtuple
+
+    from sft import checkpoints
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: usage(0, 0, 300 * 2**20))
+    where = tmp_path / "a" / "b"
+    checkpoints.check_free_space(where, 300 * 2**20)  # exactly enough is enough
+    assert where.is_dir()
+    with pytest.raises(SftError, match=r": 300 MiB free, about 512 MiB needed\. Free space"):
+        checkpoints.check_free_space(where, 512 * 2**20)

@@ -19,11 +19,13 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from sft.config import load_config
 from sft.errors import SftError
 from sft.specs import RunConfig
+
+from tests.fuzz import fuzz
 
 FUZZ = settings(
     max_examples=400,
@@ -149,8 +151,7 @@ def test_the_base_config_is_valid(workdir: Path) -> None:
     assert load_config(path).backend == "example"
 
 
-@FUZZ
-@given(edits=st.lists(st.tuples(key_paths, values), min_size=1, max_size=4))
+@fuzz(FUZZ, 100, edits=st.lists(st.tuples(key_paths, values), min_size=1, max_size=4))
 def test_mutated_configs_fail_clearly(workdir: Path, edits: list[tuple[str, Any]]) -> None:
     data = copy.deepcopy(BASE)
     for path, value in edits:
@@ -162,6 +163,9 @@ def test_mutated_configs_fail_clearly(workdir: Path, edits: list[tuple[str, Any]
         return  # not representable as YAML (e.g. a lone surrogate): no file a user could write
     cfg.write_text(text, encoding="utf-8", errors="surrogatepass")
     _must_be_clear(cfg)
+
+
+test_mutated_configs_fail_clearly_fresh_seed = test_mutated_configs_fail_clearly.fresh_seed
 
 
 HOSTILE_YAML = [
@@ -191,8 +195,9 @@ HOSTILE_YAML = [
 ]
 
 
-@FUZZ
-@given(
+@fuzz(
+    FUZZ,
+    100,
     text=st.one_of(st.sampled_from(HOSTILE_YAML), st.text(max_size=200)),
     cut=st.one_of(st.none(), st.integers(min_value=0, max_value=300)),
     junk=st.binary(max_size=8),
@@ -203,6 +208,9 @@ def test_raw_yaml_fails_clearly(workdir: Path, text: str, cut: int | None, junk:
     cfg.write_bytes(raw if cut is None else raw[:cut] + junk)  # whole, or truncated + bytes
     _must_be_clear(cfg)
     assert not (workdir / "PWNED").exists(), "a config must never run code"
+
+
+test_raw_yaml_fails_clearly_fresh_seed = test_raw_yaml_fails_clearly.fresh_seed
 
 
 override_items = st.one_of(
@@ -225,12 +233,14 @@ override_items = st.one_of(
 )
 
 
-@FUZZ
-@given(overrides=st.lists(override_items, max_size=4))
+@fuzz(FUZZ, 100, overrides=st.lists(override_items, max_size=4))
 def test_overrides_fail_clearly(workdir: Path, overrides: list[str]) -> None:
     cfg = workdir / "ovr.yaml"
     cfg.write_text(yaml.safe_dump(BASE))
     _must_be_clear(cfg, overrides)
+
+
+test_overrides_fail_clearly_fresh_seed = test_overrides_fail_clearly.fresh_seed
 
 
 def test_deep_yaml_nesting_is_a_clear_error(workdir: Path) -> None:

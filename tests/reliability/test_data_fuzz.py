@@ -25,11 +25,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from sft.data.pipeline import prepare_data
 from sft.errors import SftError
 from sft.specs import RunConfig
+
+from tests.fuzz import fuzz
 
 FUZZ = settings(
     max_examples=60,
@@ -171,9 +173,11 @@ def prepare(cfg: RunConfig, tok: Path, run_dir: Path) -> Any:
 RECORDS_SEEN: list[int] = []
 
 
-@FUZZ
-@given(
-    lines=st.lists(raw_lines, min_size=12, max_size=28), fmt=st.sampled_from(["messages", "auto"])
+@fuzz(
+    FUZZ,
+    15,
+    lines=st.lists(raw_lines, min_size=12, max_size=28),
+    fmt=st.sampled_from(["messages", "auto"]),
 )
 def test_skip_accounts_for_every_record(
     workdir: Path, tiny_tokenizer: Path, lines: list[bytes], fmt: str
@@ -207,8 +211,10 @@ def test_skip_accounts_for_every_record(
     RECORDS_SEEN.append(want)
 
 
-@FUZZ
-@given(lines=st.lists(raw_lines, min_size=12, max_size=28))
+test_skip_accounts_for_every_record_fresh_seed = test_skip_accounts_for_every_record.fresh_seed
+
+
+@fuzz(FUZZ, 15, lines=st.lists(raw_lines, min_size=12, max_size=28))
 def test_error_mode_names_the_bad_record(
     workdir: Path, tiny_tokenizer: Path, lines: list[bytes]
 ) -> None:
@@ -224,6 +230,9 @@ def test_error_mode_names_the_bad_record(
         [line.replace(b"\n", b" ") for line in lines]
     )
     RECORDS_SEEN.append(acc["records"])
+
+
+test_error_mode_names_the_bad_record_fresh_seed = test_error_mode_names_the_bad_record.fresh_seed
 
 
 def test_at_least_1000_records_were_generated() -> None:
@@ -332,8 +341,7 @@ def write_table(workdir: Path, records: list[Any], suffix: str) -> Path | None:
 FORMATS = {".json": "messages", ".parquet": "messages", ".csv": "prompt_completion"}
 
 
-@FUZZ
-@given(data=st.data(), suffix=st.sampled_from([".json", ".csv", ".parquet"]))
+@fuzz(FUZZ, 15, data=st.data(), suffix=st.sampled_from([".json", ".csv", ".parquet"]))
 def test_columnar_and_array_files_account_for_every_row(
     workdir: Path, tiny_tokenizer: Path, data: Any, suffix: str
 ) -> None:
@@ -357,3 +365,8 @@ def test_columnar_and_array_files_account_for_every_row(
     written = len(records) if suffix != ".parquet" else sum(isinstance(r, dict) for r in records)
     assert acc["records"] == written, (suffix, acc)
     event(f"accounted {suffix}")
+
+
+test_columnar_and_array_files_account_for_every_row_fresh_seed = (
+    test_columnar_and_array_files_account_for_every_row.fresh_seed
+)

@@ -33,6 +33,8 @@ from sft.config import load_config  # noqa: E402
 from sft.errors import SftError  # noqa: E402
 from sft.events import read_metrics  # noqa: E402
 from sft.run import run  # noqa: E402
+from sft_torch.sample_log import ENV as SAMPLE_LOG  # noqa: E402
+from sft_torch.sample_log import read_sample_log  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
@@ -93,9 +95,12 @@ LORA = "method={name: lora, r: 4, alpha: 8, dropout: 0.0}"  # no dropout: RNG di
 
 @pytest.fixture(scope="module")
 def reference(job: Path) -> Path:
-    """One process, full fine-tuning: what every 2-process full run must reproduce."""
+    """One process, full fine-tuning: what every 2-process full run must reproduce. It logs
+    its samples per step (sft_torch.sample_log): the global batches the ranks must split."""
     out = job.parent / "ref-full"
-    sft_run(job, out)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(SAMPLE_LOG, "1")
+        sft_run(job, out)
     return out
 
 
@@ -122,6 +127,12 @@ def assert_same_run(
     assert len(a) == len(b) == steps
     assert a == pytest.approx(b, rel=TOL, abs=TOL)
     assert any(x != y for x, y in itertools.pairwise(b))  # a curve, not a constant
+    # AdamW divides a constant gradient factor out (and clipping caps it), so equal weights do
+    # not show equal gradients: the logged pre-clipping norms must agree too
+    ga = [r["grad_norm"] for r in read_metrics(run_dir) if "grad_norm" in r]
+    gb = [r["grad_norm"] for r in read_metrics(ref) if "grad_norm" in r][-steps:]
+    assert len(ga) == len(gb) == steps
+    assert ga == pytest.approx(gb, rel=1e-4), "per-step grad_norm differs from one process"
     # the final eval is sharded over ranks and summed back: same loss on the same tokens
     mine_eval = json.loads((run_dir / "summary.json").read_text())["metrics"]
     ref_eval = json.loads((ref / "summary.json").read_text())["metrics"]
@@ -129,11 +140,31 @@ def assert_same_run(
     assert mine_eval["eval_loss"] == pytest.approx(ref_eval["eval_loss"], rel=TOL)
 
 
-def test_ddp_two_processes_equal_one_process_and_resume_on_one(job: Path, reference: Path) -> None:
+def assert_ranks_split_the_global_batches(run_dir: Path, ref: Path, steps: int = 4) -> None:
+    """Every step, the two ranks trained disjoint rows whose union is exactly the global batch
+    the one-process reference trained at that step (by sample ids, from the sample logs)."""
+    whole = read_sample_log(ref, 0)
+    ranks = [read_sample_log(run_dir, r) for r in (0, 1)]
+    assert sorted(whole) == sorted(ranks[0]) == sorted(ranks[1]) == list(range(1, steps + 1))
+    for step in whole:
+        r0, r1 = (sorted(map(tuple, r[step])) for r in ranks)
+        assert r0 and r1, f"step {step}: a rank trained nothing ({r0}, {r1})"
+        overlap = set(r0) & set(r1)
+        assert not overlap, f"step {step}: both ranks trained rows {sorted(overlap)}"
+        assert sorted(r0 + r1) == sorted(map(tuple, whole[step])), (
+            f"step {step}: ranks trained {r0} + {r1}, the global batch is {whole[step]}"
+        )
+
+
+def test_ddp_two_processes_equal_one_process_and_resume_on_one(
+    job: Path, reference: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SAMPLE_LOG, "1")  # each rank logs its rows (torchrun passes it on)
     out = job.parent / "ddp"
     summary = sft_run(job, out, "parallel.nproc_per_node=2", "checkpoint.every_steps=2")
     assert summary["steps"] == 4
     assert summary["metrics"]["world_size"] == 2 and summary["metrics"]["strategy"] == "ddp"
+    assert_ranks_split_the_global_batches(out, reference)
     assert_same_run(out, reference)
     # rank 0 alone writes the run's files; every rank's log is kept
     assert len(list((out / "logs" / "node0").rglob("stdout.log"))) == 2
@@ -157,7 +188,7 @@ def free_port() -> int:
 def test_two_nodes_of_one_process_over_loopback(job: Path, reference: Path) -> None:
     out = job.parent / "two-nodes"
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", SAMPLE_LOG: "1"}
     procs = [
         subprocess.Popen(
             [
@@ -184,6 +215,7 @@ def test_two_nodes_of_one_process_over_loopback(job: Path, reference: Path) -> N
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     for node, (p, text) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"node {node}:\n{text[-3000:]}"
+    assert_ranks_split_the_global_batches(out, reference)  # one rank per node
     assert_same_run(out, reference)
     assert json.loads((out / "summary.json").read_text())["steps"] == 4  # node 0's summary
 

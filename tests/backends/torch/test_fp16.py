@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from sft.checkpoints import complete_checkpoints
+from sft.events import read_metrics
 from sft.guard import Diverged
 from sft_torch import runtime
 from sft_torch import train as train_mod
@@ -112,3 +113,51 @@ def test_resume_restores_the_loss_scale(
         full.model.named_parameters(), resumed.model.named_parameters(), strict=True
     ):
         assert torch.equal(a, b), n
+
+
+def assert_fp16_tracks_fp32(tmp_path: Path, model_dir: Path, device: str) -> None:
+    """LoRA trained 4 steps in fp16 with loss scaling logs the same loss and (unscaled) gradient
+    norm at every step as the same run in fp32, within fp16's rounding, and no step is skipped:
+    a scaler whose factor leaks into the gradients (not unscaled before clipping, or unscaled
+    twice) or an autocast that does not run in fp16 shows here, not only a NaN.
+    Also called by tests/backends/torch/test_gpu.py on CUDA."""
+    train = {"max_steps": 4, "learning_rate": 5e-3, "warmup_steps": 0}
+    runs = {}
+    for precision in ("fp32", "fp16"):
+        plan = make_plan(
+            tmp_path / precision,
+            model_dir,
+            method="lora",
+            train={**train, "precision": precision},
+            torch_opts={"device": device},
+        )
+        trainer, result = run(plan)
+        assert trainer.precision == precision and result.metrics["skipped_steps"] == []
+        runs[precision] = [r for r in read_metrics(plan.run_dir) if "loss" in r]
+        if precision == "fp16":
+            assert trainer.scaler.is_enabled()
+            assert trainer.scaler.get_scale() == train_mod.INIT_LOSS_SCALE  # nothing overflowed
+    fp32, fp16 = runs["fp32"], runs["fp16"]
+    assert len(fp32) == len(fp16) == 4
+    for a, b in zip(fp16, fp32, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-2), (a["step"], a["loss"], b["loss"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=5e-2), (
+            a["step"],
+            a["grad_norm"],
+            b["grad_norm"],
+        )
+    assert fp16[-1]["loss"] < fp16[0]["loss"]  # and it trained
+
+
+def test_fp16_with_loss_scaling_tracks_fp32(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_llama: Path
+) -> None:
+    """The CPU twin of test_gpu.py's fp16 test (fp16 autocast and GradScaler work on CPU; the
+    initial scale is the real one, 2**16, which the tiny model never overflows)."""
+    real = runtime.resolve_precision
+    monkeypatch.setattr(
+        runtime,
+        "resolve_precision",
+        lambda precision, *a, **k: "fp16" if precision == "fp16" else real(precision, *a, **k),
+    )
+    assert_fp16_tracks_fp32(tmp_path, tiny_llama, "cpu")

@@ -9,6 +9,10 @@
   apart (per-sample sdpa, position ids, explicit 4-D mask) and for sdpa and eager attention.
 - the chunked linear + cross-entropy (fused or checkpointed chunks) equals the model's own
   full-logits loss.
+- the first step's gradient IS the global token mean's gradient, computed independently from the
+  model's own logits (SGD, no clipping: the weight change is -lr * gradient, and the logged
+  `grad_norm` is its norm). Comparing two configurations after AdamW with clipping cannot see a
+  gradient off by a constant factor (AdamW divides it out, clipping caps it); this can.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 from sft.data.batching import collate
+from sft.events import read_metrics
 from sft_torch import attention
 from sft_torch.data import to_device
 from sft_torch.loss import LossSettings, batch_loss, fusable_head
@@ -34,6 +39,11 @@ def final_weights(tmp_path, model_dir, **kw) -> dict[str, torch.Tensor]:
     trainer = Trainer(plan, events_for(plan))
     fit(trainer)
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+def grad_norms(run_dir) -> list[float]:
+    """The `grad_norm` logged at each step (the norm before clipping)."""
+    return [r["grad_norm"] for r in read_metrics(run_dir) if "grad_norm" in r]
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -59,15 +69,106 @@ def test_accumulation_equivalence_on_variable_length_data(tmp_path, tiny_llama, 
     )
     # a per-micro-batch mean would differ by far more than this (see the control below)
     assert max_diff(a, b) < TOL
+    # AdamW divides a constant gradient factor out and clipping caps the norm, so equal weights
+    # alone do not show equal gradients: the pre-clipping norms must agree too
+    na, nb = grad_norms(tmp_path / "a" / "run"), grad_norms(tmp_path / "b" / "run")
+    assert len(na) == len(nb) == 2
+    assert na == pytest.approx(nb, rel=TOL)
+
+
+def global_mean_grads(plan, rows, model=None) -> tuple[float, dict[str, torch.Tensor]]:
+    """The token-mean loss over `rows` and its gradient, from the model's own logits (no sft
+    loss code): the sum of every trained token's cross-entropy over the count of them."""
+    import torch.nn.functional as F
+
+    cpu = torch.device("cpu")
+    if model is None:
+        model = apply_method(load_model(plan, cpu), plan.config.method)
+    model.zero_grad(set_to_none=True)
+    total, count = torch.zeros(()), 0
+    for i in rows:
+        ids, labels = (torch.from_numpy(a.astype("int64"))[None] for a in plan.data.train.sample(i))
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        target = labels[0, 1:]
+        total = total + F.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+        count += int((target != -100).sum())
+    (total / count).backward()
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+    return float(total.detach()) / count, grads
 
 
 def test_per_micro_batch_mean_would_not_be_equivalent(tmp_path, tiny_llama):
-    """Control: the data really has unequal trained tokens per sample, so averaging each
-    micro-batch separately (the common bug) weights tokens differently than the global mean."""
+    """Control for the equivalence above: on this data, averaging each micro-batch (here each
+    sample) separately and then averaging those means (the common bug) gives a gradient that
+    differs from the global token mean by far more than TOL, so the test above would see it."""
     plan = make_plan(tmp_path, tiny_llama, method="full", n=8)
     split = plan.data.train
     counts = [int((split.sample(i)[1][1:] != -100).sum()) for i in range(len(split))]
-    assert len(set(counts)) > 3
+    assert len(set(counts)) > 3  # unequal trained tokens per sample
+    model = apply_method(load_model(plan, torch.device("cpu")), plan.config.method)
+    _, right = global_mean_grads(plan, range(8), model)
+    per_sample = [global_mean_grads(plan, [i], model)[1] for i in range(8)]
+    wrong = {k: sum(g[k] for g in per_sample) / 8 for k in right}
+    scale = max(float(g.abs().max()) for g in right.values())
+    assert max_diff(right, wrong) > 100 * TOL * max(scale, 1.0)
+    # and a constant factor (the other common bug) is just as visible
+    doubled = {k: 2 * g for k, g in right.items()}
+    assert max_diff(right, doubled) > 100 * TOL * max(scale, 1.0)
+
+
+def global_norm(grads: dict[str, torch.Tensor]) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])))
+
+
+LR = 0.5  # large, so the weight change stands far above float rounding of the weights
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"micro_batch_size": 1, "gradient_accumulation_steps": 8},
+        {"micro_batch_size": 8, "gradient_accumulation_steps": 1},
+        {"micro_batch_size": 2, "gradient_accumulation_steps": 4, "chunked": False},
+    ],
+    ids=["accumulate-8", "one-batch", "2x4-full-logits"],
+)
+def test_first_step_gradient_is_the_global_token_mean(tmp_path, tiny_llama, layout):
+    """One plain SGD step (no momentum yet on step 1, no clipping): the weight change is exactly
+    -lr times the gradient, which must equal the gradient of the token-mean cross-entropy
+    over the step's 8 samples computed here from the model's logits; the logged grad_norm is
+    its norm. A constant factor anywhere in the loss normalisation fails this, in every layout."""
+    layout = dict(layout)
+    chunked = layout.pop("chunked", True)
+    plan = make_plan(
+        tmp_path,
+        tiny_llama,
+        method="full",
+        n=8,  # one global batch of 8 = every sample, in whatever order
+        torch_opts={"chunked_loss": chunked},
+        train={
+            "max_steps": 1,
+            "optimizer": "sgd",
+            "learning_rate": LR,
+            "lr_scheduler": "constant",
+            "max_grad_norm": None,
+            **layout,
+        },
+    )
+    loss, expected = global_mean_grads(plan, range(8))
+    trainer = Trainer(plan, events_for(plan))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    fit(trainer)
+    got = {n: (before[n] - p.detach()) / LR for n, p in trainer.model.named_parameters()}
+    scale = max(float(g.abs().max()) for g in expected.values())
+    norm = global_norm(expected)
+    worst = max_diff(got, expected)
+    assert worst < 1e-4 * scale, (
+        f"step-1 gradient differs from the global token mean's by {worst:.3g} (largest entry "
+        f"{scale:.3g}); norm ratio {global_norm(got) / norm:.4f}"
+    )
+    (row,) = [r for r in read_metrics(plan.run_dir) if "grad_norm" in r]
+    assert row["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    assert row["loss"] == pytest.approx(loss, rel=1e-5)
 
 
 def loss_and_grads(model, batch, settings):

@@ -150,3 +150,69 @@ def test_split_refuses_conversations(tiny_tokenizer: Path, tmp_path: Path) -> No
     cfg = make_config(tmp_path, {"train": str(src), "max_seq_len": 32, "length_policy": "split"})
     with pytest.raises(SftError, match="split only applies to the text format"):
         prepare_data(cfg, resolved(tiny_tokenizer))
+
+
+def test_summary_line_reads_as_documented() -> None:
+    """The one line a user reads before training (and in the "no training samples left"
+    error), literally. (`make mutate` found it unchecked.)"""
+    from sft.data.accounting import summary_line
+
+    acc = {
+        "records": 9,
+        "trained": 5,
+        "truncated": 2,
+        "split": 0,
+        "dropped": {"too_long": 1},
+        "rejected": {"malformed_json": 2, "empty_content": 1},
+        "samples": 6,
+    }
+    assert summary_line(acc, "train") == (
+        "train: 9 records -> 5 trained (2 truncated), 1 dropped (too_long 1), "
+        "3 rejected (malformed_json 2, empty_content 1); 6 samples"
+    )
+    acc = {"records": 4, "trained": 4, "truncated": 1, "split": 3, "dropped": {}, "rejected": {}}
+    assert summary_line({**acc, "samples": 7}) == (
+        "data: 4 records -> 4 trained (1 truncated, 3 split), 0 dropped, 0 rejected; 7 samples"
+    )
+
+
+def test_accounting_counts_each_outcome_and_stops_on_error(tmp_path: Path) -> None:
+    """The counters themselves, without the pipeline around them."""
+    from sft.data.accounting import Accounting
+    from sft.data.conversation import RecordError
+
+    acc = Accounting(on_bad_record="skip")
+    acc.keep(pieces=1, truncated=False)
+    acc.keep(pieces=3, truncated=False)  # split into 3 samples
+    acc.keep(pieces=1, truncated=True)
+    acc.drop("a.jsonl:4", "too_long")
+    acc.drop("a.jsonl:5", "too_long")
+    acc.drop("a.jsonl:6", "no_trained_tokens")
+    acc.reject("a.jsonl:7", RecordError("malformed_json", "line 1 col 3"))
+    acc.reject("a.jsonl:8", RecordError("malformed_json"))
+    assert acc.as_dict() == {
+        "records": 8,
+        "trained": 3,
+        "samples": 5,
+        "truncated": 1,
+        "split": 1,
+        "dropped": {"no_trained_tokens": 1, "too_long": 2},
+        "rejected": {"malformed_json": 2},
+    }
+    acc.write_rejects(tmp_path / "rejects.jsonl")
+    lines = [json.loads(x) for x in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert lines == [
+        {"where": "a.jsonl:7", "reason": "malformed_json", "detail": "line 1 col 3"},
+        {"where": "a.jsonl:8", "reason": "malformed_json", "detail": "malformed_json"},
+    ]
+    strict = Accounting()  # on_bad_record: error is the default
+    with pytest.raises(SftError) as err:
+        strict.reject("b.jsonl:2", RecordError("unknown_role", "role 'wizard'"))
+    assert str(err.value) == (
+        "b.jsonl:2: bad record (unknown_role): role 'wizard'. Fix the record, or set "
+        "data.on_bad_record: skip to count and skip bad records (written to rejects.jsonl)"
+    )
+    assert strict.records == 0
+    acc.records += 1  # a record counted but never classified is an accounting bug
+    with pytest.raises(AssertionError, match="accounting bug: 8 != 9"):
+        acc.as_dict()

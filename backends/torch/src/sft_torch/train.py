@@ -47,6 +47,7 @@ from sft_torch.model import (
 )
 from sft_torch.optim import build_optimizer, build_scheduler
 from sft_torch.outputs import save_final
+from sft_torch.sample_log import SampleLog
 
 #: GradScaler's first loss scale in fp16 runs (torch's default); it halves on every overflow
 #: and doubles after 2000 clean steps
@@ -125,6 +126,7 @@ class Trainer:
             or min(torch.get_num_threads(), runtime.physical_cores())
         )
         self.rank, self.world = runtime.dist_info()
+        self.sample_log = SampleLog(plan.run_dir, self.rank)
         if self.world != cfg.parallel.world_size:
             raise SftError(
                 f"parallel: the config asks for {cfg.parallel.world_size} processes but this is "
@@ -232,6 +234,7 @@ class Trainer:
         # sft_torch.distributed: the same number of micro-batches on every rank (weight 0 pads a
         # short shard); the forward runs through the DDP/FSDP2 wrapper; grads sync on the last
         mbs = distributed.rank_micro_batches(self.schedule, step_rows)
+        self.sample_log.write(step, mbs)  # SFT_LOG_SAMPLE_IDS=1 only (sft_torch.sample_log)
         if self.micro_batch_threads > 1:  # the same sums, micro-batches on concurrent threads
             loss_sum, tokens = self._concurrent_micro_batches(mbs, step, scale)
         else:
