@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -162,7 +162,7 @@ class DDPEngine(Engine):
         # runs outside the wrapper, where an unmatched broadcast would hang.
         # (torch >= 2.13 renamed broadcast_buffers to forward_sync_buffers)
         new = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
-        sync = {"forward_sync_buffers" if new else "broadcast_buffers": False}
+        sync: dict[str, Any] = {"forward_sync_buffers" if new else "broadcast_buffers": False}
         self.ddp = DDP(ForwardRoot(model), device_ids=ids, **sync)
 
     def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -185,7 +185,7 @@ def full_options(cpu_offload: bool = True, strict: bool = True, broadcast: bool 
     )
 
 
-def swap_parameters(model: nn.Module, full: dict[str, torch.Tensor]) -> list[Any]:
+def swap_parameters(model: nn.Module, full: Mapping[str, Any]) -> list[Any]:
     """Replace each parameter named in `full` by a plain Parameter holding the whole tensor
     (tied parameters stay tied); returns what to put back (FSDP2 and ZeRO-3 `full_weights`)."""
     by_id: dict[int, nn.Parameter] = {}
@@ -194,8 +194,8 @@ def swap_parameters(model: nn.Module, full: dict[str, torch.Tensor]) -> list[Any
             by_id[id(param)] = nn.Parameter(full[name], requires_grad=param.requires_grad)
     originals = []
     for mod in model.modules():
-        for name, param in list(mod._parameters.items()):
-            if param is not None and id(param) in by_id:
-                originals.append((mod, name, param))
-                mod._parameters[name] = by_id[id(param)]
+        for name, held in list(mod._parameters.items()):
+            if held is not None and id(held) in by_id:
+                originals.append((mod, name, held))
+                mod._parameters[name] = by_id[id(held)]
     return originals

@@ -352,7 +352,7 @@ def checkpointing_enabled(model: Any) -> bool:
     flag = getattr(type(lm), "is_activation_checkpointing", None)  # transformers >= 5
     if flag is None:
         flag = getattr(type(lm), "is_gradient_checkpointing", None)
-    return bool(flag.fget(lm)) if isinstance(flag, property) else False
+    return bool(flag.fget(lm)) if isinstance(flag, property) and flag.fget else False
 
 
 def enable_checkpointing(lm: Any) -> None:
