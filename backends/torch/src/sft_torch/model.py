@@ -3,6 +3,7 @@
     lm = load_model(plan, device)     # AutoModelForCausalLM on `device`, safetensors only unless
                                       # model.allow_pickle, trust_remote_code only if asked
     decoder, head = split_model(lm)   # backbone (hidden states) and output head, for the loss
+    enable_checkpointing(lm)          # recompute activations in backward (train.gradient_...)
 
 The method (full / lora / qlora / freeze) is applied afterwards by `sft_torch.methods`.
 """
@@ -201,6 +202,25 @@ def split_model(model: Any) -> tuple[Any, Any]:
     lm = causal_lm(model)
     decoder = getattr(lm, lm.base_model_prefix)
     return decoder, lm.get_output_embeddings()
+
+
+def checkpointing_enabled(model: Any) -> bool:
+    """Whether the transformers model recomputes activations in backward."""
+    lm = causal_lm(model)
+    flag = getattr(type(lm), "is_activation_checkpointing", None)  # transformers >= 5
+    if flag is None:
+        flag = getattr(type(lm), "is_gradient_checkpointing", None)
+    return bool(flag.fget(lm)) if isinstance(flag, property) and flag.fget else False
+
+
+def enable_checkpointing(lm: Any) -> None:
+    """Recompute decoder-layer activations in backward. Non-reentrant: works with frozen inputs
+    (LoRA) without enable_input_require_grads. (transformers 5 renamed the method.)"""
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def cast_frozen_linears(model: Any, dtype: torch.dtype) -> int:

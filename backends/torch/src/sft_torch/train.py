@@ -4,11 +4,13 @@ Called by `sft run` (`sft.run.run` -> `TorchBackend.train`); to run one by hand:
 
     $ sft run --config configs/smollm2-135m/lora.yaml torch.device=cpu train.max_steps=20
 
-Flow: seed -> load model (sft_torch.model) -> apply method (sft_torch.methods) -> AdamW + LR
-schedule (sft_torch.optim) -> resume (sft_torch.checkpoint) -> for each optimizer step: the
-shared batching's rows (sft_torch.data), forward + token-summed loss per micro-batch
-(sft_torch.loss), one backward per micro-batch scaled by the trained tokens of the WHOLE global
-batch, clip, step -> log / eval / checkpoint -> final weights (sft_torch.outputs) + loss.png.
+Flow: seed -> resolve the speed levers (sft_torch.levers) -> load model (sft_torch.model) ->
+apply method (sft_torch.methods) and levers -> wrap for the strategy (sft_torch.strategy) ->
+AdamW + LR schedule (sft_torch.optim) -> resume (sft_torch.checkpoint) -> for each optimizer
+step: the shared batching's rows (sft_torch.data), forward + token-summed loss per micro-batch
+(sft_torch.loss; on threads: sft_torch.micro_batch_threads), one backward per micro-batch scaled
+by the trained tokens of the WHOLE global batch, clip, step -> log / eval / checkpoint -> final
+weights (sft_torch.outputs) + loss.png.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ from sft_torch.loss import LossSettings, batch_loss, eval_loss
 from sft_torch.methods import apply_method, count_params
 from sft_torch.model import (
     cast_frozen_linears,
-    causal_lm,
     check_weights_precision,
+    checkpointing_enabled,
     compile_layers,
+    enable_checkpointing,
     load_model,
     logits_are_plain,
     master_weights,
@@ -235,7 +238,7 @@ class Trainer:
         step = pos.global_step + 1
         split, pad = self.plan.data.train, self.plan.data.pad_id
         n_global = count_trained(split, step_rows)
-        scale = self.world / max(n_global, 1)  # DDP averages gradients over ranks
+        norm = self.world / max(n_global, 1)  # DDP averages gradients over ranks
         # sft_torch.distributed: the same number of micro-batches on every rank (weight 0 pads a
         # short shard); the forward runs through the DDP/FSDP2 wrapper; grads sync on the last
         mbs = distributed.rank_micro_batches(self.schedule, step_rows)
@@ -245,7 +248,7 @@ class Trainer:
             loss, _ = self.engine.forward(batch_loss, batch, self.loss_settings)
             loss = self.guard.poison(loss, step) * weight
             tokens = int(batch["attention_mask"].sum()) * int(weight)
-            return loss, self.scaler.scale(loss * scale), tokens
+            return loss, self.scaler.scale(loss * norm), tokens
 
         if self.micro_batch_threads > 1:  # the same sums, micro-batches on concurrent threads
             loss_sum, tokens = micro_batch_threads.run(
@@ -344,25 +347,6 @@ class Trainer:
             "strategy": self.engine.strategy,
             "deterministic": torch.are_deterministic_algorithms_enabled(),
         }
-
-
-def checkpointing_enabled(model: Any) -> bool:
-    """Whether the transformers model recomputes activations in backward."""
-    lm = causal_lm(model)
-    flag = getattr(type(lm), "is_activation_checkpointing", None)  # transformers >= 5
-    if flag is None:
-        flag = getattr(type(lm), "is_gradient_checkpointing", None)
-    return bool(flag.fget(lm)) if isinstance(flag, property) and flag.fget else False
-
-
-def enable_checkpointing(lm: Any) -> None:
-    """Recompute decoder-layer activations in backward. Non-reentrant: works with frozen inputs
-    (LoRA) without enable_input_require_grads. (transformers 5 renamed the method.)"""
-    kwargs = {"use_reentrant": False}
-    if hasattr(lm, "activation_checkpointing_enable"):
-        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def progress_bar(trainer: Trainer, start: Position) -> Any:
