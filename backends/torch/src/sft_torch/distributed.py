@@ -76,7 +76,9 @@ def group_info() -> tuple[int, int]:
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    """This process's rank on its node: torchrun's LOCAL_RANK, else the process-group rank
+    (0 without a group)."""
+    return int(os.environ.get("LOCAL_RANK", group_info()[0]))
 
 
 def is_main() -> bool:

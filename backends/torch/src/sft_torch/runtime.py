@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from sft.errors import SftError
 
-from sft_torch.distributed import group_info
+from sft_torch.distributed import local_rank
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: `model.dtype` values that fix the compute precision when `train.precision` is `auto`
@@ -44,8 +44,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda":
         # this node's GPU for this process: torchrun's LOCAL_RANK (the global rank would pick
         # the wrong one when a node runs fewer processes than it has GPUs)
-        local = int(os.environ.get("LOCAL_RANK", group_info()[0]))
-        return torch.device("cuda", local % torch.cuda.device_count())
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
     return torch.device(name)
 
 
