@@ -140,6 +140,7 @@ def test_model_code_shipped_with_a_checkpoint_does_not_run_by_default(
 ) -> None:
     pytest.importorskip("torch")
     from sft_torch.model import load_model
+    from sft_torch.options import TorchOptions
 
     model = tmp_path / "remote"
     shutil.copytree(tiny_llama, model)
@@ -157,7 +158,7 @@ def test_model_code_shipped_with_a_checkpoint_does_not_run_by_default(
     assert config.model.trust_remote_code is False
     plan = SimpleNamespace(
         config=config,
-        options=SimpleNamespace(attn_implementation="auto"),
+        options=TorchOptions.model_validate(config.options),
         model=SimpleNamespace(path=model),
     )
     import torch

@@ -79,7 +79,7 @@ def assert_close(run_dir: Path, ref: Path, tol: float = 5e-5) -> None:
 
 def test_a_zero_checkpoint_resumes_only_with_its_strategy_and_world_size() -> None:
     from sft_torch.deepspeed import DeepSpeedEngine
-    from sft_torch.distributed import Engine
+    from sft_torch.engine import Engine
 
     model = torch.nn.Linear(2, 2)
     saved = {"strategy": "zero3", "world_size": 2, "format": "deepspeed"}

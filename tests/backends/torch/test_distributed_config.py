@@ -19,6 +19,8 @@ from sft.errors import SftError  # noqa: E402
 from sft.specs import RunConfig  # noqa: E402
 from sft_torch import distributed, launch  # noqa: E402
 from sft_torch.deepspeed import ds_config  # noqa: E402
+from sft_torch.options import TorchOptions  # noqa: E402
+from sft_torch.strategy import wrap_model  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -173,7 +175,7 @@ def test_cpu_offload_is_refused_where_it_cannot_work(
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     plan = SimpleNamespace(config=spec(strategy=strategy, cpu_offload=True))
     with pytest.raises(SftError, match=message):
-        distributed.wrap_model(torch.nn.Linear(2, 2), plan, torch.device("cpu"))
+        wrap_model(torch.nn.Linear(2, 2), plan, torch.device("cpu"))
 
 
 def error_file(path: Path, message: str, mtime: float) -> str:
@@ -205,7 +207,7 @@ def test_the_launcher_refuses_what_a_strategy_cannot_do_before_starting_processe
 ) -> None:
     config = spec(strategy="zero2")
     config.train.nan_policy = "skip"
-    plan = SimpleNamespace(config=config, options=SimpleNamespace(device="cpu"), run_dir=tmp_path)
+    plan = SimpleNamespace(config=config, options=TorchOptions(device="cpu"), run_dir=tmp_path)
     with pytest.raises(SftError, match=r"train\.nan_policy: skip cannot hold back an update"):
         launch.launch(plan)
     assert not (tmp_path / "logs").exists()  # nothing was started

@@ -1,4 +1,4 @@
-"""`torch.fast_dropout` (sft_torch.model.FastDropout): CPU dropout masks from 16-bit lanes.
+"""`torch.fast_dropout` (sft_torch.dropout.FastDropout): CPU dropout masks from 16-bit lanes.
 
     $ .venvs/torch/bin/python -m pytest tests/backends/torch/test_fast_dropout.py
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sft_torch.model import FastDropout, use_fast_dropout
+from sft_torch.dropout import FastDropout, use_fast_dropout
 from sft_torch.train import Trainer
 
 from tests.backends.torch.conftest import events_for, make_plan

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.torch
 
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
+from sft_torch.dropout import use_fast_dropout  # noqa: E402
 from sft_torch.lora import FusedLoraLinear, use_fused_lora  # noqa: E402
-from sft_torch.model import use_fast_dropout  # noqa: E402
 
 
 class Net(nn.Module):

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import resource
 import tempfile
 import time
@@ -99,20 +98,6 @@ def compute_key(precision: str, device_type: str, tf32: bool | None = None) -> s
 
 
 # ------------------------------------------------------------------------------ machine rate
-
-
-def physical_cores() -> int:
-    """Physical cores (hyper-threads share one core's FPUs, so more threads than this only add
-    contention to GEMMs)."""
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-        if n:
-            return int(n)
-    except ImportError:
-        pass
-    return os.cpu_count() or 1
 
 
 def probe_size(dtype: Any, device: Any, seconds: float, largest: int = GEMM_SIZE) -> int:
@@ -386,12 +371,14 @@ def peak_memory(device: Any) -> dict[str, float]:
 
 @dataclass
 class Setup:
-    """The run's settings that matter for speed, as the loop resolved them."""
+    """The run's settings that matter for speed, resolved as the loop will resolve them."""
 
     device: Any
     threads: int
     precision: str
     levers: dict[str, Any] = field(default_factory=dict)
+    """`sft_torch.levers.resolve_levers` before the model is loaded; the report shows them as
+    the loop reported them at train start (`Trainer.info`)."""
     device_name: str = ""
     """torch.cuda.get_device_name() on a GPU, for the peak table; "" on CPU."""
     compute: str = ""
@@ -399,32 +386,28 @@ class Setup:
 
 
 def setup(plan: Any) -> Setup:
-    """Resolve device, precision and threads exactly as the loop will (`sft_torch.runtime`)."""
+    """Resolve device, precision and levers exactly as the loop will (`sft_torch.runtime`,
+    `sft_torch.levers`), and use the loop's threads for the GEMM probe."""
     import torch
 
     from sft_torch import runtime
+    from sft_torch.levers import resolve_levers
+    from sft_torch.options import torch_options
 
-    opts, cfg = plan.options, plan.config
-    device = runtime.resolve_device(opts.device)
-    threads = getattr(opts, "num_threads", None) or physical_cores()
-    torch.set_num_threads(threads)  # the loop sets it again only when torch.num_threads is set
+    cfg = plan.config
+    device = runtime.resolve_device(torch_options(plan).device)
     precision = runtime.resolve_precision(cfg.train.precision, device, cfg.model.dtype)
-    levers = {
-        "packing": plan.packing,
-        "group_by_length": cfg.data.group_by_length and not plan.packing,
-        "chunked_loss": opts.chunked_loss,
-        "fused_loss": opts.chunked_loss and getattr(opts, "fused_loss", False),
-        "gradient_checkpointing": cfg.train.gradient_checkpointing,
-        "compile": getattr(opts, "compile", False),
-        "bf16_frozen_weights": getattr(opts, "bf16_frozen_weights", False)
-        and cfg.method.name == "lora"
-        and precision == "bf16",
-        "fast_dropout": getattr(opts, "fast_dropout", False) and device.type == "cpu",
-        "micro_batch_size": cfg.train.micro_batch_size,
-        "attn_implementation": opts.attn_implementation,
-    }
+    levers = resolve_levers(plan, device, precision, cfg.parallel.world_size)
+    torch.set_num_threads(levers.threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return Setup(device, threads, precision, levers, name, compute_key(precision, device.type))
+    return Setup(
+        device,
+        levers.threads,
+        precision,
+        {k: v for k, v in levers.report().items() if k != "threads"},
+        name,
+        compute_key(precision, device.type),
+    )
 
 
 def run_bench(
@@ -519,14 +502,9 @@ def report(
         "precision": st.precision,
         "threads": st.threads,
         "cpu_features": cpu_features() if st.device.type == "cpu" else [],
-        # packed_attention is resolved by the loop for the loaded model (`auto` -> a mode)
-        "levers": {
-            **st.levers,
-            "packed_attention": events.info.get("packed_attention"),
-            "release_memory": events.info.get("release_memory"),
-            "fused_lora": events.info.get("fused_lora"),
-            "micro_batch_threads": events.info.get("micro_batch_threads"),
-        },
+        # as the loop applied them (`auto` resolved for the loaded model: packed attention,
+        # attention kernel, micro-batch threads ...)
+        "levers": {k: events.info.get(k, v) for k, v in st.levers.items()},
         "steps": len(work),
         "measured_steps": len(steady),
         "trained_tokens_per_s": trained / seconds,

@@ -33,6 +33,7 @@ from sft.checkpoints import atomic_checkpoint, checkpoint_dir, read_meta
 from sft.data.schedule import Position, Schedule
 from sft.errors import SftError
 
+from sft_torch.distributed import all_gather_object, barrier, broadcast_object
 from sft_torch.runtime import rng_state, set_rng_state
 
 #: Fingerprint entries that change which rows a step trains on, or what the weights mean.
@@ -57,12 +58,12 @@ class TrainState:
     scheduler: Any
     rank: int = 0
     engine: Any = None
-    """sft_torch.distributed engine (DDP / FSDP2); None: a single process."""
+    """sft_torch.engine engine (DDP / FSDP2 / ZeRO); None: a single process."""
     scaler: Any = None
     """The fp16 run's torch.amp.GradScaler; None when no loss scaling."""
 
     def dist(self) -> Any:
-        from sft_torch.distributed import Engine
+        from sft_torch.engine import Engine
 
         return self.engine or Engine(self.model)
 
@@ -95,7 +96,7 @@ def save_checkpoint(
     engine = state.dist()
     if engine.checkpoint_format == "deepspeed":
         return _save_deepspeed(state, run_dir, position, fp, keep_last)
-    optimizer = engine.optimizer_state(state.optimizer)  # sft_torch.distributed: whole state
+    optimizer = engine.optimizer_state(state.optimizer)  # sft_torch.engine: whole state
     rngs = rank_rng_states()  # collective: rank 0 saves every rank's RNG (exact DDP resume)
     with engine.full_weights():
         if state.rank != 0:
@@ -115,7 +116,7 @@ def _save_deepspeed(
     rngs = rank_rng_states()
     if state.rank != 0:
         engine.save_native(_shared_path(None) / "deepspeed")
-        _barrier()  # rank 0 completes the directory after this
+        barrier()  # rank 0 completes the directory after this
         return None
     meta = {"position": position.as_dict(), "fingerprint": fp, "parallel": engine.describe()}
     with atomic_checkpoint(run_dir, position.global_step, meta, keep_last=keep_last) as tmp:
@@ -124,34 +125,20 @@ def _save_deepspeed(
         torch.save(state.scheduler.state_dict(), tmp / "scheduler.pt")
         for rank, rng in enumerate(rngs):
             torch.save(rng, tmp / f"rng-rank{rank}.pt")
-        _barrier()  # every rank's partitions are written
+        barrier()  # every rank's partitions are written
     return checkpoint_dir(run_dir, position.global_step)
 
 
 def _shared_path(path: Path | None) -> Path:
     """Rank 0's `path`, on every rank."""
-    box = [str(path) if path is not None else None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return Path(box[0])  # type: ignore[arg-type]
-
-
-def _barrier() -> None:
-    from sft_torch.distributed import barrier
-
-    barrier()
+    return Path(broadcast_object(str(path) if path is not None else None, src=0))
 
 
 def rank_rng_states() -> list[dict[str, Any]]:
     """The RNG state of every rank, in rank order (a collective when world > 1). Each rank's
     dropout draws from its own generators, so resuming only rank 0's would make the other
     ranks replay their first steps' randomness (found by tests/reliability, DDP resume)."""
-    mine = rng_state()
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return [mine]
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, mine)
-    return states
+    return all_gather_object(rng_state())
 
 
 def _write(

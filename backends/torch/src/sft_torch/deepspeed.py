@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 for the torch backend: the JSON config generated from the neutral
-job spec, and the engine the training loop drives (`sft_torch.distributed.Engine` interface).
+job spec, and the engine the training loop drives (`sft_torch.engine.Engine` interface).
 
     $ pip install "sft-torch[deepspeed]"
     $ sft run --config cfg.yaml parallel.nproc_per_node=8 parallel.strategy=zero3 \\
@@ -29,7 +29,8 @@ from sft.errors import SftError
 from sft.specs import RunConfig
 from torch import nn
 
-from sft_torch.distributed import Engine, ForwardRoot, world_size
+from sft_torch.distributed import env_world_size, world_size
+from sft_torch.engine import Engine, ForwardRoot, swap_parameters
 
 
 def ds_config(config: RunConfig, accumulation: int, world: int, precision: str) -> dict[str, Any]:
@@ -215,8 +216,6 @@ class DeepSpeedEngine(Engine):
         if self.config["zero_optimization"].get("stage") != 3:
             yield
             return
-        from sft_torch.fsdp import swap_parameters
-
         full = self.engine()._zero3_consolidated_16bit_state_dict()  # None unless rank 0
         if full is None:
             yield
@@ -243,8 +242,6 @@ def wrap(
 
 def partitions_at_load(config: RunConfig) -> bool:
     """Whether the model is built partitioned (`zero3_loading`): ZeRO-3 with several processes."""
-    from sft_torch.distributed import env_world_size
-
     return (
         env_world_size() > 1
         and config.parallel.strategy == "zero3"

@@ -1,7 +1,8 @@
-"""Data parallelism for the torch backend: the process group, ranks, how a global step is
-split over ranks, and the `Engine` the training loop calls instead of touching
-torch.distributed itself: single process and DDP here, FSDP2 in `sft_torch.fsdp`, DeepSpeed
-ZeRO-2/3 in `sft_torch.deepspeed`.
+"""Data parallelism for the torch backend: the process group, ranks, collectives, and how a
+global step is split over ranks. Nothing else in `sft_torch` asks torch.distributed for a rank
+or calls a collective itself; the engines that wrap the model for a strategy are
+`sft_torch.engine` (single process, DDP), `sft_torch.fsdp` and `sft_torch.deepspeed`, chosen by
+`sft_torch.strategy.wrap_model`.
 
     $ sft run --config configs/smollm2-135m/lora.yaml parallel.nproc_per_node=2     # torchrun
     $ torchrun --nproc_per_node 8 -m sft run --config cfg.yaml parallel.nproc_per_node=8
@@ -9,20 +10,10 @@ ZeRO-2/3 in `sft_torch.deepspeed`.
 Inside each process (started by torchrun; see `sft_torch.launch` for how `sft run` starts them):
 
     init_process_group(plan)                    # gloo on CPU, nccl on CUDA, with a timeout
-    engine = wrap_model(model, plan, device)    # before the optimizer: FSDP2 swaps in DTensors
-    engine.attach_optimizer(optimizer)          # DeepSpeed wraps it; a no-op otherwise
+    rank, world = group_info()                  # (0, 1) without a process group
     for mb, weight in rank_micro_batches(schedule, step_rows):     # same count on every rank
-        with engine.accumulate(last=...):                          # DDP no_sync / FSDP2 sync
-            loss, n = engine.forward(batch_loss, batch, settings)  # through DDP / FSDP root
-            engine.backward(loss * weight * world / n_global)
-    grad_norm = engine.clip_grad_norm(params, max_norm)            # DTensor-aware
-    engine.optimizer_step(scaler, optimizer)
-    with engine.full_weights():  save on rank 0                    # FSDP2: gathered shards
-
-Why the loss goes through `engine.forward(fn, ...)`: the chunked loss calls the decoder and the
-output head separately, but DDP only syncs gradients of forwards that run through the DDP
-wrapper, and FSDP2's root unshards the embeddings/head only in the root module's forward. So the
-wrapper is a tiny root module whose forward runs `fn(model, *args)`.
+        ...                                     # forward / backward through the engine
+    loss_sum, tokens = all_reduce_sum([loss_sum, tokens], device)
 
 Every rank computes the same loss normalizer (trained tokens of the whole global batch) from
 the plan, without communication; DDP/FSDP average gradients over ranks, so the loop multiplies
@@ -31,11 +22,8 @@ by the world size to get the exact global token mean at any world size.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import math
 import os
-from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -46,7 +34,8 @@ from sft.data.batching import Row, micro_batches, shard_for_rank
 from sft.data.cache import IGNORE_INDEX
 from sft.errors import SftError
 from sft.specs import RunConfig
-from torch import nn
+
+from sft_torch.options import torch_options
 
 #: Seconds a collective may wait before the process group gives up (a dead peer never hangs a
 #: job forever; torchrun's agent normally stops the others within seconds of a crash).
@@ -78,8 +67,18 @@ def world_size() -> int:
     return env_world_size()
 
 
+def group_info() -> tuple[int, int]:
+    """(rank, world size) of the process group this process joined; (0, 1) without one (unlike
+    `rank()` / `world_size()`, which fall back to torchrun's environment)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    """This process's rank on its node: torchrun's LOCAL_RANK, else the process-group rank
+    (0 without a group)."""
+    return int(os.environ.get("LOCAL_RANK", group_info()[0]))
 
 
 def is_main() -> bool:
@@ -113,8 +112,7 @@ def init_process_group(plan: TrainPlan) -> bool:
     if world == 1 or dist.is_initialized():
         return False
     check_world(plan, world)
-    device_option = getattr(plan.options, "device", "auto")
-    if uses_cuda(device_option):
+    if uses_cuda(torch_options(plan).device):
         # before init: nccl binds each process to the device it is using
         torch.cuda.set_device(local_rank() % max(torch.cuda.device_count(), 1))
         backend = "nccl"
@@ -148,6 +146,53 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def collective_device() -> torch.device | None:
+    """Where a tensor for a collective must live, or None in a single process."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest `value` over all ranks (itself in a single process)."""
+    device = collective_device()
+    if device is None:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def broadcast_int(value: int, src: int = 0) -> int:
+    """Rank `src`'s `value` on every rank (itself in a single process)."""
+    device = collective_device()
+    if device is None:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=src)
+    return int(t.item())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s picklable `obj` on every rank (itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order ([obj] in a single process)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # -------------------------------------------------------------------------------- batches
@@ -202,158 +247,7 @@ def reduce_eval(result: dict[str, float], device: torch.device) -> dict[str, flo
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": count}
 
 
-# -------------------------------------------------------------------------------- engines
-
-
-class ForwardRoot(nn.Module):
-    """The module DDP / FSDP2 wrap: its forward runs `fn(model, *args)`, so a loss that calls
-    the model's pieces (decoder, head) still runs inside one wrapped forward."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return fn(self.model, *args, **kwargs)
-
-
-class Engine:
-    """Single process: plain calls. Subclasses add the strategy's communication."""
-
-    strategy = "single"
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """`fn(model, *args)` for training (gradients flow, and sync where the strategy does)."""
-        return fn(self.model, *args, **kwargs)
-
-    def evaluate(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """`fn(model, *args)` without gradients (eval, generation)."""
-        with torch.no_grad():
-            return fn(self.model, *args, **kwargs)
-
-    def accumulate(self, last: bool) -> contextlib.AbstractContextManager[Any]:
-        """Context for one micro-batch's forward + backward; gradients sync only when `last`."""
-        return contextlib.nullcontext()
-
-    owns_loss_scaling = False  # True: the engine scales fp16 losses, not torch.amp
-
-    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Called once the loop has built its optimizer (DeepSpeed wraps it)."""
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
-    def optimizer_step(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
-        scaler.step(optimizer)
-
-    @contextlib.contextmanager
-    def full_weights(self) -> Iterator[None]:
-        """Inside, `self.model`'s parameters are whole ordinary tensors (for saving)."""
-        yield
-
-    # checkpoints: "whole" tensors and an index-keyed optimizer state (one process, DDP)
-    checkpoint_format = "whole"
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "strategy": self.strategy,
-            "world_size": world_size(),
-            "format": self.checkpoint_format,
-        }
-
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        return optimizer.state_dict()
-
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        if keyed_by_name(state):  # written by FSDP2: whole tensors keyed by parameter name
-            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-            set_optimizer_state_dict(self.model, optimizer, state, options=full_options(False))
-        else:
-            optimizer.load_state_dict(state)
-
-    #: Whether only rank 0 reads a checkpoint's files (the engine sends the other ranks their
-    #: part); else every rank reads them.
-    loads_on_rank0 = False
-
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor)
-
-    def check_resume(self, saved: dict[str, Any], ckpt: Any) -> None:
-        """Every checkpoint format sft writes holds whole tensors and a global data position,
-        so any strategy resumes it at any world size; refuse only what is not such a file."""
-        fmt = saved.get("format", "whole")
-        if fmt == "deepspeed":
-            raise SftError(
-                f"checkpoint.resume: {ckpt} is a DeepSpeed checkpoint (per-rank partitions); "
-                f"resume it with parallel.strategy={saved.get('strategy')} on "
-                f"{saved.get('world_size')} processes, not parallel.strategy {self.strategy}"
-            )
-        if fmt not in ("whole", "fsdp-full"):
-            raise SftError(
-                f"checkpoint.resume: {ckpt} has checkpoint format {fmt!r} (strategy "
-                f"{saved.get('strategy')}), which this version of sft cannot resume"
-            )
-
-
-def keyed_by_name(state: dict[str, Any]) -> bool:
-    return any(isinstance(k, str) for k in state.get("state", {}))
-
-
-def by_name(
-    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
-) -> dict[str, Any]:
-    """An index-keyed optimizer state (torch's own `state_dict()`) keyed by parameter name
-    instead. Index i is the i-th parameter of the optimizer's groups, which sft builds in the
-    same order whatever the strategy."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    ordered = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    groups = [{**g, "params": [ordered[i] for i in g["params"]]} for g in state["param_groups"]]
-    return {"state": {ordered[i]: v for i, v in state["state"].items()}, "param_groups": groups}
-
-
-class DDPEngine(Engine):
-    strategy = "ddp"
-
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
-        super().__init__(model)
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [device.index] if device.type == "cuda" else None
-        # No buffer sync in forward: buffers (rotary tables) are identical everywhere, and eval
-        # runs outside the wrapper, where an unmatched broadcast would hang.
-        # (torch >= 2.13 renamed broadcast_buffers to forward_sync_buffers)
-        new = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
-        sync = {"forward_sync_buffers" if new else "broadcast_buffers": False}
-        self.ddp = DDP(ForwardRoot(model), device_ids=ids, **sync)
-
-    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return self.ddp(fn, *args, **kwargs)
-
-    def accumulate(self, last: bool) -> contextlib.AbstractContextManager[Any]:
-        return contextlib.nullcontext() if last else self.ddp.no_sync()
-
-
-def full_options(cpu_offload: bool = True, strict: bool = True, broadcast: bool = False) -> Any:
-    """Whole (unsharded) state dicts. `broadcast`: loading, only rank 0 holds the whole state
-    and torch sends each rank its shards, one tensor at a time."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(
-        full_state_dict=True,
-        cpu_offload=cpu_offload,
-        strict=strict,
-        broadcast_from_rank0=broadcast,
-    )
+# ------------------------------------------------------------------------------- loading
 
 
 def loads_on_rank0(config: RunConfig) -> bool:
@@ -363,35 +257,3 @@ def loads_on_rank0(config: RunConfig) -> bool:
     shard. Not for qlora (refused with fsdp) or the other strategies."""
     par = config.parallel
     return env_world_size() > 1 and par.strategy == "fsdp" and config.method.name != "qlora"
-
-
-def check_strategy(config: RunConfig, device_type: str) -> None:
-    """What `parallel.strategy` cannot do here, said before anything is loaded: the launcher
-    calls this before starting processes, and every worker again in `wrap_model`."""
-    from sft_torch.strategy import strategy_problems
-
-    problems = strategy_problems(config, device_type)
-    if problems:
-        raise SftError("; ".join(problems))
-
-
-def wrap_model(
-    model: nn.Module, plan: TrainPlan, device: torch.device, precision: str = "fp32"
-) -> Engine:
-    """The engine for `parallel.strategy` at this world size. Call it after the method is
-    applied (LoRA/freeze) and before the optimizer is built."""
-    par = plan.config.parallel
-    if world_size() == 1:
-        return Engine(model)
-    check_strategy(plan.config, device.type)
-    if par.strategy == "ddp":
-        return DDPEngine(model, device)
-    if par.strategy == "fsdp":
-        from sft_torch.fsdp import FSDPEngine
-
-        return FSDPEngine(model, device, par.cpu_offload, from_rank0=loads_on_rank0(plan.config))
-    from sft_torch import deepspeed  # zero2 / zero3
-
-    return deepspeed.wrap(
-        model, plan.config, plan.config.train.accumulation(world_size()), world_size(), precision
-    )

@@ -4,7 +4,7 @@ whole model, and the consolidation of shards into the normal output and checkpoi
     $ sft run --config configs/smollm2-135m/full.yaml parallel.nproc_per_node=8 \\
           parallel.strategy=fsdp
 
-    engine = FSDPEngine(model, device, cpu_offload=False)   # via distributed.wrap_model
+    engine = FSDPEngine(model, device, cpu_offload=False)   # via strategy.wrap_model
     with engine.full_weights():                             # every rank: gathers the shards
         save on rank 0                                      # plain tensors there
 
@@ -21,14 +21,14 @@ import torch
 from sft.errors import SftError
 from torch import nn
 
-from sft_torch.distributed import (
+from sft_torch.distributed import broadcast_object, rank, world_size
+from sft_torch.engine import (
     Engine,
     ForwardRoot,
     by_name,
     full_options,
     keyed_by_name,
-    rank,
-    world_size,
+    swap_parameters,
 )
 
 
@@ -143,14 +143,10 @@ def same_parameters_as_rank0(model: nn.Module) -> None:
     collectives disagree in size. One known difference is repaired: a checkpoint that stores
     its output head although the config ties it loads untied on rank 0 (the empty model is
     tied), so the head gets its own parameter here. Anything else is an error naming it."""
-    import torch.distributed as dist
-
     from sft_torch.model import causal_lm
 
     mine = [n for n, _ in model.named_parameters()]  # a tied parameter is listed once
-    box = [mine]
-    dist.broadcast_object_list(box, src=0)
-    theirs = box[0]
+    theirs = broadcast_object(mine, src=0)
     if rank() == 0 or theirs == mine:
         return
     head = causal_lm(model).get_output_embeddings()
@@ -171,27 +167,7 @@ def same_rng_as_rank0() -> None:
     """Every rank continues from rank 0's CPU RNG state, as when every rank loaded the model
     itself (the same seed and the same initialisation draws everywhere): building a model on
     the meta device may draw differently from loading it."""
-    import torch.distributed as dist
-
-    box = [torch.get_rng_state()]
-    dist.broadcast_object_list(box, src=0)
-    torch.set_rng_state(box[0])
-
-
-def swap_parameters(model: nn.Module, full: dict[str, torch.Tensor]) -> list[Any]:
-    """Replace each parameter named in `full` by a plain Parameter holding the whole tensor
-    (tied parameters stay tied); returns what to put back."""
-    by_id: dict[int, nn.Parameter] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if name in full and id(param) not in by_id:
-            by_id[id(param)] = nn.Parameter(full[name], requires_grad=param.requires_grad)
-    originals = []
-    for mod in model.modules():
-        for name, param in list(mod._parameters.items()):
-            if param is not None and id(param) in by_id:
-                originals.append((mod, name, param))
-                mod._parameters[name] = by_id[id(param)]
-    return originals
+    torch.set_rng_state(broadcast_object(torch.get_rng_state(), src=0))
 
 
 def init_device_mesh(device: torch.device) -> Any:

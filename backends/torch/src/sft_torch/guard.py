@@ -31,6 +31,7 @@ from sft.data.schedule import Position
 from sft.guard import Diverged, NanPolicy, Preempted, StopSignals, injected_nan_steps
 
 from sft_torch.checkpoint import TrainState, save_checkpoint
+from sft_torch.distributed import all_reduce_max, broadcast_int
 
 __all__ = ["StepGuard", "StopSignals", "agreed_stop", "stop_for_signal"]
 
@@ -97,38 +98,18 @@ class StepGuard:
         )
 
 
-def _collective_device() -> torch.device | None:
-    """Where a tensor for a collective must live, or None in a single process."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return None
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def agreed_stop(stop: StopSignals) -> str | None:
     """The stop signal as all ranks agree on it (SIGTERM wins over SIGINT). torchrun forwards a
     SIGTERM to every worker, but they may notice it one step apart; without agreement one rank
     would stop while the others wait in the next step's all-reduce forever. Every rank must call
     this after every step."""
-    code = int(signal.Signals[stop.requested]) if stop.requested else 0
-    device = _collective_device()
-    if device is not None:
-        t = torch.tensor([code], dtype=torch.int64, device=device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        code = int(t.item())
+    code = all_reduce_max(int(signal.Signals[stop.requested]) if stop.requested else 0)
     return signal.Signals(code).name if code else None
 
 
 def _saved_already(ckpt: Path) -> bool:
     # Rank 0's view, shared with every rank: other nodes may not see rank 0's disk.
-    done = torch.tensor([int((ckpt / MARKER).is_file())], dtype=torch.int64)
-    device = _collective_device()
-    if device is not None:
-        done = done.to(device)
-        torch.distributed.broadcast(done, src=0)
-    return bool(done.item())
+    return bool(broadcast_int(int((ckpt / MARKER).is_file()), src=0))
 
 
 def stop_for_signal(

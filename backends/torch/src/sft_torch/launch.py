@@ -38,6 +38,8 @@ from sft.run import WORKER_ENV
 from sft.rundir import summary_path
 
 from sft_torch import distributed
+from sft_torch.options import torch_options
+from sft_torch.strategy import check_strategy
 
 FAULT_ENV = "SFT_FAULT_RANK"
 
@@ -137,8 +139,8 @@ def launch(plan: TrainPlan) -> TrainResult:
     from torch.distributed.run import run as torchrun
 
     par = plan.config.parallel
-    device = "cuda" if distributed.uses_cuda(getattr(plan.options, "device", "auto")) else "cpu"
-    distributed.check_strategy(plan.config, device)  # fail here, not in every worker
+    device = "cuda" if distributed.uses_cuda(torch_options(plan).device) else "cpu"
+    check_strategy(plan.config, device)  # fail here, not in every worker
     log_dir = plan.run_dir / "logs" / f"node{par.node_rank}"
     log_dir.mkdir(parents=True, exist_ok=True)
     if par.node_rank == 0:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sft_torch.model import FastDropout, drops_all, lane_drop_mask, thread_generator
+from sft_torch.dropout import FastDropout, drops_all, lane_drop_mask, thread_generator
 
 
 class _FusedLora(torch.autograd.Function):

@@ -3,6 +3,7 @@
     lm = load_model(plan, device)     # AutoModelForCausalLM on `device`, safetensors only unless
                                       # model.allow_pickle, trust_remote_code only if asked
     decoder, head = split_model(lm)   # backbone (hidden states) and output head, for the loss
+    enable_checkpointing(lm)          # recompute activations in backward (train.gradient_...)
 
 The method (full / lora / qlora / freeze) is applied afterwards by `sft_torch.methods`.
 """
@@ -10,13 +11,13 @@ The method (full / lora / qlora / freeze) is applied afterwards by `sft_torch.me
 from __future__ import annotations
 
 import contextlib
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from sft.backend import TrainPlan
 from sft.errors import SftError
+
+from sft_torch.options import torch_options
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,7 +115,7 @@ def load_kwargs(plan: TrainPlan, device: torch.device, precision: str) -> dict[s
     """`from_pretrained` arguments: the configured dtype, attention kernel and safety settings;
     for QLoRA the bitsandbytes config with the run's compute dtype (`precision`, resolved)."""
     cfg = plan.config
-    option = plan.options.attn_implementation  # type: ignore[attr-defined]
+    option = torch_options(plan).attn_implementation
     cls = model_class(str(plan.model.path), cfg.model.trust_remote_code)
     check_attn_implementation(option, cls)
     kwargs: dict[str, Any] = {
@@ -203,6 +204,25 @@ def split_model(model: Any) -> tuple[Any, Any]:
     return decoder, lm.get_output_embeddings()
 
 
+def checkpointing_enabled(model: Any) -> bool:
+    """Whether the transformers model recomputes activations in backward."""
+    lm = causal_lm(model)
+    flag = getattr(type(lm), "is_activation_checkpointing", None)  # transformers >= 5
+    if flag is None:
+        flag = getattr(type(lm), "is_gradient_checkpointing", None)
+    return bool(flag.fget(lm)) if isinstance(flag, property) and flag.fget else False
+
+
+def enable_checkpointing(lm: Any) -> None:
+    """Recompute decoder-layer activations in backward. Non-reentrant: works with frozen inputs
+    (LoRA) without enable_input_require_grads. (transformers 5 renamed the method.)"""
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def cast_frozen_linears(model: Any, dtype: torch.dtype) -> int:
     """Store the frozen nn.Linear weights in `dtype`; returns how many parameters were cast.
 
@@ -248,89 +268,3 @@ def logits_are_plain(model: Any) -> bool:
         getattr(cfg, k, None)
         for k in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
     )
-
-
-class _DropScale(torch.autograd.Function):
-    """x with the `drop` elements zeroed, times scale; saves the bool mask (1 byte an element)
-    rather than a float one. masked_fill: a multiply by a bool mask converts it to float first
-    (a full copy each way)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, drop: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(drop)
-        ctx.scale = scale
-        return x.masked_fill(drop, 0.0).mul_(scale)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        (drop,) = ctx.saved_tensors
-        return grad.masked_fill(drop, 0.0).mul_(ctx.scale), None, None
-
-
-class FastDropout(torch.nn.Dropout):
-    """Inverted dropout whose CPU mask comes from 16-bit lanes of random int64 draws.
-
-    Perf (TorchOptions.fast_dropout): on CPU, torch's dropout draws its Bernoulli mask one
-    element at a time (`bernoulli_`, ~12 ns an element on this 2-core EPYC), which made LoRA
-    dropout 8% of a SmolLM2-135M step; four 16-bit lanes of one 64-bit draw of the same generator
-    take ~2 ns an element. The drop probability is p rounded to a multiple of 2^-16 (0.05 ->
-    0.0500031) and kept outputs are scaled by 1 / (1 - that p), so the expectation is exact.
-    Seeded by torch's generator like nn.Dropout. Other devices use nn.Dropout's own kernel."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
-            return super().forward(x)
-        if drops_all(self.p):
-            return x * 0.0
-        drop, scale = lane_drop_mask(x.shape, self.p)
-        return _DropScale.apply(x, drop, scale)
-
-
-_THREAD = threading.local()
-
-
-@contextlib.contextmanager
-def dropout_generator(seed: int) -> Iterator[None]:
-    """Dropout masks drawn in this thread (FastDropout, sft_torch.lora) come from a generator
-    seeded with `seed` instead of torch's default one, so micro-batches run on concurrent
-    threads (sft_torch.train) draw the same masks whatever the threads' timing."""
-    _THREAD.generator = torch.Generator().manual_seed(seed)
-    try:
-        yield
-    finally:
-        _THREAD.generator = None
-
-
-def thread_generator() -> torch.Generator | None:
-    """The generator set by `dropout_generator` in this thread; None: torch's default."""
-    return getattr(_THREAD, "generator", None)
-
-
-def drops_all(p: float) -> bool:
-    """Whether FastDropout's p, rounded to a multiple of 2^-16, drops every element."""
-    return round(p * 65536) >= 65536
-
-
-def lane_drop_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
-    """(bool mask of the dropped elements, scale of the kept ones) for dropout p on CPU, from
-    16-bit lanes of int64 draws of torch's default generator or this thread's
-    (`dropout_generator`) (FastDropout; not `drops_all(p)`)."""
-    drop = round(p * 65536)
-    n = shape.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64)
-    bits.random_(-(2**63), 2**63 - 1, generator=thread_generator())
-    lanes = bits.view(torch.int16)[:n].view(shape)
-    # int16 lanes are uniform on [-32768, 32767]
-    return lanes < drop - 32768, 65536 / (65536 - drop)
-
-
-def use_fast_dropout(model: Any) -> int:
-    """Swap every nn.Dropout with p > 0 inside the model (peft's lora_dropout) for FastDropout;
-    returns how many were swapped. State dicts are unchanged (dropout has no state)."""
-    swapped = 0
-    for mod in list(model.modules()):
-        for name, child in list(mod.named_children()):
-            if type(child) is torch.nn.Dropout and child.p > 0:
-                setattr(mod, name, FastDropout(child.p, child.inplace))
-                swapped += 1
-    return swapped

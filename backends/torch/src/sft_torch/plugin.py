@@ -9,102 +9,24 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import sft
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from sft.backend import TrainPlan, TrainResult, require_modules
 from sft.events import RunEvents
 from sft.rundir import config_path
 from sft.specs import RunConfig
 
+# hooks of sibling modules, registered through this entry-point module
 from sft_torch.bench import sft_register_bench_command  # noqa: F401  (`sft bench`)
-from sft_torch.commands import sft_register_commands  # noqa: F401  (hooks of sibling modules,
-from sft_torch.export import sft_register_exporters  # noqa: F401   registered through this
-from sft_torch.resolve import sft_resolve_model  # noqa: F401       entry-point module)
+from sft_torch.commands import sft_register_commands  # noqa: F401
+from sft_torch.export import sft_register_exporters  # noqa: F401
+from sft_torch.options import TorchOptions  # the `torch:` section
+from sft_torch.resolve import sft_resolve_model  # noqa: F401
 
 INSTALL = "pip install torch==<version for your CUDA> && pip install -e backends/torch"
 QLORA_INSTALL = 'pip install "sft-torch[qlora]" (bitsandbytes, on a CUDA machine)'
-
-
-class TorchOptions(BaseModel):
-    """The `torch:` section of a job spec."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    """Device to train on. `auto`: cuda if available, else cpu."""
-
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    """Attention kernel passed to transformers. `auto`: sdpa where the model class has it, else
-    eager (Gemma2: soft-capped scores); the run reports the choice (`attn_implementation`)."""
-
-    chunked_loss: bool = True
-    """Compute the loss from the final hidden states in chunks of trained positions, so the full
-    [tokens x vocab] fp32 logits never exist at once (and masked prompt tokens cost no head
-    matmul). `false`: the model's own forward with full logits."""
-
-    loss_chunk_size: int = Field(1024, gt=0)
-    """Trained positions per chunk of the chunked loss."""
-
-    fused_loss: bool = True
-    """With the chunked loss and a plain Linear head: compute each chunk's gradients in the
-    forward pass (fused linear + cross-entropy), so backward does not recompute the chunk's
-    logits. `false`: checkpoint each chunk and recompute it in backward."""
-
-    packed_attention: Literal["auto", "segments", "position_ids", "mask"] = "auto"
-    """How packed rows are kept from attending across samples. `segments`: sdpa runs causal
-    attention on each sample of a row separately (only the scores within a sample are computed;
-    `sft_torch.attention`). `position_ids`: pass position ids that restart per sample and no
-    attention mask; transformers derives the block-diagonal mask from them, and sdpa computes
-    the whole row under that mask (with flash_attention_2, sft passes each sample's varlen
-    boundaries to the flash kernel itself, at any micro_batch_size). `mask`: an explicit
-    4-D block-diagonal causal mask built from the sample lengths (eager / sdpa only). `auto`:
-    `segments` with sdpa on models whose attention uses transformers' AttentionInterface (Llama,
-    Qwen, Mistral, SmolLM ...), else `position_ids`."""
-
-    num_threads: int | None = Field(None, gt=0)
-    """CPU threads for torch (`torch.set_num_threads`). Default: torch's own choice, capped at
-    the number of physical cores (hyper-threads only add contention to GEMMs)."""
-
-    bf16_frozen_weights: bool = True
-    """With bf16 precision and LoRA, keep the frozen base's Linear weights in bf16 instead of
-    fp32. Autocast casts them to bf16 for every matmul anyway, so losses and gradients are
-    bit-identical; this halves their memory and removes the per-step casts (and their saved
-    copies). Adapters, norms and embeddings stay fp32. `false`: fp32 master copies."""
-
-    fast_dropout: bool = True
-    """On CPU, draw dropout masks (LoRA dropout) from 16-bit lanes of 64-bit random draws
-    instead of torch's per-element Bernoulli sampling: 3x faster masks, p rounded to a multiple
-    of 2^-16 (`sft_torch.model.FastDropout`). `false`: torch's nn.Dropout. No effect on GPU."""
-
-    fused_lora: bool = True
-    """Run each LoRA Linear (frozen base, adapter, its dropout) as one autograd Function: the
-    scale goes on the rank-r intermediate, the adapter's output and input gradient are
-    accumulated into the base's by the GEMMs, the dropout mask is applied once each way
-    (`sft_torch.lora`). The same values as peft's forward, about 12% faster on a CPU LoRA step.
-    Calls it cannot fuse (autocast, DoRA, merged or several adapters, quantized bases, FSDP /
-    DeepSpeed parameters) run peft's forward. `false`: peft's forward always."""
-
-    micro_batch_threads: int | None = Field(None, gt=0)
-    """On CPU, run this many micro-batches of a step at once, each on its own thread with one
-    intra-op thread (small GEMMs split over two threads ran at 1.6x one thread's speed, two
-    independent GEMMs at 2x: a SmolLM2-135M LoRA step 1.12x faster on 2 cores; each thread
-    holds its own activations). Gradients are summed in micro-batch order and dropout masks come
-    from per-micro-batch generators, so runs are reproducible and resume exactly. Needs one
-    process, no gradient checkpointing and every dropout a FastDropout (`fast_dropout`).
-    Default: torch's thread count when that is 2-4 and a step has that many micro-batches and
-    those conditions hold, else 1 (one micro-batch after the other)."""
-
-    release_memory: bool = True
-    """On Linux (glibc), serve allocations of 256 KiB and more with their own mmap, so freed
-    tensors go back to the OS at once instead of staying in the heap: a SmolLM2-135M LoRA step
-    on CPU peaked at 2.0 GB RSS instead of 3.6 GB, at the same speed
-    (`sft_torch.runtime.release_freed_memory`). `false`: glibc's default."""
-
-    compile: bool = False
-    """Compile each decoder layer with `torch.compile` (in place: parameter names, checkpoints
-    and exports are unchanged). Compiling takes minutes on CPU, so it pays off on long runs."""
 
 
 class TorchBackend:

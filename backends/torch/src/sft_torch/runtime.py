@@ -1,10 +1,9 @@
-"""Where and how the torch backend computes: device, precision, process rank, seeds and RNG state.
+"""Where and how the torch backend computes: device, precision, seeds and RNG state, threads.
 
 device = resolve_device(options.device)                 # torch.device("cpu")
 precision = resolve_precision(config.train.precision, device)   # "bf16" on avx512_bf16 CPUs,
                                         # on Ampere+ GPUs; "fp16" (loss scaling) on T4 / V100
 with autocast(device, precision): loss = ...
-rank, world = dist_info()                               # (0, 1) unless torch.distributed runs
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 from sft.errors import SftError
+
+from sft_torch.distributed import local_rank
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: `model.dtype` values that fix the compute precision when `train.precision` is `auto`
@@ -43,8 +44,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda":
         # this node's GPU for this process: torchrun's LOCAL_RANK (the global rank would pick
         # the wrong one when a node runs fewer processes than it has GPUs)
-        local = int(os.environ.get("LOCAL_RANK", dist_info()[0]))
-        return torch.device("cuda", local % torch.cuda.device_count())
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
     return torch.device(name)
 
 
@@ -79,11 +79,11 @@ def cpu_has_native_bf16() -> bool:
 
 def physical_cores() -> int:
     """Physical CPU cores (hyper-threads share a core's FPUs, so more GEMM threads than this
-    only add contention); os.cpu_count() when psutil cannot tell."""
-    import os
-
-    import psutil  # a dependency of accelerate
-
+    only add contention); os.cpu_count() when psutil is missing or cannot tell."""
+    try:
+        import psutil  # a dependency of accelerate
+    except ImportError:
+        return os.cpu_count() or 1
     return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
 
 
@@ -126,23 +126,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) from torch.distributed when it is initialized, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum floats over all ranks (identity in a single process)."""
-    _, world = dist_info()
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

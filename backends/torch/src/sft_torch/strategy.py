@@ -1,6 +1,7 @@
 """What each `parallel.strategy` of the torch backend can do, checked without importing torch,
 so `sft config validate` reports it with every other problem and a launch fails before any
-process starts.
+process starts; and the engine each strategy trains with (`wrap_model`, which imports torch
+when called).
 
     $ sft config validate --config cfg.yaml parallel.nproc_per_node=2 parallel.strategy=zero2 \
           train.nan_policy=skip
@@ -8,13 +9,20 @@ process starts.
       - train.nan_policy: skip cannot hold back an update inside DeepSpeed's engine ...
 
     strategy_problems(config, device_type="cpu")   # -> ["parallel.cpu_offload: ...", ...]
+    engine = wrap_model(model, plan, device)        # Engine / DDPEngine / FSDPEngine / ZeRO
 """
 
 from __future__ import annotations
 
 import importlib.util
+from typing import TYPE_CHECKING, Any
 
+from sft.backend import TrainPlan
+from sft.errors import SftError
 from sft.specs import RunConfig
+
+if TYPE_CHECKING:
+    from sft_torch.engine import Engine
 
 DEEPSPEED_INSTALL = 'pip install "sft-torch[deepspeed]"  (or: pip install deepspeed)'
 
@@ -87,3 +95,34 @@ def deepspeed_problems(config: RunConfig) -> list[str]:
     if config.method.name == "qlora":
         problems.append("parallel.strategy: ZeRO with method qlora is not supported; use ddp")
     return problems
+
+
+def check_strategy(config: RunConfig, device_type: str) -> None:
+    """What `parallel.strategy` cannot do here, said before anything is loaded: the launcher
+    calls this before starting processes, and every worker again in `wrap_model`."""
+    problems = strategy_problems(config, device_type)
+    if problems:
+        raise SftError("; ".join(problems))
+
+
+def wrap_model(model: Any, plan: TrainPlan, device: Any, precision: str = "fp32") -> Engine:
+    """The engine for `parallel.strategy` at this world size. Call it after the method is
+    applied (LoRA/freeze) and before the optimizer is built."""
+    from sft_torch.distributed import loads_on_rank0, world_size
+    from sft_torch.engine import DDPEngine, Engine
+
+    par = plan.config.parallel
+    if world_size() == 1:
+        return Engine(model)
+    check_strategy(plan.config, device.type)
+    if par.strategy == "ddp":
+        return DDPEngine(model, device)
+    if par.strategy == "fsdp":
+        from sft_torch.fsdp import FSDPEngine
+
+        return FSDPEngine(model, device, par.cpu_offload, from_rank0=loads_on_rank0(plan.config))
+    from sft_torch import deepspeed  # zero2 / zero3
+
+    return deepspeed.wrap(
+        model, plan.config, plan.config.train.accumulation(world_size()), world_size(), precision
+    )

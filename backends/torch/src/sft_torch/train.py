@@ -4,11 +4,13 @@ Called by `sft run` (`sft.run.run` -> `TorchBackend.train`); to run one by hand:
 
     $ sft run --config configs/smollm2-135m/lora.yaml torch.device=cpu train.max_steps=20
 
-Flow: seed -> load model (sft_torch.model) -> apply method (sft_torch.methods) -> AdamW + LR
-schedule (sft_torch.optim) -> resume (sft_torch.checkpoint) -> for each optimizer step: the
-shared batching's rows (sft_torch.data), forward + token-summed loss per micro-batch
-(sft_torch.loss), one backward per micro-batch scaled by the trained tokens of the WHOLE global
-batch, clip, step -> log / eval / checkpoint -> final weights (sft_torch.outputs) + loss.png.
+Flow: seed -> resolve the speed levers (sft_torch.levers) -> load model (sft_torch.model) ->
+apply method (sft_torch.methods) and levers -> wrap for the strategy (sft_torch.strategy) ->
+AdamW + LR schedule (sft_torch.optim) -> resume (sft_torch.checkpoint) -> for each optimizer
+step: the shared batching's rows (sft_torch.data), forward + token-summed loss per micro-batch
+(sft_torch.loss; on threads: sft_torch.micro_batch_threads), one backward per micro-batch scaled
+by the trained tokens of the WHOLE global batch, clip, step -> log / eval / checkpoint -> final
+weights (sft_torch.outputs) + loss.png.
 """
 
 from __future__ import annotations
@@ -27,27 +29,29 @@ from sft.data.schedule import Position, Schedule, next_position
 from sft.errors import SftError
 from sft.events import RunEvents
 
-from sft_torch import attention, distributed, runtime
+from sft_torch import attention, distributed, micro_batch_threads, runtime
 from sft_torch.checkpoint import TrainState, fingerprint, load_checkpoint, save_checkpoint
 from sft_torch.data import load_batch
+from sft_torch.dropout import use_fast_dropout
 from sft_torch.guard import StepGuard, StopSignals, agreed_stop, stop_for_signal
+from sft_torch.levers import Levers, resolve_levers
 from sft_torch.loss import LossSettings, batch_loss, eval_loss
 from sft_torch.methods import apply_method, count_params
 from sft_torch.model import (
-    FastDropout,
     cast_frozen_linears,
-    causal_lm,
     check_weights_precision,
+    checkpointing_enabled,
     compile_layers,
-    dropout_generator,
+    enable_checkpointing,
     load_model,
     logits_are_plain,
     master_weights,
-    use_fast_dropout,
 )
 from sft_torch.optim import build_optimizer, build_scheduler
+from sft_torch.options import torch_options
 from sft_torch.outputs import save_final
 from sft_torch.sample_log import SampleLog
+from sft_torch.strategy import wrap_model
 
 #: GradScaler's first loss scale in fp16 runs (torch's default); it halves on every overflow
 #: and doubles after 2000 clean steps
@@ -113,19 +117,9 @@ class Trainer:
     """One run's objects and the operations on them; `train()` below is the linear flow."""
 
     def __init__(self, plan: TrainPlan, events: RunEvents) -> None:
-        cfg, opts = plan.config, plan.options
+        cfg, opts = plan.config, torch_options(plan)
         self.plan, self.events, self.cfg = plan, events, cfg
-        # before the model is loaded, so its weights and every step's tensors follow it
-        self.release_memory = getattr(opts, "release_memory", False) and (
-            runtime.release_freed_memory()
-        )
-        # perf: an explicit torch.num_threads wins; otherwise torch's default (which may count
-        # hyper-threads) is capped at the physical cores
-        torch.set_num_threads(
-            getattr(opts, "num_threads", None)
-            or min(torch.get_num_threads(), runtime.physical_cores())
-        )
-        self.rank, self.world = runtime.dist_info()
+        self.rank, self.world = distributed.group_info()
         self.sample_log = SampleLog(plan.run_dir, self.rank)
         if self.world != cfg.parallel.world_size:
             raise SftError(
@@ -137,22 +131,36 @@ class Trainer:
             cfg.train.precision, self.device, cfg.model.dtype
         )
         check_weights_precision(cfg.model.dtype, self.precision)
+        levers = resolve_levers(plan, self.device, self.precision, self.world)
+        # before the model is loaded, so its weights and every step's tensors follow it
+        released = levers.release_memory and runtime.release_freed_memory()
+        torch.set_num_threads(levers.threads)
         self.schedule = Schedule.build(plan, self.rank, self.world)
         runtime.seed_everything(cfg.train.seed, cfg.train.deterministic)
-        self.model = self._build_model()
-        # DDP / FSDP2 wrapping for world > 1 (sft_torch.distributed); before the optimizer,
-        # because FSDP2 replaces the parameters with sharded DTensors
-        self.engine = distributed.wrap_model(self.model, plan, self.device, self.precision)
-        chunked = opts.chunked_loss and logits_are_plain(self.model)
+        self.model, self.levers = self._build_model(levers)
+        # DDP / FSDP2 / ZeRO wrapping for world > 1 (sft_torch.strategy, sft_torch.engine);
+        # before the optimizer, because FSDP2 replaces the parameters with sharded DTensors
+        self.engine = wrap_model(self.model, plan, self.device, self.precision)
+        chunked = levers.chunked_loss and logits_are_plain(self.model)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.levers = self.levers.with_model(
+            chunked_loss=chunked,
+            fused_loss=chunked and levers.fused_loss,
+            release_memory=released,
+            micro_batch_threads=micro_batch_threads.resolve(
+                levers.micro_batch_threads,
+                self.model,
+                self.device,
+                self.world,
+                cfg.train.gradient_checkpointing,
+                self.schedule.accumulation,
+            ),
+        )
         self.loss_settings = LossSettings(
             chunked=chunked,
             chunk_size=opts.loss_chunk_size,
-            fused=getattr(opts, "fused_loss", True),
-            packed=self.packed_attention,
-        )
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.micro_batch_threads = micro_batch_threads(
-            getattr(opts, "micro_batch_threads", None), self
+            fused=opts.fused_loss,
+            packed=self.levers.packed_attention,
         )
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.engine.attach_optimizer(self.optimizer)  # DeepSpeed ZeRO wraps the optimizer
@@ -164,50 +172,53 @@ class Trainer:
         )
         self.state = TrainState(
             self.model, self.optimizer, self.scheduler, self.rank, engine=self.engine
-        )  # sft_torch.distributed: FSDP2 checkpoints
+        )  # sft_torch.engine: FSDP2 checkpoints
         self.state.scaler = self.scaler if self.scaler.is_enabled() else None
         self.fingerprint = fingerprint(plan, self.schedule)
         self.guard = StepGuard.build(plan)
         self.meter = Meter()
 
-    def _build_model(self) -> Any:
+    def _build_model(self, levers: Levers) -> tuple[Any, Levers]:
+        """The model with its method and the levers that change it applied, and the levers as
+        the loaded model settled them (attention kernel, packed attention, fused LoRA)."""
         cfg = self.cfg
         lm = load_model(self.plan, self.device, self.precision)
-        opts = self.plan.options
-        self.attn_implementation = lm.config._attn_implementation  # auto: sdpa, else eager
-        self.packed_attention = attention.resolve(
-            lm,
-            getattr(opts, "packed_attention", "auto"),
-            getattr(opts, "attn_implementation", "auto"),
-            self.plan.packing,
+        attn_implementation = lm.config._attn_implementation  # auto: sdpa, else eager
+        packed = attention.resolve(
+            lm, levers.packed_attention, levers.attn_implementation, levers.packing
         )
         if cfg.train.gradient_checkpointing and cfg.method.name != "qlora":
             enable_checkpointing(lm)
         model = apply_method(lm, cfg.method, cfg.train.gradient_checkpointing, seed=cfg.train.seed)
         master_weights(model)  # trained fp16 parameters (model.dtype: float16) train in fp32
         model.train()  # from_pretrained returns eval mode; dropout (LoRA) must be on
-        # perf levers (TorchOptions.bf16_frozen_weights / compile); single process only, so
-        # FSDP/DeepSpeed never see mixed parameter dtypes
-        if (
-            getattr(opts, "bf16_frozen_weights", False)
-            and self.precision == "bf16"
-            and cfg.method.name == "lora"
-            and self.world == 1
-        ):
+        if levers.bf16_frozen_weights:
             cast_frozen_linears(model, torch.bfloat16)
-        if getattr(opts, "fast_dropout", False) and self.device.type == "cpu":
+        if levers.fast_dropout:
             use_fast_dropout(model)
-        # sft_torch.lora; DDP only wraps the model, FSDP / DeepSpeed replace its parameters
-        self.fused_lora = 0
-        if getattr(opts, "fused_lora", False) and (
-            self.world == 1 or cfg.parallel.strategy == "ddp"
-        ):
+        self.fused_lora = 0  # peft LoRA Linears swapped (sft_torch.lora)
+        if levers.fused_lora:
             from sft_torch.lora import use_fused_lora  # imports peft
 
             self.fused_lora = use_fused_lora(model)
-        if getattr(opts, "compile", False):
+        if levers.compile:
             compile_layers(model)
-        return model
+        return model, levers.with_model(
+            attn_implementation=attn_implementation,
+            packed_attention=packed,
+            fused_lora=self.fused_lora > 0,
+            # read back from the model, not from the config: what really runs
+            gradient_checkpointing=checkpointing_enabled(model),
+        )
+
+    @property
+    def micro_batch_threads(self) -> int:
+        """Micro-batches of a step run at once (`sft_torch.micro_batch_threads`); 1: in turn."""
+        return self.levers.micro_batch_threads or 1
+
+    @property
+    def packed_attention(self) -> str:
+        return self.levers.packed_attention
 
     def autocast(self) -> AbstractContextManager[Any]:
         return runtime.autocast(self.device, self.precision)
@@ -229,25 +240,32 @@ class Trainer:
         step = pos.global_step + 1
         split, pad = self.plan.data.train, self.plan.data.pad_id
         n_global = count_trained(split, step_rows)
-        scale = self.world / max(n_global, 1)  # DDP averages gradients over ranks
-        loss_sum, tokens = 0.0, 0
+        norm = self.world / max(n_global, 1)  # DDP averages gradients over ranks
         # sft_torch.distributed: the same number of micro-batches on every rank (weight 0 pads a
         # short shard); the forward runs through the DDP/FSDP2 wrapper; grads sync on the last
         mbs = distributed.rank_micro_batches(self.schedule, step_rows)
         self.sample_log.write(step, mbs)  # SFT_LOG_SAMPLE_IDS=1 only (sft_torch.sample_log)
+
+        def forward(mb: list[Any], weight: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+            batch = load_batch(split, mb, pad, self.device)
+            loss, _ = self.engine.forward(batch_loss, batch, self.loss_settings)
+            loss = self.guard.poison(loss, step) * weight
+            tokens = int(batch["attention_mask"].sum()) * int(weight)
+            return loss, self.scaler.scale(loss * norm), tokens
+
         if self.micro_batch_threads > 1:  # the same sums, micro-batches on concurrent threads
-            loss_sum, tokens = self._concurrent_micro_batches(mbs, step, scale)
+            loss_sum, tokens = micro_batch_threads.run(
+                self.micro_batch_threads, mbs, forward, self.trainable, self.autocast
+            )
         else:
+            loss_sum, tokens = 0.0, 0
             for i, (mb, weight) in enumerate(mbs):
-                batch = load_batch(split, mb, pad, self.device)
                 with self.engine.accumulate(last=i == len(mbs) - 1):
                     with self.autocast():
-                        loss, _ = self.engine.forward(batch_loss, batch, self.loss_settings)
-                    loss = self.guard.poison(loss, step) * weight
-                    self.engine.backward(self.scaler.scale(loss * scale))  # DeepSpeed: its own
-                loss_sum += float(loss.detach())
-                tokens += int(batch["attention_mask"].sum()) * int(weight)
-        loss_sum, tokens_f = runtime.all_reduce_sum([loss_sum, float(tokens)], self.device)
+                        loss, objective, n = forward(mb, weight)
+                    self.engine.backward(objective)  # DeepSpeed: its own loss scaling
+                loss_sum, tokens = loss_sum + float(loss.detach()), tokens + n
+        loss_sum, tokens_f = distributed.all_reduce_sum([loss_sum, float(tokens)], self.device)
         grad_norm = self._unscale_and_clip()
         lr = self.optimizer.param_groups[0]["lr"]
         applied = self._allowed(step, loss_sum / max(n_global, 1), grad_norm, step_rows)
@@ -268,45 +286,6 @@ class Trainer:
         return StepStats(
             loss_sum, n_global, int(tokens_f), grad_norm, lr, time.perf_counter() - t0, applied
         )
-
-    def _concurrent_micro_batches(
-        self, mbs: list[tuple[list[Any], float]], step: int, scale: float
-    ) -> tuple[float, int]:
-        """The step's micro-batches on `micro_batch_threads` threads at once, each with one
-        intra-op thread (`TorchOptions.micro_batch_threads`). Each returns its own gradients
-        (autograd.grad) and they are summed into .grad in micro-batch order, and each draws its
-        dropout masks from a generator seeded from torch's default one in that order, so the
-        result does not depend on the threads' timing. Only used where nothing else draws
-        random numbers or holds per-thread state (`micro_batch_threads`)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        split, pad = self.plan.data.train, self.plan.data.pad_id
-        seeds = torch.randint(0, 2**62, (len(mbs),)).tolist()
-
-        def run(i: int) -> tuple[float, int, tuple[torch.Tensor | None, ...]]:
-            mb, weight = mbs[i]
-            batch = load_batch(split, mb, pad, self.device)
-            with dropout_generator(seeds[i]), self.autocast():
-                loss, _ = batch_loss(self.model, batch, self.loss_settings)
-                loss = self.guard.poison(loss, step) * weight
-                grads = torch.autograd.grad(
-                    self.scaler.scale(loss * scale), self.trainable, allow_unused=True
-                )
-            return float(loss.detach()), int(batch["attention_mask"].sum()) * int(weight), grads
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the workers' ops: one thread each
-        loss_sum, tokens = 0.0, 0
-        try:
-            with ThreadPoolExecutor(self.micro_batch_threads) as pool:
-                for loss, n, grads in pool.map(run, range(len(mbs))):  # in order
-                    loss_sum, tokens = loss_sum + loss, tokens + n
-                    for p, g in zip(self.trainable, grads, strict=True):
-                        if g is not None:
-                            p.grad = g if p.grad is None else p.grad.add_(g)
-        finally:
-            torch.set_num_threads(threads)
-        return loss_sum, tokens
 
     def _unscale_and_clip(self) -> float:
         self.scaler.unscale_(self.optimizer)
@@ -365,85 +344,12 @@ class Trainer:
             "total_steps": self.schedule.total_steps,
             "rows_per_step": self.schedule.rows_per_step,
             "steps_per_epoch": self.schedule.steps_per_epoch,
-            "chunked_loss": self.loss_settings.chunked,
-            "attn_implementation": self.attn_implementation,
-            "packed_attention": self.packed_attention,
-            "release_memory": self.release_memory,
-            "fused_lora": self.fused_lora > 0,  # peft LoRA Linears swapped (sft_torch.lora)
-            "micro_batch_threads": self.micro_batch_threads,
-            "packing": self.plan.packing,
+            # the speed levers as applied (sft_torch.levers; `sft bench` reports these too)
+            **self.levers.report(),
             "world_size": self.world,  # sft_torch.distributed: processes and their strategy
             "strategy": self.engine.strategy,
-            # read back from the model and torch, not from the config: what really runs
-            "gradient_checkpointing": checkpointing_enabled(self.model),
             "deterministic": torch.are_deterministic_algorithms_enabled(),
         }
-
-
-def checkpointing_enabled(model: Any) -> bool:
-    """Whether the transformers model recomputes activations in backward."""
-    lm = causal_lm(model)
-    flag = getattr(type(lm), "is_activation_checkpointing", None)  # transformers >= 5
-    if flag is None:
-        flag = getattr(type(lm), "is_gradient_checkpointing", None)
-    return bool(flag.fget(lm)) if isinstance(flag, property) else False
-
-
-def micro_batch_threads(option: int | None, trainer: Trainer) -> int:
-    """How many micro-batches of a step run at once (`TorchOptions.micro_batch_threads`).
-
-    More than one only on CPU, in one process, without gradient checkpointing (its recompute
-    replays torch's default generator, not a thread's), and when every dropout of the model is
-    a FastDropout (drawing from `dropout_generator`, as fused LoRA does) and attention has none:
-    anything else drawing random numbers on concurrent threads would make runs irreproducible;
-    and no peft LoRA on MoE expert parameters (its per-forward parametrization is module state).
-    `None` (auto): torch's thread count when that is 2-4 and the step has that many
-    micro-batches (measured on 2 cores: 1.12x); else 1."""
-    auto = option is None
-    if option is None:
-        want = torch.get_num_threads()
-        option = want if 2 <= want <= 4 and trainer.schedule.accumulation >= want else 1
-    if option <= 1:
-        return 1
-    lm = causal_lm(trainer.model)
-    unmanaged = [  # FastDropout (and fused LoRA, which draws as it does) use dropout_generator
-        n
-        for n, m in trainer.model.named_modules()
-        if isinstance(m, torch.nn.Dropout) and m.p > 0 and not isinstance(m, FastDropout)
-    ]
-    attn_dropout = getattr(lm.config, "attention_dropout", 0.0)
-    # peft's LoRA on parameters (MoE experts) registers a parametrization on the shared module
-    # for each forward: two threads at once break each other's graphs (qwen3_moe, mixtral)
-    param_lora = [n for n, m in trainer.model.named_modules() if type(m).__name__ == "ParamWrapper"]
-    blockers = [
-        f"device {trainer.device.type}" if trainer.device.type != "cpu" else "",
-        f"{trainer.world} processes" if trainer.world > 1 else "",
-        "gradient checkpointing" if trainer.cfg.train.gradient_checkpointing else "",
-        f"torch's own dropout in {', '.join(unmanaged[:3])}" if unmanaged else "",
-        f"attention dropout {attn_dropout}" if attn_dropout else "",
-        f"LoRA on expert parameters ({param_lora[0]})" if param_lora else "",
-    ]
-    blockers = [b for b in blockers if b]
-    if not blockers:
-        return option
-    if auto:
-        return 1
-    raise SftError(
-        f"torch.micro_batch_threads: {option} needs CPU, one process, no gradient checkpointing "
-        f"and every dropout a FastDropout (torch.fast_dropout: true), no LoRA on MoE expert "
-        f"parameters; this run has "
-        f"{'; '.join(blockers)}. Set micro_batch_threads: 1 or leave it unset"
-    )
-
-
-def enable_checkpointing(lm: Any) -> None:
-    """Recompute decoder-layer activations in backward. Non-reentrant: works with frozen inputs
-    (LoRA) without enable_input_require_grads. (transformers 5 renamed the method.)"""
-    kwargs = {"use_reentrant": False}
-    if hasattr(lm, "activation_checkpointing_enable"):
-        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def progress_bar(trainer: Trainer, start: Position) -> Any:
