@@ -167,7 +167,7 @@ def fingerprint(files: list[Path]) -> str:
     for f in files:
         h.update(str(f).encode() + b"\0")
         with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
+            for block in iter(lambda: fh.read(1 << 16), b""):
                 h.update(block)
     return h.hexdigest()
 
