@@ -10,7 +10,8 @@ Writes WORK/train-<MB>mb.jsonl (multi-turn `messages` records, 1-4 turns, option
 prompt; deleted at the end unless --keep), WORK/job.yaml, then runs
 `/usr/bin/time -v sft data prepare -c WORK/job.yaml` and reports the file size, records, tokens,
 wall time, peak RSS (time's "Maximum resident set size": the largest single process) and the
-RSS curve of the whole process tree (psutil, every --every seconds).
+RSS curve of the whole process tree (psutil, every --every seconds: seconds, MiB, millions of
+tokens encoded so far as far as the spool files show).
 """
 
 from __future__ import annotations
@@ -120,6 +121,16 @@ def tree_rss(proc: object) -> int:
     return total
 
 
+def spooled_bytes(cache: Path) -> int:
+    total = 0
+    for f in cache.glob(".tmp-*/spool/*/ids"):
+        try:
+            total += f.stat().st_size
+        except FileNotFoundError:  # the build just finished and removed its spool
+            pass
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=200)
@@ -161,9 +172,12 @@ def main() -> None:
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
-    curve: list[tuple[float, float]] = []
+    curve: list[tuple[float, float, float]] = []
     while proc.poll() is None:
-        curve.append((round(time.time() - start, 1), round(tree_rss(ps) / 2**20, 1)))
+        # tokens encoded so far: the spool's int32 ids (streaming builds; 0 before them)
+        spooled = spooled_bytes(cache)
+        rss = tree_rss(ps) / 2**20
+        curve.append((round(time.time() - start, 1), round(rss, 1), round(spooled / 4e6, 2)))
         time.sleep(a.every)
     out, err = proc.communicate()
     wall = time.time() - start
@@ -182,9 +196,9 @@ def main() -> None:
         "cache_mb": round(sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) / 2**20),
         "load_average_1m_at_end": round(os.getloadavg()[0], 1),
         "summary": out.strip().splitlines()[0] if out.strip() else "",
-        "rss_curve_s_mb": curve,
+        "rss_curve_s_mb_mtokens": curve,
     }
-    print(json.dumps({k: v for k, v in result.items() if k != "rss_curve_s_mb"}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "rss_curve_s_mb_mtokens"}, indent=1))
     if a.out:
         a.out.write_text(json.dumps(result, indent=1) + "\n")
     if not a.keep:
