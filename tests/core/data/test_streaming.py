@@ -91,3 +91,39 @@ def test_workers_are_fed_a_bounded_window_of_chunks():
     assert ahead <= ahead_per_worker * 2 + 1, (
         f"{ahead} of 1000 chunks read before the first came back"
     )
+
+
+def test_spooled_samples_are_written_in_any_order_as_the_in_memory_split(tmp_path):
+    import numpy as np
+    from sft.data.cache import Spool, TokenizedSplit, write_split
+
+    a = [([1, 2, 3], [-100, 2, 3], "a.jsonl:1"), ([4, 5], [-100, 5], "a.jsonl:2")]
+    a.append(([6], [-100], "a.jsonl:3"))
+    b = [([7, 8], [-100, -100], "b.jsonl:1"), ([9, 10, 11], [-100, -100, 11], 'b "x".jsonl:2')]
+    spools = []
+    for name, samples in (("a", a), ("b", b)):
+        spool = Spool(tmp_path / "spool" / name)
+        for n, (ids, labels, where) in enumerate(samples):
+            spool.append(ids, labels, where, record=n)
+        spool.close()
+        spools.append(spool)
+    # mixing order: b's second sample, a's third twice (repeated), a's first two (one run of
+    # consecutive samples), b's first
+    order = [(1, np.array([1])), (0, np.array([2, 2, 0, 1])), (1, np.array([0]))]
+    picked = [b[1], a[2], a[2], a[0], a[1], b[0]]
+    assert write_split(tmp_path / "streamed", spools, order) == (6, 1 + 0 + 0 + 2 + 1 + 0)
+    expected = TokenizedSplit.from_samples(
+        [(i, lab) for i, lab, _ in picked], [w for *_, w in picked]
+    )
+    expected.save(tmp_path / "in-memory")
+    for f in ("input_ids.npy", "labels.npy", "offsets.npy", "sources.json"):
+        assert (tmp_path / "streamed" / f).read_bytes() == (
+            tmp_path / "in-memory" / f
+        ).read_bytes(), f
+    loaded = TokenizedSplit.load(tmp_path / "streamed")
+    assert loaded.input_ids.tolist() == [9, 10, 11, 6, 6, 1, 2, 3, 4, 5, 7, 8]
+    assert loaded.offsets.tolist() == [0, 3, 4, 5, 8, 10, 12]
+    assert loaded.sources[0] == 'b "x".jsonl:2'
+    # an empty split is an empty list of sources, not a truncated "["
+    assert write_split(tmp_path / "empty", spools, [(0, np.array([], dtype=np.int64))]) == (0, 0)
+    assert TokenizedSplit.load(tmp_path / "empty").sources == []
