@@ -42,12 +42,37 @@ SPLIT_FILES = ("input_ids.npy", "labels.npy", "sources.json")
 COPY_BLOCK = 1 << 20  # bytes read at once when copying a run of spooled samples
 
 
+class LazySources(Sequence[str]):
+    """A split's sources.json, parsed on first use: one string per sample is a large list for a
+    large dataset, and preparing, stats and most training steps never look at it."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._items: list[str] | None = None
+
+    def _load(self) -> list[str]:
+        if self._items is None:
+            self._items = json.loads(self._path.read_text())
+        return self._items
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._load()[i]
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and self._load() == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-list semantics, like list
+
+
 @dataclass
 class TokenizedSplit:
     input_ids: np.ndarray
     labels: np.ndarray
     offsets: np.ndarray
-    sources: list[str]
+    sources: Sequence[str]
 
     @classmethod
     def from_samples(
@@ -88,7 +113,7 @@ class TokenizedSplit:
         np.save(d / "input_ids.npy", np.asarray(self.input_ids, dtype=np.int32))
         np.save(d / "labels.npy", np.asarray(self.labels, dtype=np.int32))
         np.save(d / "offsets.npy", np.asarray(self.offsets, dtype=np.int64))
-        (d / "sources.json").write_text(json.dumps(self.sources))
+        (d / "sources.json").write_text(json.dumps(list(self.sources)))
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> TokenizedSplit:
@@ -97,7 +122,7 @@ class TokenizedSplit:
             np.load(d / "input_ids.npy", mmap_mode="r"),
             np.load(d / "labels.npy", mmap_mode="r"),
             np.load(d / "offsets.npy"),
-            json.loads((d / "sources.json").read_text()),
+            LazySources(d / "sources.json"),
         )
 
 

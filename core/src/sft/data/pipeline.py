@@ -202,9 +202,10 @@ def build(
         "template": template.name,
         "eval_samples": n_eval,
     }
+    eval_rejects = spool_dir / "eval-rejects.jsonl"
     with open(out / "rejects.jsonl", "ab") as dst:  # train's, then eval's (or empty)
-        if eval_acc is not None and eval_acc.rejects_path.is_file():
-            with open(eval_acc.rejects_path, "rb") as src:
+        if eval_rejects.is_file():
+            with open(eval_rejects, "rb") as src:
                 shutil.copyfileobj(src, dst)
     shutil.rmtree(spool_dir)
     data.save_meta()
