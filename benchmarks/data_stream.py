@@ -181,7 +181,9 @@ def main() -> None:
         time.sleep(a.every)
     out, err = proc.communicate()
     wall = time.time() - start
-    if proc.returncode:
+    if proc.returncode:  # keep the RSS curve of what did run
+        if a.out:
+            a.out.write_text(json.dumps({"failed": err[-2000:], "rss_curve": curve}) + "\n")
         sys.exit(f"sft data prepare failed ({proc.returncode}):\n{out}\n{err}")
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", err).group(1))
     meta = json.loads(next(cache.glob("*/meta.json")).read_text())
@@ -192,7 +194,7 @@ def main() -> None:
         "tokens": meta["stats"]["tokens"],
         "wall_s": round(wall, 1),
         "peak_rss_mb": round(peak_kb / 1024, 1),
-        "peak_tree_rss_mb_sampled": max((r for _, r in curve), default=0.0),
+        "peak_tree_rss_mb_sampled": max((c[1] for c in curve), default=0.0),
         "cache_mb": round(sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) / 2**20),
         "load_average_1m_at_end": round(os.getloadavg()[0], 1),
         "summary": out.strip().splitlines()[0] if out.strip() else "",
