@@ -18,7 +18,7 @@ from sft.data.sources import is_dataset_repo, looks_like_hub_id, read_source
 from sft.errors import ConfigError, SftError
 from sft.specs import DataSource
 
-from tests.core.data.conftest import chat, make_config, resolved
+from tests.core.data.conftest import chat, make_config, resolved, write_jsonl
 
 CARD = """---
 configs:
@@ -90,6 +90,29 @@ def test_a_dataset_repo_trains_through_the_pipeline(repo, tmp_path, tiny_tokeniz
     (repo / "README.md").write_text(CARD.replace("data/train-*", "data/test-*", 1))
     again = prepare_data(cfg, resolved(tiny_tokenizer))
     assert again.key != data.key and again.stats["train"]["records"] == 2
+
+
+def test_a_directory_whose_file_names_name_splits_is_read_by_split(tmp_path, tiny_tokenizer):
+    # No dataset card: the hub's file-name conventions alone say which file is which split
+    # (before, every file of the directory was training data, the validation split too).
+    pytest.importorskip("datasets")
+    d = tmp_path / "named"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", [chat(f"train question {i}?", "yes") for i in range(5)])
+    write_jsonl(d / "validation.jsonl", [chat(f"held question {i}?", "no") for i in range(3)])
+    cfg = make_config(tmp_path, {"train": str(d), "eval": {"path": str(d), "split": "validation"}})
+    data = prepare_data(cfg, resolved(tiny_tokenizer))
+    assert data.stats["train"]["records"] == 5 and data.stats["eval"]["records"] == 3
+    assert is_dataset_repo(DataSource(path=str(d)))
+    assert _questions(DataSource(path=str(d))) == [f"train question {i}?" for i in range(5)]
+    held = _questions(DataSource(path=str(d), split="validation"))
+    assert held == [f"held question {i}?" for i in range(3)]
+    # files that name no split besides train stay a plain directory of files
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    write_jsonl(plain / "a.jsonl", [chat("q", "a")])
+    write_jsonl(plain / "train.jsonl", [chat("q", "a")])
+    assert not is_dataset_repo(DataSource(path=str(plain)))
 
 
 def test_split_subset_revision_are_refused_where_they_mean_nothing(tmp_path, repo):

@@ -35,7 +35,12 @@ class Accounting:
     split: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
+    rejects_path: Path | None = None
+    """Where each reject is appended as a JSON line when it happens (rejects.jsonl), so a file
+    of many bad records costs no memory; without it they are kept in `rejects`."""
     rejects: list[dict[str, Any]] = field(default_factory=list)
+    first_rejects: list[dict[str, Any]] = field(default_factory=list)
+    """The first few rejects (for error messages), kept either way."""
 
     def reject(self, where: str, err: RecordError) -> None:
         """A bad record: stop (`on_bad_record: error`) or count it and keep it for rejects.jsonl."""
@@ -46,7 +51,15 @@ class Accounting:
             )
         self.records += 1
         self.rejected[err.kind] += 1
-        self.rejects.append({"where": where, "reason": err.kind, "detail": err.reason})
+        rec = {"where": where, "reason": err.kind, "detail": err.reason}
+        if len(self.first_rejects) < 3:
+            self.first_rejects.append(rec)
+        if self.rejects_path is None:
+            self.rejects.append(rec)
+            return
+        self.rejects_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.rejects_path, "a", encoding="utf-8") as fh:  # rare: opened per reject
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
     def drop(self, where: str, reason: str) -> None:
         self.records += 1

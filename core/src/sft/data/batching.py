@@ -33,23 +33,41 @@ def pack_rows(lengths: Sequence[int] | np.ndarray, max_seq_len: int) -> list[Row
     Samples are placed longest first into the row with the least room that still fits them.
     Deterministic: ties keep index order. >>> pack_rows([3, 7, 4], 8) == [[1], [2, 0]]
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
     rows: list[Row] = []
+    for i, r in _best_fit(lengths, max_seq_len):
+        if r == len(rows):
+            rows.append([])
+        rows[r].append(i)
+    return rows
+
+
+def packed_row_count(lengths: Sequence[int] | np.ndarray, max_seq_len: int) -> int:
+    """`len(pack_rows(lengths, max_seq_len))`, without holding the rows (memory: one number
+    per row, not per sample)."""
+    return max((r + 1 for _, r in _best_fit(lengths, max_seq_len)), default=0)
+
+
+def _best_fit(lengths: Sequence[int] | np.ndarray, max_seq_len: int) -> Iterator[tuple[int, int]]:
+    """(sample, row) for each sample, longest first (ties in index order); row numbers are
+    given out in order. The order is one int64 array, walked in blocks."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
     # (free space, row index) kept sorted so the best fit is found by bisection
     free: list[tuple[int, int]] = []
-    for i in order:
-        n = int(lengths[i])
-        if n > max_seq_len:
-            raise ValueError(f"sample {i} has {n} tokens > max_seq_len {max_seq_len}")
-        pos = bisect.bisect_left(free, (n, -1))
-        if pos < len(free):
-            room, r = free.pop(pos)
-            rows[r].append(i)
-            bisect.insort(free, (room - n, r))
-        else:
-            rows.append([i])
-            bisect.insort(free, (max_seq_len - n, len(rows) - 1))
-    return rows
+    rows = 0
+    for start in range(0, len(order), 1 << 16):
+        block = order[start : start + (1 << 16)]
+        for i, n in zip(block.tolist(), lengths[block].tolist(), strict=True):
+            if n > max_seq_len:
+                raise ValueError(f"sample {i} has {n} tokens > max_seq_len {max_seq_len}")
+            pos = bisect.bisect_left(free, (n, -1))
+            if pos < len(free):
+                room, r = free.pop(pos)
+                bisect.insort(free, (room - n, r))
+            else:
+                r, rows = rows, rows + 1
+                bisect.insort(free, (max_seq_len - n, r))
+            yield i, r
 
 
 def epoch_rows(

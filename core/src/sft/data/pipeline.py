@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from sft.data.accounting import Accounting, Sample, apply_length, summary_line
-from sft.data.cache import PreparedData, TokenizedSplit
+from sft.data.cache import PreparedData, Selection, Spool, TokenizedSplit, write_split
 from sft.data.conversation import RecordError
 from sft.data.formats import detect_format
 from sft.data.masks import Encoder
@@ -160,42 +160,59 @@ def build(
     encoder = make_encoder(tok, d, plugins)
     renderer = encoder.render
     template = renderer.template
-    acc = Accounting(on_bad_record=d.on_bad_record)
-    eval_acc = Accounting(on_bad_record=d.on_bad_record) if d.eval else None
+    spool_dir = out / "spool"
+    acc = Accounting(on_bad_record=d.on_bad_record, rejects_path=out / "rejects.jsonl")
+    eval_acc = (
+        Accounting(on_bad_record=d.on_bad_record, rejects_path=spool_dir / "eval-rejects.jsonl")
+        if d.eval
+        else None
+    )
     init: Init = (worker_encoder, (str(tokenizer_path), trust_remote_code, d))
-    parts, eval_samples = _encode_sources(config, plugins, encoder, init, acc, eval_acc)
+    spools = _encode_sources(config, plugins, encoder, init, acc, eval_acc, spool_dir)
+    parts = [np.arange(len(s)) for s in spools[: len(d.train)]]
+    held: Selection = [
+        (len(d.train) + j, np.arange(len(s))) for j, s in enumerate(spools[len(d.train) :])
+    ]
     if not d.eval and d.eval_fraction > 0:
-        parts, eval_samples = _hold_out(parts, d.eval_fraction, config.train.seed)
+        parts, held = _hold_out(spools, parts, d.eval_fraction, config.train.seed)
     train = _mix(parts, d.train, config.train.seed)
-    if not train:
-        first = "; ".join(f"{r['where']}: {r['detail']}" for r in acc.rejects[:3])
+    if not sum(len(idx) for _, idx in train):
+        first = "; ".join(f"{r['where']}: {r['detail']}" for r in acc.first_rejects)
         raise SftError(
             f"no training samples left: {summary_line(acc.as_dict())}"
             + (f". First rejects: {first}" if first else "")
         )
+    _, trained = write_split(out / "train", spools, train)
+    n_eval, _ = write_split(out / "eval", spools, held) if held_any(held) else (0, 0)
     tok_dir = out / "tokenizer"
     save_tokenizer(tok, template, tok_dir)
     data = PreparedData(
         cache_dir=out,
         key=key,
-        train=_split(train),
-        eval=_split(eval_samples) if eval_samples else None,
+        train=TokenizedSplit.load(out / "train"),
+        eval=None,
         tokenizer_dir=str(final / "tokenizer"),
         pad_id=pad_id(tok),
         eos_ids=end_of_turn_ids(tok, renderer, template),
     )
-    data.stats = split_stats(data.train, d.max_seq_len)
+    data.stats = split_stats(data.train, d.max_seq_len, trained_tokens=trained)
     data.stats |= {
         "train": acc.as_dict(),
         "eval": eval_acc.as_dict() if eval_acc else None,
         "template": template.name,
-        "eval_samples": len(eval_samples),
+        "eval_samples": n_eval,
     }
-    rejects = acc.rejects + (eval_acc.rejects if eval_acc else [])
-    (out / "rejects.jsonl").write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
-    )
-    data.save()
+    eval_rejects = spool_dir / "eval-rejects.jsonl"
+    with open(out / "rejects.jsonl", "ab") as dst:  # train's, then eval's (or empty)
+        if eval_rejects.is_file():
+            with open(eval_rejects, "rb") as src:
+                shutil.copyfileobj(src, dst)
+    shutil.rmtree(spool_dir)
+    data.save_meta()
+
+
+def held_any(sel: Selection) -> bool:
+    return any(len(idx) for _, idx in sel)
 
 
 def worker_encoder(
@@ -221,21 +238,27 @@ def _encode_sources(
     init: Init,
     acc: Accounting,
     eval_acc: Accounting | None,
-) -> tuple[list[list[Tagged]], list[Tagged]]:
-    """Samples of each training source, and of the eval sources (if any)."""
+    spool_dir: Path,
+) -> list[Spool]:
+    """One spool of samples per training source, then one per eval source (if any), each
+    written as it is encoded."""
     d = config.data
     files = [
         f
         for src in [*d.train, *(d.eval or [])]
         for f in source_files(src.path, every_file=is_dataset_repo(src))
     ]
-    eval_samples: list[Tagged] = []
+    sources = [(src, acc) for src in d.train] + [(src, eval_acc) for src in d.eval or []]
+    spools = []
     with EncodePool(plugins, encoder, default_workers(files), init) as pool:
-        parts = [list(_source_samples(src, plugins, pool, config, acc)) for src in d.train]
-        for src in d.eval or []:
-            assert eval_acc is not None
-            eval_samples += _source_samples(src, plugins, pool, config, eval_acc)
-    return parts, eval_samples
+        for i, (src, src_acc) in enumerate(sources):
+            assert src_acc is not None
+            spool = Spool(spool_dir / str(i))
+            for (ids, labels), where, n in _source_samples(src, plugins, pool, config, src_acc):
+                spool.append(ids, labels, where, n)
+            spool.close()
+            spools.append(spool)
+    return spools
 
 
 def _source_samples(
@@ -282,48 +305,37 @@ def _jobs(src: DataSource, fmt: str | None) -> Iterator[Job]:
         yield fmt, src, chunk
 
 
-Tagged = tuple[Sample, str, int]
-
-
 def _hold_out(
-    parts: list[list[Tagged]], fraction: float, seed: int
-) -> tuple[list[list[Tagged]], list[Tagged]]:
+    spools: list[Spool], parts: list[np.ndarray], fraction: float, seed: int
+) -> tuple[list[np.ndarray], Selection]:
     """Move `fraction` of each source's records (all pieces of a record together) to eval."""
     rng = np.random.default_rng([seed, 7])
     train_parts, held = [], []
     for s, part in enumerate(parts):
-        records = sorted({r for _, _, r in part})
+        record = np.frombuffer(spools[s].records, dtype=np.int64)[part]
+        records = np.unique(record)
         k = round(fraction * len(records))
-        chosen = set(rng.permutation(records)[:k].tolist()) if k else set()
-        train_parts.append([t for t in part if t[2] not in chosen])
-        held += [t for t in part if t[2] in chosen]
-        del s
+        chosen = rng.permutation(records)[:k] if k else records[:0]
+        out = np.isin(record, chosen)
+        train_parts.append(part[~out])
+        held.append((s, part[out]))
     return train_parts, held
 
 
-def _mix(parts: list[list[Tagged]], sources: list[DataSource], seed: int) -> list[Tagged]:
+def _mix(parts: list[np.ndarray], sources: list[DataSource], seed: int) -> Selection:
     """Concatenate sources; with explicit weights, source i gets weight_i / sum(weights) of the
     samples (its own samples without replacement first, then repeated)."""
     if len(parts) == 1 or all(s.weight is None for s in sources):
-        return [t for p in parts for t in p]
+        return list(enumerate(parts))
     total = sum(len(p) for p in parts)
     weights = [1.0 if s.weight is None else s.weight for s in sources]
     wsum = sum(weights)
     rng = np.random.default_rng([seed, 11])
-    out: list[Tagged] = []
-    for part, weight in zip(parts, weights, strict=True):
+    out: Selection = []
+    for i, (part, weight) in enumerate(zip(parts, weights, strict=True)):
         want = round(total * weight / wsum)
-        if not part:
+        if not len(part):
             continue
         idx = np.concatenate([rng.permutation(len(part)) for _ in range(-(-want // len(part)))])
-        out += [part[i] for i in idx[:want]]
+        out.append((i, part[idx[:want]]))
     return out
-
-
-def _split(tagged: list[Tagged]) -> TokenizedSplit:
-    lengths = np.array([len(ids) for (ids, _), _, _ in tagged], dtype=np.int64)
-    offsets = np.zeros(len(tagged) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    ids = np.concatenate([i for (i, _), _, _ in tagged]).astype(np.int32)
-    labels = np.concatenate([lab for (_, lab), _, _ in tagged]).astype(np.int32)
-    return TokenizedSplit(ids, labels, offsets, [w for _, w, _ in tagged])

@@ -48,14 +48,31 @@ def looks_like_hub_id(path: str) -> bool:
 
 def is_dataset_repo(src: DataSource) -> bool:
     """Read with `datasets.load_dataset`: a hub id, or a local directory that is a dataset repo
-    (it has a dataset card README.md, or the source names a split or subset) and not a
-    `save_to_disk` directory."""
+    (it has a dataset card README.md, the source names a split or subset, or its file names
+    hold more splits than train, as in `data/train-00000-of-00001.parquet` beside
+    `data/test-...`) and not a `save_to_disk` directory."""
     if looks_like_hub_id(src.path):
         return True
     d = Path(src.path)
     if not d.is_dir() or (d / "state.json").is_file() or (d / "dataset_dict.json").is_file():
         return False
-    return (d / "README.md").is_file() or src.split is not None or src.subset is not None
+    card = (d / "README.md").is_file()
+    return card or src.split is not None or src.subset is not None or _named_splits(d)
+
+
+def _named_splits(d: Path) -> bool:
+    """The directory's file names name splits besides train (datasets' own conventions,
+    `get_data_patterns`), so reading every file would train on the test split too. Without the
+    `datasets` library a directory is read as plain files."""
+    try:
+        from datasets.data_files import get_data_patterns
+    except ImportError:
+        return False
+    try:
+        splits = get_data_patterns(str(d))
+    except Exception:  # EmptyDatasetError and the like: no data files datasets would read
+        return False
+    return any(str(name) != "train" for name in splits)
 
 
 def read_dataset_repo(src: DataSource) -> Iterator[RawRecord]:
@@ -167,7 +184,7 @@ def fingerprint(files: list[Path]) -> str:
     for f in files:
         h.update(str(f).encode() + b"\0")
         with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
+            for block in iter(lambda: fh.read(1 << 16), b""):
                 h.update(block)
     return h.hexdigest()
 

@@ -16,17 +16,21 @@ from typing import Any
 
 import numpy as np
 
-from sft.data.batching import pack_rows
+from sft.data.batching import packed_row_count
 from sft.data.cache import PreparedData, TokenizedSplit
 from sft.errors import SftError
 from sft.rundir import DATA_REPORT, REJECTS
 
 
-def split_stats(split: TokenizedSplit, max_seq_len: int) -> dict[str, Any]:
+def split_stats(
+    split: TokenizedSplit, max_seq_len: int, trained_tokens: int | None = None
+) -> dict[str, Any]:
+    """`trained_tokens` when the caller counted them already (preparation does, as it writes,
+    so the labels need not be read back)."""
     lengths = split.lengths
     tokens = int(lengths.sum())
-    trained = split.trained_tokens()
-    rows = pack_rows(lengths, max_seq_len) if len(lengths) else []
+    trained = split.trained_tokens() if trained_tokens is None else trained_tokens
+    rows = packed_row_count(lengths, max_seq_len)
     pct = np.percentile(lengths, [50, 90, 99]) if len(lengths) else [0, 0, 0]
     return {
         "samples": len(split),
@@ -42,8 +46,8 @@ def split_stats(split: TokenizedSplit, max_seq_len: int) -> dict[str, Any]:
             "mean": round(float(lengths.mean()), 1) if len(lengths) else 0.0,
         },
         "packing": {
-            "rows": len(rows),
-            "efficiency": round(tokens / (len(rows) * max_seq_len), 4) if rows else 0.0,
+            "rows": rows,
+            "efficiency": round(tokens / (rows * max_seq_len), 4) if rows else 0.0,
         },
         "max_seq_len": max_seq_len,
     }

@@ -2,7 +2,7 @@
 
 Rendering chat templates is Python (Jinja) and dominates preparation next to tokenization, so
 large datasets are spread over processes: chunks of raw records go out in order, outcomes come
-back in order (`imap`), and the parent does the accounting, so counts, rejects and sample order
+back in order (at most AHEAD chunks per worker in flight), and the parent does the accounting, so counts, rejects and sample order
 are identical to a single-process run.
 
     with EncodePool(plugins, encoder, workers=4) as pool:
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -39,6 +40,8 @@ from sft.data.sources import RawRecord
 Chunk = list[tuple[int, str, dict[str, Any] | None, tuple[str, str] | None, str | None]]
 Job = tuple[str | None, Any, Chunk]
 Outcome = tuple[Any, ...]
+
+AHEAD = 2  # chunks per worker submitted ahead of the one the parent waits for
 
 # This process's plugins and encoder: set by EncodePool in the parent, by _init_worker in a worker.
 _STATE: dict[str, Any] = {}
@@ -99,6 +102,7 @@ class EncodePool:
     ) -> None:
         _STATE.update(plugins=plugins, encoder=encoder)
         self._pool: Any = None
+        self._ahead = AHEAD * workers
         if init is not None and workers > 1:
             ctx = mp.get_context("spawn")
             self._pool = ctx.Pool(workers, initializer=_init_worker, initargs=init)
@@ -106,7 +110,18 @@ class EncodePool:
     def map(self, jobs: Iterable[Job]) -> Iterator[list[Outcome]]:
         if self._pool is None:
             return map(encode_job, jobs)
-        return self._pool.imap(encode_job, jobs)
+        return self._in_order(jobs)
+
+    def _in_order(self, jobs: Iterable[Job]) -> Iterator[list[Outcome]]:
+        # Not Pool.imap: its feeder thread reads `jobs` to the end at once, so the whole input
+        # would sit in the task queue. At most AHEAD chunks per worker are out at a time.
+        window: deque[Any] = deque()
+        for job in jobs:
+            window.append(self._pool.apply_async(encode_job, (job,)))
+            if len(window) >= self._ahead:
+                yield window.popleft().get()
+        while window:
+            yield window.popleft().get()
 
     def __enter__(self) -> EncodePool:
         return self
