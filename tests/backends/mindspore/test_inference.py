@@ -73,7 +73,7 @@ def run(tmp_path_factory, tiny_llama):
         f"model: {tiny_llama}\n"
         f"data: {{train: {root / 'chat.jsonl'}, eval: {root / 'held.jsonl'}, max_seq_len: 128}}\n"
         "method: {name: lora, r: 8, alpha: 16, dropout: 0.0}\n"
-        "train: {max_steps: 2, micro_batch_size: 2, learning_rate: 0.05, warmup_steps: 0}\n"
+        "train: {max_steps: 2, micro_batch_size: 2, learning_rate: 0.02, warmup_steps: 0}\n"
         f"eval: {{every_steps: 1, prompts: {root / 'prompts.jsonl'}, max_new_tokens: {NEW}}}\n"
         "logging: {plot: false}\n"
         f"output_dir: {root / 'run'}\n"
@@ -129,12 +129,13 @@ def test_eval_rows_in_a_real_run(run):
 
 def test_sft_generate_and_chat_equal_torch(run, torch_results, capsys, monkeypatch):
     _, after = torch_results
-    want = after["tasks"][0]["answer"]
-    rc = main(["generate", str(run / "run"), "-p", PROMPTS[0]["prompt"], "--max-new-tokens", "8"])
-    assert rc == 0
+    want = after["tasks"][1]["answer"]  # the task with a system message
+    system, user = (m["content"] for m in PROMPTS[1]["messages"])
+    args = ["--system", system, "--max-new-tokens", str(NEW)]
+    assert main(["generate", str(run / "run"), "-p", user, *args]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == want
-    monkeypatch.setattr("sys.stdin", io.StringIO(PROMPTS[0]["prompt"] + "\n/exit\n"))
-    assert main(["chat", str(run / "run"), "--max-new-tokens", "8"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO(user + "\n/exit\n"))
+    assert main(["chat", str(run / "run"), *args]) == 0
     assert f"assistant> {want}" in capsys.readouterr().out
 
 
