@@ -15,6 +15,7 @@ new token recomputes the sequence: fine for trying a model, slow for long answer
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,10 @@ def device() -> str:
 
 
 def _context() -> None:
+    from sft.paths import cache_root
+
+    # MindFormers' logs go to $LOCAL_DEFAULT_PATH, by default ./output in the user's directory
+    os.environ.setdefault("LOCAL_DEFAULT_PATH", str(cache_root() / "mindformers-logs"))
     import mindspore as ms
 
     from sft_mindspore.cpu_compat import apply_runtime_patches
