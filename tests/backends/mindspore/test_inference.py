@@ -94,7 +94,9 @@ def torch_results(run, tiny_llama):
     (work / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     repo = Path(__file__).resolve().parents[3]
-    env["PYTHONPATH"] = os.pathsep.join(str(repo / d) for d in ("core/src", "backends/torch/src"))
+    # this checkout's sft, sft_torch and plugins, whatever the venv's editable installs point at
+    dirs = [repo / "core/src", repo / "backends/torch/src", *sorted(repo.glob("plugins/*/src"))]
+    env["PYTHONPATH"] = os.pathsep.join(str(d) for d in dirs)
     env["OMP_NUM_THREADS"] = "1"
     script = Path(__file__).with_name("torch_eval.py")
     cmd = [exe, str(script), str(work / "jobs.json"), str(work / "out.json")]

@@ -6,12 +6,22 @@ greedy generation tasks scored as the torch backend scores them, with MindFormer
 The file's format and the scoring are core's (`sft.evaltasks`); the results are the same dict
 the torch backend's `evaluate` returns, so `eval/report.json` and the before/after table are the
 same on both backends.
+
+`sft run`'s `eval.prompts` evaluates in a child process (`evaluate_in_subprocess`), so the
+device memory the model takes is released before the training workers start (on Ascend they
+use the same device):
+
+    $ python -m sft_mindspore.eval --model DIR --data prompts.jsonl --max-new-tokens 64 --out r.json
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import subprocess
+import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -94,3 +104,40 @@ def evaluate_cli(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2))
     return result
+
+
+def evaluate_in_subprocess(model: str, data: Path, max_new_tokens: int) -> dict[str, Any]:
+    """`evaluate` in a fresh process of this environment's python; its output (MindFormers'
+    logs) is shown only when it fails."""
+    with tempfile.TemporaryDirectory(prefix="sft-eval-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "sft_mindspore.eval", "--model", model, "--data", str(data)]
+        cmd += ["--max-new-tokens", str(max_new_tokens), "--out", str(out)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode:
+            tail = "\n  ".join(proc.stdout.strip().splitlines()[-8:])
+            raise SftError(
+                f"evaluating {model} on {data} failed (exit {proc.returncode}):\n  {tail}"
+            )
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="sft eval on MindFormers, result as JSON")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate(args.model, args.data, args.max_new_tokens)
+    except SftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    args.out.write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

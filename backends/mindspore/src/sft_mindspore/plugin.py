@@ -155,10 +155,11 @@ class MindSporeBackend:
 
     def evaluate(self, model: str, data: Path, max_new_tokens: int) -> dict[str, Any]:
         """`eval.prompts` before and after training: MindFormers' greedy generation with the
-        run's chat template (sft_mindspore.eval), no torch needed."""
-        from sft_mindspore.eval import evaluate
+        run's chat template (sft_mindspore.eval), no torch needed; in a child process, so the
+        device memory it took is free again when the training workers start."""
+        from sft_mindspore.eval import evaluate_in_subprocess
 
-        return evaluate(model, data, max_new_tokens)
+        return evaluate_in_subprocess(model, data, max_new_tokens)
 
 
 def _method_problems(config: RunConfig) -> list[str]:
