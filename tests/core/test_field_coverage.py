@@ -568,15 +568,17 @@ OBSERVERS = {"torch": observe_torch, "mindspore": observe_mindspore}
 #: `data.packing: false` is what `auto` resolves to, so the value to check is `true`.
 BACKEND_VALUES = {"mindspore": {"data.packing": True}}
 
-#: Observers that see a plan, not a finished run, skip what core does after training; that code
-#: (sft.run.after_training, the event hooks) is the same for every backend and is observed in
-#: the torch backend's real runs.
+#: Observers that see a plan, not a finished run, skip what core does around training; that code
+#: (sft.run.after_training, the event hooks, and `eval.prompts` scored by the backend's
+#: `evaluate` before and after training) is the same for every backend and is observed in the
+#: torch backend's real runs (MindSpore's `evaluate`: tests/backends/mindspore/test_inference.py).
 AFTER_TRAINING = (
     "logging.plot",
     "logging.tensorboard",
     "logging.trackers",
     "export.formats",
     "export.dtype",
+    "eval.prompts",
     "eval.max_new_tokens",
 )
 PLAN_ONLY = {"mindspore"}

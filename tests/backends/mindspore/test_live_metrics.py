@@ -92,3 +92,43 @@ def test_tailer_reads_files_as_they_grow_without_loss_or_repeat(tmp_path: Path) 
         for f in files:
             f.close()
     assert got == [1, 2, 3, 4, 5, 6]
+
+
+def test_eval_lines_follow_their_steps_training_rows() -> None:
+    """`[sft] eval` lines (sft_mindspore.heldout) become eval rows once, after the training rows
+    of their step and every step before, from rank 0 only; any chunking of two ranks' logs.
+    Logging every 2nd step with eval every step, as torch writes it: eval 1, train 2, eval 2..."""
+    from sft_mindspore.heldout import format_line, result
+
+    def text(rank: int) -> str:
+        out = ""
+        for s in range(1, 7):
+            if s % 2 == 0:
+                out += log_line(s, 2.0 + s + rank / 10)
+            out += format_line(result(s, 10.0 * s + rank, 4)) + "\n"
+        return out
+
+    logs = [text(0), text(1)]
+    for seed in range(5):
+        rng = random.Random(seed)
+        got: list[tuple[int, str, float]] = []
+
+        def emit(step: int, row: dict, rec: dict) -> None:
+            kind = "eval" if "eval_loss" in row else "train"
+            got.append((step, kind, row.get("eval_loss")))
+
+        live = LiveRows(STEPS, ranks=2, start=0, emit=emit)
+        pos = [0, 0]
+        while pos != [len(logs[0]), len(logs[1])]:
+            r = rng.randrange(2)
+            n = rng.randint(1, 60)
+            live.feed(r, logs[r][pos[r] : pos[r] + n])
+            pos[r] = min(pos[r] + n, len(logs[r]))
+        live.emit_evals()
+        want = []
+        for s in range(1, 7):
+            if s % 2 == 0:
+                want.append((s, "train", None))
+            want.append((s, "eval", 10.0 * s / 4))  # rank 0's: summed nll 10 s over 4 tokens
+        assert got == want
+        assert [e["step"] for e in live.evals] == [1, 2, 3, 4, 5, 6]

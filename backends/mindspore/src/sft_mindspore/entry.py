@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mindformers import MindFormerConfig, Trainer, build_context
 
+    import sft_mindspore.heldout_callback  # registers SftEvalMonitor (eval rows)
     import sft_mindspore.lr  # noqa: F401  registers SftWarmUpDecayLR, the YAML's lr_schedule
     from sft_mindspore.cpu_compat import apply_runtime_patches
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sft_mindspore import heldout
+
 _LINE = re.compile(
     r"step:\[\s*(\d+)/\s*\d+\], loss: ?\[?([-+0-9.eEnaif]+)[/,].*?"
     r"per_step_time: (\d+)ms, lr: ([-+0-9.eE]+).*?overflow cond: (\w+)"
@@ -175,19 +177,26 @@ class LiveRows:
 
     def __init__(self, steps: list[StepTokens], ranks: int, start: int, emit: Any) -> None:
         self.builder = RowBuilder(steps, start)
-        self.ranks, self.emit, self.done = ranks, emit, start
+        self.ranks, self.emit, self.done, self.start = ranks, emit, start, start
         self.partial = [""] * ranks
         self.seen: list[dict[int, dict[str, Any]]] = [{} for _ in range(ranks)]
         self.rows: list[tuple[int, dict[str, Any]]] = []
         self.records: list[dict[str, Any]] = []
+        self.evals: list[dict[str, Any]] = []
+        """Eval rows emitted (`sft_mindspore.heldout`), rank 0's."""
+        self.pending_evals: list[dict[str, Any]] = []
 
     def feed(self, rank: int, text: str) -> None:
         lines = (self.partial[rank] + text).split("\n")
         self.partial[rank] = lines.pop()  # "" after a complete line
-        for rec in parse_lines("\n".join(lines)):
+        chunk = "\n".join(lines)
+        for rec in parse_lines(chunk):
             if rec["step"] > self.done:
                 self.seen[rank][rec["step"]] = rec
+        if rank == 0:
+            self.pending_evals += [e for e in heldout.parse_lines(chunk) if e["step"] > self.start]
         while True:
+            self.emit_evals()
             ready = [seen.get(s) for seen in self.seen for s in [self._next()]]
             if not ready or any(r is None for r in ready):
                 return
@@ -195,6 +204,18 @@ class LiveRows:
             for seen in self.seen:
                 seen.pop(rec["step"])
             self.emit_record(rec)
+
+    def emit_evals(self) -> None:
+        """Eval rows go out after the training rows of their step and of every step before
+        (as torch writes them): once rank 0 has no unemitted training step up to theirs."""
+        while self.pending_evals:
+            ev = self.pending_evals[0]
+            if any(s <= ev["step"] for s in self.seen[0]):
+                return
+            self.pending_evals.pop(0)
+            row = {k: v for k, v in ev.items() if k != "step"}
+            self.evals.append(ev)
+            self.emit(int(ev["step"]), row, ev)
 
     def emit_record(self, rec: dict[str, Any]) -> None:
         step, row = self.builder.add(rec)

@@ -29,7 +29,7 @@ from sft.guard import Preempted
 from sft.rundir import config_path
 
 from sft_mindspore import data as msdata
-from sft_mindspore import mfconfig, runtime
+from sft_mindspore import heldout, mfconfig, runtime
 from sft_mindspore.export import export_final
 from sft_mindspore.launch import Stopped, launch, launch_plan, rank_table_path
 from sft_mindspore.logs import LiveRows, StepTokens, parse_losses
@@ -38,8 +38,9 @@ from sft_mindspore.weights import check_model_type, hf_to_ckpt
 YAML_HEADER = (
     "# MindFormers legacy finetune config written by sft from {config}.\n"
     "# Rerun it directly: python -m sft_mindspore.entry --config {path}\n"
-    "# (or with MindFormers' run_mindformer.py on Ascend after `import sft_mindspore.lr`, which\n"
-    "# registers the lr_schedule class; msrun for several devices).\n"
+    "# (or with MindFormers' run_mindformer.py on Ascend after `import sft_mindspore.lr` and, with\n"
+    "# eval data, `import sft_mindspore.heldout_callback`, which register sft's lr_schedule and\n"
+    "# SftEvalMonitor classes; msrun for several devices).\n"
 )
 
 
@@ -65,6 +66,7 @@ def prepare(
     check_model_type(plan.model.path)
     work = plan.run_dir / "mindformers"
     schedule = msdata.build_schedule(plan.data.train, cfg, cfg.parallel.world_size)
+    schedule.seq_length = heldout.seq_length(schedule.seq_length, plan)
     init_ckpt = work / "init" / "model.ckpt"
     dataset = work / "data" / "train.mindrecord"
     output_dir = work / "output"
@@ -74,6 +76,10 @@ def prepare(
         plan, schedule, str(init_ckpt), str(dataset), device, str(output_dir), settings
     )
     apply_resume(doc, resume)
+    eval_data = work / "data" / heldout.EVAL_FILE
+    eval_callback = heldout.callback_entry(plan, eval_data, len(schedule.steps))
+    if eval_callback is not None:
+        doc["callbacks"].append(eval_callback)
     yaml_path = plan.run_dir / "mindformers.yaml"
     header = YAML_HEADER.format(config=config_path(plan.run_dir), path=yaml_path)
     text = header + yaml.safe_dump(doc, sort_keys=False)
@@ -86,6 +92,7 @@ def prepare(
         if resume is None and output_dir.exists():
             shutil.rmtree(output_dir)  # a fresh run must not pick up an older run's checkpoints
         msdata.write_training_data(plan.data.train, schedule, plan.data.pad_id, work / "data")
+        heldout.write_eval_data(plan, schedule.seq_length, work / "data")
         if resume is None or not init_ckpt.exists():
             # LoRA: the starting adapters are core's seeded draw, the same the torch backend uses
             lora = cfg.method if cfg.method.name == "lora" else None
@@ -306,6 +313,7 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
     for rec in parse_losses(log_dir):  # what the live reader could not pair up (none expected)
         if rec["step"] > live.done:
             live.emit_record(rec)
+    live.emit_evals()
     records, rows = live.records, live.rows
     stop_on_nonfinite(records)
     # rank 0's checkpoint lives on node 0: only that node exports
@@ -334,8 +342,15 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
             "dropped_rows": schedule.dropped_rows,
             "seq_length": schedule.seq_length,
             "mindformers_yaml": str(yaml_path),
+            **last_eval(live.evals),
         },
     )
+
+
+def last_eval(evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json's eval fields (torch's: the last eval row's eval_loss, eval_ppl,
+    eval_tokens), none without eval."""
+    return {k: v for k, v in evals[-1].items() if k != "step"} if evals else {}
 
 
 def schedule_tokens(plan: TrainPlan, schedule: msdata.RecordSchedule) -> list[StepTokens]:
