@@ -178,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, required=True, help="the job spec to start")
     p.add_argument("--runs", type=int, default=3, help="timed fresh processes (median reported)")
     p.add_argument("--json", type=Path, default=None, help="write every run's numbers here")
+    p.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip the untimed first run (the data cache and converted model are already there)",
+    )
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # internal: one timed run
     p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = p.parse_args(argv)
@@ -188,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         args.child.write_text(json.dumps(child(args.config, args.overrides)))
         return 0
-    run_once(args)  # untimed: warms the data cache and the converted model on disk
+    if not args.no_warmup:
+        run_once(args)  # untimed: warms the data cache and the converted model on disk
     runs = [run_once(args) for _ in range(args.runs)]
     s = summary(runs)
     print(table(s))
