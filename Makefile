@@ -14,7 +14,7 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 PKGS_CORE := -e core -e plugins/example-backend $(addprefix -e ,$(wildcard plugins/gguf))
 PKGS_TORCH := $(PKGS_CORE) -e backends/torch $(wildcard plugins/tensorboard plugins/mlflow plugins/wandb)
 
-.PHONY: demo test test-core test-torch test-ms lint mutate mutate-results venv-core venv-torch venv-torch-dev venv-ms clean help venv-bench bench-data bench gpu-wheels gpu-check
+.PHONY: demo test test-core test-torch test-ms lint mutate mutate-results venv-core venv-torch venv-torch-dev venv-ms clean help venv-bench bench-data bench bench-full gpu-wheels gpu-check
 
 help:
 	@echo "make demo   - fine-tune SmolLM2-135M-Instruct on CPU and show before/after"
@@ -154,6 +154,11 @@ bench-data: venv-bench
 # on SmolLM2-135M LoRA; prints one table. See docs/performance.md.
 bench: venv-bench
 	$(BENCH)/python benchmarks/trl_compare.py --out runs/bench-trl/results.json
+
+# The same for full fine-tuning (every weight trains, for sft and for TRL); docs/performance.md.
+bench-full: venv-bench
+	$(BENCH)/python benchmarks/trl_compare.py --method full --peers sft trl-default \
+	    --work-dir runs/bench-trl-full --out runs/bench-trl-full/results.json
 
 # GPU check (not a test; docs/torch.md "Checking a GPU"): the GPU image has python 3.12, torch,
 # transformers, peft and accelerate but no pydantic/typer/pluggy and no network, so `gpu-wheels`
