@@ -33,6 +33,7 @@ import yaml
 pytest.importorskip("torch")
 from safetensors.numpy import load_file
 from sft.events import read_metrics
+from sft.rundir import find_final_weights
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
@@ -152,7 +153,9 @@ def eval_losses(run_dir: Path) -> dict[int, float]:
 
 
 def final_weights(run_dir: Path) -> dict[str, np.ndarray]:
-    final = run_dir / "final"
+    found = find_final_weights(run_dir)
+    assert found and not found.legacy, f"no final/adapter or final/model in {run_dir}"
+    final = found.weights
     files = sorted(final.glob("*.safetensors"))
     assert files, f"no safetensors in {final}: {os.listdir(final)}"
     out: dict[str, np.ndarray] = {}

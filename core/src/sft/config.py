@@ -450,11 +450,19 @@ def init_adapter_problems(config: RunConfig) -> list[Problem]:
         return []
     cfg_file = Path(m.init_adapter) / "adapter_config.json"
     if not cfg_file.is_file():
+        inner = Path(m.init_adapter) / "final" / "adapter"
+        if not (inner / "adapter_config.json").is_file():
+            inner = Path(m.init_adapter) / "adapter"
+        hint = (
+            f"its adapter is in {inner}: give that directory"
+            if (inner / "adapter_config.json").is_file()
+            else "give a directory written by `save_pretrained`, e.g. a LoRA run's final/adapter"
+        )
         return [
             Problem(
                 "method.init_adapter",
                 f"{m.init_adapter} is not a PEFT adapter directory (no adapter_config.json)",
-                "give a directory written by `save_pretrained`, e.g. a LoRA run's final/",
+                hint,
             )
         ]
     try:

@@ -6,8 +6,8 @@
       -> loss.png, [eval.prompts on the trained model -> eval/report.json], [export.formats]
 
 Run directory: config.yaml, data.json (record accounting), rejects.jsonl, metrics.jsonl,
-checkpoints/step-NNNNNN/, final/ (adapter or model + tokenizer + generation_config.json),
-loss.png, summary.json, eval/report.json, exports/<format>/.
+checkpoints/step-NNNNNN/, final/ (adapter/ or model/, each with the tokenizer and
+generation_config.json), loss.png, summary.json, eval/report.json, exports/<format>/.
 
 The steps after training run once per job (in the launching process, or on rank 0 when the job
 was started by torchrun itself), after summary.json records the trained weights: a failing export

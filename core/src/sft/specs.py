@@ -198,7 +198,7 @@ class LoraMethod(_LoraParams):
 
     init_adapter: str | None = None
     """Continue training an existing PEFT adapter directory (`adapter_config.json` +
-    `adapter_model.safetensors`, e.g. a run's `final/`) instead of fresh adapters; its own r,
+    `adapter_model.safetensors`, e.g. a run's `final/adapter`) instead of fresh adapters; its own r,
     alpha and target modules are used. Relative paths resolve against the config file."""
 
 

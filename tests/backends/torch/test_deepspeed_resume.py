@@ -59,8 +59,8 @@ def test_zero_resume_equals_uninterrupted(job: Path, reference: Path, strategy: 
     resumed = job.parent / f"{strategy}-resumed"
     summary = sft_run(job, resumed, *two, f"checkpoint.resume={ckpt}")
     assert summary["metrics"]["resumed_at_step"] == 2
-    mine = load_file(str(resumed / "final" / "model.safetensors"))
-    ref = load_file(str(full / "final" / "model.safetensors"))
+    mine = load_file(str(resumed / "final" / "model" / "model.safetensors"))
+    ref = load_file(str(full / "final" / "model" / "model.safetensors"))
     assert sorted(mine) == sorted(ref)
     worst = max(float((mine[k].float() - ref[k].float()).abs().max()) for k in ref)
     assert worst < 1e-6, f"resumed final weights differ by {worst}"
@@ -70,8 +70,8 @@ def test_zero_resume_equals_uninterrupted(job: Path, reference: Path, strategy: 
 
 
 def assert_close(run_dir: Path, ref: Path, tol: float = 5e-5) -> None:
-    mine = load_file(str(run_dir / "final" / "model.safetensors"))
-    theirs = load_file(str(ref / "final" / "model.safetensors"))
+    mine = load_file(str(run_dir / "final" / "model" / "model.safetensors"))
+    theirs = load_file(str(ref / "final" / "model" / "model.safetensors"))
     assert sorted(mine) == sorted(theirs)
     worst = max(float((mine[k] - theirs[k]).abs().max()) for k in mine)
     assert worst < tol, f"final weights differ by {worst}"

@@ -112,7 +112,7 @@ def reference_lora(job: Path) -> Path:
 
 
 def assert_same_run(
-    run_dir: Path, ref: Path, weights: str = "model.safetensors", steps: int = 4
+    run_dir: Path, ref: Path, weights: str = "model/model.safetensors", steps: int = 4
 ) -> None:
     """Same final weights (within 1e-5) and the same loss at every step."""
     mine, theirs = (
@@ -174,8 +174,8 @@ def test_ddp_two_processes_equal_one_process_and_resume_on_one(
     ckpt = out / "checkpoints" / "step-000002"
     summary = sft_run(job, resumed, f"checkpoint.resume={ckpt}")
     assert summary["metrics"]["resumed_at_step"] == 2
-    mine = load_file(str(resumed / "final" / "model.safetensors"))
-    ref = load_file(str(reference / "final" / "model.safetensors"))
+    mine = load_file(str(resumed / "final" / "model" / "model.safetensors"))
+    ref = load_file(str(reference / "final" / "model" / "model.safetensors"))
     assert max(float((mine[k] - ref[k]).abs().max()) for k in ref) < TOL
 
 
@@ -231,21 +231,21 @@ def test_fsdp2_lora_matches_one_process_and_consolidates(job: Path, reference_lo
         "checkpoint.every_steps=2",
     )
     # the sharded adapter was gathered into a normal PEFT adapter
-    assert (out / "final" / "adapter_config.json").exists()
-    assert_same_run(out, reference_lora, weights="adapter_model.safetensors")
+    assert (out / "final" / "adapter" / "adapter_config.json").exists()
+    assert_same_run(out, reference_lora, weights="adapter/adapter_model.safetensors")
     ckpt = out / "checkpoints" / "step-000002"
     meta = json.loads((ckpt / "sft-checkpoint.json").read_text())
     assert meta["parallel"] == {"strategy": "fsdp", "world_size": 2, "format": "fsdp-full"}
     weights = load_file(str(ckpt / "trainable.safetensors"))
     assert weights and all("lora_" in k for k in weights)
-    adapter = load_file(str(reference_lora / "final" / "adapter_model.safetensors"))
+    adapter = load_file(str(reference_lora / "final" / "adapter" / "adapter_model.safetensors"))
     shapes = sorted(tuple(t.shape) for t in weights.values())
     assert shapes == sorted(tuple(t.shape) for t in adapter.values())  # whole, not shards
     # consolidated: one process resumes it (optimizer state keyed by name) and ends the same
     resumed = job.parent / "fsdp-resumed-on-1"
     summary = sft_run(job, resumed, LORA, f"checkpoint.resume={ckpt}")
     assert summary["metrics"]["resumed_at_step"] == 2
-    assert_same_run(resumed, reference_lora, weights="adapter_model.safetensors", steps=2)
+    assert_same_run(resumed, reference_lora, weights="adapter/adapter_model.safetensors", steps=2)
     # and two FSDP2 processes resume it: rank 0 reads the files, broadcast_from_rank0 hands
     # each rank its shards of the weights and the optimizer state
     resumed = job.parent / "fsdp-resumed-on-2"
@@ -258,7 +258,7 @@ def test_fsdp2_lora_matches_one_process_and_consolidates(job: Path, reference_lo
         f"checkpoint.resume={ckpt}",
     )
     assert summary["metrics"]["resumed_at_step"] == 2
-    assert_same_run(resumed, reference_lora, weights="adapter_model.safetensors", steps=2)
+    assert_same_run(resumed, reference_lora, weights="adapter/adapter_model.safetensors", steps=2)
 
 
 def test_deepspeed_zero2_two_processes_equal_one_process(job: Path, reference: Path) -> None:
@@ -299,7 +299,7 @@ def test_two_gpus_equal_one_gpu(job: Path, strategy: str) -> None:
         sft_run(job, ref, *gpu)
     out = job.parent / f"gpu-{strategy}"
     sft_run(job, out, *gpu, "parallel.nproc_per_node=2", f"parallel.strategy={strategy}")
-    mine = load_file(str(out / "final" / "model.safetensors"))
-    theirs = load_file(str(ref / "final" / "model.safetensors"))
+    mine = load_file(str(out / "final" / "model" / "model.safetensors"))
+    theirs = load_file(str(ref / "final" / "model" / "model.safetensors"))
     worst = max(float((mine[k].float() - theirs[k].float()).abs().max()) for k in theirs)
     assert worst < 1e-4, f"final weights differ by {worst}"  # GPU reductions are reordered

@@ -60,7 +60,7 @@ def test_merge_goes_into_the_dequantized_weights(lora_run: Path, tiny_llama: Pat
     run = find_run_weights(lora_run)
     deq = dequantized_weights(quantized_like_training(tiny_llama), dequantize=roundtrip_4bit)
     assert len(deq) == 2 * 7 and "lm_head" not in deq  # 2 layers x q,k,v,o,gate,up,down
-    seqs = probe_batch(AutoTokenizer.from_pretrained(str(run.final)))
+    seqs = probe_batch(AutoTokenizer.from_pretrained(str(run.weights)))
     trained = on_dequantized_base(run, deq)  # what the adapter computed with while training
     want = logits_of(trained, seqs)
     merged = logits_of(on_dequantized_base(run, deq).merge_and_unload(), seqs)

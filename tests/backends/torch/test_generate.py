@@ -77,3 +77,31 @@ def test_chat_keeps_history(tmp_path, tiny_llama, monkeypatch, capsys):
     assert main(["chat", str(model), "--max-new-tokens", "4", "--system", "Be brief."]) == 0
     assert [m["role"] for m in seen[1]] == ["system", "user", "assistant", "user"]
     assert seen[1][1]["content"] == "Hello!" and capsys.readouterr().out.count("assistant>") == 2
+
+
+@pytest.mark.parametrize("layout", ["final/model", "final"])  # "final": a run of sft 0.1.0
+def test_a_run_dir_loads_its_model_with_the_eos_saved_next_to_it(tmp_path, tiny_llama, layout):
+    weights = tmp_path / "run" / layout
+    shutil.copytree(tiny_llama, weights)
+    (weights / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    loaded = load_for_inference(tmp_path / "run")
+    assert loaded.source == f"model {weights}"
+    assert loaded.eos_ids == [7, 9] and loaded.info["tokenizer_dir"] == weights
+
+
+def test_a_lora_run_dir_loads_final_adapter_onto_the_base_of_its_config(tmp_path, tiny_llama):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    adapter = run / "final" / "adapter"
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    for f in tiny_llama.iterdir():  # the tokenizer and its chat template, as save_final does
+        if f.name != "config.json" and f.suffix != ".safetensors":
+            shutil.copy(f, adapter / f.name)
+    (adapter / "generation_config.json").write_text(json.dumps({"eos_token_id": [5]}))
+    (run / "config.yaml").write_text(f"model: {{name_or_path: {tiny_llama}}}\n")
+    loaded = load_for_inference(run)
+    assert loaded.source == f"adapter {adapter} on base {tiny_llama}"
+    assert loaded.eos_ids == [5] and loaded.info["tokenizer_dir"] == adapter

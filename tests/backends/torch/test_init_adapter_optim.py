@@ -46,7 +46,7 @@ def test_lora_continues_from_an_adapter(tmp_path, tiny_llama):
     from transformers import AutoModelForCausalLM
 
     run(load_config(_job(tmp_path, tiny_llama, "a")))  # the adapter to continue
-    adapter = tmp_path / "a" / "final"
+    adapter = tmp_path / "a" / "final" / "adapter"
     run(load_config(_job(tmp_path, tiny_llama, "b", init_adapter=str(adapter))))
     # The adapter's function, as plain weights: its merged model under fresh LoRA (B = 0)
     merged = tmp_path / "merged"
@@ -63,7 +63,7 @@ def test_lora_continues_from_an_adapter(tmp_path, tiny_llama):
     from safetensors.torch import load_file
 
     a = load_file(adapter / "adapter_model.safetensors")
-    b = load_file(tmp_path / "b" / "final" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "final" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # it trained
 
 
@@ -84,6 +84,12 @@ def test_init_adapter_must_agree_with_the_lora_fields_given(tmp_path, tiny_llama
     ]
     with pytest.raises(ConfigError, match=r"method\.init_adapter: .* is not a PEFT adapter"):
         load_config(_job(tmp_path, tiny_llama, "y", init_adapter="nowhere"))
+    # a run directory (or its final/) given instead of its final/adapter: the error names it
+    (tmp_path / "lora-run" / "final").mkdir(parents=True)
+    adapter.rename(tmp_path / "lora-run" / "final" / "adapter")
+    for given in ("lora-run", "lora-run/final"):
+        with pytest.raises(ConfigError, match=r"its adapter is in .*lora-run/final/adapter"):
+            load_config(_job(tmp_path, tiny_llama, "z", init_adapter=given))
 
 
 @pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit"])

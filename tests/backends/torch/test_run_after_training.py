@@ -83,5 +83,5 @@ def test_failed_export_fails_the_run_after_the_weights_are_saved(tmp_path, tiny_
         run(load_config(job, plugins=plugins), plugins)
     run_dir = tmp_path / "run"
     assert "disk full" in str(info.value) and "sft export" in str(info.value)
-    assert (run_dir / "final" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "final" / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2

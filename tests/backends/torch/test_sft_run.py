@@ -79,14 +79,14 @@ def test_sft_run_end_to_end_and_resume(tmp_path, tiny_llama):
         "metrics.jsonl",
         "summary.json",
         "loss.png",
-        "final/adapter_config.json",
-        "final/adapter_model.safetensors",
-        "final/tokenizer_config.json",
-        "final/generation_config.json",
+        "final/adapter/adapter_config.json",
+        "final/adapter/adapter_model.safetensors",
+        "final/adapter/tokenizer_config.json",
+        "final/adapter/generation_config.json",
         "checkpoints/step-000006/sft-checkpoint.json",
     ):
         assert (run_dir / name).is_file(), name
-    gen = json.loads((run_dir / "final/generation_config.json").read_text())
+    gen = json.loads((run_dir / "final/adapter/generation_config.json").read_text())
     assert gen["eos_token_id"] == [2]
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6]

@@ -155,8 +155,8 @@ def test_fsdp2_ranks_hold_their_shard_of_the_model(tmp_path: Path, model_50m: Pa
     for r in ranks:
         assert r["run"] < 0.85 * unsharded["run"], r
     # and the sharded run trains what one process trains
-    mine = load_file(str(tmp_path / "two" / "run" / "final" / "model.safetensors"))
-    ref = load_file(str(tmp_path / "one" / "run" / "final" / "model.safetensors"))
+    mine = load_file(str(tmp_path / "two" / "run" / "final" / "model" / "model.safetensors"))
+    ref = load_file(str(tmp_path / "one" / "run" / "final" / "model" / "model.safetensors"))
     assert sorted(mine) == sorted(ref)
     worst = max(float((mine[k] - ref[k]).abs().max()) for k in ref)
     assert worst < 1e-5, f"final weights differ by {worst}"

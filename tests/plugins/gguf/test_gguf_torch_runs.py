@@ -48,5 +48,5 @@ def test_full_run_is_converted_from_its_saved_model(tmp_path, tiny_llama):
         "gguf", ExportRequest(run_dir=plan.run_dir, out=tmp_path / "g", dtype="bf16")
     )
     assert report.ok, report.checks["problems"]
-    assert report.checks["source"] == str(plan.run_dir / "final")  # no merge needed
+    assert report.checks["source"] == str(plan.run_dir / "final" / "model")  # no merge needed
     assert report.checks["eos_token_id"] == 2

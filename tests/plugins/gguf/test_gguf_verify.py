@@ -122,7 +122,7 @@ def test_bf16_sharded_source_is_widened_exactly(tiny_llama, tmp_path):
     np.testing.assert_array_equal(stored["output.weight"], bits.view(np.float32))
 
 
-@pytest.mark.parametrize("final", ["final/model", "final"])
+@pytest.mark.parametrize("final", ["final/model", "final"])  # "final": a run of sft 0.1.0 (torch)
 def test_full_finetuning_run_dir_uses_the_saved_model(tiny_llama, tmp_path, final):
     run = tmp_path / "my-run"
     copy_model(tiny_llama, run / final)

@@ -47,7 +47,7 @@ def ds_config(config: RunConfig, accumulation: int, world: int, precision: str) 
         if stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     if stage == 3:
-        # whole 16-bit weights on save, so RUN/final holds a normal model
+        # whole 16-bit weights on save, so RUN/final/model holds a normal model
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
         **ours,

@@ -15,7 +15,7 @@ writes the PEFT adapter alone. Every export reloads what it wrote and reports nu
 - QLoRA: the same against the quantized model as trained (`quantized_model`), within the KL
   tolerance of its compute dtype;
 - the exported chat template renders a probe conversation to exactly the token ids the run's
-  tokenizer (final/) produces, and the eos ids agree with the template's end of turn.
+  tokenizer (next to its weights in final/) produces, and the eos ids agree with the template's end of turn.
 A failed check makes `sft export` fail loudly (sft.export.run_export raises).
 """
 
@@ -79,7 +79,7 @@ def _probe_renders(tok: Any) -> list[list[int]]:
 
 
 def check_template_parity(exported: Path, reference: Path) -> dict[str, Any]:
-    """Compare the exported tokenizer/template/eos with the run's (`reference`, e.g. final/)."""
+    """Compare the exported tokenizer/template/eos with the run's (`reference`, e.g. final/adapter)."""
     from transformers import AutoTokenizer
 
     from sft_torch.generate import eos_ids_of

@@ -4,10 +4,10 @@
     $ sft generate smollm2-135m-instruct --prompt "Who are you?" --temperature 0.7
     $ sft chat runs/smollm2-135m-demo          # interactive; history kept; /reset, /exit
 
-A run directory's `final/` holds a PEFT adapter (loaded onto the base named in the run's
-`config.yaml`) or a full model (in final/ itself, or in final/adapter/ or final/model/), plus the
-tokenizer with the chat template used in training and `generation_config.json` whose eos ids end
-an assistant turn. Decoding stops at
+A run directory's `final/` holds a PEFT adapter in final/adapter/ (loaded onto the base named in
+the run's `config.yaml`) and/or a full model in final/model/ (`sft.rundir`; an older torch run's
+final/ itself is read too). Next to the weights: the tokenizer with the chat template used in
+training and `generation_config.json` whose eos ids end an assistant turn. Decoding stops at
 those ids, so a fine-tuned model stops where it was taught to.
 """
 
@@ -42,11 +42,12 @@ class RunWeights:
     """Where a finished run keeps its weights."""
 
     final: Path
-    """RUN/final: tokenizer, chat template and generation_config.json live here."""
+    """RUN/final (its parent is the run directory)."""
     kind: str
     """`adapter` (PEFT) or `model` (full safetensors)."""
     weights: Path
-    """The adapter or model directory (final/ itself, or final/adapter, final/model)."""
+    """The adapter or model directory (final/adapter, final/model; an older torch run: final/).
+    The tokenizer, chat template and generation_config.json live here too."""
 
 
 def find_run_weights(path: Path) -> RunWeights | None:
@@ -55,10 +56,8 @@ def find_run_weights(path: Path) -> RunWeights | None:
     found = find_final_weights(path)
     if found is None:
         return None
-    if found.adapter is not None:
-        return RunWeights(found.final, "adapter", found.adapter)
-    assert found.model is not None
-    return RunWeights(found.final, "model", found.model)
+    kind = "adapter" if found.adapter is not None else "model"
+    return RunWeights(found.final, kind, found.weights)
 
 
 def run_final_dir(path: Path) -> Path | None:
@@ -86,8 +85,8 @@ def run_base_spec(weights: RunWeights) -> str:
 
 
 def tokenizer_dir(weights: RunWeights) -> Path:
-    """Where a run saved its tokenizer: final/ itself, else next to the weights."""
-    for cand in (weights.final, weights.weights):
+    """Where a run saved its tokenizer: next to the weights, else in final/ itself."""
+    for cand in (weights.weights, weights.final):
         if (cand / "tokenizer_config.json").is_file():
             return cand
     raise SftError(f"no tokenizer (tokenizer_config.json) in {weights.final}")
@@ -132,11 +131,12 @@ def load_for_inference(target: str | Path, dtype: Any = None, merge: bool = Fals
         model = PeftModel.from_pretrained(load_base(base, dtype), str(run.weights))
         if merge:
             model = model.merge_and_unload()
-        tok_dir, meta_dir = tokenizer_dir(run), run.final
+        tok_dir = meta_dir = tokenizer_dir(run)
         src = f"adapter {run.weights} on base {base}"
     else:
         model = load_base(run.weights, dtype)
-        tok_dir, meta_dir, src = tokenizer_dir(run), run.final, f"model {run.weights}"
+        tok_dir = meta_dir = tokenizer_dir(run)
+        src = f"model {run.weights}"
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     model.eval()
     info = {"run": run, "meta_dir": meta_dir, "tokenizer_dir": tok_dir}

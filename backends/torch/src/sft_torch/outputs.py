@@ -1,16 +1,19 @@
 """The final weights of a run, in formats plain transformers + peft load.
 
-    RUN/final/   LoRA / QLoRA: a PEFT adapter directory (adapter_config.json,
-                 adapter_model.safetensors) whose base_model_name_or_path is the local base dir;
-                 full / freeze: a complete safetensors model directory (config.json,
-                 model.safetensors).
-                 Always: the tokenizer with the chat template used in training, and a
-                 generation_config.json whose eos_token_id lists the template's end-of-turn ids.
+    RUN/final/adapter/   LoRA / QLoRA: a PEFT adapter directory (adapter_config.json,
+                         adapter_model.safetensors) whose base_model_name_or_path is the local
+                         base dir. No merged model is written: `sft export RUN --format hf`
+                         merges (and verifies the logits).
+    RUN/final/model/     full / freeze: a complete safetensors model directory (config.json,
+                         model.safetensors).
+    Both also hold the tokenizer with the chat template used in training, and a
+    generation_config.json whose eos_token_id lists the template's end-of-turn ids. This is the
+    MindSpore backend's layout (`sft.rundir`), which adds final/model for LoRA and final/mindspore.
 
-    outputs = save_final(model, plan)   # {"adapter": ".../final", "tokenizer": ".../final"}
+    outputs = save_final(model, plan)   # {"adapter": ".../final/adapter", "tokenizer": ...}
 
-Load an adapter back with `AutoPeftModelForCausalLM.from_pretrained(RUN/final)` or
-`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), RUN/final)`.
+Load an adapter back with `AutoPeftModelForCausalLM.from_pretrained(RUN/final/adapter)` or
+`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), RUN/final/adapter)`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sft.backend import TrainPlan
-from sft.rundir import final_dir
+from sft.rundir import FINAL_ADAPTER, FINAL_MODEL, final_dir
 
 from sft_torch.model import causal_lm
 
@@ -60,20 +63,20 @@ def save_tokenizer(plan: TrainPlan, out: Path) -> None:
 
 def save_final(model: Any, plan: TrainPlan) -> dict[str, str]:
     """Write RUN/final (see module docstring); returns the named output paths."""
-    out = final_dir(plan.run_dir)
-    if out.exists():
-        shutil.rmtree(out)  # a rerun (e.g. after a resume) replaces the previous result
+    final = final_dir(plan.run_dir)
+    if final.exists():
+        shutil.rmtree(final)  # a rerun (e.g. after a resume) replaces the previous result
+    kind = "adapter" if is_adapter(model) else "model"
+    out = final / (FINAL_ADAPTER if kind == "adapter" else FINAL_MODEL)
     out.mkdir(parents=True)
     gen = generation_config(model, plan)
-    if is_adapter(model):
+    if kind == "adapter":
         model.save_pretrained(str(out), safe_serialization=True)
-        kind = "adapter"
     else:
         lm = causal_lm(model)
         lm.config.use_cache = True  # the saved model is for inference
         lm.generation_config = gen
         lm.save_pretrained(str(out), safe_serialization=True)
-        kind = "model"
     gen.save_pretrained(str(out))
     save_tokenizer(plan, out)
     return {kind: str(out), "tokenizer": str(out), "base_model": str(plan.model.path)}

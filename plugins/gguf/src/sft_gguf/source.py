@@ -2,8 +2,8 @@
 
 `resolve_source` turns `sft export RUN_DIR` into a Hugging Face model directory (config.json,
 *.safetensors, tokenizer files): a plain model directory is used as is, a full fine-tuning run
-gives `RUN_DIR/final/model` (or `RUN_DIR/final`, where the torch backend saves a full model),
-and a LoRA run is merged first by the `hf` exporter (torch backend).
+gives `RUN_DIR/final/model` (both backends; `RUN_DIR/final` itself for a run written by sft
+0.1.0's torch backend, via `sft.rundir.find_final_weights`), and a LoRA run is merged first by the `hf` exporter (torch backend).
 `read_tensors` reads safetensors with core's numpy reader (`sft.safetensors_io`), widening
 F16/BF16 to float32 exactly, so this plugin works in any environment (`.venvs/core` included).
 
