@@ -5,19 +5,31 @@ sft's entry script imports this module (which registers the class with MindForme
 in place of the YAML's CheckpointMonitor; the worker then exits 143 (SIGTERM) or 130 (SIGINT),
 and `sft run` reports the checkpoint to resume from. The YAML itself stays plain MindFormers.
 
+With several workers (msrun, rank tables: RANK_SIZE > 1 and SFT_STOP_DIR set by `sft run`) the
+ranks first agree on one stop step through `sft_mindspore.stopfile` (the step after the one
+where the first rank saw the stop), so all of them checkpoint the same step and none waits in
+an all-reduce the others never join.
+
     callbacks: [{type: SftCheckpointMonitor, prefix: sft, save_checkpoint_steps: 100, ...}]
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from mindformers.core.callback.callback import CheckpointMonitor
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from sft.guard import StopSignals
 
+from sft_mindspore.stopfile import StopFiles
+
 #: Entered by the entry script around training (signal handlers live in the main thread).
 STOP = StopSignals()
+#: The stop agreement of several workers; None for one worker (it stops at its own signal).
+AGREE = StopFiles.from_env() if int(os.environ.get("RANK_SIZE", "1")) > 1 else None
+#: (signal name, step) this worker checkpointed and stopped at, set by the callback.
+STOPPED: list[tuple[str, int]] = []
 
 
 @MindFormerRegister.register(MindFormerModuleType.CALLBACK)
@@ -26,16 +38,15 @@ class SftCheckpointMonitor(CheckpointMonitor):  # type: ignore[misc]
 
     def on_train_step_end(self, run_context: Any) -> None:
         super().on_train_step_end(run_context)  # the regular every-N-steps checkpoint
-        if STOP.requested is None:
-            return
         cb_params = run_context.original_args()
+        step = int(cb_params.cur_step_num)
+        signame = STOP.requested if AGREE is None else AGREE.should_stop(step, STOP.requested)
+        if signame is None:
+            return
         # force_to_save; a no-op when this step's checkpoint was just written
         self._save_ckpt(cb_params, force_to_save=True)
-        print(
-            f"[sft] {STOP.requested}: checkpoint of step {cb_params.cur_step_num} written; "
-            "stopping",
-            flush=True,
-        )
+        STOPPED.append((signame, step))
+        print(f"[sft] {signame}: checkpoint of step {step} written; stopping", flush=True)
         run_context.request_stop()
 
 
