@@ -32,6 +32,7 @@ import yaml
 
 pytest.importorskip("mindspore")
 
+from sft_mindspore.export import final_checkpoint
 from sft_mindspore.weights import load_ckpt
 
 pytestmark = [pytest.mark.mindspore, pytest.mark.slow]
@@ -151,14 +152,8 @@ def saved_steps(run_dir: Path, rank: int) -> list[int]:
 
 
 def final_ckpt(run_dir: Path, rank: int) -> Path:
-    return (
-        run_dir
-        / "mindformers"
-        / "output"
-        / "checkpoint"
-        / f"rank_{rank}"
-        / (f"sft_rank_{rank}-1_{STEPS}.ckpt")
-    )
+    """A rank's last training checkpoint (a resumed run saves under another prefix)."""
+    return final_checkpoint(run_dir / "mindformers" / "output", rank)
 
 
 @pytest.fixture(scope="module")

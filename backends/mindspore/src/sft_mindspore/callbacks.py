@@ -39,7 +39,8 @@ class SftCheckpointMonitor(CheckpointMonitor):  # type: ignore[misc]
     def on_train_step_end(self, run_context: Any) -> None:
         super().on_train_step_end(run_context)  # the regular every-N-steps checkpoint
         cb_params = run_context.original_args()
-        step = int(cb_params.cur_step_num)
+        # cur_step_num counts this launch's steps; a resumed launch adds the checkpoint's step
+        step = int(getattr(self, "_append_step_num", 0) or 0) + int(cb_params.cur_step_num)
         signame = STOP.requested if AGREE is None else AGREE.should_stop(step, STOP.requested)
         if signame is None:
             return

@@ -10,6 +10,10 @@ the rank and the log to read. `launch_plan` lists the processes of every node, s
 
 Logs are per node (`msrun/node_R/`, `ranktable/node_R/`) when there are several nodes, so
 nodes sharing one run directory never write the same file.
+
+SIGTERM / SIGINT to `sft run`: one worker gets the signal forwarded (`ForwardSignals`); several
+workers get a stop request file and agree on one stop step (`RequestStop`,
+`sft_mindspore.stopfile`); either way `launch` raises `Stopped` once they checkpointed.
 """
 
 from __future__ import annotations
