@@ -6,8 +6,9 @@ end through `sft run` subprocesses on a tiny llama (LoRA, fp32, CPU, 1 thread pe
   them) at a random step after the first checkpoint, then `--resume auto`: the final weights are
   BITWISE equal to an uninterrupted DP2 run's on both ranks, metrics.jsonl has every step exactly
   once with the uninterrupted run's losses (so the data order continued);
-- SIGTERM to the `sft run` pid alone: both ranks checkpoint the SAME agreed step, `sft run`
-  exits 143 naming it, and the resumed run ends bitwise equal to the uninterrupted one.
+- SIGTERM to the `sft run` pid alone, twice (the second time in the resumed launch): both ranks
+  checkpoint the SAME agreed step, `sft run` exits 143 naming it, and the run resumed after the
+  second stop ends bitwise equal to the uninterrupted one.
 
 Each DP2 launch spends ~1 min in MindSpore's cluster start and graph compilation on CPU.
 
@@ -37,7 +38,7 @@ from sft_mindspore.weights import load_ckpt
 
 pytestmark = [pytest.mark.mindspore, pytest.mark.slow]
 
-STEPS, EVERY = 12, 4  # checkpoints at steps 4, 8 (and 12)
+STEPS, EVERY = 16, 4  # checkpoints at steps 4, 8, 12 (and 16)
 WORDS = "the quick brown fox jumps over lazy dog hello help capital france paris".split()
 
 
@@ -212,28 +213,46 @@ def test_msrun_dp2_sigkill_after_a_checkpoint_resumes_bitwise(
     assert_same_as_reference(run, reference, f"SIGKILL at step {killed_at}, resumed at {at}")
 
 
-def test_msrun_dp2_sigterm_checkpoints_one_agreed_step_and_exits_143(
-    workdir: Path, reference: Path
-) -> None:
-    cfg, run = job(workdir, "term", every=100), workdir / "term"  # no regular checkpoint
-    proc = sft_run(cfg)
+def meta_step(run_dir: Path, rank: int) -> int:
+    """The global step of a rank's newest checkpoint, as its meta.json records it."""
+    meta = run_dir / "mindformers" / "output" / "checkpoint" / f"rank_{rank}" / "meta.json"
+    info = json.loads(meta.read_text())
+    assert (meta.parent / info["last_ckpt_file"]).is_file(), info
+    return int(info["sft_global_step"])
+
+
+def sigterm_after(cfg: Path, run: Path, after: int, *args: str) -> tuple[int, str]:
+    """`sft run` SIGTERMed (its pid only, as a scheduler sends it) once rank 0 logged step
+    `after`: exit 143, both ranks checkpointed the same step; returns (that step, console)."""
+    proc = sft_run(cfg, *args)
     deadline = time.time() + 600
-    while worker_step(run) < 3:
+    while worker_step(run) < after:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)  # the sft run pid only, as a scheduler sends it
+    proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 143, f"exit {proc.returncode}:\n{out}"
     assert "Traceback" not in out and "--resume auto" in out, out
-    s0, s1 = saved_steps(run, 0), saved_steps(run, 1)
-    assert s0 == s1 and len(s0) == 1 and 3 < s0[0] < STEPS, (s0, s1, out)
-    stop = s0[0]
+    stop = meta_step(run, 0)
+    assert meta_step(run, 1) == stop and after < stop < STEPS, (stop, after, out)
     assert f"stopped by SIGTERM after step {stop}" in out, out
-    assert train_steps(run) == list(range(1, stop + 1))
     for rank in (0, 1):
         log = (run / "mindformers" / "msrun" / f"worker_{rank}.log").read_text(errors="replace")
         assert f"[sft] SIGTERM: checkpoint of step {stop} written; stopping" in log, rank
         assert worker_step(run, rank) == stop
+    assert train_steps(run) == list(range(1, stop + 1))
+    return stop, out
+
+
+def test_msrun_dp2_sigterm_checkpoints_one_agreed_step_and_exits_143(
+    workdir: Path, reference: Path
+) -> None:
+    cfg, run = job(workdir, "term", every=100), workdir / "term"  # no regular checkpoint
+    first, _ = sigterm_after(cfg, run, 3)
+    assert saved_steps(run, 0) == saved_steps(run, 1) == [first]  # the agreed step alone
+    # preempted again while resumed: MindFormers counts the resumed launch's steps from 1
+    second, out = sigterm_after(cfg, run, first + 2, "--resume", "auto")
+    assert f"resuming from the MindFormers checkpoint of step {first}" in out, out
     out = finish(sft_run(cfg, "--resume", "auto"))
-    assert f"resuming from the MindFormers checkpoint of step {stop}" in out, out
-    assert_same_as_reference(run, reference, f"SIGTERM, stopped after step {stop}")
+    assert f"resuming from the MindFormers checkpoint of step {second}" in out, out
+    assert_same_as_reference(run, reference, f"SIGTERM after steps {first} and {second}")

@@ -15,7 +15,9 @@ an all-reduce the others never join.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 from mindformers.core.callback.callback import CheckpointMonitor
@@ -49,6 +51,17 @@ class SftCheckpointMonitor(CheckpointMonitor):  # type: ignore[misc]
         STOPPED.append((signame, step))
         print(f"[sft] {signame}: checkpoint of step {step} written; stopping", flush=True)
         run_context.request_stop()
+
+    def record_last_ckpt_to_json(self, epoch: int, step: int, ckpt_file: str) -> None:
+        """meta.json plus `sft_global_step`: MindFormers' `last_step` counts the steps of this
+        launch (after a resume it starts again from 1), so a second resume read the wrong step
+        from it (the console, and metrics.jsonl cut back too far: a gap)."""
+        super().record_last_ckpt_to_json(epoch, step, ckpt_file)
+        meta = json.loads(Path(self.meta_json).read_text())
+        meta["sft_global_step"] = int(getattr(self, "_append_step_num", 0) or 0) + int(step)
+        tmp = Path(self.meta_json).with_suffix(".sft.tmp")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, self.meta_json)
 
 
 def use_sft_monitor(config: Any) -> bool:

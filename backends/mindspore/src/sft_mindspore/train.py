@@ -201,7 +201,10 @@ def resume_point(ckpt_dir: Path) -> tuple[int, Path]:
     for meta in sorted(ckpt_dir.glob("rank_*/meta.json")):
         try:
             info = json.loads(meta.read_text())
-            step, name = int(info["last_step"]), str(info["last_ckpt_file"])
+            # sft's callback adds the global step; MindFormers' last_step restarts at 1 after
+            # a resume (it counts one launch's steps)
+            step = int(info.get("sft_global_step", info["last_step"]))
+            name = str(info["last_ckpt_file"])
         except (ValueError, KeyError, TypeError):
             continue
         if best is None or step < best[0]:
