@@ -78,8 +78,8 @@ test-ms: venv-ms venv-torch-dev
 	    $(MS)/python -m pytest tests/core tests/reliability tests/backends/mindspore -m "not torch" -q
 
 lint: venv-torch-dev
-	$(TORCH)/ruff check core backends plugins tests benchmarks configs
-	$(TORCH)/ruff format --check core backends plugins tests benchmarks configs
+	$(TORCH)/ruff check core backends plugins tests benchmarks configs tools
+	$(TORCH)/ruff format --check core backends plugins tests benchmarks configs tools
 	$(TORCH)/mypy
 	PYTHONPATH=backends/mindspore/src $(TORCH)/lint-imports
 

@@ -9,7 +9,8 @@ import sys
 import pluggy
 import pytest
 from sft.errors import SftError, UnknownNameError
-from sft.plugins import Plugins, Registry, hookimpl
+from sft.hookspecs import hookimpl
+from sft.plugins import Plugins, Registry
 
 
 def test_registry_duplicate_and_unknown_names() -> None:

@@ -4,7 +4,7 @@ Core (this package) imports no ML framework: it validates configs, loads plugins
 tokenized data and hands a `TrainPlan` to a backend. See README.md for the tour.
 """
 
-from sft.plugins import hookimpl
+from sft.hookspecs import hookimpl
 
 __all__ = ["__version__", "hookimpl"]
 __version__ = "0.1.0"

@@ -36,7 +36,6 @@ from sft.errors import SftError
 if TYPE_CHECKING:
     from sft.data.cache import PreparedData
     from sft.events import RunEvents
-    from sft.models import ResolvedModel
     from sft.specs import RunConfig
 
 #: Capability names core knows how to check against a config.
@@ -100,6 +99,20 @@ def require_modules(backend: str, hint: str, *modules: str) -> None:
                 f"backend {backend!r} needs the Python package {mod!r}, which is not installed "
                 f"in this environment. Install it with: {hint}"
             )
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The local Hugging Face model a run starts from (`sft.models.resolve_model`)."""
+
+    path: Path
+    """Local HF model directory (config.json, *.safetensors, tokenizer files)."""
+    spec: str
+    """What the config asked for."""
+    model_type: str
+    """`config.json`'s model_type (llama, qwen2, ...)."""
+    config: dict[str, Any]
+    """The parsed `config.json`."""
 
 
 @dataclass

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from sft.errors import SftError
+from sft.rundir import checkpoints_dir
 
 MARKER = "sft-checkpoint.json"
 CRASH_ENV = "SFT_TEST_CRASH_IN_SAVE"
@@ -43,7 +44,7 @@ _TMP_DIR = re.compile(r"\.(?:tmp|old)-step-(\d+)-(\d+)")
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
+    return checkpoints_dir(run_dir) / f"step-{step:06d}"
 
 
 def _fsync_tree(path: Path) -> None:
@@ -163,7 +164,7 @@ def _alive(pid: int) -> bool:
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
+    root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
     found = []
@@ -207,7 +208,7 @@ def resolve_resume(spec: str | None, run_dir: Path) -> Path | None:
     if spec is None:
         return None
     if spec == "auto":
-        recover_interrupted(Path(run_dir) / "checkpoints")
+        recover_interrupted(checkpoints_dir(run_dir))
         return latest_checkpoint(run_dir)
     p = Path(spec).expanduser().resolve()
     if not (p.is_dir() and (p / MARKER).is_file()):

@@ -20,6 +20,7 @@ import click
 import typer
 from pydantic import BaseModel
 
+from sft import rundir
 from sft.data.commands import data_app
 from sft.errors import SftError
 
@@ -92,7 +93,7 @@ def run(
     extra = quick + list(overrides or []) + ([f"checkpoint.resume={resume}"] if resume else [])
     cfg = _load(config, extra, backend) if config else _load_quick(extra, backend)
     if config is None:
-        spec = Path(cfg.output_dir or "runs/run").resolve() / "config.yaml"  # run.py's default
+        spec = rundir.config_path(Path(cfg.output_dir or "runs/run").resolve())  # run.py's default
         typer.echo(f"sft: the resolved spec is written to {spec}; repeat with: sft run -c {spec}")
     if dry_run:
         _print_dry_run(cfg)
@@ -323,7 +324,7 @@ def export_cmd(
     """Export a run (merged HF model, adapter, MindSpore ckpt, GGUF) and verify the export."""
     from sft.export import ExportRequest, run_export
 
-    target = out or run_dir / "exports" / format
+    target = out or rundir.export_dir(run_dir, format)
     report = run_export(
         format, ExportRequest(run_dir=run_dir.resolve(), out=target.resolve(), dtype=dtype)
     )

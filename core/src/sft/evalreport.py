@@ -13,11 +13,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sft.rundir import EVAL_REPORT
+
 
 def write_report(run_dir: Path, before: dict[str, Any], after: dict[str, Any]) -> Path:
     """Write RUN/eval/report.json (`{"before": ..., "after": ...}`), print the comparison and
     return the path."""
-    out = Path(run_dir) / "eval" / "report.json"
+    out = Path(run_dir) / EVAL_REPORT
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"before": before, "after": after}, indent=2))
     print_comparison(before, after)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sft.rundir import metrics_path
 from sft.specs import RunConfig
 
 #: Keys of a training row of metrics.jsonl that every backend writes, and what each means (the
@@ -53,7 +54,7 @@ SUMMARY_KEYS = {
 class RunEvents:
     def __init__(self, config: RunConfig, run_dir: Path, hook: Any, is_main: bool = True) -> None:
         self.config, self.run_dir, self.hook, self.is_main = config, run_dir, hook, is_main
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path = metrics_path(run_dir)
 
     def restart(self, step: int) -> None:
         """The run (re)starts after optimizer step `step` (0: fresh): metrics.jsonl keeps only
@@ -104,7 +105,7 @@ def _step_of(line: str) -> int:
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The lines of a run's metrics.jsonl (last value wins for a step logged twice by a resume)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = metrics_path(run_dir)
     if not path.exists():
         return []
     rows: dict[tuple[int, str], dict[str, Any]] = {}

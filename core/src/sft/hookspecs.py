@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from sft.specs import RunConfig
 
 hookspec = pluggy.HookspecMarker("sft")
+hookimpl = pluggy.HookimplMarker("sft")
+"""Marks a plugin's hook implementations (public as `sft.hookimpl`)."""
 
 
 @hookspec

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sft.backend import ResolvedModel
 from sft.errors import SftError
+from sft.hookspecs import hookimpl
 from sft.paths import cache_root
-from sft.plugins import hookimpl
 
 
 @dataclass(frozen=True)
@@ -58,18 +59,6 @@ def builtin_weights(name: str) -> Path:
         if path.is_file():
             return path
     raise SftError(f"{m.filename} not found in package {m.package}; reinstall: {m.install}")
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    path: Path
-    """Local HF model directory (config.json, *.safetensors, tokenizer files)."""
-    spec: str
-    """What the config asked for."""
-    model_type: str
-    """`config.json`'s model_type (llama, qwen2, ...)."""
-    config: dict[str, Any]
-    """The parsed `config.json`."""
 
 
 def load_resolved(path: Path, spec: str) -> ResolvedModel:

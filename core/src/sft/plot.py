@@ -11,6 +11,7 @@ import importlib.util
 from pathlib import Path
 
 from sft.events import read_metrics
+from sft.rundir import LOSS_PLOT
 
 
 def plot_loss(run_dir: Path, title: str = "") -> Path | None:
@@ -36,7 +37,7 @@ def plot_loss(run_dir: Path, title: str = "") -> Path | None:
     ax.set_title(title or Path(run_dir).name)
     ax.grid(alpha=0.3)
     ax.legend()
-    path = Path(run_dir) / "loss.png"
+    path = Path(run_dir) / LOSS_PLOT
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

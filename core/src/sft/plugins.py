@@ -20,7 +20,6 @@ import pluggy
 from sft import hookspecs
 from sft.errors import SftError, UnknownNameError
 
-hookimpl = pluggy.HookimplMarker("sft")
 ENTRY_POINT_GROUP = "sft"
 BUILTIN_PLUGINS = ("sft.data.formats", "sft.data.templates", "sft.models")
 

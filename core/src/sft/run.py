@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from sft import archs
+from sft import archs, rundir
 from sft.backend import TrainPlan
 from sft.checkpoints import resolve_resume
 from sft.config import backend_options
@@ -107,7 +107,7 @@ def build_plan(config: RunConfig, plugins: Plugins | None = None) -> tuple[Train
     run_dir = Path(config.output_dir or "runs/run").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process(config):
-        write_config(config, run_dir / "config.yaml")
+        write_config(config, rundir.config_path(run_dir))
     model = resolve_model(config.model.name_or_path, config.model.revision)
     arch_notice = archs.notice(model.model_type, config.backend)
     if arch_notice and is_main_process():
@@ -138,7 +138,7 @@ def run(config: RunConfig, plugins: Plugins | None = None) -> dict[str, Any]:
         return finished
     plan, backend = build_plan(config, plugins)
     if is_main_process(config):  # until this run finishes, the run directory is not finished
-        (plan.run_dir / "summary.json").unlink(missing_ok=True)
+        rundir.summary_path(plan.run_dir).unlink(missing_ok=True)
     job = is_job_process(config)
     before = evaluate_prompts(backend, config, str(plan.model.path)) if job else None
     events = RunEvents(config, plan.run_dir, plugins.hook, is_main=is_main_process(config))
@@ -160,7 +160,7 @@ def run(config: RunConfig, plugins: Plugins | None = None) -> dict[str, Any]:
     }
     if not is_main_process(config):
         return summary
-    summary_path = plan.run_dir / "summary.json"
+    summary_path = rundir.summary_path(plan.run_dir)
     summary_path.write_text(json.dumps(summary, indent=2, default=str))
     if job:
         summary["outputs"].update(after_training(config, plan.run_dir, backend, before))
@@ -177,7 +177,7 @@ def finished_run(config: RunConfig) -> dict[str, Any] | None:
     if config.checkpoint.resume != "auto":
         return None
     run_dir = Path(config.output_dir or "runs/run").resolve()
-    summary_path, config_path = run_dir / "summary.json", run_dir / "config.yaml"
+    summary_path, config_path = rundir.summary_path(run_dir), rundir.config_path(run_dir)
     if not (summary_path.is_file() and config_path.is_file()):
         return None
     try:
@@ -249,12 +249,12 @@ def export_after_training(config: RunConfig, run_dir: Path, fmt: str) -> str:
     from sft.export import ExportRequest, run_export
 
     dtype = export_dtype(fmt, config.export.dtype)
-    out = run_dir / "exports" / fmt
+    out = rundir.export_dir(run_dir, fmt)
     try:
         report = run_export(fmt, ExportRequest(run_dir=run_dir, out=out, dtype=dtype))
     except SftError as exc:
         raise SftError(
-            f"training finished and its weights are in {run_dir / 'final'}, but export "
+            f"training finished and its weights are in {rundir.final_dir(run_dir)}, but export "
             f"{fmt!r} ({dtype}) failed: {exc}. Retry it with: sft export {run_dir} --format "
             f"{fmt} --dtype {dtype}"
         ) from exc
@@ -272,7 +272,7 @@ def dry_run(config: RunConfig, plugins: Plugins | None = None) -> dict[str, Any]
     result = {
         "backend": config.backend,
         "run_dir": str(plan.run_dir),
-        "config": str(plan.run_dir / "config.yaml"),
+        "config": str(rundir.config_path(plan.run_dir)),
         "files": out.get("files", {}),
         "commands": out.get("commands", {}),
         "summary": {

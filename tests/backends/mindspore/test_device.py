@@ -16,7 +16,7 @@ pytest.importorskip("mindspore")
 
 from sft.config import load_config
 from sft.errors import ConfigError
-from sft_mindspore import plugin
+from sft_mindspore import plugin, runtime
 
 pytestmark = pytest.mark.mindspore
 
@@ -45,22 +45,22 @@ def no_cann(monkeypatch):
 
 
 def test_auto_is_cpu_without_npus(no_cann, monkeypatch, tmp_path):
-    monkeypatch.setattr(plugin, "ASCEND_DEVICE_GLOB", str(tmp_path / "davinci[0-9]*"))
-    assert plugin._device(plugin.MindSporeOptions()) == "CPU"
+    monkeypatch.setattr(runtime, "ASCEND_DEVICE_GLOB", str(tmp_path / "davinci[0-9]*"))
+    assert runtime.resolve_device(plugin.MindSporeOptions()) == "CPU"
 
 
 def test_auto_on_an_npu_host_without_cann_is_a_config_error(no_cann, monkeypatch, tmp_path):
     (tmp_path / "dev").mkdir()
     (tmp_path / "dev" / "davinci0").touch()
-    monkeypatch.setattr(plugin, "ASCEND_DEVICE_GLOB", str(tmp_path / "dev" / "davinci[0-9]*"))
+    monkeypatch.setattr(runtime, "ASCEND_DEVICE_GLOB", str(tmp_path / "dev" / "davinci[0-9]*"))
     with pytest.raises(ConfigError) as info:
         load_config(_job(tmp_path))
     (problem,) = [p for p in info.value.problems if p.path == "mindspore.device_target"]
     assert "set_env.sh" in problem.message and "davinci0" in problem.message
     # an explicit CPU is the user's choice, not a fallback
-    assert plugin._device(plugin.MindSporeOptions(device_target="CPU")) == "CPU"
+    assert runtime.resolve_device(plugin.MindSporeOptions(device_target="CPU")) == "CPU"
 
 
 def test_auto_with_cann_sourced_is_ascend(monkeypatch):
     monkeypatch.setenv("ASCEND_HOME_PATH", "/usr/local/Ascend/ascend-toolkit/latest")
-    assert plugin._device(plugin.MindSporeOptions()) == "Ascend"
+    assert runtime.resolve_device(plugin.MindSporeOptions()) == "Ascend"

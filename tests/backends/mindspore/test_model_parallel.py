@@ -15,9 +15,10 @@ import pytest
 pytest.importorskip("mindspore")
 
 from sft.errors import SftError
+from sft.safetensors_io import read_dir
 from sft_mindspore import runtime
 from sft_mindspore.export import export_final
-from sft_mindspore.weights import hf_to_ms_name, read_hf_dir, save_ckpt
+from sft_mindspore.weights import hf_to_ms_name, save_ckpt
 
 from tests.backends.mindspore.conftest import make_plan
 from tests.backends.mindspore.test_ascend_settings import ASCEND, ascend_doc
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.mindspore
 
 def _rank_checkpoints(output, model, ranks: int) -> None:
     """A checkpoint per rank where MindFormers saves them (the contents do not matter here)."""
-    full = {hf_to_ms_name(k): v for k, v in read_hf_dir(model).items()}
+    full = {hf_to_ms_name(k): v for k, v in read_dir(model).items()}
     for r in range(ranks):
         save_ckpt(full, output / "checkpoint" / f"rank_{r}" / f"sft_rank_{r}-1_6.ckpt")
 
@@ -103,11 +104,11 @@ def test_tensor_parallel_shards_are_merged_into_the_full_model(tmp_path, tiny_ll
     mindspore.transform_checkpoints and writes exactly the full weights (rank 0's shard alone
     would have half the rows)."""
     import numpy as np
-    from sft_mindspore.weights import Tensor
+    from sft.safetensors_io import Tensor
 
     plan = _plan(tmp_path, tiny_llama, tp=2)
     output = plan.run_dir / "mindformers" / "output"
-    full = {hf_to_ms_name(k): v for k, v in read_hf_dir(tiny_llama).items()}
+    full = {hf_to_ms_name(k): v for k, v in read_dir(tiny_llama).items()}
     split = {k: k.endswith(("wq.weight", "w1.weight")) for k in full}
     for r in range(2):
         _strategy_file(full, split, output / "strategy" / f"ckpt_strategy_rank_{r}.ckpt")
@@ -117,8 +118,8 @@ def test_tensor_parallel_shards_are_merged_into_the_full_model(tmp_path, tiny_ll
         }
         save_ckpt(shard, output / "checkpoint" / f"rank_{r}" / f"sft_rank_{r}-1_6.ckpt")
     export_final(plan, output)
-    exported = read_hf_dir(plan.run_dir / "final" / "model")
-    original = read_hf_dir(tiny_llama)
+    exported = read_dir(plan.run_dir / "final" / "model")
+    original = read_dir(tiny_llama)
     assert sum(split.values()) == 4 and exported.keys() == original.keys()
     for k, t in original.items():
         assert np.array_equal(exported[k].data, t.data), k

@@ -25,8 +25,9 @@ pytest.importorskip("mindspore")
 from sft.events import SUMMARY_KEYS, TRAIN_ROW_KEYS, RunEvents
 from sft.lr import learning_rates
 from sft.plugins import get_plugins
+from sft.safetensors_io import read_dir
 from sft_mindspore.train import train
-from sft_mindspore.weights import load_ckpt, read_hf_dir
+from sft_mindspore.weights import load_ckpt
 
 from tests.backends.mindspore.conftest import make_plan, metrics, synthetic_split, torch_train
 
@@ -144,8 +145,8 @@ def test_lora_starts_from_the_same_adapters(runs):
 def test_final_weights_agree(runs):
     method, plan, _, torch_dir = runs
     # MindSpore writes final/adapter and final/model; torch writes the one it trained in final/
-    ms = read_hf_dir(plan.run_dir / "final" / ("adapter" if method == "lora" else "model"))
-    pt = read_hf_dir(torch_dir / "final")
+    ms = read_dir(plan.run_dir / "final" / ("adapter" if method == "lora" else "model"))
+    pt = read_dir(torch_dir / "final")
     assert ms.keys() == pt.keys()
     worst = 0.0
     for name in ms:
@@ -154,7 +155,7 @@ def test_final_weights_agree(runs):
         worst = max(worst, float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)))
     assert worst < 1e-4, worst
     # and training moved them: the comparison is not of two untouched copies
-    start = read_hf_dir(plan.model.path)
+    start = read_dir(plan.model.path)
     if method == "lora":
         assert all(ms[n].to_float32().any() for n in ms if "lora_B" in n)
     else:

@@ -17,16 +17,13 @@ pytest.importorskip("mindspore")
 from sft.cli import main
 from sft.errors import SftError
 from sft.export import ExportRequest, run_export
+from sft.safetensors_io import Tensor, read_dir, read_file, write_file
 from sft_mindspore.weights import (
-    Tensor,
     ckpt_to_hf,
     hf_to_ckpt,
     hf_to_ms_name,
     load_ckpt,
     ms_to_hf_name,
-    read_hf_dir,
-    read_safetensors_file,
-    write_safetensors_file,
 )
 
 pytestmark = pytest.mark.mindspore
@@ -61,7 +58,7 @@ def test_name_map_follows_mindformers_legacy_llama():
 
 
 def _assert_same_dir(a: Path, b: Path) -> None:
-    ta, tb = read_hf_dir(a), read_hf_dir(b)
+    ta, tb = read_dir(a), read_dir(b)
     assert ta.keys() == tb.keys()
     for k in ta:
         assert ta[k].dtype == tb[k].dtype and np.array_equal(ta[k].data, tb[k].data), k
@@ -82,13 +79,13 @@ def test_hf_ckpt_hf_round_trip_is_bit_exact(arch, request, tmp_path):
 def _bf16_copy(model: Path, out: Path) -> Path:
     """The tiny model with every float tensor rounded to bfloat16 (raw bits, like torch saves)."""
     out.mkdir()
-    tensors = read_safetensors_file(model / "model.safetensors")
+    tensors = read_file(model / "model.safetensors")
     rng = np.random.default_rng(1)
     bf16 = {}
     for k, t in tensors.items():
         bits = t.to_float32() + rng.standard_normal(t.data.shape).astype(np.float32) * 1e-3
         bf16[k] = Tensor((bits.view(np.uint32) >> 16).astype(np.uint16), "BF16")
-    write_safetensors_file(bf16, out / "model.safetensors")
+    write_file(bf16, out / "model.safetensors")
     cfg = json.loads((model / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "bfloat16"}))
     return out
@@ -124,7 +121,7 @@ def test_bf16_round_trip_is_bit_exact_through_the_cli(tiny_qwen2, tmp_path, caps
 def test_ckpt_exporter_verifies_a_plain_hf_dir(tiny_llama, tmp_path):
     report = run_export("ckpt", ExportRequest(run_dir=tiny_llama, out=tmp_path, dtype="f32"))
     assert report.ok and report.checks["bit_exact"]
-    assert report.checks["tensors_compared"] == len(read_hf_dir(tiny_llama))
+    assert report.checks["tensors_compared"] == len(read_dir(tiny_llama))
     f16 = run_export("ckpt", ExportRequest(run_dir=tiny_llama, out=tmp_path / "h", dtype="f16"))
     assert f16.ok and load_ckpt(Path(f16.path))["lm_head.weight"].dtype == "F16"
 
@@ -134,7 +131,7 @@ def _peft_run(model: Path, run: Path) -> tuple[dict, float]:
     adapter = run / "final" / "adapter"
     adapter.mkdir(parents=True)
     rng = np.random.default_rng(3)
-    w = read_hf_dir(model)
+    w = read_dir(model)
     tensors = {}
     for layer in range(2):
         mod = f"model.layers.{layer}.self_attn.v_proj"
@@ -145,7 +142,7 @@ def _peft_run(model: Path, run: Path) -> tuple[dict, float]:
         tensors[f"base_model.model.{mod}.lora_B.weight"] = Tensor(
             rng.standard_normal((out_dim, 4)).astype(np.float32), "F32"
         )
-    write_safetensors_file(tensors, adapter / "adapter_model.safetensors")
+    write_file(tensors, adapter / "adapter_model.safetensors")
     (adapter / "adapter_config.json").write_text(
         json.dumps(
             {
@@ -167,7 +164,7 @@ def test_ckpt_exporter_merges_a_peft_adapter(tiny_qwen2, tmp_path):
     )
     assert report.ok and report.checks["adapter_merged"]
     got = load_ckpt(Path(report.path))
-    base = read_hf_dir(tiny_qwen2)
+    base = read_dir(tiny_qwen2)
     mod = "model.layers.1.self_attn.v_proj"
     a = tensors[f"base_model.model.{mod}.lora_A.weight"].data
     b = tensors[f"base_model.model.{mod}.lora_B.weight"].data

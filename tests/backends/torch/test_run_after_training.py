@@ -13,7 +13,8 @@ import pytest
 import yaml
 from sft.config import load_config
 from sft.errors import SftError
-from sft.plugins import Plugins, hookimpl
+from sft.hookspecs import hookimpl
+from sft.plugins import Plugins
 from sft.run import run
 
 from tests.backends.torch.test_sft_run import write_job

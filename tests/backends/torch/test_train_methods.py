@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from sft.data.schedule import Position
 from sft.events import read_metrics
-from sft_torch.data import Position
 from sft_torch.train import Trainer, fit
 
 from tests.backends.torch.conftest import events_for, make_plan

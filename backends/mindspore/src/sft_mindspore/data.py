@@ -27,17 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sft.data.batching import Row, collate, epoch_rows, global_steps
+from sft.data.batching import Row, collate, epoch_rows
 from sft.data.cache import TokenizedSplit
-from sft.errors import SftError
+from sft.data.schedule import Schedule
 
 COLUMNS = ["input_ids", "labels"]
 _PAGE = 1 << 15  # small pages: MindRecord's defaults make a 64-row file ~50 MB
 
 
 @dataclass
-class Schedule:
-    """The optimizer steps of a run: `steps[s]` is the list of rows of global step s."""
+class RecordSchedule:
+    """Core's step schedule written out for MindFormers: `steps[s]` is the list of rows of
+    global step s, in the order the records are written."""
 
     steps: list[list[Row]]
     rows_per_step: int
@@ -59,44 +60,21 @@ def seq_length_for(split: TokenizedSplit, max_seq_len: int) -> int:
     return min(max(8, -(-longest // 8) * 8), max(max_seq_len, longest))
 
 
-def build_schedule(split: TokenizedSplit, config: Any, world: int = 1) -> Schedule:
-    """The run's global steps, exactly as the torch backend walks them (core `epoch_rows`,
-    same seed, same grouping; `max_steps` or ceil(epochs x steps per epoch) steps), except that
-    an epoch's last incomplete step is skipped: MindFormers compiles one static batch shape."""
-    t, d = config.train, config.data
-    rows_per_step = t.micro_batch_size * t.accumulation(world) * world
-
-    def rows(epoch: int) -> list[Row]:
-        return epoch_rows(
-            split.lengths,
-            max_seq_len=d.max_seq_len,
-            packing=False,
-            shuffle=d.shuffle,
-            seed=t.seed,
-            epoch=epoch,
-            group_by_length=d.group_by_length,
-            rows_per_group=t.micro_batch_size * world,
-        )
-
-    per_epoch = len(split) // rows_per_step
-    if per_epoch == 0:
-        raise SftError(
-            f"data.train: {len(split)} samples do not fill one optimizer step of "
-            f"{rows_per_step} rows (train.micro_batch_size x accumulation x processes); "
-            "add data or lower the batch size"
-        )
-    total = t.max_steps or max(1, int(np.ceil(t.epochs * per_epoch)))
+def build_schedule(split: TokenizedSplit, config: Any, world: int = 1) -> RecordSchedule:
+    """The run's global steps: core's `Schedule` (the steps the torch backend walks), except
+    that an epoch's last incomplete step is skipped: MindFormers compiles one static batch
+    shape."""
+    sched = Schedule.for_split(split, config, packing=False, rank=0, world=world, drop_last=True)
     steps: list[list[Row]] = []
     epochs: list[int] = []
-    epoch = 0
-    while len(steps) < total:
-        full = [c for c in global_steps(rows(epoch), rows_per_step) if len(c) == rows_per_step]
-        taken = full[: total - len(steps)]
-        steps += taken
-        epochs += [epoch] * len(taken)
-        epoch += 1
-    dropped = (len(split) - per_epoch * rows_per_step) * epoch
-    return Schedule(steps, rows_per_step, seq_length_for(split, d.max_seq_len), dropped, epochs)
+    for pos, rows in sched.steps():
+        steps.append(rows)
+        epochs.append(pos.epoch)
+    per_epoch_left = len(split) - sched.steps_per_epoch * sched.rows_per_step
+    dropped = per_epoch_left * (epochs[-1] + 1)
+    return RecordSchedule(
+        steps, sched.rows_per_step, seq_length_for(split, config.data.max_seq_len), dropped, epochs
+    )
 
 
 def row_arrays(
@@ -129,7 +107,7 @@ def write_mindrecord(
 
 
 def write_training_data(
-    split: TokenizedSplit, schedule: Schedule, pad_id: int, out_dir: str | Path
+    split: TokenizedSplit, schedule: RecordSchedule, pad_id: int, out_dir: str | Path
 ) -> Path:
     """The run's training MindRecord plus `schedule.json` (which samples each step holds)."""
     out_dir = Path(out_dir)

@@ -22,18 +22,23 @@ from typing import Any
 
 import numpy as np
 from sft.errors import SftError
+from sft.rundir import (
+    FINAL_ADAPTER,
+    FINAL_MODEL,
+    config_path,
+    final_dir,
+    find_final_weights,
+    is_model_dir,
+)
+from sft.safetensors_io import Tensor, read_dir, read_file, write_file
 
 from sft_mindspore.weights import (
     MODULE_MAP,
-    Tensor,
     copy_model_files,
     hf_to_ms_name,
     load_ckpt,
     ms_to_hf_name,
-    read_hf_dir,
-    read_safetensors_file,
     save_ckpt,
-    write_safetensors_file,
 )
 
 _HF_MODULES = {v: k for k, v in MODULE_MAP.items()}
@@ -207,7 +212,7 @@ def _transform(output_dir: Path, ranks: list[Path], strategies: list[Path]) -> P
 
 def export_final(plan: Any, output_dir: Path) -> dict[str, str]:
     """Trained ckpt -> final/model (merged HF), final/adapter (PEFT), final/mindspore."""
-    final = plan.run_dir / "final"
+    final = final_dir(plan.run_dir)
     if final.exists():  # an older run's model must not survive a refused export either
         shutil.rmtree(final)
     ckpt = full_checkpoint(plan, output_dir)
@@ -223,16 +228,16 @@ def export_final(plan: Any, output_dir: Path) -> dict[str, str]:
     outputs["ckpt"] = str(native)
     scale = plan.config.method.alpha / plan.config.method.r if lora else 0.0
     merged = merge_lora(base, lora, scale) if lora else base
-    _model_files(final / "model", plan)
-    write_safetensors_file(
-        {ms_to_hf_name(k): v for k, v in merged.items()}, final / "model" / "model.safetensors"
+    _model_files(final / FINAL_MODEL, plan)
+    write_file(
+        {ms_to_hf_name(k): v for k, v in merged.items()}, final / FINAL_MODEL / "model.safetensors"
     )
-    outputs["model"] = str(final / "model")
+    outputs["model"] = str(final / FINAL_MODEL)
     if lora:
-        adir = final / "adapter"
+        adir = final / FINAL_ADAPTER
         _model_files(adir, plan)
         (adir / "config.json").unlink()  # an adapter dir holds no base config
-        write_safetensors_file(peft_adapter(lora), adir / "adapter_model.safetensors")
+        write_file(peft_adapter(lora), adir / "adapter_model.safetensors")
         cfg = adapter_config(plan.config.method, lora, str(plan.model.path))
         (adir / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
         outputs["adapter"] = str(adir)
@@ -254,7 +259,7 @@ def _base_of_adapter(adapter_dir: Path, run_dir: Path) -> Path:
     base = Path(cfg.get("base_model_name_or_path") or "")
     if (base / "config.json").is_file():
         return base
-    run_cfg = run_dir / "config.yaml"
+    run_cfg = config_path(run_dir)
     if run_cfg.exists():
         import yaml
         from sft.models import resolve_model
@@ -268,17 +273,15 @@ def _base_of_adapter(adapter_dir: Path, run_dir: Path) -> Path:
 
 
 def locate_weights(run_dir: Path) -> tuple[Path, Path | None]:
-    """(HF model dir, adapter dir or None) of a run directory or a plain HF directory."""
-    for cand in (run_dir / "final" / "model", run_dir / "final", run_dir):
-        if (
-            (cand / "config.json").is_file()
-            and list(cand.glob("*.safetensors"))
-            and not (cand / "adapter_config.json").exists()
-        ):
-            return cand, None
-    for cand in (run_dir / "final" / "adapter", run_dir / "final", run_dir):
-        if (cand / "adapter_config.json").is_file():
-            return _base_of_adapter(cand, run_dir), cand
+    """(HF model dir, adapter dir or None) of a run directory or a plain HF directory; a run's
+    full model wins over its adapter."""
+    found = find_final_weights(run_dir)
+    if found and found.model:
+        return found.model, None
+    if is_model_dir(run_dir):
+        return run_dir, None
+    if found and found.adapter:
+        return _base_of_adapter(found.adapter, run_dir), found.adapter
     raise SftError(
         f"{run_dir}: no HF model (config.json + *.safetensors) or PEFT adapter "
         "(adapter_config.json) in it or in its final/ directory"
@@ -292,7 +295,7 @@ def merge_peft(weights: dict[str, Tensor], adapter_dir: Path) -> dict[str, Tenso
         raise SftError(f"{adapter_dir}: DoRA adapters cannot be merged into a ckpt here")
     r, alpha = cfg["r"], cfg["lora_alpha"]
     scale = alpha / np.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    ad = read_safetensors_file(adapter_dir / "adapter_model.safetensors")
+    ad = read_file(adapter_dir / "adapter_model.safetensors")
     merged = dict(weights)
     for key, a in ad.items():
         m = re.match(r"^base_model\.model\.(.*)\.lora_A(?:\.default)?\.weight$", key)
@@ -324,7 +327,7 @@ def export_ckpt(request: Any) -> Any:
     if request.dtype not in _DTYPES:
         raise SftError(f"--dtype {request.dtype}: a MindSpore ckpt export takes {list(_DTYPES)}")
     model_dir, adapter = locate_weights(Path(request.run_dir))
-    weights = read_hf_dir(model_dir)
+    weights = read_dir(model_dir)
     if adapter is not None:
         weights = merge_peft(weights, adapter)
     expected = {hf_to_ms_name(k): to_dtype(v, _DTYPES[request.dtype]) for k, v in weights.items()}
@@ -364,7 +367,7 @@ def export_hf(request: Any) -> Any:
     if request.dtype not in _DTYPES:
         raise SftError(f"--dtype {request.dtype}: an hf export takes {list(_DTYPES)}")
     model_dir, adapter = locate_weights(Path(request.run_dir))
-    weights = read_hf_dir(model_dir)
+    weights = read_dir(model_dir)
     if adapter is not None:
         weights = merge_peft(weights, adapter)
     expected = {k: to_dtype(v, _DTYPES[request.dtype]) for k, v in weights.items()}
@@ -373,8 +376,8 @@ def export_hf(request: Any) -> Any:
     copy_model_files(model_dir, out)
     (out / "config.json").write_text((model_dir / "config.json").read_text())
     path = out / "model.safetensors"
-    write_safetensors_file(expected, path)
-    mismatched = _compare(expected, read_safetensors_file(path))
+    write_file(expected, path)
+    mismatched = _compare(expected, read_file(path))
     return ExportReport(
         format="hf",
         path=str(out),
@@ -396,15 +399,16 @@ def export_adapter(request: Any) -> Any:
     (final/adapter) copied as trained, verified tensor by tensor."""
     from sft.export import ExportReport
 
-    src = Path(request.run_dir) / "final" / "adapter"
-    if not (src / "adapter_config.json").is_file():
+    found = find_final_weights(request.run_dir)
+    if found is None or found.adapter is None:
         raise SftError(f"{request.run_dir}: no PEFT adapter in final/adapter (a LoRA run has one)")
+    src = found.adapter
     out = Path(request.out)
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(src, out)
     name = "adapter_model.safetensors"
-    mismatched = _compare(read_safetensors_file(src / name), read_safetensors_file(out / name))
+    mismatched = _compare(read_file(src / name), read_file(out / name))
     return ExportReport(
         format="adapter",
         path=str(out),

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import Any, Literal
 
 import sft
@@ -119,11 +118,13 @@ class MindSporeBackend:
             opts = MindSporeOptions.model_validate(config.options)
         except ValidationError:  # reported by core's own check of the section
             opts = MindSporeOptions()
+        from sft_mindspore.runtime import problems as device_problems
+        from sft_mindspore.runtime import resolve_device
+
         try:
-            device = _device(opts)
+            device = resolve_device(opts)
         except SftError as exc:  # "mindspore.device_target: ..." as a config problem
             return [str(exc)]
-        from sft_mindspore.runtime import problems as device_problems
 
         return (
             _method_problems(config)
@@ -362,43 +363,6 @@ def _model_config_json(spec: str) -> dict[str, Any] | None:
 
 #: What an Ascend host has even before CANN's environment is sourced: the NPU device nodes and
 #: the driver's `npu-smi` tool (MindSpore itself finds the devices through the CANN runtime).
-ASCEND_DEVICE_GLOB = "/dev/davinci[0-9]*"
-
-
-def ascend_hardware() -> str | None:
-    """Evidence of Ascend NPUs on this machine (a device node or npu-smi), or None."""
-    import glob
-    import shutil
-
-    nodes = sorted(glob.glob(ASCEND_DEVICE_GLOB))
-    if nodes:
-        return f"NPU devices {', '.join(nodes[:4])}"
-    tool = shutil.which("npu-smi")
-    return f"the Ascend driver's {tool}" if tool else None
-
-
-def _device(options: Any) -> str:
-    """`device_target: auto`: Ascend when CANN's environment is set (as its set_env.sh does),
-    CPU on a machine without NPUs; an NPU machine without CANN's environment is an error, not
-    a silent CPU run."""
-    target = getattr(options, "device_target", "auto")
-    if target != "auto":
-        return str(target)
-    if any(
-        os.environ.get(k) for k in ("ASCEND_HOME_PATH", "ASCEND_OPP_PATH", "ASCEND_TOOLKIT_HOME")
-    ):
-        return "Ascend"
-    found = ascend_hardware()
-    if found:
-        raise SftError(
-            f"mindspore.device_target: auto found {found} but no CANN environment "
-            "(ASCEND_HOME_PATH is not set), so MindSpore would train on the CPU. Source CANN's "
-            "environment first: `source /usr/local/Ascend/ascend-toolkit/set_env.sh` (or your "
-            "CANN install's set_env.sh), or set mindspore.device_target: CPU to train on the CPU"
-        )
-    return "CPU"
-
-
 @sft.hookimpl
 def sft_register_backends(register: Any) -> None:
     register(MindSporeBackend())

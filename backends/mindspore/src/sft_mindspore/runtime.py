@@ -23,12 +23,49 @@ What maps to what (spec -> MindFormers YAML):
 
 from __future__ import annotations
 
+import glob
 import math
+import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
-from sft.errors import ConfigError, Problem
+from sft.errors import ConfigError, Problem, SftError
+
+ASCEND_DEVICE_GLOB = "/dev/davinci[0-9]*"
+
+
+def ascend_hardware() -> str | None:
+    """Evidence of Ascend NPUs on this machine (a device node or npu-smi), or None."""
+    nodes = sorted(glob.glob(ASCEND_DEVICE_GLOB))
+    if nodes:
+        return f"NPU devices {', '.join(nodes[:4])}"
+    tool = shutil.which("npu-smi")
+    return f"the Ascend driver's {tool}" if tool else None
+
+
+def resolve_device(options: Any) -> str:
+    """`device_target: auto`: Ascend when CANN's environment is set (as its set_env.sh does),
+    CPU on a machine without NPUs; an NPU machine without CANN's environment is an error, not
+    a silent CPU run."""
+    target = getattr(options, "device_target", "auto")
+    if target != "auto":
+        return str(target)
+    if any(
+        os.environ.get(k) for k in ("ASCEND_HOME_PATH", "ASCEND_OPP_PATH", "ASCEND_TOOLKIT_HOME")
+    ):
+        return "Ascend"
+    found = ascend_hardware()
+    if found:
+        raise SftError(
+            f"mindspore.device_target: auto found {found} but no CANN environment "
+            "(ASCEND_HOME_PATH is not set), so MindSpore would train on the CPU. Source CANN's "
+            "environment first: `source /usr/local/Ascend/ascend-toolkit/set_env.sh` (or your "
+            "CANN install's set_env.sh), or set mindspore.device_target: CPU to train on the CPU"
+        )
+    return "CPU"
+
 
 #: Ascend chips sft knows: HBM per device (GB) and whether the cube units compute bf16.
 DEVICE_KINDS = {

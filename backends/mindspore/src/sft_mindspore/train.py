@@ -26,6 +26,7 @@ from sft.data.batching import count_trained, shard_for_rank
 from sft.errors import SftError
 from sft.events import RunEvents
 from sft.guard import Preempted
+from sft.rundir import config_path
 
 from sft_mindspore import data as msdata
 from sft_mindspore import mfconfig, runtime
@@ -42,13 +43,6 @@ YAML_HEADER = (
 )
 
 
-def resolve_device(options: Any) -> str:
-    """`mindspore.device_target`, with `auto` = Ascend when CANN is installed, else CPU."""
-    from sft_mindspore.plugin import _device
-
-    return _device(options)
-
-
 def device_settings(plan: TrainPlan, device: str) -> runtime.Settings:
     """Precision, memory, JIT ... of this run, with the device MindSpore reports on an Ascend
     host (its kind and memory size); a setting the device cannot do is a ConfigError."""
@@ -61,7 +55,7 @@ def device_settings(plan: TrainPlan, device: str) -> runtime.Settings:
 
 def prepare(
     plan: TrainPlan, device: str, dry_run: bool = False
-) -> tuple[Path, msdata.Schedule, Path]:
+) -> tuple[Path, msdata.RecordSchedule, Path]:
     """Data, weights and YAML in RUN_DIR; returns (yaml path, schedule, MindFormers output dir).
 
     Only node 0 writes these shared inputs (several nodes usually share one run directory);
@@ -81,7 +75,7 @@ def prepare(
     )
     apply_resume(doc, resume)
     yaml_path = plan.run_dir / "mindformers.yaml"
-    header = YAML_HEADER.format(config=plan.run_dir / "config.yaml", path=yaml_path)
+    header = YAML_HEADER.format(config=config_path(plan.run_dir), path=yaml_path)
     text = header + yaml.safe_dump(doc, sort_keys=False)
     digest = hashlib.sha256(text.encode()).hexdigest()
     marker = work / PREPARED
@@ -136,7 +130,7 @@ def plan_native(plan: TrainPlan) -> dict[str, Any]:
     """`sft run --dry-run`: RUN_DIR/mindformers.yaml and RUN_DIR/launch.sh (every node's
     commands), nothing trained, no weights converted, no MindRecord written."""
     cfg, opts = plan.config, plan.options
-    device = resolve_device(opts)
+    device = runtime.resolve_device(opts)
     yaml_path, schedule, _ = prepare(plan, device, dry_run=True)
     table = rank_table_path(cfg.parallel, device)
     work = plan.run_dir / "mindformers"
@@ -260,7 +254,7 @@ def stop_on_nonfinite(records: list[dict[str, Any]]) -> None:
 
 def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
     cfg = plan.config
-    device = resolve_device(plan.options)
+    device = runtime.resolve_device(plan.options)
     if device == "CPU" and plan.packing:
         raise SftError(
             "data.packing: packed rows need FlashAttention on Ascend; on CPU set "
@@ -354,7 +348,7 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
     )
 
 
-def schedule_tokens(plan: TrainPlan, schedule: msdata.Schedule) -> list[StepTokens]:
+def schedule_tokens(plan: TrainPlan, schedule: msdata.RecordSchedule) -> list[StepTokens]:
     """Core's token counts of every optimizer step (all ranks, and per data-parallel rank)."""
     split, world = plan.data.train, plan.config.parallel.world_size
     epochs = schedule.epochs or [0] * len(schedule.steps)
@@ -406,7 +400,7 @@ def live_rows(
 def finished(
     plan: TrainPlan,
     events: RunEvents,
-    schedule: msdata.Schedule,
+    schedule: msdata.RecordSchedule,
     output_dir: Path,
     device: str,
     yaml_path: Path,

@@ -1,9 +1,9 @@
 """Weights between Hugging Face safetensors and MindSpore `.ckpt` (MindFormers' legacy llama names).
 
 Works for llama and qwen2 (qwen2 is MindFormers' LlamaForCausalLM with `qkv_has_bias: True`).
-The names differ only by a rename table: no transpose, no RoPE permutation. numpy has no
-bfloat16, so safetensors are read and written here byte-for-byte (bf16 travels as its raw 16
-bits, widened exactly to float32 only when it must become a MindSpore tensor): a round trip
+The names differ only by a rename table: no transpose, no RoPE permutation. Safetensors go
+through core's numpy reader/writer (`sft.safetensors_io`) byte-for-byte (bf16 travels as its raw
+16 bits, widened exactly to float32 only when it must become a MindSpore tensor): a round trip
 HF -> ckpt -> HF is bit-exact.
 
     $ sft convert weights --to ckpt  path/to/hf-model  model.ckpt
@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sft.errors import ConfigError, SftError
+from sft.safetensors_io import DTYPES, Tensor, read_dir, write_file
 
 # (HF pattern, MindFormers replacement); applied to the part after "model.layers.N." or whole.
 _RULES = [
@@ -58,19 +58,6 @@ MODULE_MAP = {
 SUPPORTED = ("llama", "qwen2")
 _LINEAR = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+))\.weight$")
 
-_ST_DTYPES = {
-    "F32": np.float32,
-    "F16": np.float16,
-    "F64": np.float64,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-    "BF16": np.uint16,
-}  # BF16 is carried as its raw bits
-
 
 def _rename(name: str, rules: list[tuple[str, str]]) -> str:
     for pat, rep in rules:
@@ -95,72 +82,6 @@ def is_model_weight(name: str) -> bool:
         return False
     base = re.sub(r"\.mindpet_delta_lora_[ab]$", ".weight", name)
     return any(re.match(pat, base) for pat, _ in _REVERSE)
-
-
-# ----------------------------------------------------------------------- safetensors, raw
-
-
-class Tensor:
-    """A weight as raw numpy data plus its safetensors dtype (`BF16` data is uint16 bits)."""
-
-    __slots__ = ("data", "dtype")
-
-    def __init__(self, data: np.ndarray, dtype: str) -> None:
-        self.data, self.dtype = data, dtype
-
-    def to_float32(self) -> np.ndarray:
-        if self.dtype == "BF16":  # widening bf16 -> f32 is exact: the bits become the high half
-            return (self.data.astype(np.uint32) << 16).view(np.float32)
-        return self.data.astype(np.float32)
-
-
-def read_safetensors_file(path: Path) -> dict[str, Tensor]:
-    raw = Path(path).read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    base = 8 + n
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise SftError(f"{path}: tensor {name} has dtype {info['dtype']}, not supported")
-        a, b = info["data_offsets"]
-        arr = np.frombuffer(raw[base + a : base + b], dtype=_ST_DTYPES[info["dtype"]])
-        out[name] = Tensor(arr.reshape(info["shape"]).copy(), info["dtype"])
-    return out
-
-
-def write_safetensors_file(tensors: dict[str, Tensor], path: Path) -> None:
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset, blobs = 0, []
-    for name in sorted(tensors):
-        t = tensors[name]
-        blob = np.ascontiguousarray(t.data).tobytes()
-        header[name] = {
-            "dtype": t.dtype,
-            "shape": list(t.data.shape),
-            "data_offsets": [offset, offset + len(blob)],
-        }
-        offset += len(blob)
-        blobs.append(blob)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the format aligns the data start to 8 bytes
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head)
-        for blob in blobs:
-            f.write(blob)
-
-
-def read_hf_dir(model_dir: str | Path) -> dict[str, Tensor]:
-    """Every tensor of an HF model directory (one or many `*.safetensors` files)."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise SftError(f"{model_dir}: no *.safetensors files; give a Hugging Face model directory")
-    out: dict[str, Tensor] = {}
-    for f in files:
-        out.update(read_safetensors_file(f))
-    return out
 
 
 def check_model_type(model_dir: str | Path) -> dict[str, Any]:
@@ -207,7 +128,7 @@ def from_ms_tensor(value: Any) -> Tensor:
         bits = value.astype(ms.float32).asnumpy().view(np.uint32) >> 16
         return Tensor(bits.astype(np.uint16), "BF16")
     arr = value.asnumpy()
-    inverse = {np.dtype(v): k for k, v in _ST_DTYPES.items() if k != "BF16"}
+    inverse = {np.dtype(v): k for k, v in DTYPES.items() if k != "BF16"}
     return Tensor(arr, inverse[arr.dtype])
 
 
@@ -236,7 +157,7 @@ def hf_to_ckpt(model_dir: str | Path, out: str | Path, lora: Any = None, seed: i
     LoRA method) the checkpoint also holds the starting adapters (`lora_init_tensors`), which
     MindFormers loads into mindpet's cells instead of drawing its own."""
     check_model_type(model_dir)
-    hf = read_hf_dir(model_dir)
+    hf = read_dir(model_dir)
     tensors = {hf_to_ms_name(k): v for k, v in hf.items()}
     if lora is not None:
         tensors.update(lora_init_tensors(hf, lora, seed))
@@ -303,9 +224,7 @@ def ckpt_to_hf(ckpt: str | Path, out_dir: str | Path, config_from: str | Path | 
             f"{ckpt} holds LoRA weights ({lora[0]} ...): export the run with "
             "`sft export RUN_DIR --format hf` (merges them) instead"
         )
-    write_safetensors_file(
-        {ms_to_hf_name(k): v for k, v in tensors.items()}, out_dir / "model.safetensors"
-    )
+    write_file({ms_to_hf_name(k): v for k, v in tensors.items()}, out_dir / "model.safetensors")
     if config_from:
         copy_model_files(config_from, out_dir)
     return out_dir

@@ -306,11 +306,10 @@ class StepWork:
 
 
 def step_work(plan: Any, steps: int) -> list[StepWork]:
-    """Per-step token counts of the first `steps` steps, from `sft_torch.data.Schedule` (the
+    """Per-step token counts of the first `steps` steps, from `sft.data.schedule.Schedule` (the
     object the loop iterates), so they describe exactly the batches it trains on."""
     from sft.data.batching import count_trained
-
-    from sft_torch.data import Position, Schedule
+    from sft.data.schedule import Position, Schedule
 
     sched = Schedule.build(plan, rank=0, world=1)
     lengths = [int(n) for n in sched.split.lengths]

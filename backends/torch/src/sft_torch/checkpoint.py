@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from sft.backend import TrainPlan
-from sft.checkpoints import atomic_checkpoint, read_meta
+from sft.checkpoints import atomic_checkpoint, checkpoint_dir, read_meta
+from sft.data.schedule import Position, Schedule
 from sft.errors import SftError
 
-from sft_torch.data import Position, Schedule
 from sft_torch.runtime import rng_state, set_rng_state
 
 #: Fingerprint entries that change which rows a step trains on, or what the weights mean.
@@ -125,7 +125,7 @@ def _save_deepspeed(
         for rank, rng in enumerate(rngs):
             torch.save(rng, tmp / f"rng-rank{rank}.pt")
         _barrier()  # every rank's partitions are written
-    return Path(run_dir) / "checkpoints" / f"step-{position.global_step:06d}"
+    return checkpoint_dir(run_dir, position.global_step)
 
 
 def _shared_path(path: Path | None) -> Path:
@@ -176,7 +176,7 @@ def _write(
             torch.save(state.scaler.state_dict(), tmp / "scaler.pt")
         for rank, rng in enumerate(rngs):
             torch.save(rng, tmp / f"rng-rank{rank}.pt")
-    return Path(run_dir) / "checkpoints" / f"step-{position.global_step:06d}"
+    return checkpoint_dir(run_dir, position.global_step)
 
 
 def check_fingerprint(

@@ -30,6 +30,7 @@ import sft
 from sft.errors import SftError
 from sft.export import ExportReport, ExportRequest
 from sft.models import resolve_model
+from sft.rundir import config_path
 
 TORCH_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 # Max mean KL(reference || export) per dtype; f32 is held to max |logit diff| < 1e-4 instead.
@@ -251,7 +252,7 @@ def export_hf(req: ExportRequest) -> ExportReport:
 def _run_config(run: Any) -> dict[str, Any]:
     import yaml
 
-    cfg_path = run.final.parent / "config.yaml"
+    cfg_path = config_path(run.final.parent)
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
     return cfg if isinstance(cfg, dict) else {}
 

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from sft.errors import SftError
 from sft.models import resolve_model
+from sft.rundir import config_path, find_final_weights
 
 
 @dataclass
@@ -49,16 +50,15 @@ class RunWeights:
 
 
 def find_run_weights(path: Path) -> RunWeights | None:
-    """The weights of a run directory (or of its final/ dir); None for anything else."""
-    for final in (path / "final", path):
-        for sub in ("", "adapter"):
-            if (final / sub / "adapter_config.json").is_file():
-                return RunWeights(final, "adapter", final / sub)
-        if (final / "model" / "config.json").is_file():
-            return RunWeights(final, "model", final / "model")
-    if (path / "final" / "config.json").is_file():
-        return RunWeights(path / "final", "model", path / "final")
-    return None
+    """The weights of a run directory (or of its final/ dir); None for anything else. An
+    adapter wins over a full model: it loads onto the base the run trained."""
+    found = find_final_weights(path)
+    if found is None:
+        return None
+    if found.adapter is not None:
+        return RunWeights(found.final, "adapter", found.adapter)
+    assert found.model is not None
+    return RunWeights(found.final, "model", found.model)
 
 
 def run_final_dir(path: Path) -> Path | None:
@@ -69,7 +69,7 @@ def run_final_dir(path: Path) -> Path | None:
 def run_base_spec(weights: RunWeights) -> str:
     """The base model of an adapter run: `model.name_or_path` of the run's resolved
     config.yaml, else the adapter's own `base_model_name_or_path`."""
-    cfg_path = weights.final.parent / "config.yaml"
+    cfg_path = config_path(weights.final.parent)
     if cfg_path.is_file():
         cfg = yaml.safe_load(cfg_path.read_text()) or {}
         model = cfg.get("model") or {}

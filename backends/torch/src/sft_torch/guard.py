@@ -27,10 +27,10 @@ from typing import Any, NoReturn
 import torch
 from sft.backend import TrainPlan
 from sft.checkpoints import MARKER, checkpoint_dir
+from sft.data.schedule import Position
 from sft.guard import Diverged, NanPolicy, Preempted, StopSignals, injected_nan_steps
 
 from sft_torch.checkpoint import TrainState, save_checkpoint
-from sft_torch.data import Position
 
 __all__ = ["StepGuard", "StopSignals", "agreed_stop", "stop_for_signal"]
 

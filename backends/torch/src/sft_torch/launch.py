@@ -35,6 +35,7 @@ from sft.backend import TrainPlan, TrainResult
 from sft.errors import SftError
 from sft.events import RunEvents
 from sft.run import WORKER_ENV
+from sft.rundir import summary_path
 
 from sft_torch import distributed
 
@@ -141,7 +142,7 @@ def launch(plan: TrainPlan) -> TrainResult:
     log_dir = plan.run_dir / "logs" / f"node{par.node_rank}"
     log_dir.mkdir(parents=True, exist_ok=True)
     if par.node_rank == 0:
-        (plan.run_dir / "summary.json").unlink(missing_ok=True)  # never report a stale one
+        summary_path(plan.run_dir).unlink(missing_ok=True)  # never report a stale one
     args = parse_args(torchrun_args(plan, log_dir))
     print(
         f"sft: launching {plan.config.parallel.world_size} processes with torchrun "
@@ -217,7 +218,7 @@ def first_failure(failures: dict[int, Any]) -> tuple[int, Any] | None:
 
 def result_of(run_dir: Path) -> TrainResult:
     """Rank 0's TrainResult, read back from the summary.json it wrote."""
-    path = run_dir / "summary.json"
+    path = summary_path(run_dir)
     if not path.exists():
         raise SftError(f"the workers finished but rank 0 wrote no {path}; see {run_dir}/logs")
     summary = json.loads(path.read_text())

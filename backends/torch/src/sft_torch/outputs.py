@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sft.backend import TrainPlan
+from sft.rundir import final_dir
 
 from sft_torch.model import causal_lm
 
@@ -59,7 +60,7 @@ def save_tokenizer(plan: TrainPlan, out: Path) -> None:
 
 def save_final(model: Any, plan: TrainPlan) -> dict[str, str]:
     """Write RUN/final (see module docstring); returns the named output paths."""
-    out = plan.run_dir / "final"
+    out = final_dir(plan.run_dir)
     if out.exists():
         shutil.rmtree(out)  # a rerun (e.g. after a resume) replaces the previous result
     out.mkdir(parents=True)

@@ -15,6 +15,7 @@ import sft
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sft.backend import TrainPlan, TrainResult, require_modules
 from sft.events import RunEvents
+from sft.rundir import config_path
 from sft.specs import RunConfig
 
 from sft_torch.bench import sft_register_bench_command  # noqa: F401  (`sft bench`)
@@ -151,7 +152,7 @@ class TorchBackend:
 
     def plan_native(self, plan: TrainPlan) -> dict[str, Any]:
         """`sft run --dry-run`: the command each node runs (torchrun for several processes)."""
-        p, config = plan.config.parallel, str(plan.run_dir / "config.yaml")
+        p, config = plan.config.parallel, str(config_path(plan.run_dir))
         if p.world_size == 1:
             return {"commands": {"node 0": [f"sft run --config {config}"]}}
         commands = {

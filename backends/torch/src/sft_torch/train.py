@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from sft.backend import TrainPlan, TrainResult
 from sft.data.batching import count_trained, epoch_rows
+from sft.data.schedule import Position, Schedule, next_position
 from sft.errors import SftError
 from sft.events import RunEvents
 
 from sft_torch import attention, distributed, runtime
 from sft_torch.checkpoint import TrainState, fingerprint, load_checkpoint, save_checkpoint
-from sft_torch.data import Position, Schedule, load_batch, next_position
+from sft_torch.data import load_batch
 from sft_torch.guard import StepGuard, StopSignals, agreed_stop, stop_for_signal
 from sft_torch.loss import LossSettings, batch_loss, eval_loss
 from sft_torch.methods import apply_method, count_params

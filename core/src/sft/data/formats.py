@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from sft.data.conversation import ROLES, Conversation, Message, RecordError
-from sft.plugins import hookimpl
+from sft.hookspecs import hookimpl
 
 SHAREGPT_ROLES = {
     "human": "user",

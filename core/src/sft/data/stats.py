@@ -19,6 +19,7 @@ import numpy as np
 from sft.data.batching import pack_rows
 from sft.data.cache import PreparedData, TokenizedSplit
 from sft.errors import SftError
+from sft.rundir import DATA_REPORT, REJECTS
 
 
 def split_stats(split: TokenizedSplit, max_seq_len: int) -> dict[str, Any]:
@@ -59,10 +60,10 @@ def write_report(data: PreparedData, run_dir: Path) -> None:
     """RUN_DIR/data.json (accounting + stats) and RUN_DIR/rejects.jsonl."""
     run_dir.mkdir(parents=True, exist_ok=True)
     report = {"cache_dir": str(data.cache_dir), "key": data.key, **data.stats}
-    (run_dir / "data.json").write_text(json.dumps(report, indent=2))
+    (run_dir / DATA_REPORT).write_text(json.dumps(report, indent=2))
     rejects = data.cache_dir / "rejects.jsonl"
     if rejects.is_file():
-        shutil.copyfile(rejects, run_dir / "rejects.jsonl")
+        shutil.copyfile(rejects, run_dir / REJECTS)
 
 
 def drop_fraction(acc: dict[str, Any]) -> float:

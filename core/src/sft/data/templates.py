@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sft.errors import SftError
-from sft.plugins import hookimpl
+from sft.hookspecs import hookimpl
 
 CHATML = (
     "{% for message in messages %}"

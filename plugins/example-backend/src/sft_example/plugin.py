@@ -15,14 +15,9 @@ import sft
 import sft.errors
 from pydantic import BaseModel, ConfigDict, Field
 from sft.backend import TrainPlan, TrainResult
-from sft.data.batching import (
-    count_trained,
-    epoch_rows,
-    global_steps,
-    micro_batches,
-    shard_for_rank,
-)
+from sft.data.batching import count_trained
 from sft.data.cache import IGNORE_INDEX
+from sft.data.schedule import Schedule
 from sft.events import RunEvents
 from sft.specs import RunConfig
 
@@ -62,24 +57,16 @@ class ExampleBackend:
         opts: ExampleOptions = plan.options  # type: ignore[assignment]
         cfg, split = plan.config, plan.data.train
         vocab = int(plan.model.config.get("vocab_size", 0))
-        world = cfg.parallel.world_size
-        rows_per_step = cfg.train.micro_batch_size * cfg.train.accumulation(world) * world
-        rows = epoch_rows(
-            split.lengths,
-            max_seq_len=cfg.data.max_seq_len,
-            packing=plan.packing,
-            shuffle=cfg.data.shuffle,
-            seed=cfg.train.seed,
-            epoch=0,
-        )
+        sched = Schedule.build(plan, rank=0, world=cfg.parallel.world_size)
+        rows_per_step = sched.rows_per_step
         problems: list[str] = []
         seen: set[int] = set()
         steps = trained = 0
-        for step, step_rows in enumerate(global_steps(rows, rows_per_step), start=1):
+        for step, step_rows in enumerate(sched.epoch_steps(0), start=1):  # one epoch
             for row in step_rows:
                 problems += self._check_row(plan, row, vocab)
                 seen.update(row)
-            mbs = micro_batches(shard_for_rank(step_rows, 0, world), cfg.train.micro_batch_size)
+            mbs = sched.micro_batches(step_rows)
             n = count_trained(split, step_rows)
             trained += n
             events.log(step, {"trained_tokens": n, "micro_batches_rank0": len(mbs)})

@@ -20,7 +20,7 @@ from typing import Any
 
 from sft.errors import SftError
 from sft.export import ExportReport, ExportRequest
-from sft.plugins import hookimpl
+from sft.hookspecs import hookimpl
 
 GGUF_PY_DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 """Written by gguf-py alone."""

@@ -4,8 +4,8 @@
 *.safetensors, tokenizer files): a plain model directory is used as is, a full fine-tuning run
 gives `RUN_DIR/final/model` (or `RUN_DIR/final`, where the torch backend saves a full model),
 and a LoRA run is merged first by the `hf` exporter (torch backend).
-`read_tensors` reads safetensors without torch or the safetensors package, widening F16/BF16 to
-float32 exactly, so this plugin works in any environment (`.venvs/core` included).
+`read_tensors` reads safetensors with core's numpy reader (`sft.safetensors_io`), widening
+F16/BF16 to float32 exactly, so this plugin works in any environment (`.venvs/core` included).
 
     >>> src = resolve_source(Path("runs/demo"), Path("exports/gguf"))
     >>> tensors = read_tensors(src)           # name -> float32 numpy array (memory-mapped)
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 from sft.errors import SftError
+from sft.rundir import config_path, final_dir, find_final_weights
+from sft.safetensors_io import read_dir, weight_files
 
 MERGED_DIRNAME = ".hf-merged"
 """Where a LoRA run is merged (inside the export directory); removed after verification."""
@@ -33,10 +35,10 @@ def resolve_source(run_dir: Path, out_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if is_model_dir(run_dir):
         return run_dir
-    for full in (run_dir / "final" / "model", run_dir / "final"):
-        if is_model_dir(full):  # full fine-tuning: the run saved a whole model
-            return full
-    if not (run_dir / "final").is_dir() and not (run_dir / "config.yaml").is_file():
+    found = find_final_weights(run_dir)
+    if found and found.model and is_model_dir(found.model):
+        return found.model  # full fine-tuning: the run saved a whole model
+    if not final_dir(run_dir).is_dir() and not config_path(run_dir).is_file():
         raise SftError(
             f"{run_dir} is neither a Hugging Face model directory (config.json + *.safetensors) "
             "nor an sft run directory (config.yaml, final/); pass one of those to `sft export`"
@@ -75,49 +77,21 @@ def load_config(model_dir: Path) -> dict:
 
 def safetensors_files(model_dir: Path) -> list[Path]:
     """The weight shards, as llama.cpp's converter finds them (model*.safetensors)."""
-    return sorted(p for p in Path(model_dir).glob("model*.safetensors") if p.is_file())
+    return weight_files(model_dir, "model*.safetensors")
+
+
+_FLOATS = ("F32", "F16", "BF16", "F64")
 
 
 def read_tensors(model_dir: Path) -> dict[str, np.ndarray]:
     """Every tensor of the model as float32 (F32 ones are zero-copy memory maps)."""
-    files = safetensors_files(model_dir)
-    if not files:
-        raise SftError(f"no model*.safetensors in {model_dir}; is it a Hugging Face model dir?")
-    tensors: dict[str, np.ndarray] = {}
-    for path in files:
-        for name, arr in _read_file(path).items():
-            if name in tensors:
-                raise SftError(f"tensor {name!r} appears in two shards of {model_dir}")
-            tensors[name] = arr
+    tensors = {}
+    for name, t in read_dir(model_dir, "model*.safetensors", copy=False).items():
+        if t.dtype not in _FLOATS:
+            raise SftError(
+                f"tensor {name!r} has dtype {t.dtype}; GGUF export reads F32, F16, BF16 and F64 "
+                "weights (a quantized checkpoint must be dequantized first, e.g. by the hf "
+                "exporter)"
+            )
+        tensors[name] = t.to_float32()
     return tensors
-
-
-def _read_file(path: Path) -> dict[str, np.ndarray]:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
-    start = 8 + n
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        out[name] = to_float32(raw[start + begin : start + end], info["dtype"], info["shape"], name)
-    return out
-
-
-def to_float32(buf: np.ndarray, dtype: str, shape: list[int], name: str = "?") -> np.ndarray:
-    """Little-endian safetensors bytes -> float32, exactly (bf16 is the top half of a float32)."""
-    if dtype == "F32":
-        return buf.view("<f4").reshape(shape)
-    if dtype == "F16":
-        return buf.view("<f2").astype(np.float32).reshape(shape)
-    if dtype == "BF16":
-        return (buf.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
-    if dtype == "F64":
-        return buf.view("<f8").astype(np.float32).reshape(shape)
-    raise SftError(
-        f"tensor {name!r} has dtype {dtype}; GGUF export reads F32, F16, BF16 and F64 weights "
-        "(a quantized checkpoint must be dequantized first, e.g. by the hf exporter)"
-    )

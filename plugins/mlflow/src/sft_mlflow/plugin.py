@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import sft
+from sft import rundir
 
 _runs: dict[str, tuple[Any, str]] = {}
 """(MlflowClient, MLflow run id) by run directory (a process may run several jobs)."""
@@ -94,8 +95,8 @@ def sft_train_end(config: Any, run_dir: str, summary: dict[str, Any]) -> None:
     final = summary.get("final_loss")
     if _number(final) and math.isfinite(float(final)):
         client.log_metric(run_id, "final_loss", float(final), step=int(summary.get("steps", 0)))
-    client.log_dict(run_id, json.loads(json.dumps(summary, default=str)), "summary.json")
-    for name in ("loss.png", "config.yaml"):
+    client.log_dict(run_id, json.loads(json.dumps(summary, default=str)), rundir.SUMMARY)
+    for name in (rundir.LOSS_PLOT, rundir.CONFIG):
         if (root / name).is_file():
             client.log_artifact(run_id, str(root / name))
     client.set_terminated(run_id, "FINISHED")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import sft
+from sft import rundir
 
 _runs: dict[str, Any] = {}
 """Open wandb runs by run directory (a process may run several jobs)."""
@@ -79,7 +80,7 @@ def sft_train_end(config: Any, run_dir: str, summary: dict[str, Any]) -> None:
         run.summary["final_loss"] = float(final)
     run.summary["steps"] = summary.get("steps")
     artifact = wandb.Artifact("sft-outputs", type="run-outputs")
-    for name in ("loss.png", "summary.json", "config.yaml"):
+    for name in (rundir.LOSS_PLOT, rundir.SUMMARY, rundir.CONFIG):
         if (root / name).is_file():
             artifact.add_file(str(root / name))
     run.log_artifact(artifact)
