@@ -26,7 +26,7 @@ def run_ranks(
     itself (`signal_rank`). Returns the step each rank stopped at (None: it ran to the end)."""
     launcher = StopFiles(stop_dir)
     launcher.clear()
-    allreduce = threading.Barrier(ranks, timeout=10)
+    allreduce = threading.Barrier(ranks, timeout=60)
     own = [None] * ranks
     stopped: list[int | None] = [None] * ranks
 
@@ -50,7 +50,7 @@ def run_ranks(
     else:
         own[signal_rank] = "SIGINT"
     for t in threads:
-        t.join(timeout=20)
+        t.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "a rank waits in an all-reduce forever"
     return stopped, launcher
 

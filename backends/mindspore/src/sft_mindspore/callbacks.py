@@ -1,8 +1,9 @@
 """sft's MindFormers callback for preemption: MindFormers' CheckpointMonitor, plus a resumable
 checkpoint at the first step boundary after SIGTERM or SIGINT, after which training stops.
 
-sft's entry script imports this module (which registers the class with MindFormers) and uses it
-in place of the YAML's CheckpointMonitor; the worker then exits 143 (SIGTERM) or 130 (SIGINT),
+sft's entry script imports this module and registers the class under the name
+`CheckpointMonitor` (`use_sft_monitor`), so the YAML's CheckpointMonitor is built as this class
+with MindFormers' resume arguments; the worker then exits 143 (SIGTERM) or 130 (SIGINT),
 and `sft run` reports the checkpoint to resume from. The YAML itself stays plain MindFormers.
 
 With several workers (msrun, rank tables: RANK_SIZE > 1 and SFT_STOP_DIR set by `sft run`) the
@@ -10,7 +11,7 @@ ranks first agree on one stop step through `sft_mindspore.stopfile` (the step af
 where the first rank saw the stop), so all of them checkpoint the same step and none waits in
 an all-reduce the others never join.
 
-    callbacks: [{type: SftCheckpointMonitor, prefix: sft, save_checkpoint_steps: 100, ...}]
+    callbacks: [{type: CheckpointMonitor, prefix: sft, save_checkpoint_steps: 100, ...}]
 """
 
 from __future__ import annotations
@@ -65,10 +66,18 @@ class SftCheckpointMonitor(CheckpointMonitor):  # type: ignore[misc]
 
 
 def use_sft_monitor(config: Any) -> bool:
-    """Replace the config's CheckpointMonitor by SftCheckpointMonitor; False if it has none."""
-    found = False
-    for cb in getattr(config, "callbacks", None) or []:
-        if cb.get("type") == "CheckpointMonitor":
-            cb["type"] = "SftCheckpointMonitor"
-            found = True
+    """Build the config's CheckpointMonitor as SftCheckpointMonitor; False if it has none.
+
+    The class is registered under MindFormers' own name instead of renaming the YAML's type:
+    MindFormers' trainer passes its resume state (`append_info`: the step and epoch a resumed
+    launch starts from, written into every checkpoint) only to a callback typed
+    `CheckpointMonitor`; under another type a resumed launch saved launch-local step numbers,
+    and a second resume restarted the data and lr schedule at the wrong step."""
+    found = any(
+        cb.get("type") == "CheckpointMonitor" for cb in getattr(config, "callbacks", None) or []
+    )
+    if found:
+        MindFormerRegister.register_cls(
+            SftCheckpointMonitor, MindFormerModuleType.CALLBACK, alias="CheckpointMonitor"
+        )
     return found

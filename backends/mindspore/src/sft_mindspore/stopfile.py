@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 ENV = "SFT_STOP_DIR"
@@ -78,7 +79,7 @@ class StopFiles:
         """Create step.json with (signame, step) unless a rank did first; returns the agreed."""
         data = json.dumps({"signal": signame, "step": step, "by_pid": os.getpid()})
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".step.{os.getpid()}"
+        tmp = self.dir / f".step.{os.getpid()}.{uuid.uuid4().hex}"  # unique per caller
         tmp.write_text(data)
         try:
             os.link(tmp, self.step_file)  # atomic and exclusive: never a half-written file
