@@ -52,11 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     with callbacks.STOP:
         Trainer(config).train()
     rank = os.environ.get("RANK_ID", "0")
-    if callbacks.STOP.requested:
+    if callbacks.STOPPED or (callbacks.AGREE is None and callbacks.STOP.requested):
         import signal
 
-        print(f"[sft] rank {rank} stopped by {callbacks.STOP.requested}", flush=True)
-        return 128 + int(signal.Signals[callbacks.STOP.requested])
+        signame, step = (callbacks.STOPPED or [(callbacks.STOP.requested, -1)])[0]
+        print(f"[sft] rank {rank} stopped by {signame} after step {step}", flush=True)
+        if callbacks.AGREE is not None:
+            # msrun SIGKILLs every other worker as soon as one exits non-zero (they may still
+            # be writing their checkpoint); sft run reads the stop from the agreement file
+            return 0
+        return 128 + int(signal.Signals[signame])
     print(f"[sft] rank {rank} finished", flush=True)
     return 0
 

@@ -10,6 +10,10 @@ the rank and the log to read. `launch_plan` lists the processes of every node, s
 
 Logs are per node (`msrun/node_R/`, `ranktable/node_R/`) when there are several nodes, so
 nodes sharing one run directory never write the same file.
+
+SIGTERM / SIGINT to `sft run`: one worker gets the signal forwarded (`ForwardSignals`); several
+workers get a stop request file and agree on one stop step (`RequestStop`,
+`sft_mindspore.stopfile`); either way `launch` raises `Stopped` once they checkpointed.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from typing import Any
 
 from sft.errors import ConfigError, Problem, SftError
 from sft.guard import StopSignals
+
+from sft_mindspore.stopfile import ENV as STOP_ENV
+from sft_mindspore.stopfile import StopFiles
 
 ENTRY = Path(__file__).with_name("entry.py")
 
@@ -159,6 +166,7 @@ def launch_plan(
     if parallel.world_size == 1:
         argv = [sys.executable, str(ENTRY), "--config", str(yaml_path)]
         return [Process(0, argv, dict(env), work_dir / "worker_0.log")]
+    env = {**env, STOP_ENV: str(stop_dir(work_dir))}  # where the workers agree on a stop step
     if table is None:
         out = []
         for node in range(parallel.nnodes):
@@ -218,22 +226,44 @@ def launch(
     logs = [log_dir / f"worker_{first + r}.log" for r in range(parallel.nproc_per_node)]
     for log in logs:  # msrun appends: a resumed run must not read the killed run's lines
         log.unlink(missing_ok=True)
-    with LogTailer(logs, on_output):
+    stop = StopFiles(stop_dir(work_dir))
+    if parallel.node_rank == 0:
+        stop.clear()  # a request / agreed step of an earlier, stopped launch
+    with LogTailer(logs, on_output), RequestStop(stop) as req:
         if table is None:
             proc = mine[0]
             with proc.log.open("w") as f:
-                rc = subprocess.run(
-                    proc.argv,
-                    env=worker_env(work_dir, threads, proc.env),
-                    stdout=f,
-                    stderr=subprocess.STDOUT,
-                ).returncode
+                rc = _run_msrun(proc.argv, worker_env(work_dir, threads, proc.env), f)
             if rc:
                 rank, log = _failed_rank(log_dir, parallel)
                 raise SftError(_failure(rank, log, rc))
         else:
             _run_rank_table(mine, work_dir, threads)
+    agreed = stop.agreed()
+    if agreed is not None or req.requested:
+        raise Stopped(agreed[0] if agreed else str(req.requested))
     return log_dir
+
+
+def stop_dir(work_dir: Path) -> Path:
+    """Where several workers agree on their stop step (`sft_mindspore.stopfile`)."""
+    return work_dir / "stop"
+
+
+def _run_msrun(argv: list[str], env: dict[str, str], log: Any) -> int:
+    """msrun in a session of its own: a terminal's Ctrl-C (sent to the foreground process group)
+    reaches `sft run` alone, which asks the workers to checkpoint; msrun itself answers SIGINT
+    by SIGKILLing every worker (its workers are in sessions of their own, so they never get the
+    terminal's signal). Aborting (a second Ctrl-C) sends msrun that SIGINT."""
+    with subprocess.Popen(
+        argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    ) as proc:
+        try:
+            return proc.wait()
+        except BaseException:
+            proc.send_signal(signal.SIGINT)  # msrun: kill the workers and the scheduler
+            proc.wait()
+            raise
 
 
 class LogTailer:
@@ -385,6 +415,22 @@ class ForwardSignals(StopSignals):
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
+
+
+class RequestStop(StopSignals):
+    """While several workers run: SIGTERM / SIGINT to `sft run` write the stop request the
+    workers read at every step end; they agree on one stop step, checkpoint it and exit
+    (`sft_mindspore.stopfile`). A second, later Ctrl-C still aborts (KeyboardInterrupt)."""
+
+    def __init__(self, stop: StopFiles) -> None:
+        super().__init__()
+        self.stop = stop
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        first = self.requested is None
+        super()._handle(signum, frame)
+        if first and self.requested is not None:
+            self.stop.request(self.requested)  # the workers agree on a step, checkpoint, stop
 
 
 _PROGRESS = re.compile(r"step:\[\s*(\d+)/\s*(\d+)\], loss: ?\[?([-+0-9.eEnaif]+)")

@@ -202,7 +202,10 @@ def resume_point(ckpt_dir: Path) -> tuple[int, Path]:
     for meta in sorted(ckpt_dir.glob("rank_*/meta.json")):
         try:
             info = json.loads(meta.read_text())
-            step, name = int(info["last_step"]), str(info["last_ckpt_file"])
+            # sft's callback adds the global step; MindFormers' last_step restarts at 1 after
+            # a resume (it counts one launch's steps)
+            step = int(info.get("sft_global_step", info["last_step"]))
+            name = str(info["last_ckpt_file"])
         except (ValueError, KeyError, TypeError):
             continue
         if best is None or step < best[0]:
@@ -225,11 +228,18 @@ def saved_checkpoint(output_dir: Path) -> tuple[int, Path | None]:
 def apply_resume(doc: dict[str, Any], ckpt_dir: Path | None) -> None:
     """Resume -> MindFormers' `resume_training` from its checkpoint directory: it restores
     weights, optimizer state and the step counter and skips the batches already trained (the
-    MindRecord is rewritten identically from the same cache and seed)."""
+    MindRecord is rewritten identically from the same cache and seed).
+
+    `resume_training` names rank 0's file of `resume_point` (each rank loads its own rank_R
+    file of that step) instead of `True`: with `True` and several ranks, MindFormers' rank 0
+    writes the choice to output/resume_record/ and the other ranks read it after a barrier,
+    which is a no-op on CPU (cpu_compat), so rank 1 failed with "Can not find
+    .../latest_checkpointed_iteration.txt". sft's choice is the same (the smallest step of the
+    ranks' meta.json)."""
     if ckpt_dir is None:
         return
     doc["load_checkpoint"] = str(ckpt_dir)
-    doc["resume_training"] = True
+    doc["resume_training"] = resume_point(ckpt_dir)[1].name
 
 
 def step_tokens(split: Any, rows: list[list[int]]) -> int:
