@@ -38,7 +38,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SftError(f"config file not found: {path}") from None
-    except UnicodeDecodeError as exc:  # found by tests/reliability/test_config_fuzz.py
+    except UnicodeDecodeError as exc:
         raise SftError(
             f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
         ) from None
@@ -46,7 +46,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise SftError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     try:
         data = yaml.safe_load(text)
-    except RecursionError:  # absurdly deep nesting; found by the config fuzz tests
+    except RecursionError:  # absurdly deep nesting
         raise ConfigError([Problem(str(path), "invalid YAML: nested too deeply")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -181,7 +181,7 @@ def _unwrap_model(ann: Any) -> Any:
 
 
 def _resolve_path(value: str, base: Path) -> str:
-    if "\0" in value:  # no file has such a name; left as is, the file checks report it (fuzz)
+    if "\0" in value:  # no file has such a name; left as is, the file checks report it
         return value
     p = Path(os.path.expanduser(value))
     return str(p if p.is_absolute() else (base / p).resolve())
@@ -218,7 +218,7 @@ def resolve_paths(data: dict[str, Any], base: Path) -> None:
             d["template"] = _resolve_path(tpl, base)
     m = data.get("model")
     name = m if isinstance(m, str) else (m.get("name_or_path") if isinstance(m, dict) else None)
-    # os.path.exists, not Path.exists: a name longer than NAME_MAX must not raise (config fuzz)
+    # os.path.exists, not Path.exists: a name longer than NAME_MAX must not raise
     if isinstance(name, str) and (_looks_like_path(name) or os.path.exists(base / name)):
         resolved = _resolve_path(name, base)
         if isinstance(m, dict):

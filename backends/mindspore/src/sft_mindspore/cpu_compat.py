@@ -2,7 +2,7 @@
 
 MindFormers targets Ascend; its legacy llama trainer trips over four Ascend-only paths on CPU.
 Each workaround below is minimal and applied ONLY when `device_target` is CPU, so on Ascend the
-trainer runs unmodified. (Facts: ../shared/notes/mindspore.md, "Running ... on CPU".)
+trainer runs unmodified. (User-facing summary: docs/mindspore.md, "CPU vs Ascend".)
 
 1. rotary embedding `BatchMatMul ... cannot be broadcast on CPU`  -> `use_rope_slice: True`
 2. `Unsupported op [RmsNorm] on CPU`                            -> `fused_rms_norm: False`

@@ -12,7 +12,7 @@ each step's rows in core order. `MindDataset(num_shards=W, shard_id=r)` hands ra
 record, which is exactly `shard_for_rank(step_rows, r, W)` when a rank's batch is
 `rows_per_step / W` rows.
 
-    $ sft data prepare --config configs/qwen2-tiny/lora.yaml --format mindrecord --out data/
+    $ sft data prepare --config configs/smollm2-135m/lora.yaml --format mindrecord --out data/
     >>> import mindspore.dataset as ds
     >>> ds.MindDataset("data/train.mindrecord", columns_list=["input_ids", "labels"])
 

@@ -9,7 +9,7 @@ After training (`export_final`), RUN_DIR/final holds, in separate directories:
 The `ckpt` exporter turns any run (either backend) or a plain HF directory into a MindSpore
 checkpoint and verifies it by reading it back with `mindspore.load_checkpoint`:
 
-    $ sft export runs/qwen2-tiny-lora --format ckpt --dtype f32
+    $ sft export runs/smollm2-135m-lora --format ckpt --dtype f32
 """
 
 from __future__ import annotations

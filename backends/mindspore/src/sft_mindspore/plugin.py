@@ -1,7 +1,8 @@
 """Registers the MindSpore backend with sft. Imports in milliseconds: mindspore is imported by
 `train` (in the MindSpore environment).
 
-    $ sft run --backend mindspore --config configs/qwen2-tiny/lora.yaml
+    $ sft run --backend mindspore --config configs/smollm2-135m/lora.yaml \\
+          data.eval=null eval.every_steps=null eval.prompts=null
 """
 
 from __future__ import annotations

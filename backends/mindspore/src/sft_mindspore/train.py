@@ -5,7 +5,8 @@ plan -> schedule (core batching) -> RUN_DIR/mindformers/data/train.mindrecord
      -> losses from MindFormers' log -> metrics.jsonl
      -> final/model (merged HF), final/adapter (PEFT), final/mindspore/model.ckpt
 
-$ sft run --backend mindspore --config configs/qwen2-tiny/lora.yaml
+$ sft run --backend mindspore --config configs/smollm2-135m/lora.yaml \\
+      data.eval=null eval.every_steps=null eval.prompts=null
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ with the block-diagonal mask transformers derives from restarting position ids c
 query against every key of the row: the mask rules a score out but the kernel still computes it,
 and an explicit mask also turns off its causal block skipping. For three samples of 200, 180 and
 132 tokens in a 512-token row that is 512^2 = 262k scores per head where the samples need
-(200^2 + 180^2 + 132^2) / 2 = 45k, and attention was 16% of a SmolLM2-135M LoRA step on CPU.
+(200^2 + 180^2 + 132^2) / 2 = 45k.
 Here each sample (a run of consecutive position ids) gets its own `is_causal` sdpa call, so only
 the useful scores are computed. flash-attention's varlen kernel does the same on CUDA
 (`attn_implementation: flash_attention_2` with `packed_attention: position_ids`); this is the
@@ -185,7 +185,7 @@ def segment_attention(
     p = dropout if module.training else 0.0
     rows = []
     # split, not slices: the gradient of a split is one cat, the gradient of each slice a
-    # zero-filled tensor of the whole row (that was 2% of a step)
+    # zero-filled tensor of the whole row
     qs, ks, vs = (t.split(1) if t.shape[0] > 1 else (t,) for t in (query, key, value))
     for b, row_runs in enumerate(_row_runs(position_ids, query.shape[0])):
         pieces = _pieces(row_runs)

@@ -137,7 +137,7 @@ def _shared_path(path: Path | None) -> Path:
 def rank_rng_states() -> list[dict[str, Any]]:
     """The RNG state of every rank, in rank order (a collective when world > 1). Each rank's
     dropout draws from its own generators, so resuming only rank 0's would make the other
-    ranks replay their first steps' randomness (found by tests/reliability, DDP resume)."""
+    ranks replay their first steps' randomness."""
     return all_gather_object(rng_state())
 
 

@@ -1,7 +1,7 @@
 """`sft eval`: loss / perplexity on held-out chat data and scored generation tasks, with an
 optional before/after comparison against a base model.
 
-    $ sft eval --model runs/smollm2-135m-demo --data configs/smollm2-135m/data/eval.jsonl \\
+    $ sft eval --model runs/smollm2-135m-demo --data configs/smollm2-135m/data/quill_eval.jsonl \\
           --compare smollm2-135m-instruct --json eval.json
 
 `--data` is a jsonl file of generation tasks and chat samples (`sft.evaltasks` reads and scores

@@ -118,7 +118,7 @@ class FSDPEngine(Engine):
 
     # Resuming, only rank 0 reads the checkpoint (into CPU memory); torch.distributed's
     # broadcast_from_rank0 sends every rank its shards one tensor at a time, so no rank ever
-    # holds the whole optimizer state on its device (every rank used to load all of it there).
+    # holds the whole optimizer state on its device.
     loads_on_rank0 = True
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:

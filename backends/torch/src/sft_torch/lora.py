@@ -5,8 +5,8 @@
 peft computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` as separate modules and ops, so
 each LoRA Linear makes full [tokens x features] passes that are not matmuls: the dropout mask's
 float copy and two multiplies, the `* scaling`, the `+`, and in backward the multiplies again and
-the sum of the base and adapter input gradients. On a SmolLM2-135M LoRA step on CPU (7 adapted
-Linears x 30 layers) those passes were about 12% of the step. Here the same result takes:
+the sum of the base and adapter input gradients (their share of a CPU LoRA step:
+docs/performance.md). Here the same result takes:
 
     out = x @ W.T (+ bias)                      the frozen base
     h   = (x with dropped elements zeroed) @ A.T * (scaling / keep_rate)     [tokens x r]

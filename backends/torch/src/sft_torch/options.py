@@ -66,32 +66,33 @@ class TorchOptions(BaseModel):
 
     fast_dropout: bool = True
     """On CPU, draw dropout masks (LoRA dropout) from 16-bit lanes of 64-bit random draws
-    instead of torch's per-element Bernoulli sampling: 3x faster masks, p rounded to a multiple
-    of 2^-16 (`sft_torch.dropout.FastDropout`). `false`: torch's nn.Dropout. No effect on GPU."""
+    instead of torch's per-element Bernoulli sampling (faster on CPU: docs/performance.md), p
+    rounded to a multiple of 2^-16 (`sft_torch.dropout.FastDropout`). `false`: torch's nn.Dropout.
+    No effect on GPU."""
 
     fused_lora: bool = True
     """Run each LoRA Linear (frozen base, adapter, its dropout) as one autograd Function: the
     scale goes on the rank-r intermediate, the adapter's output and input gradient are
     accumulated into the base's by the GEMMs, the dropout mask is applied once each way
-    (`sft_torch.lora`). The same values as peft's forward, about 12% faster on a CPU LoRA step.
+    (`sft_torch.lora`). The same values as peft's forward, with fewer element-wise passes.
     Calls it cannot fuse (autocast, DoRA, merged or several adapters, quantized bases, FSDP /
     DeepSpeed parameters) run peft's forward. `false`: peft's forward always."""
 
     micro_batch_threads: int | None = Field(None, gt=0)
     """On CPU, run this many micro-batches of a step at once, each on its own thread with one
-    intra-op thread (small GEMMs split over two threads ran at 1.6x one thread's speed, two
-    independent GEMMs at 2x: a SmolLM2-135M LoRA step 1.12x faster on 2 cores; each thread
-    holds its own activations). Gradients are summed in micro-batch order and dropout masks come
-    from per-micro-batch generators, so runs are reproducible and resume exactly. Needs one
-    process, no gradient checkpointing and every dropout a FastDropout (`fast_dropout`).
-    Default: torch's thread count when that is 2-4 and a step has that many micro-batches and
-    those conditions hold, else 1 (one micro-batch after the other)."""
+    intra-op thread (small GEMMs scale better side by side than split over threads: see
+    docs/performance.md; each thread holds its own activations). Gradients are summed in
+    micro-batch order and dropout masks come from per-micro-batch generators, so runs are
+    reproducible and resume exactly. Needs one process, no gradient checkpointing and every
+    dropout a FastDropout (`fast_dropout`). Default: torch's thread count when that is 2-4 and a
+    step has that many micro-batches and those conditions hold, else 1 (one micro-batch after
+    the other)."""
 
     release_memory: bool = True
     """On Linux (glibc), serve allocations of 256 KiB and more with their own mmap, so freed
-    tensors go back to the OS at once instead of staying in the heap: a SmolLM2-135M LoRA step
-    on CPU peaked at 2.0 GB RSS instead of 3.6 GB, at the same speed
-    (`sft_torch.runtime.release_freed_memory`). `false`: glibc's default."""
+    tensors go back to the OS at once instead of staying in the heap (lower peak RSS at the same
+    speed: docs/performance.md; `sft_torch.runtime.release_freed_memory`). `false`: glibc's
+    default."""
 
     compile: bool = False
     """Compile each decoder layer with `torch.compile` (in place: parameter names, checkpoints

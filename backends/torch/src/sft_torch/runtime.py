@@ -102,7 +102,6 @@ def resolve_precision(precision: str, device: torch.device, weights: str = "auto
         if precision == "fp16" and device.type == "cpu":
             raise SftError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
         if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-            # measured on an AVX2-only EPYC: a 1024-square bf16 matmul 4.3 s, fp32 0.1 s
             warnings.warn(
                 "train.precision: bf16 on a CPU without native bf16 (no avx512_bf16 or AMX): "
                 "its matmuls are emulated and run many times slower than fp32; use "
@@ -174,10 +173,9 @@ def release_freed_memory(threshold: int = 256 << 10) -> bool:
 
     By default glibc raises its mmap threshold to the size of each large block freed (up to
     32 MiB), so activations and gradients of a training step end up on the heap, where the
-    holes that freed tensors leave between live ones are never returned: the peak RSS of a
-    SmolLM2-135M LoRA step on CPU was 3.6 GB with this default and 2.0 GB with a fixed 256 KiB
-    threshold, at the same speed (one mmap per tensor of 256 KiB+, which a step allocates a few
-    thousand of). Returns False where there is no glibc mallopt (macOS, musl): nothing changes."""
+    holes that freed tensors leave between live ones are never returned (peak RSS with and
+    without it: docs/performance.md). The cost is one mmap per tensor of 256 KiB+, which a step
+    allocates a few thousand of. Returns False where there is no glibc mallopt (macOS, musl): nothing changes."""
     import ctypes
 
     try:

@@ -5,10 +5,9 @@ characters lies in a trained span, else its label is -100. Spans map to tokens i
 ways, with the same result:
 
 - offsets (any fast tokenizer): `labels_for` looks the span boundaries up in the encoding;
-- byte lengths (byte-level BPE, `TokenBytes`): offset tracking is a fifth of the Rust
-  tokenizer's time (3000 SmolLM2 chats on 2 cores: `encode_batch` 1.21 s, `encode_batch_fast`,
-  the same ids without offsets, 0.94 s; all of `sft data prepare` 2.07 s -> 1.82 s), and such a
-  tokenizer does not need offsets: its tokens cut the text's UTF-8 bytes into consecutive pieces
+- byte lengths (byte-level BPE, `TokenBytes`): offset tracking is a sizeable part of the Rust
+  tokenizer's time (`encode_batch_fast` gives the same ids without offsets; numbers in
+  docs/performance.md), and such a tokenizer does not need offsets: its tokens cut the text's UTF-8 bytes into consecutive pieces
   and an id always stands for the same bytes (a vocabulary token one byte per character of its
   byte-level spelling, an added token the bytes of its content). So token boundaries are a
   cumulative sum of byte lengths and a span's tokens are found by binary search:

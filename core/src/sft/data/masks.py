@@ -211,8 +211,7 @@ class Shapes:
     When the template's syntax tree shows it only ever prints contents verbatim
     (`templates.content_is_opaque`: chatml, alpaca and SmolLM2's own template; not
     llama3's, which trims), the real full rendering is skipped too after the first CHECKS
-    conversations, so a conversation costs no template render at all (3000 SmolLM2 chats:
-    4.0 s -> 2.2 s of `sft data prepare`, most of the rest is tokenization).
+    conversations, so a conversation costs no template render at all (docs/performance.md).
     """
 
     CHECKS = 32

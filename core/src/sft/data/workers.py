@@ -14,8 +14,8 @@ over 1 MiB, else none.
 
 Workers are *spawned*, not forked: the parent is often multi-threaded by then (torch's thread
 pools, a tokenizer's Rust pool, tqdm's monitor, a logger's writer thread), and a child forked
-from a multi-threaded process can deadlock on a lock another thread held at the fork (the
-likely cause of a CI run whose torch suite took 87 minutes instead of 10). A spawned worker
+from a multi-threaded process can deadlock on a lock another thread held at the fork. A spawned
+worker
 rebuilds its encoder from a small picklable recipe (`init`: a module-level function and its
 arguments), so it never inherits such state. As with any spawn-based pool, a script that calls
 sft's Python API at import time needs the usual `if __name__ == "__main__":` guard.

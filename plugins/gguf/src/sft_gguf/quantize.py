@@ -34,7 +34,7 @@ def llama_cpp_missing(dtype: str) -> str | None:
         return None
     return (
         f"GGUF {dtype} is made by llama.cpp's own quantizer, from llama-cpp-python, which is not "
-        f"installed in this environment: {INSTALL} (compiles llama.cpp, ~7 minutes on 2 cores); "
+        f"installed in this environment: {INSTALL} (compiles llama.cpp, which takes minutes); "
         "or use q8_0, q5_1, q5_0, q4_1 or q4_0, which need no llama.cpp"
     )
 
