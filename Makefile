@@ -19,7 +19,7 @@ PKGS_TORCH := $(PKGS_CORE) -e backends/torch $(wildcard plugins/tensorboard plug
 help:
 	@echo "make demo   - fine-tune SmolLM2-135M-Instruct on CPU and show before/after"
 	@echo "make test   - build the venvs and run every test (core, torch, mindspore)"
-	@echo "make lint   - ruff, mypy (core), import-linter"
+	@echo "make lint   - ruff, mypy (core, backends, plugins), import-linter"
 	@echo "make gpu-wheels - (with network) wheels the GPU image lacks, into .whl/gpu"
 	@echo "make gpu-check  - (on a CUDA machine) one PASS/FAIL line per GPU check, ~8 min on an H200"
 

@@ -52,8 +52,6 @@ class ModelSpec(Section):
 
 # ---------------------------------------------------------------------------------------- data
 
-DatasetFormat = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]
-
 
 class DataSource(Section):
     path: str

@@ -67,7 +67,8 @@ def split_lora(
     tensors: dict[str, Tensor],
 ) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
     """(base weights, {cell: {"a": A (r, in), "b": B (out, r)}}) from MindFormers names."""
-    base, lora = {}, {}
+    base: dict[str, Tensor] = {}
+    lora: dict[str, dict[str, Tensor]] = {}
     for name, t in tensors.items():
         m = _LORA.match(name)
         if m:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from sft.errors import ConfigError, SftError
+from sft.errors import ConfigError, Problem, SftError
 from sft.lr import warmup_steps
 
 from sft_mindspore.cpu_compat import cpu_model_config
@@ -42,10 +42,13 @@ def parallel_degrees(config: Any) -> dict[str, int]:
     if world % (mp * cp * pp):
         raise ConfigError(
             [
-                f"parallel: tensor_parallel {mp} x context_parallel {cp} x pipeline_parallel {pp} = "
-                f"{mp * cp * pp} does not divide the device count {world} (nproc_per_node "
-                f"{p.nproc_per_node} x nnodes {p.nnodes}); MindFormers needs data x model x context x "
-                f"pipeline = devices: choose degrees whose product divides {world}"
+                Problem(
+                    "parallel",
+                    f"tensor_parallel {mp} x context_parallel {cp} x pipeline_parallel {pp} = "
+                    f"{mp * cp * pp} does not divide the device count {world} (nproc_per_node "
+                    f"{p.nproc_per_node} x nnodes {p.nnodes}); MindFormers needs data x model x "
+                    f"context x pipeline = devices: choose degrees whose product divides {world}",
+                )
             ]
         )
     return {"dp": world // (mp * cp * pp), "mp": mp, "cp": cp, "pp": pp}

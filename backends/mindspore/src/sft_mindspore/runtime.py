@@ -84,7 +84,7 @@ _DTYPES = {  # compute, layernorm, softmax, rotary; parameters stay float32 (mas
     "fp16": ("float16", "float32", "float32", "float16"),
 }
 #: MindFormers' dynamic loss scaling for fp16 (its reference configs use the same cell).
-DYNAMIC_LOSS_SCALE = {
+DYNAMIC_LOSS_SCALE: dict[str, Any] = {
     "type": "DynamicLossScaleUpdateCell",
     "loss_scale_value": 65536,
     "scale_factor": 2,

@@ -272,6 +272,7 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
     yaml_path, schedule, output_dir = prepare(plan, device)
     ckpt_dir = resume_dir(plan)  # prepare() cleared the outputs of a fresh run
     resumed_at, total = 0, len(schedule.steps)
+    ckpt: Path | None
     if ckpt_dir is not None:
         resumed_at, ckpt = resume_point(ckpt_dir)
         print(

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sft.errors import ConfigError, SftError
+from sft.errors import ConfigError, Problem, SftError
 from sft.safetensors_io import DTYPES, Tensor, read_dir, write_file
 
 # (HF pattern, MindFormers replacement); applied to the part after "model.layers.N." or whole.
@@ -174,8 +174,11 @@ def lora_target_names(target_modules: str | list[str]) -> list[str]:
         if unknown:
             raise ConfigError(
                 [
-                    f"method.target_modules: {unknown} have no MindFormers "
-                    f"counterpart; use names from {sorted(MODULE_MAP)}"
+                    Problem(
+                        "method.target_modules",
+                        f"{unknown} have no MindFormers counterpart; use names from "
+                        f"{sorted(MODULE_MAP)}",
+                    )
                 ]
             )
         return list(target_modules)
@@ -184,7 +187,10 @@ def lora_target_names(target_modules: str | list[str]) -> list[str]:
     if not names:
         raise ConfigError(
             [
-                f"method.target_modules: regex {target_modules!r} matches none of {sorted(MODULE_MAP)}"
+                Problem(
+                    "method.target_modules",
+                    f"regex {target_modules!r} matches none of {sorted(MODULE_MAP)}",
+                )
             ]
         )
     return names

@@ -1,1 +1,38 @@
-"""PyTorch backend for sft (transformers + peft). Importing this package imports no torch."""
+"""PyTorch backend for sft (transformers + peft). Importing this package imports no torch.
+
+    $ sft run --backend torch --config configs/smollm2-135m/lora.yaml
+
+Its modules, by role (torch is imported only by those a run needs, never by `plugin`):
+
+Registered with sft (entry point `plugin`; the hooks of the others are re-exported there)
+    plugin       the backend: `torch:` options, validation, `train` -> `train.train`
+    strategy     what each `parallel.strategy` supports, checked without importing torch
+    commands     CLI commands: `sft models prepare`, `sft generate`, `sft chat`
+    export       the `hf` and `adapter` exporters, each verified by loading it back
+    bench        `sft bench`: a short measured run through the training loop
+    eval         `sft eval`: held-out loss / perplexity and scored generation tasks
+    generate     load a run or a model and generate with its chat template
+
+The training run (`train.train` is the linear flow; the rest are its steps)
+    train        plan -> model -> steps -> checkpoints -> final weights
+    data         which rows each optimizer step trains on, as tensors (core batching)
+    loss         summed token cross-entropy of a micro-batch (chunked, fused), eval loss
+    optim        optimizer and learning-rate schedule
+    guard        stop signals and the NaN policy (decisions in `sft.guard`)
+    checkpoint   what a torch checkpoint holds (the directory protocol is `sft.checkpoints`)
+    outputs      the final weights in plain transformers / peft formats
+
+The model
+    resolve      model references (built-in names, `.gguf` files, hub ids) -> cached HF dirs
+    model        loading the base model exactly as the job spec says
+    methods      which parameters train: LoRA / QLoRA / full / freeze
+    lora         `fused_lora`: peft's LoRA Linear as one autograd Function
+    attention    `segments`: causal attention per sample of a packed row
+
+Where it computes
+    runtime      device, precision, threads, seeds and RNG state
+    launch       re-launching through torchrun; a failing rank as one clear error
+    distributed  process group, ranks, DDP and the `Engine` the loop drives
+    fsdp         FSDP2 sharding and consolidation of shards
+    deepspeed    DeepSpeed ZeRO-2 / ZeRO-3 config and engine
+"""

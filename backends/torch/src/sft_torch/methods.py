@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 from sft.errors import SftError
 from sft.specs import FreezeMethod, LoraMethod, QLoraMethod
@@ -48,7 +48,7 @@ def lora_config(method: LoraMethod | QLoraMethod) -> Any:
 
     return LoraConfig(
         r=method.r,
-        lora_alpha=method.alpha,
+        lora_alpha=method.alpha,  # type: ignore[arg-type]  # peft annotates int; scales by any number
         lora_dropout=method.dropout,
         # a string other than "all-linear" is a regex peft full-matches against module names
         target_modules=method.target_modules,
@@ -155,7 +155,8 @@ def apply_freeze(lm: nn.Module, method: FreezeMethod) -> nn.Module:
     for _, param in params:
         param.requires_grad_(wanted[id(param)])
     if method.train_embeddings:
-        lm.get_input_embeddings().requires_grad_(True)  # a tied head shares this weight
+        # a tied head shares this weight
+        cast(Any, lm).get_input_embeddings().requires_grad_(True)
     missing = [p for p, n in hits.items() if n == 0]
     if missing:
         raise SftError(

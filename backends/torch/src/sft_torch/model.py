@@ -254,7 +254,9 @@ def compile_layers(model: Any) -> int:
 
     lm = causal_lm(model)
     n = getattr(lm.config, "num_hidden_layers", None)
-    layers = next((m for m in lm.modules() if isinstance(m, nn.ModuleList) and len(m) == n), [])
+    layers: nn.ModuleList | list[nn.Module] = next(
+        (m for m in lm.modules() if isinstance(m, nn.ModuleList) and len(m) == n), []
+    )
     for layer in layers:
         layer.compile()
     return len(layers)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from sft.lr import lr_factor, warmup_steps
@@ -29,7 +29,8 @@ __all__ = ["build_optimizer", "build_scheduler", "lr_factor", "param_groups", "w
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters split into decayed matrices and undecayed biases/norm scales."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for _, p in model.named_parameters():
         if p.requires_grad:
             # ds_shape: a ZeRO-3 parameter built partitioned holds an empty 1-D placeholder
@@ -130,7 +131,7 @@ class CompensatedAdamW(torch.optim.Optimizer):
                 state["compensation"] = torch.zeros_like(p)
         state["step"] += 1
         step = float(state["step"])
-        g = p.grad.float()
+        g = cast(torch.Tensor, p.grad).float()  # step() skips parameters without a gradient
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.lerp_(g, 1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)

@@ -80,7 +80,7 @@ def _convert_into(gguf: Path, out: Path, dtype: str) -> None:
     where = dict(pretrained_model_name_or_path=str(gguf.parent), gguf_file=gguf.name)
     try:
         tok = AutoTokenizer.from_pretrained(**where)
-        lm = AutoModelForCausalLM.from_pretrained(**where, dtype=getattr(torch, dtype))
+        lm: Any = AutoModelForCausalLM.from_pretrained(**where, dtype=getattr(torch, dtype))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise SftError(
             f"cannot convert {gguf}: {exc}. transformers' GGUF loader supports llama, qwen2, "

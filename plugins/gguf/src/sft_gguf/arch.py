@@ -116,7 +116,7 @@ def hparams(cfg: dict[str, Any], spec: ArchSpec, dtype: str) -> list[tuple[str, 
     ]
     if cfg.get("rope_theta") is not None:
         out.append((gguf.Keys.Rope.FREQ_BASE.format(arch=a), float(cfg["rope_theta"]), "f32"))
-    eps = cfg.get("rms_norm_eps")
+    eps: Any = cfg.get("rms_norm_eps")
     out.append((gguf.Keys.Attention.LAYERNORM_RMS_EPS.format(arch=a), float(eps), "f32"))
     if cfg.get("head_dim") is not None:
         out.append((gguf.Keys.Attention.KEY_LENGTH.format(arch=a), int(cfg["head_dim"]), "u32"))
