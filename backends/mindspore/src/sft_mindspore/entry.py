@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if callbacks.STOPPED or (callbacks.AGREE is None and callbacks.STOP.requested):
         import signal
 
-        signame, step = (callbacks.STOPPED or [(callbacks.STOP.requested, -1)])[0]
+        signame, step = (callbacks.STOPPED or [(str(callbacks.STOP.requested), -1)])[0]
         print(f"[sft] rank {rank} stopped by {signame} after step {step}", flush=True)
         if callbacks.AGREE is not None:
             # msrun SIGKILLs every other worker as soon as one exits non-zero (they may still

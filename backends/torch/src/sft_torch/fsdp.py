@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from sft.errors import SftError
@@ -55,7 +55,7 @@ class FSDPEngine(Engine):
         mesh = init_device_mesh(device)
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh, offload_policy=policy)
-        self.root = fully_shard(ForwardRoot(model), mesh=mesh, offload_policy=policy)
+        self.root: Any = fully_shard(ForwardRoot(model), mesh=mesh, offload_policy=policy)
         if from_rank0:
             self._fill_from_rank0(full, torch.device("cpu") if cpu_offload else device)
 
@@ -69,7 +69,8 @@ class FSDPEngine(Engine):
             with torch.no_grad():
                 for name, buf in self.model.named_buffers():
                     buf.copy_(buffers[name])
-        set_model_state_dict(self.model, full, options=full_options(False, broadcast=True))
+        state = cast(dict[str, Any], full)
+        set_model_state_dict(self.model, state, options=full_options(False, broadcast=True))
         full.clear()  # rank 0: the whole weights can go
 
     def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -134,7 +135,9 @@ class FSDPEngine(Engine):
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
         set_model_state_dict(
-            self.model, weights, options=full_options(False, strict=False, broadcast=True)
+            self.model,
+            cast(dict[str, Any], weights),
+            options=full_options(False, strict=False, broadcast=True),
         )
 
 
