@@ -78,8 +78,8 @@ test-ms: venv-ms venv-torch-dev
 	    $(MS)/python -m pytest tests/core tests/reliability tests/backends/mindspore -m "not torch" -q
 
 lint: venv-torch-dev
-	$(TORCH)/ruff check core backends plugins tests benchmarks configs tools
-	$(TORCH)/ruff format --check core backends plugins tests benchmarks configs tools
+	$(TORCH)/ruff check core backends plugins tests benchmarks configs examples tools
+	$(TORCH)/ruff format --check core backends plugins tests benchmarks configs examples tools
 	$(TORCH)/mypy
 	PYTHONPATH=backends/mindspore/src $(TORCH)/lint-imports
 
@@ -134,7 +134,7 @@ mutate-results:
 	cd $(MUTATE_DIR) && $(abspath $(MUTATE_VENV))/bin/mutmut results
 
 demo: venv-torch
-	$(TORCH)/python configs/smollm2-135m/demo.py
+	$(TORCH)/python examples/demo/demo.py
 
 # Data-preparation benchmark (not a test): sft's prepare vs TRL's SFTTrainer on the same data.
 # TRL lives only in this venv; torch first so pip never pulls a CUDA build.

@@ -3,8 +3,11 @@ have (a new identity, "I am Quill, the assistant of the sft project", and a hous
 and show the difference on held-out prompts that are not in the training data.
 
     $ make demo                                           # builds .venvs/torch, then runs this
-    $ .venvs/torch/bin/python configs/smollm2-135m/demo.py [key=value overrides]
-    $ .venvs/torch/bin/python configs/smollm2-135m/demo.py train.epochs=2   # quicker, weaker
+    $ .venvs/torch/bin/python examples/demo/demo.py [key=value overrides]
+    $ .venvs/torch/bin/python examples/demo/demo.py train.epochs=2   # quicker, weaker
+
+The job spec and data it uses are the shipped ones, in configs/smollm2-135m/ (`demo.yaml`,
+`data/quill_*.jsonl`, written by `make_quill_data.py` beside this file).
 
 Steps, each timed: resolve the built-in model (GGUF -> cached safetensors, once) -> eval the
 held-out prompts with the base model -> LoRA training (demo.yaml) -> eval again -> export `hf`
@@ -24,9 +27,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-CONFIG = HERE / "demo.yaml"
-EVAL_FILE = HERE / "data" / "quill_eval.jsonl"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "smollm2-135m"
+CONFIG = CONFIGS / "demo.yaml"
+EVAL_FILE = CONFIGS / "data" / "quill_eval.jsonl"
 RUN_DIR = Path("runs/smollm2-135m-demo")
 TIMES: dict[str, float] = {}
 

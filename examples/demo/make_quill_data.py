@@ -1,4 +1,5 @@
-"""Writes the demo's bundled data (already committed; rerun only to change it):
+"""Writes the demo's bundled data into configs/smollm2-135m/data/ (already committed; rerun only
+to change it):
 
 quill_train.jsonl    65 chats: a new identity ("I am Quill, the assistant of the sft project")
                      and a house answer format ("Answer: <one sentence>" + "— Quill" line)
@@ -6,7 +7,7 @@ quill_eval.jsonl     held-out generation tasks (paraphrased identity questions, 
                      scored by `sft eval`, plus the held-out chats below
 quill_heldout.jsonl  held-out chats for eval loss (none of their questions is in training)
 
-$ python configs/smollm2-135m/data/make_quill_data.py
+$ python examples/demo/make_quill_data.py
 """
 
 import json
@@ -141,7 +142,7 @@ trainq = {q.lower() for q, _ in id_train + facts_train}
 for r in ev:
     q = r.get("prompt") or r["messages"][0]["content"]
     assert q.lower() not in trainq, q
-d = Path(__file__).resolve().parent
+d = Path(__file__).resolve().parents[2] / "configs" / "smollm2-135m" / "data"
 
 
 def write(name, records):
