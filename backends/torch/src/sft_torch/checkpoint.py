@@ -1,4 +1,6 @@
-"""Resumable checkpoints of the torch backend, written atomically through `sft.checkpoints`.
+"""What a torch checkpoint holds: the contents of a checkpoint directory, written and read back.
+The directory itself (atomic writes, the completion marker, finding the latest) is core's
+`sft.checkpoints`, shared with every backend.
 
     RUN/checkpoints/step-000120/
         trainable.safetensors   every parameter that trains (LoRA adapters, or the whole model
