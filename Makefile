@@ -95,7 +95,7 @@ lint: venv-torch-dev
 # prints one as a diff.
 MUTATE_VENV  ?= $(V)/mutate
 MUTATE_DIR   := .mutate
-# masks.py and labels.py are not in the list yet: with their tests (test_masks.py,
+# encoder.py and labels.py are not in the list yet: with their tests (test_encoder.py,
 # test_labels.py) in the runner, mutmut 3.8's coverage pass came back empty (no test mapped to
 # any mutant, so it stops); see docs/CONTRIBUTING.md.
 MUTATE_FILES := src/sft/data/batching.py src/sft/data/accounting.py src/sft/checkpoints.py

@@ -1,5 +1,5 @@
 """Checkpoint directories: atomic to write, easy to find. The layer every backend shares; what
-goes inside a directory is the backend's (the torch backend's: `sft_torch.checkpoint`).
+goes inside a directory is the backend's (the torch backend's: `sft_torch.checkpoints`).
 
 A checkpoint is `RUN/checkpoints/step-000120/` holding whatever the backend saves plus
 `sft-checkpoint.json` (step, fingerprint) written last; a directory without it is incomplete

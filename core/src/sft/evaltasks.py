@@ -11,7 +11,7 @@ and scored:
 
 Every other record is a chat sample in any format the data pipeline reads (messages, sharegpt,
 alpaca, prompt/completion); `encode_chats` tokenizes and masks it exactly as training does
-(sft.data.masks), for a backend to score its assistant tokens (loss and perplexity).
+(sft.data.encoder), for a backend to score its assistant tokens (loss and perplexity).
 
     tasks, chats = read_eval_file(path)
     result = score(tasks[0], answer)
@@ -104,8 +104,8 @@ def read_eval_file(path: Path) -> tuple[list[Task], list[tuple[dict[str, Any], s
 
 def encode_chats(tok: Any, records: list[tuple[dict[str, Any], str]]) -> list[tuple[Any, Any]]:
     """(ids, labels) per chat record, with the training pipeline's converters and masks."""
+    from sft.data.encoder import Encoder
     from sft.data.formats import convert_record, detect_format
-    from sft.data.masks import Encoder
     from sft.data.templates import Renderer, Template
     from sft.plugins import get_plugins
 

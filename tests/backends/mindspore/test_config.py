@@ -72,7 +72,7 @@ def test_yaml_carries_the_spec(tmp_path, tiny_qwen2):
     assert doc["lr_schedule"]["total_steps"] == len(schedule.steps) == 3
     # CPU: accumulation folded into the batch, so one step sees micro x accumulation rows
     assert doc["runner_config"]["batch_size"] == 4 and schedule.rows_per_step == 4
-    # the four CPU workarounds: two in the YAML, two applied by the entry script
+    # the four CPU workarounds: two in the YAML, two applied by the worker script
     assert mc["use_rope_slice"] is True and mc["fused_rms_norm"] is False
     assert doc["context"]["device_target"] == "CPU"
     assert "mindformers.yaml" in yaml_path.read_text().splitlines()[1]

@@ -18,7 +18,7 @@ pytest.importorskip("mindspore")
 from sft.cli import main
 from sft.errors import SftError
 from sft.specs import ParallelSpec
-from sft_mindspore.launch import ENTRY, Process, _run_rank_table, launch_plan
+from sft_mindspore.launch import WORKER, Process, _run_rank_table, launch_plan
 
 pytestmark = pytest.mark.mindspore
 
@@ -173,7 +173,7 @@ def test_rank_table_processes_get_their_variables_and_a_failure_names_the_rank(t
 
 def test_single_device_and_msrun_plans(tmp_path):
     one = launch_plan(tmp_path / "m.yaml", ParallelSpec(), tmp_path, {})
-    assert len(one) == 1 and one[0].argv[1:] == [str(ENTRY), "--config", str(tmp_path / "m.yaml")]
+    assert len(one) == 1 and one[0].argv[1:] == [str(WORKER), "--config", str(tmp_path / "m.yaml")]
     local = launch_plan(tmp_path / "m.yaml", ParallelSpec(nproc_per_node=2), tmp_path, {})
     assert len(local) == 1 and local[0].log == tmp_path / "msrun.log"  # one node: as before
 

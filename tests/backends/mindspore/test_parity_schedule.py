@@ -43,7 +43,7 @@ def _graph_mode_cpu():
 
 @pytest.mark.parametrize(("kind", "total", "warmup", "ratio", "min_ratio"), TABLE)
 def test_mindformers_lr_equals_sft_schedule_at_every_step(kind, total, warmup, ratio, min_ratio):
-    import sft_mindspore.lr  # noqa: F401  registers the class, as the entry script does
+    import sft_mindspore.lr  # noqa: F401  registers the class, as the worker script does
     from mindformers.core.lr import build_lr
     from mindformers.tools.register import MindFormerConfig
 

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sft.data.conversation import Conversation, Message
+from sft.data.encoder import Encoder
 from sft.data.labels import Labeller, Spans, TokenBytes, labels_for, labels_from_spans
-from sft.data.masks import Encoder
 from sft.data.templates import Renderer, resolve_template
 from sft.plugins import get_plugins
 

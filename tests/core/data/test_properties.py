@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from sft.data.batching import collate, pack_rows
 from sft.data.cache import IGNORE_INDEX, TokenizedSplit
 from sft.data.conversation import Conversation, Message
-from sft.data.masks import Encoder
+from sft.data.encoder import Encoder
 from sft.data.templates import Renderer, resolve_template
 from sft.plugins import get_plugins
 
@@ -128,7 +128,7 @@ loose = st.builds(
 def test_substituted_prefixes_equal_real_renderings(
     tiny_tokenizer: Path, contents: list[str], template: str, mask: str
 ) -> None:
-    from sft.data.masks import _chat_spans, _real_prefixes
+    from sft.data.encoder import _chat_spans, _real_prefixes
 
     msgs = [Message("user" if i % 2 == 0 else "assistant", c) for i, c in enumerate(contents)]
     _, enc = _encoder(tiny_tokenizer, template, mask)

@@ -172,7 +172,7 @@ needs_smollm2 = pytest.mark.skipif(
 def smollm2(tmp_path_factory) -> Path:
     """SmolLM2 as an HF directory, converted from the built-in GGUF as `sft models prepare`."""
     from sft.models import builtin_weights
-    from sft_torch.resolve import convert_gguf
+    from sft_torch.model_sources import convert_gguf
 
     weights = builtin_weights("smollm2-135m-instruct")
     return convert_gguf(weights, tmp_path_factory.mktemp("smol-cache"), "smollm2-135m-instruct")

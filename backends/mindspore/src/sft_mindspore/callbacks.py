@@ -1,7 +1,7 @@
 """sft's MindFormers callback for preemption: MindFormers' CheckpointMonitor, plus a resumable
 checkpoint at the first step boundary after SIGTERM or SIGINT, after which training stops.
 
-sft's entry script imports this module and registers the class under the name
+sft's worker script imports this module and registers the class under the name
 `CheckpointMonitor` (`use_sft_monitor`), so the YAML's CheckpointMonitor is built as this class
 with MindFormers' resume arguments; the worker then exits 143 (SIGTERM) or 130 (SIGINT),
 and `sft run` reports the checkpoint to resume from. The YAML itself stays plain MindFormers.
@@ -27,7 +27,7 @@ from sft.guard import StopSignals
 
 from sft_mindspore.stopfile import StopFiles
 
-#: Entered by the entry script around training (signal handlers live in the main thread).
+#: Entered by the worker script around training (signal handlers live in the main thread).
 STOP = StopSignals()
 #: The stop agreement of several workers; None for one worker (it stops at its own signal).
 AGREE = StopFiles.from_env() if int(os.environ.get("RANK_SIZE", "1")) > 1 else None

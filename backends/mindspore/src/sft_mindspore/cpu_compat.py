@@ -19,7 +19,7 @@ trainer runs unmodified. (User-facing summary: docs/mindspore.md, "CPU vs Ascend
 
     from sft_mindspore.cpu_compat import cpu_model_config, apply_runtime_patches
     model_config.update(cpu_model_config())      # 1, 2 (at YAML generation time)
-    apply_runtime_patches("CPU")                 # 3, 4 (in the entry script, before training)
+    apply_runtime_patches("CPU")                 # 3, 4 (in the worker script, before training)
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def cpu_model_config() -> dict[str, Any]:
 
 
 def apply_runtime_patches(device_target: str) -> list[str]:
-    """Workarounds 3 and 4; returns what was patched (logged by the entry script)."""
+    """Workarounds 3 and 4; returns what was patched (logged by the worker script)."""
     if device_target != "CPU":
         return []
     return [_patch_overflow_check(), _patch_barrier(), _patch_data_parallel_token_mean()]

@@ -1,6 +1,6 @@
 """sft's MindFormers callback for held-out loss during training (see `sft_mindspore.heldout`).
 
-Importing this module registers `SftEvalMonitor` with MindFormers (sft's entry script does);
+Importing this module registers `SftEvalMonitor` with MindFormers (sft's worker script does);
 the YAML names it with the eval rows' file and when to evaluate:
 
     callbacks: [{type: SftEvalMonitor, dataset: RUN/mindformers/data/eval.npz,

@@ -1,7 +1,7 @@
 """Launch MindFormers workers: one subprocess for one device, msrun's dynamic cluster for several
 (on one node or many), or one process per device from an Ascend HCCL rank table.
 
-Workers run `sft_mindspore/entry.py` with this environment's python (msrun starts `python` from
+Workers run `sft_mindspore/worker.py` with this environment's python (msrun starts `python` from
 PATH, so the environment's bin/ goes first on PATH). A failed worker becomes an SftError naming
 the rank and the log to read. `launch_plan` lists the processes of every node, so `sft run
 --dry-run` can print the command each node runs.
@@ -36,7 +36,7 @@ from sft.guard import StopSignals
 from sft_mindspore.stopfile import ENV as STOP_ENV
 from sft_mindspore.stopfile import StopFiles
 
-ENTRY = Path(__file__).with_name("entry.py")
+WORKER = Path(__file__).with_name("worker.py")
 
 
 @dataclass
@@ -99,7 +99,7 @@ def msrun_command(
         "True",
         "--cluster_time_out",
         "600",
-        str(ENTRY),
+        str(WORKER),
         "--config",
         str(yaml_path),
     ]
@@ -164,7 +164,7 @@ def launch_plan(
     """Every process of the run on every node, in node order. `env`: variables sft exports to
     every worker (HCCL settings); `table`: the rank table (`rank_table_path`), None for msrun."""
     if parallel.world_size == 1:
-        argv = [sys.executable, str(ENTRY), "--config", str(yaml_path)]
+        argv = [sys.executable, str(WORKER), "--config", str(yaml_path)]
         return [Process(0, argv, dict(env), work_dir / "worker_0.log")]
     env = {**env, STOP_ENV: str(stop_dir(work_dir))}  # where the workers agree on a stop step
     if table is None:
@@ -186,7 +186,7 @@ def launch_plan(
                 "DEVICE_ID": str(d["device_id"]),
                 "RANK_SIZE": str(parallel.world_size),
             }
-            argv = [sys.executable, str(ENTRY), "--config", str(yaml_path)]
+            argv = [sys.executable, str(WORKER), "--config", str(yaml_path)]
             out.append(Process(node, argv, rank_env, log_dir / f"worker_{d['rank_id']}.log"))
     return out
 
@@ -470,7 +470,7 @@ def loss_of(yaml_path: Path, ckpt: Path, batch: dict[str, Any], work_dir: Path) 
     )
     cmd = [
         sys.executable,
-        str(ENTRY),
+        str(WORKER),
         "--config",
         str(yaml_path),
         "--loss-of",

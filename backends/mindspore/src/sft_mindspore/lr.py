@@ -8,7 +8,7 @@ LinearWithWarmUpLR has no final lr; so sft registers this class and writes it in
     lr_schedule: {type: SftWarmUpDecayLR, learning_rate: 2e-4, total_steps: 100,
                   warmup_steps: 3, kind: cosine, min_lr_ratio: 0.0}
 
-Importing this module registers the class (sft's entry script does; to run the YAML with
+Importing this module registers the class (sft's worker script does; to run the YAML with
 MindFormers' run_mindformer.py, `import sft_mindspore.lr` first).
 
     >>> SftWarmUpDecayLR(1e-3, total_steps=5, warmup_steps=2, kind="linear")(Tensor(0))  # 5e-4

@@ -2,7 +2,7 @@
 
 The YAML is complete and standalone: users can inspect it, or rerun it with MindFormers directly
 (`python run_mindformer.py --config RUN_DIR/mindformers.yaml` on Ascend, or sft's own entry
-script: `python -m sft_mindspore.entry --config RUN_DIR/mindformers.yaml`).
+script: `python -m sft_mindspore.worker --config RUN_DIR/mindformers.yaml`).
 
     from sft_mindspore.mfconfig import build_yaml
     doc = build_yaml(plan, schedule, ckpt_path, dataset_path, device="CPU")

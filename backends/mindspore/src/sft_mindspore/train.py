@@ -1,7 +1,7 @@
 """MindSpore backend training: one `sft run --backend mindspore` from plan to exported weights.
 
 plan -> schedule (core batching) -> RUN_DIR/mindformers/data/train.mindrecord
-     -> HF weights as .ckpt -> RUN_DIR/mindformers.yaml -> entry.py (python | msrun)
+     -> HF weights as .ckpt -> RUN_DIR/mindformers.yaml -> worker.py (python | msrun)
      -> losses from MindFormers' log -> metrics.jsonl
      -> final/model (merged HF), final/adapter (PEFT), final/mindspore/model.ckpt
 
@@ -38,7 +38,7 @@ from sft_mindspore.weights import check_model_type, hf_to_ckpt
 
 YAML_HEADER = (
     "# MindFormers legacy finetune config written by sft from {config}.\n"
-    "# Rerun it directly: python -m sft_mindspore.entry --config {path}\n"
+    "# Rerun it directly: python -m sft_mindspore.worker --config {path}\n"
     "# (or with MindFormers' run_mindformer.py on Ascend after `import sft_mindspore.lr` and, with\n"
     "# eval data, `import sft_mindspore.heldout_callback`, which register sft's lr_schedule and\n"
     "# SftEvalMonitor classes; msrun for several devices).\n"

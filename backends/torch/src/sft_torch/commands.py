@@ -46,7 +46,7 @@ def models_prepare(
     from sft.errors import SftError
     from sft.paths import cache_root
 
-    from sft_torch.resolve import resolve
+    from sft_torch.model_sources import resolve
 
     found = resolve(spec, cache_root() / "models", dtype)
     if found is None:

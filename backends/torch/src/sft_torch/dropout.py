@@ -40,9 +40,8 @@ class FastDropout(torch.nn.Dropout):
     """Inverted dropout whose CPU mask comes from 16-bit lanes of random int64 draws.
 
     Perf (TorchOptions.fast_dropout): on CPU, torch's dropout draws its Bernoulli mask one
-    element at a time (`bernoulli_`, ~12 ns an element on this 2-core EPYC), which made LoRA
-    dropout 8% of a SmolLM2-135M step; four 16-bit lanes of one 64-bit draw of the same generator
-    take ~2 ns an element. The drop probability is p rounded to a multiple of 2^-16 (0.05 ->
+    element at a time (`bernoulli_`); four 16-bit lanes of one 64-bit draw of the same generator
+    cost a fraction of that (measured in docs/performance.md). The drop probability is p rounded to a multiple of 2^-16 (0.05 ->
     0.0500031) and kept outputs are scaled by 1 / (1 - that p), so the expectation is exact.
     Seeded by torch's generator like nn.Dropout. Other devices use nn.Dropout's own kernel."""
 

@@ -83,7 +83,7 @@ def check_template_parity(exported: Path, reference: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from sft_torch.generate import eos_ids_of
-    from sft_torch.resolve import end_of_turn_ids
+    from sft_torch.model_sources import end_of_turn_ids
 
     exp_tok = AutoTokenizer.from_pretrained(str(exported))
     ref_tok = AutoTokenizer.from_pretrained(str(reference))

@@ -94,7 +94,7 @@ def tokenizer_dir(weights: RunWeights) -> Path:
 
 def eos_ids_of(directory: Path, tokenizer: Any) -> list[int]:
     """eos ids from `generation_config.json` in `directory`, else the tokenizer's end of turn."""
-    from sft_torch.resolve import end_of_turn_ids
+    from sft_torch.model_sources import end_of_turn_ids
 
     gc = directory / "generation_config.json"
     if gc.is_file():

@@ -30,7 +30,7 @@ from sft.checkpoints import MARKER, checkpoint_dir
 from sft.data.schedule import Position
 from sft.guard import Diverged, NanPolicy, Preempted, StopSignals, injected_nan_steps
 
-from sft_torch.checkpoint import TrainState, save_checkpoint
+from sft_torch.checkpoints import TrainState, save_checkpoint
 from sft_torch.distributed import all_reduce_max, broadcast_int
 
 __all__ = ["StepGuard", "StopSignals", "agreed_stop", "stop_for_signal"]

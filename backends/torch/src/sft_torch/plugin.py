@@ -22,8 +22,8 @@ from sft.specs import RunConfig
 from sft_torch.bench import sft_register_bench_command  # noqa: F401  (`sft bench`)
 from sft_torch.commands import sft_register_commands  # noqa: F401
 from sft_torch.export import sft_register_exporters  # noqa: F401
+from sft_torch.model_sources import sft_resolve_model  # noqa: F401
 from sft_torch.options import TorchOptions  # the `torch:` section
-from sft_torch.resolve import sft_resolve_model  # noqa: F401
 
 INSTALL = "pip install torch==<version for your CUDA> && pip install -e backends/torch"
 QLORA_INSTALL = 'pip install "sft-torch[qlora]" (bitsandbytes, on a CUDA machine)'

@@ -6,7 +6,7 @@ Called by `sft run` (`sft.run.run` -> `TorchBackend.train`); to run one by hand:
 
 Flow: seed -> resolve the speed levers (sft_torch.levers) -> load model (sft_torch.model) ->
 apply method (sft_torch.methods) and levers -> wrap for the strategy (sft_torch.strategy) ->
-AdamW + LR schedule (sft_torch.optim) -> resume (sft_torch.checkpoint) -> for each optimizer
+AdamW + LR schedule (sft_torch.optim) -> resume (sft_torch.checkpoints) -> for each optimizer
 step: the shared batching's rows (sft_torch.data), forward + token-summed loss per micro-batch
 (sft_torch.loss; on threads: sft_torch.micro_batch_threads), one backward per micro-batch scaled
 by the trained tokens of the WHOLE global batch, clip, step -> log / eval / checkpoint -> final
@@ -30,7 +30,7 @@ from sft.errors import SftError
 from sft.events import RunEvents
 
 from sft_torch import attention, distributed, micro_batch_threads, runtime
-from sft_torch.checkpoint import TrainState, fingerprint, load_checkpoint, save_checkpoint
+from sft_torch.checkpoints import TrainState, fingerprint, load_checkpoint, save_checkpoint
 from sft_torch.data import load_batch
 from sft_torch.dropout import use_fast_dropout
 from sft_torch.guard import StepGuard, StopSignals, agreed_stop, stop_for_signal

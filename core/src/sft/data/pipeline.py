@@ -1,6 +1,6 @@
 """`prepare_data`: the job spec's data section -> a content-hashed tokenized cache.
 
-    records (sources.py) -> Conversation (formats.py) -> ids + labels (masks.py)
+    records (sources.py) -> Conversation (formats.py) -> ids + labels (encoder.py)
       -> length policy + accounting (accounting.py) -> eval split, mixing -> cache (cache.py)
 
 The cache lives in `data.cache_dir/<key>` (default `$SFT_CACHE_DIR/data/<key>`); the key covers
@@ -30,8 +30,8 @@ import numpy as np
 from sft.data.accounting import Accounting, Sample, apply_length, summary_line
 from sft.data.cache import PreparedData, Selection, Spool, TokenizedSplit, write_split
 from sft.data.conversation import RecordError
+from sft.data.encoder import Encoder
 from sft.data.formats import detect_format
-from sft.data.masks import Encoder
 from sft.data.sources import is_dataset_repo, read_source, source_files, source_fingerprint
 from sft.data.stats import check_drop_fraction, split_stats, write_report
 from sft.data.templates import Renderer, resolve_template

@@ -214,7 +214,7 @@ def content_is_opaque(source: str, env: Any) -> bool:
     """Whether a chat template copies every message's content into its output verbatim and
     never looks at it: then a rendering of placeholder contents with the real contents
     substituted is exactly the real rendering, for every conversation with the same roles
-    (`masks.Shapes` then skips rendering each conversation). Decided on the Jinja syntax tree
+    (`encoder.Shapes` then skips rendering each conversation). Decided on the Jinja syntax tree
     (`env`: the environment the template is compiled in), conservatively:
 
     - a message's `content` (`m['content']`, `m.content`) may only be printed, alone or in a

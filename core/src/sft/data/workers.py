@@ -32,8 +32,8 @@ from types import TracebackType
 from typing import Any
 
 from sft.data.conversation import RecordError
+from sft.data.encoder import Encoder
 from sft.data.formats import convert_record
-from sft.data.masks import Encoder
 from sft.data.sources import RawRecord
 
 # (format, DataSource, [(record number, where, data, (kind, reason) of a bad record, JSON line)])

@@ -3,7 +3,7 @@
 tokenizer and template. Expected values are written as the pieces a reader can check: each
 piece's text, whether it is trained, and (for chatml) the literal ids.
 
-    .venvs/torch/bin/python -m pytest tests/core/data/test_masks.py -q
+    .venvs/torch/bin/python -m pytest tests/core/data/test_encoder.py -q
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from sft.data.conversation import Conversation, Message
-from sft.data.masks import Encoder
+from sft.data.encoder import Encoder
 from sft.data.templates import Renderer, resolve_template
 from sft.errors import SftError
 from sft.plugins import get_plugins
@@ -321,7 +321,7 @@ def test_an_opaque_template_encodes_without_rendering_after_the_checks(
 ) -> None:
     """After the first CHECKS conversations (compared with real renderings), a content-opaque
     template renders nothing per conversation, and the result still equals the real path."""
-    from sft.data.masks import Shapes, _chat_spans, _real_prefixes
+    from sft.data.encoder import Shapes, _chat_spans, _real_prefixes
 
     tok = load_tok(tiny_tokenizer)
     enc = Encoder(tok, Renderer(resolve_template("chatml", tok, get_plugins()), tok), mask)

@@ -1,12 +1,12 @@
-"""The MindFormers entry script sft launches (MindFormers' own run_mindformer.py is not in its wheel).
+"""The MindFormers worker script sft launches (MindFormers' own run_mindformer.py is not in its wheel).
 
 One process trains one rank: `MindFormerConfig(yaml) -> build_context -> Trainer(config).train()`,
 with the CPU workarounds applied first when the YAML's context says CPU. sft runs it with the
 environment's python for one worker, or under msrun for several:
 
-    $ python -m sft_mindspore.entry --config RUN_DIR/mindformers.yaml
+    $ python -m sft_mindspore.worker --config RUN_DIR/mindformers.yaml
     $ msrun --worker_num 2 --local_worker_num 2 --master_port 8118 --log_dir RUN_DIR/msrun \\
-          --join True $(python -c "import sft_mindspore.entry as e; print(e.__file__)") \\
+          --join True $(python -c "import sft_mindspore.worker as e; print(e.__file__)") \\
           --config RUN_DIR/mindformers.yaml
 
 The same YAML works with MindFormers' run_mindformer.py on Ascend.

@@ -1,7 +1,7 @@
 """Model resolution on the torch side: built-in names and .gguf files become cached HF dirs,
 atomically; hub ids only online.
 
-    $ .venvs/torch/bin/python -m pytest tests/backends/torch/test_resolve.py        # + slow one
+    $ .venvs/torch/bin/python -m pytest tests/backends/torch/test_model_sources.py        # + slow one
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-import sft_torch.resolve as resolve
+import sft_torch.model_sources as model_sources
 from sft.cli import main
 from sft.errors import SftError
 from sft.models import resolve_model
@@ -32,7 +32,7 @@ def test_missing_gguf_file_is_a_clear_error(tmp_path):
 
 
 def test_unknown_spec_is_not_ours(tmp_path):
-    assert resolve.resolve("not a model", tmp_path) is None
+    assert model_sources.resolve("not a model", tmp_path) is None
 
 
 def test_a_failed_conversion_leaves_no_half_directory(tmp_path, monkeypatch):
@@ -44,9 +44,9 @@ def test_a_failed_conversion_leaves_no_half_directory(tmp_path, monkeypatch):
         (out / "config.json").write_text("{}")  # half written, then the process dies
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(resolve, "_convert_into", crash)
+    monkeypatch.setattr(model_sources, "_convert_into", crash)
     with pytest.raises(RuntimeError):
-        resolve.convert_gguf(gguf, tmp_path / "cache", "m")
+        model_sources.convert_gguf(gguf, tmp_path / "cache", "m")
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
 
 
@@ -58,13 +58,13 @@ def test_conversion_runs_once_and_is_keyed_by_content(tmp_path, monkeypatch):
         out.mkdir(parents=True)
         (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
 
-    monkeypatch.setattr(resolve, "_convert_into", fake)
+    monkeypatch.setattr(model_sources, "_convert_into", fake)
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"one")
-    a = resolve.convert_gguf(gguf, tmp_path / "cache", "m")
-    assert resolve.convert_gguf(gguf, tmp_path / "cache", "m") == a and len(calls) == 1
+    a = model_sources.convert_gguf(gguf, tmp_path / "cache", "m")
+    assert model_sources.convert_gguf(gguf, tmp_path / "cache", "m") == a and len(calls) == 1
     gguf.write_bytes(b"two")  # new content, new directory
-    assert resolve.convert_gguf(gguf, tmp_path / "cache", "m") != a and len(calls) == 2
+    assert model_sources.convert_gguf(gguf, tmp_path / "cache", "m") != a and len(calls) == 2
 
 
 @pytest.mark.slow
