@@ -13,6 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+
+# the module needs no MindSpore, but only the MindSpore environment installs sft_mindspore
+pytest.importorskip("sft_mindspore")
+
 from sft_mindspore.stopfile import StopFiles
 
 pytestmark = pytest.mark.mindspore
