@@ -196,3 +196,35 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_143(workdir: Path, refer
     out = finish(sft_run(cfg, "--resume", "auto"))
     assert f"resuming from the MindFormers checkpoint of step {logged}" in out, out
     assert_same_as_reference(run, reference, f"SIGTERM after step {logged}")
+
+
+def test_a_worker_that_dies_leaves_its_last_checkpoint_and_says_how_to_resume(
+    workdir: Path, reference: Path
+) -> None:
+    """The MindFormers worker alone is killed (as the kernel's OOM killer would) after the step-3
+    checkpoint: `sft run` fails naming the intact checkpoint and `--resume auto`, and the resumed
+    run is bitwise equal to the uninterrupted one."""
+    import psutil
+
+    cfg, run = job(workdir, "crash"), workdir / "crash"
+    proc = sft_run(cfg)
+    deadline = time.time() + 500
+    while worker_step(run) < 4:
+        assert proc.poll() is None, f"run ended before step 4: {proc.communicate()[0]}"
+        assert time.time() < deadline, "step 4 never logged"
+        time.sleep(0.05)
+    workers = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if any(a.endswith("sft_mindspore/worker.py") for a in p.cmdline())
+    ]
+    assert len(workers) == 1, [p.cmdline() for p in workers]
+    workers[0].kill()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode not in (0, 143, 130), f"exit {proc.returncode}:\n{out}"
+    ckpt = run / "mindformers" / "output" / "checkpoint" / "rank_0" / "sft_rank_0-1_3.ckpt"
+    assert f"The checkpoint of step 3 ({ckpt}) is intact" in out, out
+    assert "--resume auto" in out and "Traceback" not in out, out
+    out = finish(sft_run(cfg, "--resume", "auto"))
+    assert f"resuming from the MindFormers checkpoint of step 3 ({ckpt})" in out, out
+    assert_same_as_reference(run, reference, "worker killed after step 4")
