@@ -10,6 +10,7 @@ and `sft run` (with `eval.prompts`) print, and `RUN/eval/report.json`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,27 @@ def print_comparison(before: dict[str, Any], after: dict[str, Any]) -> None:
         console.print(
             f"held-out loss: before {_loss_line(before)}\n               after  {_loss_line(after)}"
         )
+
+
+def evaluate_cli(
+    evaluate: Callable[[str, Path, int], dict[str, Any]],
+    model: str,
+    data: Path,
+    compare: str | None,
+    json_out: Path | None,
+    max_new_tokens: int,
+) -> dict[str, Any]:
+    """`sft eval` with a backend's `evaluate(model, data, max_new_tokens)`: evaluate (and
+    compare), print the table(s), write JSON if asked."""
+    after = evaluate(model, data, max_new_tokens)
+    result: dict[str, Any] = {"model": after}
+    if compare:
+        before = evaluate(compare, data, max_new_tokens)
+        result = {"before": before, "after": after}
+        print_comparison(before, after)
+    else:
+        print_single(after)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2))
+    return result

@@ -15,13 +15,15 @@ alpaca, prompt/completion); `encode_chats` tokenizes and masks it exactly as tra
 
     tasks, chats = read_eval_file(path)
     result = score(tasks[0], answer)
+    report = evaluate_file(model, path, load, chat_loss, answer)   # what `evaluate` returns
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -120,4 +122,47 @@ def encode_chats(tok: Any, records: list[tuple[dict[str, Any], str]]) -> list[tu
         if isinstance(enc, Exception):
             raise SftError(f"{where}: {enc}")
         out.append(enc)
+    return out
+
+
+def run_tasks(
+    tok: Any,
+    tasks: list[Task],
+    generate: Callable[[list[list[int]]], list[list[int]]],
+    batch: int = 8,
+) -> list[TaskResult]:
+    """Every task answered (`generate`: the new ids of each prompt, greedy, cut at end of turn;
+    up to `batch` prompts a call) and scored."""
+    from sft.inference import decode_answer, render_prompt
+
+    results = []
+    for i in range(0, len(tasks), batch):
+        chunk = tasks[i : i + batch]
+        prompts = [render_prompt(tok, t.messages) for t in chunk]
+        for task, new in zip(chunk, generate(prompts), strict=True):
+            results.append(score(task, decode_answer(tok, new)))
+    return results
+
+
+def evaluate_file(
+    model: str,
+    data: Path,
+    load: Callable[[str], Any],
+    chat_loss: Callable[[Any, list[tuple[Any, Any]]], dict[str, float]],
+    answer: Callable[[Any, list[Task]], list[TaskResult]],
+) -> dict[str, Any]:
+    """One model on one eval file, as the JSON-able dict every backend's `evaluate` returns:
+    `load(model)` gives an object with `.tokenizer` and `.source`; `chat_loss(loaded, samples)`
+    scores the chat samples, `answer(loaded, tasks)` the generation tasks."""
+    tasks, chats = read_eval_file(data)
+    if not tasks and not chats:
+        raise SftError(f"{data} has no records")
+    loaded = load(model)
+    out: dict[str, Any] = {"model": model, "loaded": loaded.source, "data": str(data)}
+    if chats:
+        out["loss"] = chat_loss(loaded, encode_chats(loaded.tokenizer, chats))
+    results = answer(loaded, tasks) if tasks else []
+    out["tasks"] = [asdict(r) for r in results]
+    out["passed"] = sum(r.passed for r in results)
+    out["total"] = len(results)
     return out

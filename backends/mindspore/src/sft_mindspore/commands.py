@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from sft.errors import SftError
+from sft.inference_commands import InferenceBackend, inference_commands
 
 
 def weights(
@@ -53,69 +54,15 @@ def weights(
     typer.echo(f"wrote {path}")
 
 
-ModelArg = Annotated[
-    str, typer.Argument(help="A run directory, HF model dir or converted built-in name.")
-]
-MaxNew = Annotated[int, typer.Option(help="Most tokens to generate.")]
-Temp = Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")]
-TopP = Annotated[float, typer.Option(help="Nucleus sampling mass (with temperature > 0).")]
-
-
-def generate(
-    model: ModelArg,
-    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="User message (repeatable).")],
-    system: Annotated[Optional[str], typer.Option(help="System message.")] = None,
-    max_new_tokens: MaxNew = 128,
-    temperature: Temp = 0.0,
-    top_p: TopP = 1.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-) -> None:
-    """Answer one or more prompts with a run's model and its own chat template (MindFormers)."""
-    from sft_mindspore.generate import Sampling, load_for_inference, reply
-
-    loaded = load_for_inference(model)
-    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
-    for p in prompt:
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": p}
-        ]
-        answer = reply(loaded, messages, sampling)
-        typer.echo(answer if len(prompt) == 1 else f"> {p}\n{answer}\n")
-
-
-def chat(
-    model: ModelArg,
-    system: Annotated[Optional[str], typer.Option(help="System message.")] = None,
-    max_new_tokens: MaxNew = 256,
-    temperature: Temp = 0.0,
-    top_p: TopP = 1.0,
-) -> None:
-    """Chat interactively with a run's model; history is kept, each turn stops at end of turn."""
-    from sft_mindspore.generate import Sampling, chat_loop, load_for_inference
-
-    chat_loop(load_for_inference(model), Sampling(max_new_tokens, temperature, top_p), system)
-
-
-def eval_cmd(
-    model: Annotated[str, typer.Option("--model", "-m", help="Run dir, HF dir or name.")],
-    data: Annotated[
-        Path,
-        typer.Option(
-            help="jsonl: chat samples (loss) and/or generation tasks "
-            "(prompt|messages + expected|contains|regex)."
-        ),
-    ],
-    compare: Annotated[
-        Optional[str], typer.Option(help="Base model to compare against (before/after table).")
-    ] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results here.")] = None,
-    max_new_tokens: MaxNew = 64,
-) -> None:
-    """Loss/perplexity on held-out chat data and scored generation tasks; `--compare BASE`
-    prints the before/after table."""
-    from sft_mindspore.eval import evaluate_cli
-
-    evaluate_cli(model, data, compare, json_out, max_new_tokens)
+COMMANDS = inference_commands(
+    InferenceBackend(
+        generate_module="sft_mindspore.generate",
+        eval_module="sft_mindspore.eval",
+        model_help="A run directory, HF model dir or converted built-in name.",
+        eval_model_help="Run dir, HF dir or name.",
+        generate_note=" (MindFormers)",
+    )
+)
 
 
 def register_commands(cli: Any) -> None:
@@ -126,6 +73,5 @@ def register_commands(cli: Any) -> None:
     group.command("weights")(weights)
     if importlib.util.find_spec("sft_torch") is not None:
         return  # the torch backend's generate / chat / eval are installed
-    cli.command("generate")(generate)
-    cli.command("chat")(chat)
-    cli.command("eval")(eval_cmd)
+    for name, command in COMMANDS.items():
+        cli.command(name)(command)

@@ -22,15 +22,15 @@ import math
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from sft.errors import SftError
-from sft.evalreport import print_comparison, print_single
-from sft.evaltasks import Task, TaskResult, encode_chats, read_eval_file, score
+from sft.evalreport import evaluate_cli as core_evaluate_cli
+from sft.evaltasks import Task, TaskResult, evaluate_file
+from sft.evaltasks import run_tasks as core_run_tasks
 
-from sft_mindspore.generate import Loaded, Sampling, generate_ids, render_prompt
+from sft_mindspore.generate import Loaded, Sampling, generate_ids
 from sft_mindspore.heldout import token_nll
 
 
@@ -59,51 +59,34 @@ def chat_loss(loaded: Loaded, samples: list[tuple[Any, Any]]) -> dict[str, float
 
 
 def run_tasks(loaded: Loaded, tasks: list[Task], max_new_tokens: int) -> list[TaskResult]:
-    """Greedy answers to every task, scored."""
+    """Greedy answers to every task, scored (one prompt at a time: batch 1 networks)."""
     sampling = Sampling(max_new_tokens=max_new_tokens)
-    results = []
-    for task in tasks:
-        new = generate_ids(loaded, render_prompt(loaded.tokenizer, task.messages), sampling)
-        answer = str(loaded.tokenizer.decode(new, skip_special_tokens=True)).strip()
-        results.append(score(task, answer))
-    return results
+    return core_run_tasks(
+        loaded.tokenizer,
+        tasks,
+        lambda prompts: [generate_ids(loaded, p, sampling) for p in prompts],
+    )
 
 
 def evaluate(model: str, data: Path, max_new_tokens: int = 64) -> dict[str, Any]:
     """Loss/perplexity and task results of one model on one eval file, as a JSON-able dict
-    (the torch backend's `evaluate` keys)."""
+    (the torch backend's `evaluate` keys: both are core's `sft.evaltasks.evaluate_file`)."""
     from sft_mindspore.generate import load_for_inference
 
-    tasks, chats = read_eval_file(data)
-    if not tasks and not chats:
-        raise SftError(f"{data} has no records")
-    loaded = load_for_inference(model)
-    out: dict[str, Any] = {"model": model, "loaded": loaded.source, "data": str(data)}
-    if chats:
-        out["loss"] = chat_loss(loaded, encode_chats(loaded.tokenizer, chats))
-    results = run_tasks(loaded, tasks, max_new_tokens) if tasks else []
-    out["tasks"] = [asdict(r) for r in results]
-    out["passed"] = sum(r.passed for r in results)
-    out["total"] = len(results)
-    return out
+    return evaluate_file(
+        model,
+        data,
+        load_for_inference,
+        chat_loss,
+        lambda loaded, tasks: run_tasks(loaded, tasks, max_new_tokens),
+    )
 
 
 def evaluate_cli(
     model: str, data: Path, compare: str | None, json_out: Path | None, max_new_tokens: int
 ) -> dict[str, Any]:
-    """`sft eval`: evaluate (and compare), print the table(s), write JSON if asked."""
-    after = evaluate(model, data, max_new_tokens)
-    result: dict[str, Any] = {"model": after}
-    if compare:
-        before = evaluate(compare, data, max_new_tokens)
-        result = {"before": before, "after": after}
-        print_comparison(before, after)
-    else:
-        print_single(after)
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2))
-    return result
+    """`sft eval`: core's `sft.evalreport.evaluate_cli` with this backend's `evaluate`."""
+    return core_evaluate_cli(evaluate, model, data, compare, json_out, max_new_tokens)
 
 
 def evaluate_in_subprocess(model: str, data: Path, max_new_tokens: int) -> dict[str, Any]:

@@ -14,24 +14,20 @@ new token recomputes the sequence: fine for trying a model, slow for long answer
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sft.errors import SftError
-
-
-@dataclass
-class Sampling:
-    """Decoding settings: greedy when temperature is 0."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
+from sft.inference import (
+    Sampling,
+    cut_at_eos,
+    decode_answer,
+    render_prompt,
+    saved_eos_ids,
+)
+from sft.inference import chat_loop as core_chat_loop
 
 
 @dataclass
@@ -147,36 +143,13 @@ def eos_ids_of(directory: Path, tok: Any) -> list[int]:
     from sft.data.templates import Renderer, Template
     from sft.data.tokenizer import end_of_turn_ids
 
-    gc = directory / "generation_config.json"
-    if gc.is_file():
-        eos = json.loads(gc.read_text()).get("eos_token_id")
-        if eos is not None:
-            return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    saved = saved_eos_ids(directory)
+    if saved is not None:
+        return saved
     if not getattr(tok, "chat_template", None):
         return [int(tok.eos_token_id)] if tok.eos_token_id is not None else []
     template = Template("auto (tokenizer)", tok.chat_template)
     return end_of_turn_ids(tok, Renderer(template, tok), template)
-
-
-def render_prompt(tok: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of `messages` plus the assistant generation prompt, via the saved template."""
-    if not getattr(tok, "chat_template", None):
-        raise SftError(
-            "the tokenizer has no chat template; pass a model saved by sft or set "
-            "data.template when training"
-        )
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return [int(i) for i in ids]
-
-
-def cut_at_eos(ids: list[int], eos_ids: list[int]) -> list[int]:
-    """`ids` up to (not including) the first end-of-turn id."""
-    for i, t in enumerate(ids):
-        if t in eos_ids:
-            return ids[:i]
-    return ids
 
 
 def generate_ids(loaded: Loaded, prompt: list[int], sampling: Sampling) -> list[int]:
@@ -202,28 +175,9 @@ def generate_ids(loaded: Loaded, prompt: list[int], sampling: Sampling) -> list[
 def reply(loaded: Loaded, messages: list[dict[str, str]], sampling: Sampling) -> str:
     """The assistant's next message for a conversation."""
     new = generate_ids(loaded, render_prompt(loaded.tokenizer, messages), sampling)
-    return str(loaded.tokenizer.decode(new, skip_special_tokens=True)).strip()
+    return decode_answer(loaded.tokenizer, new)
 
 
 def chat_loop(loaded: Loaded, sampling: Sampling, system: str | None = None) -> None:
-    """Read user turns from stdin until EOF or /exit; the history is kept between turns."""
-    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    print(f"chatting with {loaded.source}\n/reset clears the history, /exit (or Ctrl-D) quits")
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            print()
-            return
-        if line in ("/exit", "/quit"):
-            return
-        if line == "/reset":
-            history = history[:1] if system else []
-            continue
-        if not line:
-            continue
-        history.append({"role": "user", "content": line})
-        answer = reply(loaded, history, sampling)
-        history.append({"role": "assistant", "content": answer})
-        print(f"assistant> {answer}", flush=True)
-        sys.stdout.flush()
+    """Core's chat loop (`sft.inference.chat_loop`) answered by this model."""
+    core_chat_loop(loaded.source, lambda history: reply(loaded, history, sampling), system)

@@ -8,19 +8,27 @@ A run directory's `final/` holds a PEFT adapter in final/adapter/ (loaded onto t
 the run's `config.yaml`) and/or a full model in final/model/ (`sft.rundir`; an older torch run's
 final/ itself is read too). Next to the weights: the tokenizer with the chat template used in
 training and `generation_config.json` whose eos ids end an assistant turn. Decoding stops at
-those ids, so a fine-tuned model stops where it was taught to.
+those ids, so a fine-tuned model stops where it was taught to. What is not torch's (sampling
+settings, prompt, eos cut, chat loop) is core's `sft.inference`.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from sft.errors import SftError
+from sft.inference import (
+    Sampling,
+    cut_at_eos,
+    decode_answer,
+    render_prompt,
+    saved_eos_ids,
+)
+from sft.inference import chat_loop as core_chat_loop
 from sft.models import resolve_model
 from sft.rundir import config_path, find_final_weights
 
@@ -96,12 +104,8 @@ def eos_ids_of(directory: Path, tokenizer: Any) -> list[int]:
     """eos ids from `generation_config.json` in `directory`, else the tokenizer's end of turn."""
     from sft_torch.model_sources import end_of_turn_ids
 
-    gc = directory / "generation_config.json"
-    if gc.is_file():
-        eos = json.loads(gc.read_text()).get("eos_token_id")
-        if eos is not None:
-            return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
-    return end_of_turn_ids(tokenizer)
+    saved = saved_eos_ids(directory)
+    return saved if saved is not None else end_of_turn_ids(tokenizer)
 
 
 def load_base(path: Path, dtype: Any = None) -> Any:
@@ -143,29 +147,6 @@ def load_for_inference(target: str | Path, dtype: Any = None, merge: bool = Fals
     return Loaded(model, tok, eos_ids_of(meta_dir, tok), src, info)
 
 
-@dataclass
-class Sampling:
-    """Decoding settings: greedy when temperature is 0."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-
-
-def render_prompt(tok: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of `messages` plus the assistant generation prompt, via the saved template."""
-    if not getattr(tok, "chat_template", None):
-        raise SftError(
-            "the tokenizer has no chat template; pass a model saved by sft or set "
-            "data.template when training"
-        )
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return an encoding
-        ids = ids["input_ids"]
-    return [int(i) for i in ids]
-
-
 def generate_ids(loaded: Loaded, prompts: list[list[int]], sampling: Sampling) -> list[list[int]]:
     """New token ids for each prompt (batched, left padded), cut at the first eos id."""
     import torch
@@ -191,39 +172,12 @@ def generate_ids(loaded: Loaded, prompts: list[list[int]], sampling: Sampling) -
     return [cut_at_eos(row[width:].tolist(), loaded.eos_ids) for row in out]
 
 
-def cut_at_eos(ids: list[int], eos_ids: list[int]) -> list[int]:
-    """`ids` up to (not including) the first end-of-turn id."""
-    for i, t in enumerate(ids):
-        if t in eos_ids:
-            return ids[:i]
-    return ids
-
-
 def reply(loaded: Loaded, messages: list[dict[str, str]], sampling: Sampling) -> str:
     """The assistant's next message for a conversation."""
     new = generate_ids(loaded, [render_prompt(loaded.tokenizer, messages)], sampling)[0]
-    return str(loaded.tokenizer.decode(new, skip_special_tokens=True)).strip()
+    return decode_answer(loaded.tokenizer, new)
 
 
 def chat_loop(loaded: Loaded, sampling: Sampling, system: str | None = None) -> None:
-    """Read user turns from stdin until EOF or /exit; the history is kept between turns."""
-    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    print(f"chatting with {loaded.source}\n/reset clears the history, /exit (or Ctrl-D) quits")
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            print()
-            return
-        if line in ("/exit", "/quit"):
-            return
-        if line == "/reset":
-            history = history[:1] if system else []
-            continue
-        if not line:
-            continue
-        history.append({"role": "user", "content": line})
-        answer = reply(loaded, history, sampling)
-        history.append({"role": "assistant", "content": answer})
-        print(f"assistant> {answer}", flush=True)
-        sys.stdout.flush()
+    """Core's chat loop (`sft.inference.chat_loop`) answered by this model."""
+    core_chat_loop(loaded.source, lambda history: reply(loaded, history, sampling), system)
