@@ -20,13 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sft.errors import SftError
-from sft.inference import (
-    Sampling,
-    cut_at_eos,
-    decode_answer,
-    render_prompt,
-    saved_eos_ids,
-)
+from sft.inference import Sampling, cut_at_eos, decode_answer, render_prompt, saved_eos_ids
 from sft.inference import chat_loop as core_chat_loop
 
 

@@ -21,13 +21,7 @@ from typing import Any
 
 import yaml
 from sft.errors import SftError
-from sft.inference import (
-    Sampling,
-    cut_at_eos,
-    decode_answer,
-    render_prompt,
-    saved_eos_ids,
-)
+from sft.inference import Sampling, cut_at_eos, decode_answer, render_prompt, saved_eos_ids
 from sft.inference import chat_loop as core_chat_loop
 from sft.models import resolve_model
 from sft.rundir import config_path, find_final_weights
