@@ -8,7 +8,8 @@ Registered with sft (entry point `plugin`; the hooks of the others are re-export
     plugin       the backend: validation, `train` -> `train.train`
     options      the typed `torch:` section (`torch_options(plan)` reads it)
     strategy     what each `parallel.strategy` supports, checked without importing torch
-    commands     CLI commands: `sft models prepare`, `sft generate`, `sft chat`
+    commands     CLI commands: `sft models prepare`, and core's `sft generate` / `chat` / `eval`
+                 (`sft.inference_commands`) over this backend's generate and eval
     export       the `hf` and `adapter` exporters, each verified by loading it back
     bench        `sft bench`: a short measured run through the training loop
     eval         `sft eval`: held-out loss / perplexity and scored generation tasks
