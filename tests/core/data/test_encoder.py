@@ -28,12 +28,13 @@ def encode(
     template: str = "auto",
     mask: str = "assistant",
     system_prompt: str | None = None,
+    plain: bool = False,
 ) -> tuple[list[int], list[int]]:
     tok = load_tok(tok_dir)
     enc = Encoder(
         tok, Renderer(resolve_template(template, tok, get_plugins()), tok), mask, system_prompt
     )
-    ((ids, labels),) = enc.encode([Conversation(messages, "test:1")])
+    ((ids, labels),) = enc.encode([Conversation(messages, "test:1", plain=plain)])
     return ids.tolist(), labels.tolist()
 
 
@@ -137,6 +138,18 @@ def test_mask_all_trains_everything_but_switched_off_turns(tiny_tokenizer: Path)
             ("<|im_start|>assistant\nHello<|im_end|>\n", True),
         ],
     )
+
+
+def test_plain_records_train_the_text_and_the_eos(tiny_tokenizer: Path) -> None:
+    # Format `text`: one plain message, no template; all of it and the EOS are trained.
+    ids, labels = encode(tiny_tokenizer, [Message(A, "Hello world.")], plain=True)
+    assert (ids, labels) == expected(tiny_tokenizer, [("Hello world.<|im_end|>", True)])
+    # String prompt_completion: the prompt is context only, the completion and EOS are trained.
+    ids, labels = encode(tiny_tokenizer, [Message(U, "Hi.\n"), Message(A, "Hello")], plain=True)
+    assert (ids, labels) == expected(tiny_tokenizer, [("Hi.\n", False), ("Hello<|im_end|>", True)])
+    msgs = [Message(U, "Hi.\n"), Message(A, "Hello")]
+    ids, labels = encode(tiny_tokenizer, msgs, mask="all", plain=True)
+    assert labels == ids
 
 
 def test_system_prompt_is_added_and_masked(tiny_tokenizer: Path) -> None:
@@ -248,8 +261,13 @@ def test_non_incremental_template_is_a_clear_error(tiny_tokenizer: Path, tmp_pat
     bad.write_text("{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
     with pytest.raises(
         SftError, match=r"count\.jinja.*does not render conversations incrementally"
-    ):
+    ) as err:
         encode(tiny_tokenizer, [Message(U, "Hi"), Message(A, "Hello")], template=str(bad))
+    # what went wrong, why it matters and what to do instead, each in the message
+    msg = " ".join(str(err.value).split())
+    assert "(a rendering of the first messages, or the generation prompt, is not a prefix" in msg
+    assert "of the whole rendering), so loss masks cannot be derived from it." in msg
+    assert "Use a built-in template (data.template: chatml, llama3, ...) or a .jinja file" in msg
 
 
 def test_template_refusal_is_a_bad_record(tiny_tokenizer: Path, tmp_path: Path) -> None:
