@@ -140,6 +140,19 @@ def test_mask_all_trains_everything_but_switched_off_turns(tiny_tokenizer: Path)
     )
 
 
+def test_mask_all_trains_from_the_first_character(tiny_tokenizer: Path, tmp_path: Path) -> None:
+    # A template whose rendering starts with a one-character token ("Q"), and a switched-off
+    # turn after it: everything but that turn is trained, the first token included.
+    tpl = tmp_path / "contents.jinja"
+    tpl.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    msgs = [Message(U, "Q: Hi?"), Message(A, "Hello", False), Message(U, "Bye?"), Message(A, "Ok")]
+    ids, labels = encode(tiny_tokenizer, msgs, template=str(tpl), mask="all")
+    assert load_tok(tiny_tokenizer).convert_ids_to_tokens(ids[:1]) == ["Q"]
+    assert (ids, labels) == expected(
+        tiny_tokenizer, [("Q: Hi?\n", True), ("Hello\n", False), ("Bye?\nOk\n", True)]
+    )
+
+
 def test_plain_records_train_the_text_and_the_eos(tiny_tokenizer: Path) -> None:
     # Format `text`: one plain message, no template; all of it and the EOS are trained.
     ids, labels = encode(tiny_tokenizer, [Message(A, "Hello world.")], plain=True)
@@ -147,8 +160,10 @@ def test_plain_records_train_the_text_and_the_eos(tiny_tokenizer: Path) -> None:
     # String prompt_completion: the prompt is context only, the completion and EOS are trained.
     ids, labels = encode(tiny_tokenizer, [Message(U, "Hi.\n"), Message(A, "Hello")], plain=True)
     assert (ids, labels) == expected(tiny_tokenizer, [("Hi.\n", False), ("Hello<|im_end|>", True)])
-    msgs = [Message(U, "Hi.\n"), Message(A, "Hello")]
+    # mask all: every token, down to the first one-character token ("Q"), is trained
+    msgs = [Message(U, "Q: Hi?\n"), Message(A, "Hello")]
     ids, labels = encode(tiny_tokenizer, msgs, mask="all", plain=True)
+    assert load_tok(tiny_tokenizer).convert_ids_to_tokens(ids[:1]) == ["Q"]
     assert labels == ids
 
 
