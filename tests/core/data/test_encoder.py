@@ -398,3 +398,25 @@ def test_generation_prompts_are_slices_of_the_whole_rendering(tiny_tokenizer: Pa
     assert all(enc.shapes._cut(roles, k, False) is not None for k in range(1, 6))
     assert all(enc.shapes._cut(roles, k, True) is not None for k in (2, 4))
     assert enc.shapes._cut(roles, 3, True) is None  # "<|im_start|>assistant" where a user turn is
+
+
+def test_one_difference_in_the_checks_switches_the_shortcut_off_for_good(
+    tiny_tokenizer: Path,
+) -> None:
+    """The substitution shortcut is trusted only after CHECKS matching conversations, and one
+    mismatch among them turns it off for the rest of the run."""
+    from sft.data.encoder import Shapes
+
+    tok = load_tok(tiny_tokenizer)
+    shapes = Encoder(tok, Renderer(resolve_template("chatml", tok, get_plugins()), tok)).shapes
+    msgs = [Message(U, "Hi"), Message(A, "Hello")]
+    for _ in range(Shapes.CHECKS - 1):
+        shapes.confirm(True)
+    assert shapes.checking() and not shapes.trusted()
+    shapes.confirm(True)
+    assert shapes.trusted() and shapes.prefixes(msgs, None) is not None
+    shapes = Encoder(tok, Renderer(resolve_template("chatml", tok, get_plugins()), tok)).shapes
+    shapes.confirm(False)
+    for _ in range(Shapes.CHECKS):
+        shapes.confirm(True)
+    assert not shapes.trusted() and shapes.prefixes(msgs, None) is None
