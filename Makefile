@@ -84,27 +84,30 @@ lint: venv-torch-dev
 	PYTHONPATH=backends/mindspore/src $(TORCH)/lint-imports
 
 # Mutation testing (not a test, not in CI; slow, see docs/CONTRIBUTING.md for times and rates):
-# mutmut changes core's batching, record accounting and checkpoint
-# protocol one small edit at a time and runs the core tests that cover each change; a mutant
+# mutmut changes core's batching, record accounting, checkpoint protocol,
+# token encoder and label assignment one small edit at a time and runs the core tests that cover each change; a mutant
 # that no test fails is a behaviour nobody checks. mutmut 3 wants the code under src/ and the
 # tests under tests/ of one directory, so this copies them into the ignored .mutate/ and runs
 # there, in its own venv (never the shared ones). forkserver: with mutmut's default fork
 # isolation the test-to-function map came back empty for these tests. MUTANTS narrows a run to
 # some mutants (mutmut's globs on names, e.g. MUTANTS='sft.data.batching*'); `make
 # mutate-results` lists the survivors; `$(MUTATE_VENV)/bin/mutmut show NAME`, run in .mutate/,
-# prints one as a diff.
+# prints one as a diff. MUTATE_CHILDREN: parallel test runs (1 on a busy machine).
 MUTATE_VENV  ?= $(V)/mutate
 MUTATE_DIR   := .mutate
-# encoder.py and labels.py are not in the list yet: with their tests (test_encoder.py,
-# test_labels.py) in the runner, mutmut 3.8's coverage pass came back empty (no test mapped to
-# any mutant, so it stops); see docs/CONTRIBUTING.md.
-MUTATE_FILES := src/sft/data/batching.py src/sft/data/accounting.py src/sft/checkpoints.py
+MUTATE_FILES := src/sft/data/batching.py src/sft/data/accounting.py src/sft/checkpoints.py \
+    src/sft/data/encoder.py src/sft/data/labels.py
 MUTATE_TESTS := tests/core/test_batching.py tests/core/data/test_accounting.py \
-    tests/reliability/test_checkpoints.py
+    tests/reliability/test_checkpoints.py tests/core/data/test_encoder.py \
+    tests/core/data/test_labels.py
+MUTATE_CHILDREN ?= 2
 MUTANTS      ?=
 $(MUTATE_VENV)/.stamp: core/pyproject.toml
 	test -x $(MUTATE_VENV)/bin/python || $(PY) -m venv $(MUTATE_VENV)
 	$(MUTATE_VENV)/bin/pip install $(PIP_FLAGS) "mutmut==3.8.1" ./core $(DEV_DEPS)
+	# core's dependencies stay, sft itself goes: a copy installed here is frozen at the time
+	# of the build, and a test that imports it instead of the mutants passes every mutant
+	$(MUTATE_VENV)/bin/pip uninstall -y sft
 	touch $@
 
 mutate: $(MUTATE_VENV)/.stamp
@@ -122,12 +125,11 @@ mutate: $(MUTATE_VENV)/.stamp
 	    '    not torch and not mindspore' \
 	    'pytest_add_cli_args_test_selection =' $(addprefix '    ,$(addsuffix ',$(MUTATE_TESTS))) \
 	    > $(MUTATE_DIR)/setup.cfg
-	# run twice: here the first run after generating the mutants always stopped with "could not
-	# find any test case for any mutant" (mutmut 3.8.1); the second, on the same mutants, maps
-	# the tests and runs
-	cd $(MUTATE_DIR) && export SFT_TEST_ENV=core PYTHONPATH=$(abspath $(MUTATE_DIR))/mutants/src \
-	    && { $(abspath $(MUTATE_VENV))/bin/mutmut run --max-children 2 $(MUTANTS) \
-	    || $(abspath $(MUTATE_VENV))/bin/mutmut run --max-children 2 $(MUTANTS); }
+	# no PYTHONPATH=.mutate/mutants/src: mutmut puts that directory on sys.path itself once it
+	# has written it; naming it before it exists makes Python cache "no such directory" for
+	# that path, and mutmut's own entry (the same string) is then skipped too
+	cd $(MUTATE_DIR) && SFT_TEST_ENV=core \
+	    $(abspath $(MUTATE_VENV))/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(MUTANTS)
 	$(MAKE) --no-print-directory mutate-results
 
 mutate-results:

@@ -28,12 +28,13 @@ def encode(
     template: str = "auto",
     mask: str = "assistant",
     system_prompt: str | None = None,
+    plain: bool = False,
 ) -> tuple[list[int], list[int]]:
     tok = load_tok(tok_dir)
     enc = Encoder(
         tok, Renderer(resolve_template(template, tok, get_plugins()), tok), mask, system_prompt
     )
-    ((ids, labels),) = enc.encode([Conversation(messages, "test:1")])
+    ((ids, labels),) = enc.encode([Conversation(messages, "test:1", plain=plain)])
     return ids.tolist(), labels.tolist()
 
 
@@ -137,6 +138,33 @@ def test_mask_all_trains_everything_but_switched_off_turns(tiny_tokenizer: Path)
             ("<|im_start|>assistant\nHello<|im_end|>\n", True),
         ],
     )
+
+
+def test_mask_all_trains_from_the_first_character(tiny_tokenizer: Path, tmp_path: Path) -> None:
+    # A template whose rendering starts with a one-character token ("Q"), and a switched-off
+    # turn after it: everything but that turn is trained, the first token included.
+    tpl = tmp_path / "contents.jinja"
+    tpl.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    msgs = [Message(U, "Q: Hi?"), Message(A, "Hello", False), Message(U, "Bye?"), Message(A, "Ok")]
+    ids, labels = encode(tiny_tokenizer, msgs, template=str(tpl), mask="all")
+    assert load_tok(tiny_tokenizer).convert_ids_to_tokens(ids[:1]) == ["Q"]
+    assert (ids, labels) == expected(
+        tiny_tokenizer, [("Q: Hi?\n", True), ("Hello\n", False), ("Bye?\nOk\n", True)]
+    )
+
+
+def test_plain_records_train_the_text_and_the_eos(tiny_tokenizer: Path) -> None:
+    # Format `text`: one plain message, no template; all of it and the EOS are trained.
+    ids, labels = encode(tiny_tokenizer, [Message(A, "Hello world.")], plain=True)
+    assert (ids, labels) == expected(tiny_tokenizer, [("Hello world.<|im_end|>", True)])
+    # String prompt_completion: the prompt is context only, the completion and EOS are trained.
+    ids, labels = encode(tiny_tokenizer, [Message(U, "Hi.\n"), Message(A, "Hello")], plain=True)
+    assert (ids, labels) == expected(tiny_tokenizer, [("Hi.\n", False), ("Hello<|im_end|>", True)])
+    # mask all: every token, down to the first one-character token ("Q"), is trained
+    msgs = [Message(U, "Q: Hi?\n"), Message(A, "Hello")]
+    ids, labels = encode(tiny_tokenizer, msgs, mask="all", plain=True)
+    assert load_tok(tiny_tokenizer).convert_ids_to_tokens(ids[:1]) == ["Q"]
+    assert labels == ids
 
 
 def test_system_prompt_is_added_and_masked(tiny_tokenizer: Path) -> None:
@@ -248,8 +276,13 @@ def test_non_incremental_template_is_a_clear_error(tiny_tokenizer: Path, tmp_pat
     bad.write_text("{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
     with pytest.raises(
         SftError, match=r"count\.jinja.*does not render conversations incrementally"
-    ):
+    ) as err:
         encode(tiny_tokenizer, [Message(U, "Hi"), Message(A, "Hello")], template=str(bad))
+    # what went wrong, why it matters and what to do instead, each in the message
+    msg = " ".join(str(err.value).split())
+    assert "(a rendering of the first messages, or the generation prompt, is not a prefix" in msg
+    assert "of the whole rendering), so loss masks cannot be derived from it." in msg
+    assert "Use a built-in template (data.template: chatml, llama3, ...) or a .jinja file" in msg
 
 
 def test_template_refusal_is_a_bad_record(tiny_tokenizer: Path, tmp_path: Path) -> None:
@@ -365,3 +398,25 @@ def test_generation_prompts_are_slices_of_the_whole_rendering(tiny_tokenizer: Pa
     assert all(enc.shapes._cut(roles, k, False) is not None for k in range(1, 6))
     assert all(enc.shapes._cut(roles, k, True) is not None for k in (2, 4))
     assert enc.shapes._cut(roles, 3, True) is None  # "<|im_start|>assistant" where a user turn is
+
+
+def test_one_difference_in_the_checks_switches_the_shortcut_off_for_good(
+    tiny_tokenizer: Path,
+) -> None:
+    """The substitution shortcut is trusted only after CHECKS matching conversations, and one
+    mismatch among them turns it off for the rest of the run."""
+    from sft.data.encoder import Shapes
+
+    tok = load_tok(tiny_tokenizer)
+    shapes = Encoder(tok, Renderer(resolve_template("chatml", tok, get_plugins()), tok)).shapes
+    msgs = [Message(U, "Hi"), Message(A, "Hello")]
+    for _ in range(Shapes.CHECKS - 1):
+        shapes.confirm(True)
+    assert shapes.checking() and not shapes.trusted()
+    shapes.confirm(True)
+    assert shapes.trusted() and shapes.prefixes(msgs, None) is not None
+    shapes = Encoder(tok, Renderer(resolve_template("chatml", tok, get_plugins()), tok)).shapes
+    shapes.confirm(False)
+    for _ in range(Shapes.CHECKS):
+        shapes.confirm(True)
+    assert not shapes.trusted() and shapes.prefixes(msgs, None) is None
