@@ -62,11 +62,6 @@ def find_run_weights(path: Path) -> RunWeights | None:
     return RunWeights(found.final, kind, found.weights)
 
 
-def run_final_dir(path: Path) -> Path | None:
-    found = find_run_weights(path)
-    return found.final if found else None
-
-
 def run_base_spec(weights: RunWeights) -> str:
     """The base model of an adapter run: `model.name_or_path` of the run's resolved
     config.yaml, else the adapter's own `base_model_name_or_path`."""
