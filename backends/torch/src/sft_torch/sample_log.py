@@ -20,10 +20,13 @@ from typing import Any
 ENV = "SFT_LOG_SAMPLE_IDS"
 
 
+def sample_log_path(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / "logs" / "samples" / f"rank-{rank}.jsonl"
+
+
 class SampleLog:
     def __init__(self, run_dir: Path, rank: int) -> None:
-        on = os.environ.get(ENV) == "1"
-        self.path = Path(run_dir) / "logs" / "samples" / f"rank-{rank}.jsonl" if on else None
+        self.path = sample_log_path(run_dir, rank) if os.environ.get(ENV) == "1" else None
 
     def write(self, step: int, micro_batches: list[tuple[list[Any], float]]) -> None:
         if self.path is None:
@@ -36,6 +39,6 @@ class SampleLog:
 
 def read_sample_log(run_dir: Path, rank: int) -> dict[int, list[list[int]]]:
     """step -> rows of one rank's log (the last line wins for a step logged twice)."""
-    path = Path(run_dir) / "logs" / "samples" / f"rank-{rank}.jsonl"
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = sample_log_path(run_dir, rank).read_text()
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
     return {r["step"]: r["rows"] for r in lines}
