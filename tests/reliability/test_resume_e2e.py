@@ -35,24 +35,17 @@ from safetensors.numpy import load_file
 from sft.events import read_metrics
 from sft.rundir import find_final_weights
 
+from tests.reliability.e2e import make_workdir
+
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 STEPS = 10
-WORDS = "the quick brown fox jumps over lazy dog hello help capital france paris".split()
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
     d = tmp_path_factory.mktemp("resume")
-    rng = random.Random(0)
-    with open(d / "train.jsonl", "w") as f:
-        for _ in range(48):
-            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
-            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
-            msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-            f.write(json.dumps({"messages": msgs}) + "\n")
-    os.symlink(tiny_llama, d / "model")
-    return d
+    return make_workdir(d, tiny_llama, 48)
 
 
 def job(workdir: Path, name: str, method: str, **train: Any) -> Path:

@@ -19,8 +19,6 @@ import os
 import random
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,24 +30,17 @@ pytest.importorskip("mindspore")
 
 from sft_mindspore.weights import load_ckpt
 
+from tests.reliability.e2e import finish, make_workdir, sft_run
+
 pytestmark = [pytest.mark.mindspore, pytest.mark.slow]
 
 STEPS, EVERY = 8, 3  # checkpoints at steps 3 and 6 (and 8)
-WORDS = "the quick brown fox jumps over lazy dog hello help capital france paris".split()
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
     d = tmp_path_factory.mktemp("ms-resume")
-    rng = random.Random(0)
-    with open(d / "train.jsonl", "w") as f:
-        for _ in range(48):
-            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
-            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
-            msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-            f.write(json.dumps({"messages": msgs}) + "\n")
-    os.symlink(tiny_llama, d / "model")
-    return d
+    return make_workdir(d, tiny_llama, 48)
 
 
 def job(workdir: Path, name: str, every: int = EVERY) -> Path:
@@ -73,24 +64,6 @@ def job(workdir: Path, name: str, every: int = EVERY) -> Path:
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
-
-
-def sft_run(cfg: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "sft", "run", "--config", str(cfg), *args],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: SIGKILL reaches the worker too
-    )
-
-
-def finish(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}:\n{out}"
-    assert "Traceback" not in out, out
-    return out
 
 
 def worker_step(run_dir: Path) -> int:

@@ -24,7 +24,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,10 +35,12 @@ pytest.importorskip("mindspore")
 from sft_mindspore.export import final_checkpoint
 from sft_mindspore.weights import load_ckpt
 
+from tests.reliability import e2e
+from tests.reliability.e2e import make_workdir, sft_run
+
 pytestmark = [pytest.mark.mindspore, pytest.mark.slow]
 
 STEPS, EVERY = 16, 4  # checkpoints at steps 4, 8, 12 (and 16)
-WORDS = "the quick brown fox jumps over lazy dog hello help capital france paris".split()
 
 
 def free_port() -> int:
@@ -51,15 +52,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
     d = tmp_path_factory.mktemp("msrun-resume")
-    rng = random.Random(0)
-    with open(d / "train.jsonl", "w") as f:
-        for _ in range(64):
-            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
-            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
-            msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-            f.write(json.dumps({"messages": msgs}) + "\n")
-    os.symlink(tiny_llama, d / "model")
-    return d
+    return make_workdir(d, tiny_llama, 64)
 
 
 def job(workdir: Path, name: str, every: int = EVERY) -> Path:
@@ -86,22 +79,8 @@ def job(workdir: Path, name: str, every: int = EVERY) -> Path:
     return path
 
 
-def sft_run(cfg: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "sft", "run", "--config", str(cfg), *args],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
 def finish(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, f"exit {proc.returncode}:\n{out}"
-    assert "Traceback" not in out, out
-    return out
+    return e2e.finish(proc, timeout=900)
 
 
 def descendants(pid: int) -> list[int]:
