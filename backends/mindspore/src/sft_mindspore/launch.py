@@ -77,6 +77,15 @@ def log_dir_of(
     return work_dir / kind / f"node_{node}" if parallel.nnodes > 1 else work_dir / kind
 
 
+def worker_logs(work_dir: Path, parallel: Any, table: str | None = None) -> list[Path]:
+    """The log of each worker of this node, in local-rank order."""
+    if parallel.world_size == 1:
+        return [work_dir / "worker_0.log"]
+    log_dir = log_dir_of(work_dir, parallel, table=table)
+    first = parallel.node_rank * parallel.nproc_per_node
+    return [log_dir / f"worker_{first + r}.log" for r in range(parallel.nproc_per_node)]
+
+
 def msrun_command(
     yaml_path: Path, parallel: Any, log_dir: Path, node_rank: int | None = None
 ) -> list[str]:
@@ -222,8 +231,7 @@ def launch(
         if rc:
             raise SftError(_failure(0, proc.log, rc))
         return work_dir
-    first = parallel.node_rank * parallel.nproc_per_node
-    logs = [log_dir / f"worker_{first + r}.log" for r in range(parallel.nproc_per_node)]
+    logs = worker_logs(work_dir, parallel, table)
     for log in logs:  # msrun appends: a resumed run must not read the killed run's lines
         log.unlink(missing_ok=True)
     stop = StopFiles(stop_dir(work_dir))

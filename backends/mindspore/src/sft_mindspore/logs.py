@@ -121,9 +121,16 @@ class RowBuilder:
     """`metric_rows` one record at a time (the live reader adds each step as MindFormers logs
     it; the cumulative token counts carry over between calls)."""
 
-    def __init__(self, steps: list[StepTokens], start: int = 0) -> None:
+    def __init__(
+        self, steps: list[StepTokens], start: int = 0, carry: dict[str, Any] | None = None
+    ) -> None:
+        """`carry`: the metrics row of step `start` whose cumulative counts continue here
+        (back-filling a killed launch's rows); None counts from 0 (a launch's own rows)."""
         self.steps, self.prev = steps, start
-        self.total_trained = self.total_tokens = self.skipped = 0
+        carry = carry or {}
+        self.total_trained = int(carry.get("trained_tokens", 0))
+        self.total_tokens = int(carry.get("tokens", 0))
+        self.skipped = int(carry.get("skipped_steps", 0))
 
     def add(self, rec: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         steps, step = self.steps, rec["step"]
@@ -229,3 +236,35 @@ class LiveRows:
         every n-th step only), or -1."""
         after = [s for s in self.seen[0] if s > self.done]
         return min(after) if after else -1
+
+
+def missing_rows(
+    logs: list[Path], steps: list[StepTokens], kept: list[dict[str, Any]], upto: int
+) -> tuple[list[tuple[int, dict[str, Any]]], list[int]]:
+    """The metrics rows of steps <= `upto` that a killed launch logged (its worker logs `logs`,
+    one per local rank) but that never reached metrics.jsonl (`kept`: its rows): `sft run`
+    writes a step's row once every rank's log line is read, so SIGKILL can land after the
+    workers saved the checkpoint of step `upto` but before its row (or the rows before it) was
+    written, and the resumed launch starts after `upto`. Returns ((step, row) in file order,
+    training and eval rows; the steps still missing, which no log holds)."""
+    train = [r for r in kept if "trained_tokens" in r]
+    last = train[-1] if train else {}
+    after = int(last.get("step", 0))
+    last_eval = max((int(r["step"]) for r in kept if "eval_loss" in r), default=0)
+    texts = [p.read_text(errors="replace") if p.exists() else "" for p in logs]
+    by_rank = [{r["step"]: r for r in parse_lines(t)} for t in texts]
+    builder = RowBuilder(steps, after, last)
+    out: list[tuple[int, dict[str, Any]]] = []
+    for step in range(after + 1, upto + 1):
+        recs = [b.get(step) for b in by_rank]
+        if all(r is not None for r in recs):
+            out.append(builder.add(merge_ranks(recs)))  # type: ignore[arg-type]
+    found = {s for s, _ in out}
+    out += [
+        (int(e["step"]), {k: v for k, v in e.items() if k != "step"})
+        for e in heldout.parse_lines(texts[0])
+        if last_eval < e["step"] <= upto
+    ]
+    # an eval row after the training row of its step, as the live reader writes them
+    out.sort(key=lambda sr: (sr[0], "eval_loss" in sr[1]))
+    return out, [s for s in range(after + 1, upto + 1) if s not in found]

@@ -32,8 +32,8 @@ from sft.rundir import config_path
 from sft_mindspore import data as msdata
 from sft_mindspore import heldout, mfconfig, runtime
 from sft_mindspore.export import export_final
-from sft_mindspore.launch import Stopped, launch, launch_plan, rank_table_path
-from sft_mindspore.logs import LiveRows, StepTokens, parse_losses
+from sft_mindspore.launch import Stopped, launch, launch_plan, rank_table_path, worker_logs
+from sft_mindspore.logs import LiveRows, StepTokens, missing_rows, parse_losses
 from sft_mindspore.weights import check_model_type, hf_to_ckpt
 
 YAML_HEADER = (
@@ -280,6 +280,8 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
             flush=True,
         )
     events.restart(resumed_at)  # drop rows a killed run logged after that checkpoint
+    if resumed_at:
+        backfill(plan, events, schedule, resumed_at)
     events.train_start(
         {
             "backend": "mindspore",
@@ -357,6 +359,37 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
             **last_eval(live.evals),
         },
     )
+
+
+def backfill(
+    plan: TrainPlan, events: RunEvents, schedule: msdata.RecordSchedule, resumed_at: int
+) -> None:
+    """Write the rows of steps <= `resumed_at` that the killed launch trained and logged but
+    whose metrics.jsonl rows it never wrote (`missing_rows`), from its worker logs, before the
+    resumed launch replaces those logs: metrics.jsonl then has every step once."""
+    from sft.events import read_metrics
+
+    cfg = plan.config
+    if cfg.parallel.node_rank != 0:
+        return  # node 0 writes metrics.jsonl
+    table = rank_table_path(cfg.parallel, runtime.resolve_device(plan.options))
+    logs = worker_logs(plan.run_dir / "mindformers", cfg.parallel, table)
+    kept = read_metrics(plan.run_dir)
+    rows, gap = missing_rows(logs, schedule_tokens(plan, schedule), kept, resumed_at)
+    for step, row in rows:
+        events.log(step, row)
+    if rows:
+        print(
+            f"[sft] metrics.jsonl: {len(rows)} row(s) up to step {resumed_at} recovered from "
+            "the stopped launch's worker logs",
+            flush=True,
+        )
+    if gap and cfg.logging.every_steps == 1:  # else MindFormers prints some steps only
+        print(
+            f"[sft] warning: no loss was logged for step(s) {gap} before the stop; "
+            "metrics.jsonl has no rows for them",
+            flush=True,
+        )
 
 
 def last_eval(evals: list[dict[str, Any]]) -> dict[str, Any]:
