@@ -6,6 +6,7 @@ $ .venvs/core/bin/python -m pytest tests/plugins/gguf/test_gguf_verify.py -q
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import gguf
@@ -159,6 +160,12 @@ def test_user_mistakes_raise_clear_errors(tiny_llama, tmp_path):
     edit_json(scaled / "config.json", rope_scaling={"rope_type": "yarn", "factor": 4.0})
     with pytest.raises(SftError, match="rope scaling 'yarn'"):
         export(scaled, tmp_path / "d", "f16")
+    no_eps = copy_model(tiny_llama, tmp_path / "no-eps")
+    cfg = json.loads((no_eps / "config.json").read_text())
+    del cfg["rms_norm_eps"]
+    (no_eps / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SftError, match="config.json of this llama model lacks rms_norm_eps"):
+        export(no_eps, tmp_path / "e", "f16")
 
 
 @pytest.mark.skipif(

@@ -66,6 +66,17 @@ ARCHS = {
 rename of every tensor (plus llama's q/k permutation) with llama's hyperparameters; the others
 are in REFUSED with the reason."""
 
+REQUIRED = (
+    "num_hidden_layers",
+    "max_position_embeddings",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "vocab_size",
+    "rms_norm_eps",
+)
+"""config.json keys every supported architecture's GGUF header is written from."""
+
 REFUSED = {
     "qwen3_moe": "llama.cpp stacks the experts into one tensor per layer",
     "mixtral": "llama.cpp stacks the experts into one tensor per layer",
@@ -93,6 +104,13 @@ def arch_spec(cfg: dict[str, Any]) -> ArchSpec:
             f"(config.json){why}; use llama.cpp's convert_hf_to_gguf.py on the merged model "
             "(`sft export RUN_DIR --format hf`)"
         )
+    missing = [k for k in REQUIRED if cfg.get(k) is None]
+    if missing:
+        raise SftError(
+            f"config.json of this {model_type} model lacks {', '.join(missing)}, which the GGUF "
+            "header needs (llama.cpp's converter reads the same keys); add them to the model's "
+            "config.json (transformers writes them all when it saves the model)"
+        )
     return ARCHS[model_type]
 
 
@@ -116,8 +134,8 @@ def hparams(cfg: dict[str, Any], spec: ArchSpec, dtype: str) -> list[tuple[str, 
     ]
     if cfg.get("rope_theta") is not None:
         out.append((gguf.Keys.Rope.FREQ_BASE.format(arch=a), float(cfg["rope_theta"]), "f32"))
-    eps: Any = cfg.get("rms_norm_eps")
-    out.append((gguf.Keys.Attention.LAYERNORM_RMS_EPS.format(arch=a), float(eps), "f32"))
+    eps = float(cfg["rms_norm_eps"])
+    out.append((gguf.Keys.Attention.LAYERNORM_RMS_EPS.format(arch=a), eps, "f32"))
     if cfg.get("head_dim") is not None:
         out.append((gguf.Keys.Attention.KEY_LENGTH.format(arch=a), int(cfg["head_dim"]), "u32"))
         out.append((gguf.Keys.Attention.VALUE_LENGTH.format(arch=a), int(cfg["head_dim"]), "u32"))
