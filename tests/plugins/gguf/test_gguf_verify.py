@@ -164,7 +164,7 @@ def test_user_mistakes_raise_clear_errors(tiny_llama, tmp_path):
     cfg = json.loads((no_eps / "config.json").read_text())
     del cfg["rms_norm_eps"]
     (no_eps / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(SftError, match="config.json of this llama model lacks rms_norm_eps"):
+    with pytest.raises(SftError, match=r"config\.json of this llama model lacks rms_norm_eps"):
         export(no_eps, tmp_path / "e", "f16")
 
 
