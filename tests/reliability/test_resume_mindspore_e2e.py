@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -136,6 +137,35 @@ def test_resume_auto_on_a_finished_run_says_so_and_exits_0(reference: Path, work
     assert "epoch must bigger" not in out and "final loss None" not in out, out
     assert (reference / "metrics.jsonl").read_text() == before
     assert time.time() - t0 < 60  # nothing was trained or compiled
+
+
+def test_killed_after_training_before_the_summary_exports_and_keeps_every_row(
+    reference: Path, workdir: Path
+) -> None:
+    """The state a SIGKILL during the export leaves: every step checkpointed, no summary, no
+    final weights, and metrics.jsonl two rows short (`sft run` had not read the last log lines
+    yet). `--resume auto` trains nothing, recovers the two rows from the worker log, and
+    exports the final weights bitwise equal to the uninterrupted run's."""
+    run = workdir / "export-kill"
+    shutil.copytree(reference, run)
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "final")
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text(
+        "".join(ln for ln in lines if json.loads(ln)["step"] <= STEPS - 2)
+    )
+    cfg = job(workdir, "export-kill")
+    out = finish(sft_run(cfg, "--resume", "auto"))
+    assert f"all {STEPS} steps were trained; exporting step {STEPS}" in out, out
+    assert f"2 row(s) up to step {STEPS} recovered" in out, out
+    assert train_steps(run) == list(range(1, STEPS + 1)), train_steps(run)
+    assert losses(run) == losses(reference)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_loss"] == losses(reference)[STEPS], summary
+    a = load_ckpt(reference / "final" / "mindspore" / "model.ckpt")
+    b = load_ckpt(run / "final" / "mindspore" / "model.ckpt")
+    assert a.keys() == b.keys()
+    assert not [n for n in a if a[n].data.tobytes() != b[n].data.tobytes()]
 
 
 def assert_same_as_reference(run: Path, reference: Path, what: str) -> None:

@@ -461,7 +461,9 @@ def finished(
     from sft.events import read_metrics
 
     outputs = export_final(plan, output_dir) if plan.config.parallel.node_rank == 0 else {}
-    trained = [r for r in read_metrics(plan.run_dir) if "loss" in r]
+    rows = read_metrics(plan.run_dir)
+    trained = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]  # the final one, recovered by `backfill`
     total = len(schedule.steps)
     return TrainResult(
         steps=total,
@@ -483,5 +485,6 @@ def finished(
             "dropped_rows": schedule.dropped_rows,
             "seq_length": schedule.seq_length,
             "mindformers_yaml": str(yaml_path),
+            **last_eval([{k: v for k, v in r.items() if k != "time"} for r in evals]),
         },
     )
