@@ -7,14 +7,16 @@ rows come in core batching order, and data-parallel shards are core's `shard_for
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 pytest.importorskip("mindspore")
 
-from sft.data.batching import shard_for_rank
+from sft.data.batching import count_trained, shard_for_rank
 from sft.data.cache import IGNORE_INDEX, PreparedData, TokenizedSplit
+from sft.data.schedule import Schedule
 from sft.plugins import get_plugins
 from sft.specs import RunConfig
 from sft_mindspore.data import (
@@ -29,12 +31,13 @@ from tests.backends.mindspore.conftest import synthetic_split
 pytestmark = pytest.mark.mindspore
 
 
-def _config(**train) -> RunConfig:
+def _config(world: int = 1, **train) -> RunConfig:
     return RunConfig.model_validate(
         {
             "backend": "mindspore",
             "data": {"train": "x.jsonl", "max_seq_len": 64},
             "train": {"micro_batch_size": 2, **train},
+            "parallel": {"nproc_per_node": world},
         }
     )
 
@@ -102,11 +105,72 @@ def test_data_parallel_ranks_read_disjoint_rows_whose_union_is_each_step(tmp_pat
         assert sorted(r0 + r1) == sorted(i for row in step for i in row), (s + 1, r0, r1, step)
 
 
-def test_schedule_drops_only_incomplete_steps_and_counts_them():
-    split = synthetic_split(n=5)
-    schedule = build_schedule(split, _config(epochs=2), world=1)
-    assert len(schedule.steps) == 4 and schedule.dropped_rows == 2
-    assert all(len(s) == 2 for s in schedule.steps)
+# (samples, micro-batch, accumulation, processes, epochs): each leaves every epoch a short last
+# step; with 2 processes one rank's share of it is partly or only filler
+SHORT_STEP_CASES = {
+    "mb2": (5, 2, 1, 1, 2),  # 3 steps an epoch, the last 1 row
+    "accum2": (7, 1, 2, 1, 2),  # the short step's second micro-batch is all filler
+    "world2": (7, 1, 1, 2, 2),  # rank 1 reads only filler in the short step
+    "world2-accum2": (11, 2, 2, 2, 3),  # 8 rows a step, the last 3: rank 0 2 rows, rank 1 1
+}
+
+
+@pytest.mark.parametrize("case", SHORT_STEP_CASES)
+def test_short_last_step_trains_the_torch_backends_rows_filled_to_the_batch_shape(case, tmp_path):
+    """MindSpore trains torch's steps: core's schedule without `drop_last`, each rank the rows of
+    torch's micro-batches (read back through MindDataset's sharding, identified by their
+    tokens), the short step filled at its end with records of no token and no trained label, so
+    the loss's trained-token count and sft's token accounting are torch's."""
+    from sft_mindspore.train import schedule_tokens
+
+    n, micro, accum, world, epochs = SHORT_STEP_CASES[case]
+    split = synthetic_split(n=n, seed=4)
+    config = _config(
+        epochs=epochs, micro_batch_size=micro, gradient_accumulation_steps=accum, world=world
+    )
+    schedule = build_schedule(split, config, world=world)
+    core = Schedule.for_split(split, config, packing=False, rank=0, world=world)
+    assert schedule.steps == [rows for _, rows in core.steps()]  # same count, same rows
+    assert len(schedule.steps) == epochs * -(-n // (micro * accum * world))
+    assert schedule.epochs == [pos.epoch for pos, _ in core.steps()]
+    short = [s for s, rows in enumerate(schedule.steps) if len(rows) < schedule.rows_per_step]
+    assert len(short) == epochs and schedule.dropped_rows == 0
+    assert schedule.filler_rows == epochs * (schedule.rows_per_step - n % schedule.rows_per_step)
+    path = write_training_data(split, schedule, pad_id=0, out_dir=tmp_path)
+    saved = json.loads((tmp_path / "schedule.json").read_text())
+    assert saved["steps"] == schedule.steps and saved["filler_rows"] == schedule.filler_rows
+    sample_of = {tuple(split.sample(i)[0].tolist()): i for i in range(len(split))}
+    tokens = schedule_tokens(
+        SimpleNamespace(data=SimpleNamespace(train=split), config=config), schedule
+    )
+    per_rank = schedule.rows_per_step // world
+    for rank in range(world):
+        recs = (
+            read_mindrecord(path, num_shards=world, shard_id=rank)
+            if world > 1
+            else (read_mindrecord(path))
+        )
+        assert len(recs) == per_rank * len(schedule.steps)
+        torch_rank = Schedule.for_split(split, config, packing=False, rank=rank, world=world)
+        for s, step in enumerate(schedule.steps):
+            mine = recs[s * per_rank : (s + 1) * per_rank]
+            real = [r for r in mine if (r["input_ids"] != 0).any()]
+            filler = [r for r in mine if not (r["input_ids"] != 0).any()]
+            ids = [sample_of[tuple(r["input_ids"][r["input_ids"] != 0].tolist())] for r in real]
+            want = [i for mb in torch_rank.micro_batches(step) for row in mb for i in row]
+            assert ids == want, (case, s + 1, rank, ids, want)
+            assert all((r["labels"] == IGNORE_INDEX).all() for r in filler), (case, s + 1)
+            trained = sum(int((r["labels"][1:] != IGNORE_INDEX).sum()) for r in mine)
+            assert trained == count_trained(split, shard_for_rank(step, rank, world))
+            if world > 1:
+                assert tokens[s].trained_ranks[rank] == trained, (case, s + 1, rank)
+            else:
+                assert tokens[s].trained == trained
+            if s in short and world > 1 and not want:
+                assert trained == 0  # a rank whose share is only filler: 0 trained tokens
+    for s, step in enumerate(schedule.steps):
+        assert tokens[s].trained == count_trained(split, step)
+        assert tokens[s].tokens == sum(len(split.sample(i)[0]) for row in step for i in row)
 
 
 def test_sft_write_data_hook_writes_mindrecord(tmp_path):

@@ -10,6 +10,12 @@ LoRA dropout is 0 and both backends train in fp32, so the runs are the same comp
 float rounding: 1e-4 relative is far above the differences seen (about 1e-6) and far below what
 any real divergence gives (a one-step lr shift or differently drawn adapters change step-2 losses
 and step-1 gradient norms by 1e-2 or more).
+
+7 samples leave every epoch a short last step (steps 4 and 8: 1 row where a step holds 2), which
+torch trains as it is and MindFormers, compiling one batch shape, trains filled with filler
+records: with micro-batch 2 a filler row beside the real one, with accumulation 2 a filler
+micro-batch, on 2 data-parallel workers a rank that reads only filler. Each must give torch's
+loss, gradient norm and token counts.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ REL = 1e-4
 # keys only one backend writes (documented in docs/reliability.md's metrics table)
 MS_ONLY_ROW = {"loss_rank0"}
 MS_ONLY_SUMMARY = {"dropped_rows", "seq_length", "mindformers_yaml"}
+SAMPLES = 7  # 4 steps an epoch of 2 rows, the 4th short
+SHORT_STEPS = [4, 8]
 
 SPECS = {
     # LoRA, micro-batch 2: cosine with warmup and a final lr
@@ -69,7 +77,7 @@ def runs(request, tmp_path_factory, tiny_llama):
         root / "ms",
         tiny_llama,
         method,
-        split=synthetic_split(n=8),
+        split=synthetic_split(n=SAMPLES),
         train={"max_steps": STEPS, "precision": "fp32", **spec["train"]},
     )
     plan.config.logging.plot = plan.config.logging.tensorboard = False
@@ -101,6 +109,17 @@ def test_every_step_has_the_same_loss_lr_grad_norm_and_tokens(runs):
         for key in ("trained_tokens", "tokens", "epoch"):
             assert a[key] == b[key], (step, key, a[key], b[key])
     assert ms[-1]["loss"] < ms[0]["loss"] - 0.05, table  # it did train
+    assert short_steps(plan) == SHORT_STEPS  # the comparison covered filled steps
+
+
+def short_steps(plan) -> list[int]:
+    """1-based steps the MindSpore run filled, from its schedule.json."""
+    saved = json.loads((plan.run_dir / "mindformers" / "data" / "schedule.json").read_text())
+    short = [s + 1 for s, rows in enumerate(saved["steps"]) if len(rows) < saved["rows_per_step"]]
+    assert saved["filler_rows"] == len(short) * (
+        saved["rows_per_step"] - SAMPLES % saved["rows_per_step"]
+    )
+    return short
 
 
 def test_metrics_have_the_same_keys_and_meanings(runs):
@@ -154,7 +173,11 @@ def test_final_weights_agree(runs):
         a, b = ms[name].to_float32(), pt[name].to_float32()
         # relative to the tensor's scale: fp32 rounding over 10 Adam steps, not divergence
         worst = max(worst, float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)))
-    assert worst < 1e-4, worst
+    # Adam's normalised update magnifies the rounding of elements whose gradient is near 0:
+    # measured 2.6e-5 (LoRA) and 7.9e-5 (full) on 8 samples, 1.9e-4 and 9.2e-5 on these 7, whose
+    # filled steps are bitwise the unfilled ones (test_filler.py); a real divergence (one lr
+    # step off, other adapters, other rows) moves weights by 1e-2 and more
+    assert worst < 5e-4, worst
     # and training moved them: the comparison is not of two untouched copies
     start = read_dir(plan.model.path)
     if method == "lora":
@@ -166,7 +189,8 @@ def test_final_weights_agree(runs):
 def test_two_data_parallel_workers_train_the_global_token_mean(runs, tmp_path):
     """msrun, 2 CPU workers x micro-batch 1 = the same rows per step as the single-process
     micro-batch 2 runs; each step's gradient must be the mean over ALL the step's trained
-    tokens, as torch's, not the mean of the two ranks' own token means."""
+    tokens, as torch's, not the mean of the two ranks' own token means. In the short steps
+    rank 1 reads only a filler record: 0 trained tokens, no loss or gradient of its own."""
     method, plan, _, torch_dir = runs
     if method != "lora":
         pytest.skip("one data-parallel run is enough")
@@ -174,7 +198,7 @@ def test_two_data_parallel_workers_train_the_global_token_mean(runs, tmp_path):
         tmp_path / "dp",
         plan.model.path,
         "lora",
-        split=synthetic_split(n=8),
+        split=synthetic_split(n=SAMPLES),
         train={"max_steps": STEPS, "precision": "fp32", **SPECS["lora"]["train"]}
         | {"micro_batch_size": 1},
         parallel={"nproc_per_node": 2, "master_port": 8163},
@@ -183,6 +207,7 @@ def test_two_data_parallel_workers_train_the_global_token_mean(runs, tmp_path):
     train(dp, RunEvents(dp.config, dp.run_dir, get_plugins().hook))
     ms, pt = metrics(dp.run_dir), metrics(torch_dir)
     assert len(ms) == len(pt) == STEPS
+    assert short_steps(dp) == SHORT_STEPS  # rank 1 read only filler in these
     for a, b in zip(ms, pt, strict=True):
         assert a["trained_tokens"] == b["trained_tokens"] and rel(a["lr"], b["lr"]) < 1e-6
         assert rel(a["loss"], b["loss"]) < REL, (a["step"], a["loss"], b["loss"])

@@ -12,6 +12,15 @@ each step's rows in core order. `MindDataset(num_shards=W, shard_id=r)` hands ra
 record, which is exactly `shard_for_rank(step_rows, r, W)` when a rank's batch is
 `rows_per_step / W` rows.
 
+MindFormers compiles one static batch shape, so an epoch's short last step (fewer rows than
+`rows_per_step`, which the torch backend trains as it is) is filled up to `rows_per_step` with
+filler records after its real rows: input all `pad_id`, labels all -100. They hold no trained
+token, so they add nothing to the loss's numerator or its trained-token denominator, nor to the
+gradient: the step trains exactly torch's short step. Filling at the end keeps each rank's real
+rows `shard_for_rank(real_rows, r, W)`; a rank (or, on Ascend, an accumulated micro-batch) whose
+share is only filler contributes 0 / 0 tokens, which MindFormers' per-token loss sums without a
+division by zero (its denominators carry +1e-8).
+
     $ sft data prepare --config configs/smollm2-135m/lora.yaml --format mindrecord --out data/
     >>> import mindspore.dataset as ds
     >>> ds.MindDataset("data/train.mindrecord", columns_list=["input_ids", "labels"])
@@ -35,22 +44,37 @@ COLUMNS = ["input_ids", "labels"]
 _PAGE = 1 << 15  # small pages: MindRecord's defaults make a 64-row file ~50 MB
 
 
+FILLER: Row = []
+"""A filler record: no sample, so `collate` gives pad ids and -100 labels (0 trained tokens)."""
+
+
 @dataclass
 class RecordSchedule:
-    """Core's step schedule written out for MindFormers: `steps[s]` is the list of rows of
-    global step s, in the order the records are written."""
+    """Core's step schedule written out for MindFormers: `steps[s]` is the list of real rows of
+    global step s (core's `Schedule`, the torch backend's steps), in the order the records are
+    written; `rows` adds the filler records that bring a short step up to `rows_per_step`."""
 
     steps: list[list[Row]]
     rows_per_step: int
     seq_length: int
-    dropped_rows: int
-    """Rows of a last, incomplete step (MindFormers drops the remainder of a batch)."""
+    dropped_rows: int = 0
+    """Rows of the schedule that no step trains. 0: a short last step is filled, not dropped
+    (kept in summary.json, where MindSpore runs before the filling reported the rows of each
+    epoch's dropped short step)."""
     epochs: list[int] | None = None
     """0-based epoch of each step (metrics.jsonl's `epoch`)."""
 
     @property
     def rows(self) -> list[Row]:
-        return [r for step in self.steps for r in step]
+        """Every record in write order: each step's real rows, then its filler."""
+        return [r for step in self.steps for r in step + [FILLER] * self.filler(step)]
+
+    def filler(self, step: list[Row]) -> int:
+        return self.rows_per_step - len(step)
+
+    @property
+    def filler_rows(self) -> int:
+        return sum(self.filler(step) for step in self.steps)
 
 
 def seq_length_for(split: TokenizedSplit, max_seq_len: int) -> int:
@@ -61,20 +85,16 @@ def seq_length_for(split: TokenizedSplit, max_seq_len: int) -> int:
 
 
 def build_schedule(split: TokenizedSplit, config: Any, world: int = 1) -> RecordSchedule:
-    """The run's global steps: core's `Schedule` (the steps the torch backend walks), except
-    that an epoch's last incomplete step is skipped: MindFormers compiles one static batch
-    shape."""
-    sched = Schedule.for_split(split, config, packing=False, rank=0, world=world, drop_last=True)
+    """The run's global steps: exactly core's `Schedule` (the steps the torch backend walks),
+    an epoch's short last step included (`rows` fills it to the static batch shape)."""
+    sched = Schedule.for_split(split, config, packing=False, rank=0, world=world)
     steps: list[list[Row]] = []
     epochs: list[int] = []
     for pos, rows in sched.steps():
         steps.append(rows)
         epochs.append(pos.epoch)
-    per_epoch_left = len(split) - sched.steps_per_epoch * sched.rows_per_step
-    dropped = per_epoch_left * (epochs[-1] + 1)
-    return RecordSchedule(
-        steps, sched.rows_per_step, seq_length_for(split, config.data.max_seq_len), dropped, epochs
-    )
+    seq_length = seq_length_for(split, config.data.max_seq_len)
+    return RecordSchedule(steps, sched.rows_per_step, seq_length, epochs=epochs)
 
 
 def row_arrays(
@@ -109,7 +129,8 @@ def write_mindrecord(
 def write_training_data(
     split: TokenizedSplit, schedule: RecordSchedule, pad_id: int, out_dir: str | Path
 ) -> Path:
-    """The run's training MindRecord plus `schedule.json` (which samples each step holds)."""
+    """The run's training MindRecord plus `schedule.json` (which samples each step holds: its
+    real rows; `filler_rows` counts the filler records written after short steps' rows)."""
     out_dir = Path(out_dir)
     path = write_mindrecord(
         split, schedule.rows, pad_id, schedule.seq_length, out_dir / "train.mindrecord"
@@ -120,6 +141,7 @@ def write_training_data(
                 "rows_per_step": schedule.rows_per_step,
                 "seq_length": schedule.seq_length,
                 "dropped_rows": schedule.dropped_rows,
+                "filler_rows": schedule.filler_rows,
                 "steps": schedule.steps,
             }
         )

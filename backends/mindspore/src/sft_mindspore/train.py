@@ -399,7 +399,9 @@ def last_eval(evals: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def schedule_tokens(plan: TrainPlan, schedule: msdata.RecordSchedule) -> list[StepTokens]:
-    """Core's token counts of every optimizer step (all ranks, and per data-parallel rank)."""
+    """Core's token counts of every optimizer step (all ranks, and per data-parallel rank), of
+    the real rows only: a short step's filler records hold no token. Rank r reads every W-th
+    record of a step filled at its end, so its real rows are `shard_for_rank(rows, r, W)`."""
     split, world = plan.data.train, plan.config.parallel.world_size
     epochs = schedule.epochs or [0] * len(schedule.steps)
     return [
