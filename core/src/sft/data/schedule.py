@@ -10,7 +10,8 @@ the same rows in the same steps.
 
 Row choices come from `sft.data.batching`; this module adds the arithmetic on top (steps per
 epoch, total steps, the position of each step). `drop_last=True` skips each epoch's last,
-incomplete step, for backends that compile one static batch shape (MindFormers).
+incomplete step, for a backend that compiles one static batch shape and cannot fill that step
+(the MindSpore backend fills it with filler records of no trained token, so it keeps the step).
 """
 
 from __future__ import annotations
