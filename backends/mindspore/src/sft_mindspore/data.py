@@ -18,8 +18,8 @@ filler records after its real rows: input all `pad_id`, labels all -100. They ho
 token, so they add nothing to the loss's numerator or its trained-token denominator, nor to the
 gradient: the step trains exactly torch's short step. Filling at the end keeps each rank's real
 rows `shard_for_rank(real_rows, r, W)`; a rank (or, on Ascend, an accumulated micro-batch) whose
-share is only filler contributes 0 / 0 tokens, which MindFormers' per-token loss sums without a
-division by zero (its denominators carry +1e-8).
+share is only filler adds 0 to the summed token losses and 0 to the trained-token count, which
+MindFormers' per-token loss sums across them (its denominators carry +1e-8: no 0 / 0).
 
     $ sft data prepare --config configs/smollm2-135m/lora.yaml --format mindrecord --out data/
     >>> import mindspore.dataset as ds
