@@ -409,6 +409,14 @@ def summarize(runs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
         ),
         default=None,
     )
+    runs_gap = max(
+        (
+            abs(a["loss"] - b["loss"])
+            for x in sft[1:]
+            for a, b in zip(sft[0]["steps"], x["steps"], strict=True)
+        ),
+        default=None,
+    )
     out: dict[str, Any] = {
         "sft_mindspore": s,
         "hand_mindspore": h,
@@ -416,6 +424,8 @@ def summarize(runs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
         "overhead_pct_pairs": pairs,
         "overhead_pct_pairs_mf_step_time": pairs_mf,
         "max_loss_diff_sft_vs_hand": loss_gap,
+        # the same YAML twice through sft: MindSpore's own run-to-run spread of the losses
+        "max_loss_diff_sft_runs": runs_gap,
         "one_time_s": one_time,
     }
     if torch_runs:
@@ -456,7 +466,8 @@ def table(runs: list[dict[str, Any]], s: dict[str, Any]) -> str:
         + "; MindFormers' per_step_time: "
         + ", ".join(f"{p:+.2f}%" for p in s["overhead_pct_pairs_mf_step_time"])
         + ")",
-        f"max |loss sft - loss by hand| per step: {s['max_loss_diff_sft_vs_hand']}",
+        f"max |loss sft - loss by hand| per step: {s['max_loss_diff_sft_vs_hand']} (sft run 1 "
+        f"vs sft run 2: {s['max_loss_diff_sft_runs']})",
         "one-time (sft, median): "
         + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in ot.items() if k != "sft_before_worker_s"),
     ]
@@ -500,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
         help="run directories go into a new subdirectory (default: a temp dir)",
     )
     p.add_argument("--json", type=Path, default=None, help="write every run's numbers here")
+    p.add_argument(
+        "--from-json", type=Path, help="summarize the runs of an earlier --json again (no runs)"
+    )
     p.add_argument("--sft-child", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--hand-child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value overrides of the config (both backends)")
@@ -510,6 +524,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(res["rc"] or 0)
     if args.hand_child:
         hand_child(*args.hand_child)
+        return 0
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+        result["summary"] = summarize(result["runs"], result["warmup"])
+        print(table(result["runs"], result["summary"]))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
         return 0
     if args.warmup < 1 or args.steps < args.warmup + 2:
         p.error("need --warmup >= 1 and --steps >= --warmup + 2")
