@@ -193,6 +193,37 @@ def hand_child(yaml_path: str, output_dir: str) -> None:
 # ------------------------------------------------------------------------------ the runs
 
 
+def run_sampled(cmd: list[str], log: Any, env: dict[str, str], sft: bool) -> tuple[int, list]:
+    """Run `cmd`; every 0.25 s note (time, the MindFormers worker's CPU s, for `sft` also the
+    `sft run` process's own CPU s). CPU time is what a shared machine's load changes least."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    me, worker, samples = psutil.Process(proc.pid), None, []
+    while proc.poll() is None:
+        try:
+            if worker is None:
+                found = [c for c in me.children() if "worker.py" in " ".join(c.cmdline())]
+                worker = found[0] if found else (None if sft else me)
+            if worker is not None:
+                w, p = worker.cpu_times(), me.cpu_times()
+                samples.append((time.time(), w.user + w.system, p.user + p.system))
+        except psutil.Error:
+            pass
+        time.sleep(0.25)
+    return proc.returncode, samples
+
+
+def cpu_at(samples: list, t: float, col: int) -> float:
+    """CPU seconds (column `col` of the samples) at time `t`, linearly interpolated."""
+    before = [s for s in samples if s[0] <= t]
+    after = [s for s in samples if s[0] >= t]
+    if not before or not after:
+        return float("nan")
+    a, b = before[-1], after[0]
+    return a[col] if b[0] == a[0] else a[col] + (b[col] - a[col]) * (t - a[0]) / (b[0] - a[0])
+
+
 def run_sft(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     overrides = [
         *COMMON,
@@ -218,7 +249,7 @@ def run_sft(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # as the by-hand run's
     load0, t0 = os.getloadavg()[0], time.time()
     with open(run_dir.with_suffix(".out"), "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        rc, samples = run_sampled(cmd, f, env, sft=True)
     t1, load1 = time.time(), os.getloadavg()[0]
     if rc:
         raise SystemExit(f"sft run failed (exit {rc}); see {run_dir.with_suffix('.out')}")
@@ -245,6 +276,7 @@ def run_sft(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         ),
         "worker_start": st["worker"][0],
         "worker_end": st["worker"][1],
+        "cpu_samples": samples,
         "tokens": [b - a for a, b in itertools.pairwise(cum)],
         "trained_tokens": [b - a for a, b in itertools.pairwise(cum_tr)],
         **log,
@@ -263,7 +295,7 @@ def run_hand(args: argparse.Namespace, yaml_path: Path, out_dir: Path) -> dict[s
     log_path = out_dir / "worker.log"
     load0, t0 = os.getloadavg()[0], time.time()
     with open(log_path, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        rc, samples = run_sampled(cmd, f, env, sft=False)
     t1, load1 = time.time(), os.getloadavg()[0]
     if rc:
         raise SystemExit(f"MindFormers by hand failed (exit {rc}); see {log_path}")
@@ -276,6 +308,7 @@ def run_hand(args: argparse.Namespace, yaml_path: Path, out_dir: Path) -> dict[s
         "wall_s": t1 - t0,
         "worker_start": t0,
         "worker_end": t1,
+        "cpu_samples": samples,
         **parse_worker_log(log_path),
     }
 
@@ -340,7 +373,21 @@ def steady_ms(run: dict[str, Any], tokens: list[float], warmup: int) -> dict[str
         "worker_to_training_s": marks.get("training", float("nan")) - run["worker_start"],
         "ckpt_load_and_build_s": marks.get("training", float("nan"))
         - marks.get("init_train_model", float("nan")),
+        **steady_cpu(run, t[warmup - 1], t[-1], len(wall)),
     }
+
+
+def steady_cpu(run: dict[str, Any], t0: float, t1: float, steps: int) -> dict[str, Any]:
+    """The worker's CPU seconds per steady step and, for sft, the `sft run` process's CPU over
+    the same window as a share of the worker's (its live reader)."""
+    samples = run.get("cpu_samples")
+    if not samples:
+        return {}
+    worker = cpu_at(samples, t1, 1) - cpu_at(samples, t0, 1)
+    out = {"worker_cpu_per_step_s": worker / steps}
+    if run["kind"] == "sft":
+        out["sft_process_cpu_share"] = (cpu_at(samples, t1, 2) - cpu_at(samples, t0, 2)) / worker
+    return out
 
 
 def steady_torch(bench: dict[str, Any], warmup: int) -> dict[str, Any]:
@@ -382,6 +429,11 @@ def summarize(runs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
         round(100 * (a["steady"]["mf_step_s"] / b["steady"]["mf_step_s"] - 1), 2)
         for a, b in zip(sft, hand, strict=True)
     ]
+    cpu = [
+        (a["steady"].get("worker_cpu_per_step_s"), b["steady"].get("worker_cpu_per_step_s"))
+        for a, b in zip(sft, hand, strict=True)
+    ]
+    pairs_cpu = [round(100 * (a / b - 1), 2) for a, b in cpu if a and b]
     phases = (
         "plan",
         "schedule",
@@ -423,6 +475,13 @@ def summarize(runs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
         "overhead_pct": round(100 * (s["step_s"] / h["step_s"] - 1), 2) if s and h else None,
         "overhead_pct_pairs": pairs,
         "overhead_pct_pairs_mf_step_time": pairs_mf,
+        # worker CPU s per steady step, sft's over by hand's (the load changes it far less)
+        "overhead_pct_pairs_worker_cpu": pairs_cpu,
+        "sft_process_cpu_share": [
+            r["steady"]["sft_process_cpu_share"]
+            for r in sft
+            if "sft_process_cpu_share" in r["steady"]
+        ],
         "max_loss_diff_sft_vs_hand": loss_gap,
         # the same YAML twice through sft: MindSpore's own run-to-run spread of the losses
         "max_loss_diff_sft_runs": runs_gap,
@@ -466,6 +525,10 @@ def table(runs: list[dict[str, Any]], s: dict[str, Any]) -> str:
         + "; MindFormers' per_step_time: "
         + ", ".join(f"{p:+.2f}%" for p in s["overhead_pct_pairs_mf_step_time"])
         + ")",
+        "worker CPU s per steady step, sft vs by hand: "
+        + (", ".join(f"{p:+.2f}%" for p in s.get("overhead_pct_pairs_worker_cpu", [])) or "-")
+        + "; the sft run process's CPU / the worker's: "
+        + (", ".join(f"{x:.2%}" for x in s.get("sft_process_cpu_share", [])) or "-"),
         f"max |loss sft - loss by hand| per step: {s['max_loss_diff_sft_vs_hand']} (sft run 1 "
         f"vs sft run 2: {s['max_loss_diff_sft_runs']})",
         "one-time (sft, median): "
