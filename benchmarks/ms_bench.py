@@ -33,9 +33,9 @@ between MindFormers' consecutive per-step lines (their timestamps, ms), and Mind
 compile). Tokens per step are the non-padding tokens sft's schedule put in each step (from the
 run's metrics.jsonl; the by-hand run trains the same MindRecord, checked by its losses). The
 graph compile is step 1's `per_step_time` minus the steady step. The 1-minute load average is
-recorded before and after every run. Because a shared machine's load moves wall times by far more
-than 3%, the worker's CPU seconds (and the `sft run` process's, which holds the live log reader)
-are sampled every 0.25 s and reported per steady step as well.
+recorded before and after every run. The worker's CPU seconds (and the `sft run` process's, which
+holds the live log reader) are sampled every 0.25 s and reported per steady step as well; under
+load the worker's CPU time grows too (MindSpore's runtime threads spin while they wait).
 """
 
 from __future__ import annotations
