@@ -14,7 +14,7 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 PKGS_CORE := -e core -e plugins/example-backend $(addprefix -e ,$(wildcard plugins/gguf))
 PKGS_TORCH := $(PKGS_CORE) -e backends/torch $(wildcard plugins/tensorboard plugins/mlflow plugins/wandb)
 
-.PHONY: demo test test-core test-torch test-ms lint mutate mutate-results venv-core venv-torch venv-torch-dev venv-ms clean help venv-bench bench-data bench bench-full gpu-wheels gpu-check
+.PHONY: demo test test-core test-torch test-ms lint mutate mutate-results venv-core venv-torch venv-torch-dev venv-ms clean help venv-bench bench-data bench bench-full bench-ms gpu-wheels gpu-check
 
 help:
 	@echo "make demo   - fine-tune SmolLM2-135M-Instruct on CPU and show before/after"
@@ -161,6 +161,15 @@ bench: venv-bench
 bench-full: venv-bench
 	$(BENCH)/python benchmarks/trl_compare.py --method full --peers sft trl-default \
 	    --work-dir runs/bench-trl-full --out runs/bench-trl-full/results.json
+
+# The MindSpore path (not a test): `sft run --backend mindspore` vs the same MindFormers YAML
+# launched by hand, the one-time costs, and the torch backend on the same config and CPU; prints
+# one table. SmolLM2 is converted once in the torch venv (the MindSpore venv cannot read GGUF).
+# See docs/performance.md, "MindSpore path".
+bench-ms: venv-ms venv-torch
+	$(TORCH)/python -m sft models prepare smollm2-135m-instruct
+	$(MS)/python benchmarks/ms_bench.py --torch-python $(TORCH)/python \
+	    --work-dir runs/bench-ms --json runs/bench-ms/results.json
 
 # GPU check (not a test; docs/torch.md "Checking a GPU"): the GPU image has python 3.12, torch,
 # transformers, peft and accelerate but no pydantic/typer/pluggy and no network, so `gpu-wheels`
