@@ -188,7 +188,8 @@ def test_msrun_dp2_sigkill_after_a_checkpoint_resumes_bitwise(
     # it wrote the rows up to the checkpoint (CI saw 1, 2, 3, 5, ... once). Leave metrics.jsonl
     # as a reader two steps behind would: the resume recovers those rows from the worker logs.
     metrics = run / "metrics.jsonl"
-    lines = [ln for ln in metrics.read_text().splitlines(keepends=True) if ln.endswith("\n")]
+    text = metrics.read_text() if metrics.exists() else ""
+    lines = [ln for ln in text.splitlines(keepends=True) if ln.endswith("\n")]
     metrics.write_text("".join(ln for ln in lines if json.loads(ln)["step"] <= at - 2))
 
     out = finish(sft_run(cfg, "--resume", "auto"))
