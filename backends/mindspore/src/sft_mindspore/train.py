@@ -280,8 +280,9 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
             flush=True,
         )
     events.restart(resumed_at)  # drop rows a killed run logged after that checkpoint
+    steps, table = schedule_tokens(plan, schedule), rank_table_path(cfg.parallel, device)
     if resumed_at:
-        backfill(plan, events, schedule, resumed_at)
+        backfill(plan, events, steps, resumed_at, table)
     events.train_start(
         {
             "backend": "mindspore",
@@ -296,7 +297,6 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
     if resumed_at >= total:  # e.g. killed while exporting: MindFormers would refuse to start
         print(f"[sft] all {total} steps were trained; exporting step {total}", flush=True)
         return finished(plan, events, schedule, output_dir, device, yaml_path, start)
-    steps = schedule_tokens(plan, schedule)
     live, bar = live_rows(plan, events, steps, resumed_at)
     try:
         log_dir = launch(
@@ -305,7 +305,7 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
             plan.run_dir / "mindformers",
             threads=opts.threads or max(1, (os.cpu_count() or 1) // cfg.parallel.nproc_per_node),
             env=runtime.hccl_env(opts),
-            table=rank_table_path(cfg.parallel, device),
+            table=table,
             progress=cfg.logging.progress,
             on_output=live.feed,
         )
@@ -362,7 +362,7 @@ def train(plan: TrainPlan, events: RunEvents) -> TrainResult:
 
 
 def backfill(
-    plan: TrainPlan, events: RunEvents, schedule: msdata.RecordSchedule, resumed_at: int
+    plan: TrainPlan, events: RunEvents, steps: list[StepTokens], resumed_at: int, table: str | None
 ) -> None:
     """Write the rows of steps <= `resumed_at` that the killed launch trained and logged but
     whose metrics.jsonl rows it never wrote (`missing_rows`), from its worker logs, before the
@@ -372,10 +372,8 @@ def backfill(
     cfg = plan.config
     if cfg.parallel.node_rank != 0:
         return  # node 0 writes metrics.jsonl
-    table = rank_table_path(cfg.parallel, runtime.resolve_device(plan.options))
     logs = worker_logs(plan.run_dir / "mindformers", cfg.parallel, table)
-    kept = read_metrics(plan.run_dir)
-    rows, gap = missing_rows(logs, schedule_tokens(plan, schedule), kept, resumed_at)
+    rows, gap = missing_rows(logs, steps, read_metrics(plan.run_dir), resumed_at)
     for step, row in rows:
         events.log(step, row)
     if rows:
