@@ -90,7 +90,10 @@ class TorchBackend:
     def train(self, plan: TrainPlan, events: RunEvents) -> TrainResult:
         # Multi-process runs: re-launch through torchrun, or join the process group when this
         # is a torchrun worker (sft_torch.launch); a single process just trains.
-        from sft_torch.launch import run_training
+        from sft_torch.imports import long_lived_imports
+
+        with long_lived_imports("sft_torch.launch"):
+            from sft_torch.launch import run_training  # torch
 
         return run_training(plan, events)
 
