@@ -39,19 +39,23 @@ from typing import Any
 PHASES = ("python", "imports", "plan", "load", "method", "trainer", "first_step")
 
 
+def boot_clock() -> float:
+    """Seconds since boot (CLOCK_BOOTTIME, the clock /proc/self/stat's start time counts on)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 def process_start() -> float:
-    """The wall-clock (epoch) time this process started, from /proc (Linux), else now."""
+    """When this process started, in `boot_clock` seconds (Linux /proc, 10 ms ticks), else now.
+
+    Not the epoch time from /proc/stat's `btime`: that is whole seconds, so "python" came out
+    as about 1 s of wall time with 0.07 s of CPU (the rounding of btime, not interpreter
+    start-up)."""
     try:
         ticks = os.sysconf("SC_CLK_TCK")
         since_boot = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(
-            float(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime")
-        )
-        return boot + since_boot / ticks
-    except (OSError, ValueError, StopIteration, IndexError):
-        return time.time()
+        return since_boot / ticks
+    except (OSError, ValueError, IndexError):
+        return boot_clock()
 
 
 def cpu_s() -> float:
@@ -65,7 +69,7 @@ class Stamps:
         self.marks: list[tuple[str, float, float]] = []
 
     def mark(self, name: str) -> None:
-        self.marks.append((name, time.time() - self.start, cpu_s()))
+        self.marks.append((name, boot_clock() - self.start, cpu_s()))
 
     def phases(self) -> dict[str, dict[str, float]]:
         """Per phase: wall and CPU seconds it took (a phase not stamped merges into the next)."""
@@ -80,15 +84,18 @@ def child(config: Path, overrides: list[str]) -> dict[str, Any]:
     """One timed run in this (fresh) process."""
     stamps = Stamps()
     stamps.mark("python")
-    import peft  # noqa: F401
-    import torch
     from sft.config import load_config
     from sft.events import RunEvents
     from sft.plugins import get_plugins
     from sft.run import build_plan
-    from sft_torch import train as train_mod
-    from sft_torch.bench import forced_overrides
-    from transformers import AutoModelForCausalLM  # noqa: F401
+    from sft_torch.imports import long_lived_imports
+
+    with long_lived_imports("sft_torch.train"):  # as the torch backend imports them for `sft run`
+        import peft  # noqa: F401
+        import torch
+        from sft_torch import train as train_mod
+        from sft_torch.bench import forced_overrides
+        from transformers import AutoModelForCausalLM  # noqa: F401
 
     stamps.mark("imports")
 
