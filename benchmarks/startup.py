@@ -88,14 +88,12 @@ def child(config: Path, overrides: list[str]) -> dict[str, Any]:
     from sft.events import RunEvents
     from sft.plugins import get_plugins
     from sft.run import build_plan
-    from sft_torch.imports import long_lived_imports
+    from sft_torch.imports import import_train
 
-    with long_lived_imports("sft_torch.train"):  # as the torch backend imports them for `sft run`
-        import peft  # noqa: F401
-        import torch
-        from sft_torch import train as train_mod
-        from sft_torch.bench import forced_overrides
-        from transformers import AutoModelForCausalLM  # noqa: F401
+    import_train("lora")  # as the torch backend imports them for `sft run` of a LoRA config
+    import torch
+    from sft_torch import train as train_mod
+    from sft_torch.bench import forced_overrides
 
     stamps.mark("imports")
 

@@ -414,13 +414,10 @@ def run_bench(
     config_path: Path, steps: int, overrides: list[str] | None = None, probe_seconds: float = 0.3
 ) -> dict[str, Any]:
     """Prepare, probe, train `steps` steps through the real loop, and measure (see module doc)."""
-    from sft_torch.imports import long_lived_imports
+    from sft_torch.imports import import_train
 
-    with long_lived_imports("sft_torch.train"):  # what `sft run` imports, the same way
-        import torch
-        import transformers  # noqa: F401
-
-        from sft_torch import train as _train  # noqa: F401
+    import_train("lora")  # as `sft run` imports (peft too: harmless for other methods)
+    import torch
     from sft.config import load_config
     from sft.plugins import get_plugins
     from sft.run import build_plan

@@ -1,7 +1,6 @@
 """The torch backend's heavy imports with Python's garbage collector paused, then frozen.
 
-    with long_lived_imports("sft_torch.train"):
-        from sft_torch.train import train      # torch, transformers, peft
+    train = import_train("lora")                # sft_torch.train, transformers, peft
 
 torch, transformers and peft create about 200k objects that live as long as the process. While
 they are imported, every few hundred allocations start a collection and the full ones scan all of
@@ -19,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -39,3 +39,18 @@ def long_lived_imports(*modules: str) -> Iterator[None]:
         gc.freeze()
         if enabled:
             gc.enable()
+
+
+def import_train(method: str) -> Callable[..., Any]:
+    """`sft_torch.train.train`, with what a run of `method` imports later anyway (transformers'
+    model index, which every model load goes through; peft for LoRA / QLoRA) imported now, in
+    `long_lived_imports`' window instead of lazily by the loader, outside it (the collections
+    measured above were over these imports)."""
+    adapters = method in ("lora", "qlora")
+    with long_lived_imports("sft_torch.train", "transformers", *(["peft"] if adapters else [])):
+        from transformers import AutoModelForCausalLM  # noqa: F401
+
+        if adapters:
+            import peft  # noqa: F401
+        from sft_torch.train import train
+    return train

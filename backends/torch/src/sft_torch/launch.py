@@ -38,7 +38,7 @@ from sft.run import WORKER_ENV
 from sft.rundir import summary_path
 
 from sft_torch import distributed
-from sft_torch.imports import long_lived_imports
+from sft_torch.imports import import_train
 from sft_torch.options import torch_options
 from sft_torch.strategy import check_strategy
 
@@ -53,8 +53,7 @@ def run_training(plan: TrainPlan, events: RunEvents) -> TrainResult:
     """Train `plan` in this process, or launch the processes that will (see module docstring)."""
     if needs_launch(plan):
         return launch(plan)
-    with long_lived_imports("sft_torch.train"):
-        from sft_torch.train import train  # transformers, peft
+    train = import_train(plan.config.method.name)
 
     if not distributed.in_launcher_worker():
         return train(plan, events)
