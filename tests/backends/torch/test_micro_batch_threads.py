@@ -97,3 +97,27 @@ def test_auto_and_what_blocks_it(tmp_path, tiny_llama):
         threads("g", 2, train=gc)
     with pytest.raises(SftError, match="own dropout in"):
         threads("h", 2, torch_opts=slow, dropout=0.1)
+
+
+def test_every_step_runs_on_the_same_worker_threads():
+    """The workers live as long as the process: new threads each step got new malloc arenas
+    while the last step's were exiting, and the memory those arenas kept piled up."""
+    import contextlib
+    import threading
+
+    from sft_torch import micro_batch_threads
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    seen: list[set[int]] = []
+
+    def forward(rows, w):
+        seen[-1].add(threading.get_native_id())  # a new thread gets a new one
+        loss = (weight * rows).sum() * w
+        return loss, loss, 3
+
+    batches = [(torch.full((3,), float(i)), 1.0) for i in range(4)]
+    for _ in range(3):
+        seen.append(set())
+        micro_batch_threads.run(2, batches, forward, [weight], contextlib.nullcontext)
+    assert len(set().union(*seen)) <= 2 and threading.get_native_id() not in seen[0]
+    assert torch.equal(weight.grad, torch.full((3,), 3 * 6.0))  # 3 steps of 0+1+2+3 per element

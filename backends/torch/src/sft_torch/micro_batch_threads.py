@@ -15,7 +15,9 @@ per-thread state.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -92,8 +94,6 @@ def run(
 ) -> tuple[float, int]:
     """Run `forward` on every (rows, weight) of `micro_batches` on `threads` threads at once and
     accumulate the gradients of `params` in micro-batch order; returns (loss sum, tokens)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     seeds = torch.randint(0, 2**62, (len(micro_batches),)).tolist()
 
     def one(i: int) -> tuple[float, int, tuple[torch.Tensor | None, ...]]:
@@ -107,12 +107,28 @@ def run(
     torch.set_num_threads(1)  # the workers' ops: one thread each
     loss_sum, tokens = 0.0, 0
     try:
-        with ThreadPoolExecutor(threads) as pool:
-            for loss, n, grads in pool.map(one, range(len(micro_batches))):  # in order
-                loss_sum, tokens = loss_sum + loss, tokens + n
-                for p, g in zip(params, grads, strict=True):
-                    if g is not None:
-                        p.grad = g if p.grad is None else p.grad.add_(g)
+        for loss, n, grads in workers(threads).map(one, range(len(micro_batches))):  # in order
+            loss_sum, tokens = loss_sum + loss, tokens + n
+            for p, g in zip(params, grads, strict=True):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad.add_(g)
     finally:
         torch.set_num_threads(saved)
     return loss_sum, tokens
+
+
+_WORKERS: dict[int, ThreadPoolExecutor] = {}
+_WORKERS_LOCK = threading.Lock()
+
+
+def workers(threads: int) -> ThreadPoolExecutor:
+    """The `threads` worker threads, the same ones for every step of the process.
+
+    Not a new pool per step: glibc gives each thread a malloc arena, and a thread started while
+    the previous step's threads are still exiting gets a new one, so arenas (and with
+    `sft_torch.runtime.keep_freed_memory` the memory each keeps) piled up step after step; the
+    same threads keep their arenas and reuse the memory they freed."""
+    with _WORKERS_LOCK:
+        if threads not in _WORKERS:
+            _WORKERS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="sft-micro-batch")
+        return _WORKERS[threads]
