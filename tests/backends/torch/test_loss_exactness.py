@@ -17,13 +17,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from sft.data.batching import collate
 from sft.events import read_metrics
 from sft_torch import attention
 from sft_torch.data import to_device
-from sft_torch.loss import LossSettings, batch_loss, fusable_head
+from sft_torch.loss import LOGITS_BUFFERS, LogitsBuffers, LossSettings, batch_loss, fusable_head
 from sft_torch.methods import apply_method
 from sft_torch.model import load_model
 from sft_torch.train import Trainer, fit
@@ -241,6 +243,44 @@ def test_chunked_loss_equals_full_logits_loss(samples_plan, fused, head_trains):
     assert set(gc) == set(gf)
     assert ("lm_head.weight" in gc) == head_trains
     assert max_diff(gc, gf) < TOL
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("head_trains", [True, False])
+def test_reused_logits_buffers_change_nothing(samples_plan, autocast, head_trains):
+    """`LossSettings.reuse_logits` (the CPU default: `sft_torch.loss.LogitsBuffers`): the same
+    loss and gradients bit for bit, in fp32 and under bf16 autocast, and the second call
+    computes its logits in the first call's buffer."""
+    plan = samples_plan
+    cpu = torch.device("cpu")
+    model = apply_method(load_model(plan, cpu), plan.config.method)
+    model.get_output_embeddings().weight.requires_grad_(head_trains)
+    batch = to_device(collate(plan.data.train, [[0, 1], [2], [3, 4]], pad_id=0), cpu)
+    LOGITS_BUFFERS.clear()
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        plain = loss_and_grads(model, batch, LossSettings(chunk_size=7))
+        reused = loss_and_grads(model, batch, LossSettings(chunk_size=7, reuse_logits=True))
+        (buf,) = LOGITS_BUFFERS._free
+        again = loss_and_grads(model, batch, LossSettings(chunk_size=7, reuse_logits=True))
+    assert LOGITS_BUFFERS._free == [buf]  # lent again, not a new one
+    assert plain[:2] == reused[:2] == again[:2]
+    assert max_diff(plain[2], reused[2]) == 0.0 and max_diff(plain[2], again[2]) == 0.0
+    LOGITS_BUFFERS.clear()
+
+
+def test_logits_buffers_are_lent_to_one_caller_at_a_time():
+    pool = LogitsBuffers(keep=2)
+    with pool.lend(5, 10, torch.device("cpu")) as a, pool.lend(5, 10, torch.device("cpu")) as b:
+        assert a.data_ptr() != b.data_ptr()  # concurrent callers (micro-batch threads)
+        assert a.numel() == LogitsBuffers.ROWS * 10  # rows rounded up to a multiple of ROWS
+    with pool.lend(3, 10, torch.device("cpu")) as c:
+        assert c.data_ptr() in (a.data_ptr(), b.data_ptr())
+    with pool.lend(LogitsBuffers.ROWS + 1, 10, torch.device("cpu")) as big:
+        assert big.numel() == 2 * LogitsBuffers.ROWS * 10
+    assert sorted(x.numel() for x in pool._free) == [640, 1280]  # keep=2: the largest stay
+    pool.clear()
+    assert pool._free == []
 
 
 def test_fused_loss_is_used_only_on_a_plain_head(samples_plan):

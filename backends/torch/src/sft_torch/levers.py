@@ -49,6 +49,9 @@ class Levers:
     fused_lora: bool
     compile: bool
     release_memory: bool
+    keep_memory: bool
+    """CPU without `release_memory`: freed memory stays in the process for the next step
+    (`sft_torch.runtime.keep_freed_memory`) and the chunked loss reuses its logits buffer."""
     micro_batch_threads: int | None
 
     def with_model(self, **applied: Any) -> Levers:
@@ -87,5 +90,6 @@ def resolve_levers(plan: TrainPlan, device: Any, precision: str, world: int) -> 
         fused_lora=opts.fused_lora and (world == 1 or cfg.parallel.strategy == "ddp"),
         compile=opts.compile,
         release_memory=opts.release_memory,
+        keep_memory=cpu and not opts.release_memory,
         micro_batch_threads=opts.micro_batch_threads,
     )

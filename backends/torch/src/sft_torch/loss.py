@@ -24,8 +24,11 @@ token (position id 0) becomes a one-token "sample" of its own.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -49,6 +52,10 @@ class LossSettings:
     packed: str = "position_ids"
     """`segments`, `position_ids` or `mask`: how packed samples are kept apart (only `mask`
     changes the inputs; `segments` is the model's attention function, sft_torch.attention)."""
+    reuse_logits: bool = False
+    """`LinearCrossEntropy` computes each chunk's logits into a buffer kept between calls
+    (`LOGITS_BUFFERS`) instead of a new tensor: on CPU, where a chunk is larger than glibc's
+    largest mmap threshold (see `LogitsBuffers`)."""
 
 
 def block_causal_mask(batch: dict[str, Any], eager: bool) -> torch.Tensor:
@@ -133,6 +140,52 @@ def varlen_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class LogitsBuffers:
+    """fp32 buffers for `LinearCrossEntropy`'s logits chunks, kept from one call to the next.
+
+    Why not just allocate: a chunk of 510 trained tokens x 49,152 is 100 MB of fp32, more than
+    the largest block glibc serves from its heap (32 MiB), so each chunk was a fresh mmap: ~25,000
+    page faults, each a zeroed page, for every micro-batch, and its unmap on free
+    (docs/performance.md, "Kept memory"). CUDA's caching allocator already
+    reuses such blocks, so the trainer turns this on for CPU only (`LossSettings.reuse_logits`).
+    A buffer is lent to one call at a time (micro-batch threads each get their own); at most
+    `keep` are kept, the largest; `clear` drops them (the trainer does when training ends)."""
+
+    ROWS = 64
+    """Buffers are sized in multiples of this many rows, so chunks of 507 and 511 rows share one."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self._keep = keep
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def lend(self, rows: int, cols: int, device: torch.device) -> Iterator[torch.Tensor]:
+        """A flat fp32 buffer of at least rows x cols elements, this call's alone until exit."""
+        rows = -(-rows // self.ROWS) * self.ROWS
+        with self._lock:
+            fits = [b for b in self._free if b.numel() >= rows * cols and b.device == device]
+            buf = min(fits, key=torch.Tensor.numel) if fits else None
+            if buf is not None:
+                self._free = [b for b in self._free if b is not buf]
+        if buf is None:
+            buf = torch.empty(rows * cols, dtype=torch.float32, device=device)
+        try:
+            yield buf
+        finally:
+            with self._lock:
+                self._free.append(buf)
+                self._free.sort(key=torch.Tensor.numel, reverse=True)
+                del self._free[self._keep :]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
+LOGITS_BUFFERS = LogitsBuffers()
+
+
 def _chunk_ce(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
@@ -150,7 +203,12 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk: int,
+        reuse: bool = False,
     ) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -158,25 +216,28 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_w = (
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         )
-        for s in range(0, hidden.shape[0], chunk):
-            h, t = hidden[s : s + chunk], targets[s : s + chunk]
-            logits = F.linear(h, weight).float()
-            picked = logits.gather(1, t[:, None])
-            # log-sum-exp and softmax in place in the logits buffer: the chunk is 100 MB for
-            # 511 x 49152, and torch.logsumexp then exp(logits - lse) made two more copies of it
-            top = logits.amax(dim=-1, keepdim=True)
-            e = logits.sub_(top).exp_()
-            sums = e.sum(dim=-1, keepdim=True)
-            total += (top + sums.log() - picked).sum()
-            if not (need_h or need_w):
-                continue
-            # d(sum CE)/d logits = softmax - one_hot(target)
-            g = e.div_(sums)
-            g[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-            if grad_h is not None:
-                grad_h[s : s + chunk] = torch.mm(g.to(weight.dtype), weight)
-            if grad_w is not None:
-                grad_w += torch.mm(g.t().to(h.dtype), h).float()
+        rows, vocab = min(chunk, hidden.shape[0]), weight.shape[0]
+        lent = LOGITS_BUFFERS.lend(rows, vocab, hidden.device) if reuse else None
+        with lent or contextlib.nullcontext() as buf:
+            for s in range(0, hidden.shape[0], chunk):
+                h, t = hidden[s : s + chunk], targets[s : s + chunk]
+                logits = _chunk_logits(h, weight, buf)
+                picked = logits.gather(1, t[:, None])
+                # log-sum-exp and softmax in place in the logits buffer: the chunk is 100 MB for
+                # 511 x 49152, and torch.logsumexp then exp(logits - lse) made two more copies
+                top = logits.amax(dim=-1, keepdim=True)
+                e = logits.sub_(top).exp_()
+                sums = e.sum(dim=-1, keepdim=True)
+                total += (top + sums.log() - picked).sum()
+                if not (need_h or need_w):
+                    continue
+                # d(sum CE)/d logits = softmax - one_hot(target)
+                g = e.div_(sums)
+                g[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                if grad_h is not None:
+                    grad_h[s : s + chunk] = torch.mm(g.to(weight.dtype), weight)
+                if grad_w is not None:
+                    grad_w += torch.mm(g.t().to(h.dtype), h).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
@@ -186,7 +247,17 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None
+        return dh, dw, None, None, None
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+    """fp32 h @ weight.T, in `buf` when given (the same matmul: F.linear without a bias is it)."""
+    if buf is None:
+        return F.linear(h, weight).float()
+    logits = buf[: h.shape[0] * weight.shape[0]].view(h.shape[0], weight.shape[0])
+    if h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
+        return torch.mm(h, weight.t(), out=logits)
+    return logits.copy_(F.linear(h, weight))
 
 
 def fusable_head(head: Any) -> bool:
@@ -229,7 +300,10 @@ def batch_loss(
         return (hidden.sum() + head(hidden[:, :1]).sum()) * 0.0, 0
     h, t = hidden[trained], targets[trained]
     if settings.fused and fusable_head(head):
-        return LinearCrossEntropy.apply(h, head.weight, t, settings.chunk_size), n
+        loss = LinearCrossEntropy.apply(
+            h, head.weight, t, settings.chunk_size, settings.reuse_logits
+        )
+        return loss, n
     loss = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, n, settings.chunk_size):
         part = (head, h[s : s + settings.chunk_size], t[s : s + settings.chunk_size])

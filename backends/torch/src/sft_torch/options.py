@@ -89,13 +89,17 @@ class TorchOptions(BaseModel):
     the other)."""
 
     release_memory: bool = False
-    """On Linux (glibc), serve allocations of 256 KiB and more with their own mmap, so freed
-    tensors go back to the OS at once instead of staying in the heap: a lower peak RSS, paid for
-    in page faults, since every new activation is fresh memory the kernel must map and zero
-    (`sft_torch.runtime.release_freed_memory`). Measured on SmolLM2-135M, 512-token rows, fp32,
-    2 cores: LoRA 2.9 instead of 3.7 GB at 0.66x the speed, full fine-tuning 5.0 instead of
-    5.5 GB at 0.88x (docs/performance.md). `true` where memory is tight; `false` (default):
-    glibc's heap, which reuses freed memory without faults."""
+    """On Linux (glibc), `true`: serve allocations of 256 KiB and more with their own mmap, so
+    freed tensors go back to the OS at once: a lower peak RSS, paid for in page faults, since
+    every new activation is fresh memory the kernel must map and zero
+    (`sft_torch.runtime.release_freed_memory`). `false` (default), on CPU: the opposite, the
+    memory a step frees stays in the process for the next step (glibc's heaps are not trimmed:
+    `sft_torch.runtime.keep_freed_memory`, and the chunked loss reuses its logits buffer), so
+    steps after the first fault no memory in; it is returned when training ends. `true` where
+    memory is tight (what each costs: docs/performance.md, "Measurements behind the
+    defaults"). Where the environment sets glibc's malloc parameters
+    (MALLOC_TOP_PAD_, MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_ or their glibc.malloc
+    tunables) sft leaves malloc as set."""
 
     compile: bool = False
     """Compile each decoder layer with `torch.compile` (in place: parameter names, checkpoints

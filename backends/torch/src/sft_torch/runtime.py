@@ -164,7 +164,79 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+# glibc's mallopt parameter numbers (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def _glibc(name: str, *argtypes: Any) -> Any:
+    """glibc's function `name` (mallopt, malloc_trim) through ctypes, returning an int, or None
+    where the C library has none (macOS, musl)."""
+    import ctypes
+
+    try:
+        fn = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
+    return fn
+
+
+def _mallopt() -> Any:
+    import ctypes
+
+    return _glibc("mallopt", ctypes.c_int, ctypes.c_int)
+
+
+_KEPT = ("TOP_PAD", "TRIM_THRESHOLD", "MMAP_THRESHOLD")  # what keep_freed_memory sets
+
+
+def malloc_tuned_by_environment() -> bool:
+    """Whether the environment sets one of the glibc malloc parameters `keep_freed_memory`
+    would set (MALLOC_TOP_PAD_ and the like, or their glibc.malloc tunables): then sft leaves
+    malloc as the user tuned it."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "").lower()
+    return any(
+        f"MALLOC_{name}_" in os.environ or f"glibc.malloc.{name.lower()}=" in tunables
+        for name in _KEPT
+    )
+
+
+def keep_freed_memory() -> bool:
+    """glibc: keep the memory a training step frees in the process for the next step instead of
+    returning it to the OS and faulting it in again (TorchOptions.release_memory false, on CPU).
+
+    glibc's defaults give memory back as soon as the top of a heap is free: the heaps that the
+    micro-batch threads' arenas grow during a step are trimmed when the step's tensors are
+    freed, and the next step maps them again, a page fault and a zeroed page at a time
+    (measured: docs/performance.md, "Kept memory"). Here no heap is trimmed (trim threshold
+    2 GiB; top pad 64 MiB, the most a thread's heap holds, so none is released whole either)
+    and the mmap threshold is fixed at 32 MiB, the largest glibc allows and what its own
+    adjustment reaches (setting any of these turns that adjustment off). Larger blocks are still
+    mmapped: the chunked loss keeps its logits buffer itself (`sft_torch.loss.LogitsBuffers`).
+    The peak RSS stays about the same (a step's peak is what the heaps hold); the RSS no longer
+    falls between steps, until `trim_freed_memory`. Returns False, changing nothing, without
+    glibc's mallopt or when the environment sets these parameters
+    (`malloc_tuned_by_environment`)."""
+    mallopt = _mallopt()
+    if mallopt is None or malloc_tuned_by_environment():
+        return False
+    return all(
+        mallopt(param, value)
+        for param, value in (
+            (M_MMAP_THRESHOLD, 32 << 20),
+            (M_TRIM_THRESHOLD, 2**31 - 1),
+            (M_TOP_PAD, 64 << 20),
+        )
+    )
+
+
+def trim_freed_memory() -> bool:
+    """glibc: give the free memory of every heap back to the OS now (`malloc_trim(0)`); the
+    trainer calls it when training ends, after `keep_freed_memory` kept it for the steps."""
+    import ctypes
+
+    trim = _glibc("malloc_trim", ctypes.c_size_t)
+    return trim is not None and bool(trim(0))
 
 
 def release_freed_memory(threshold: int = 256 << 10) -> bool:
@@ -176,11 +248,5 @@ def release_freed_memory(threshold: int = 256 << 10) -> bool:
     holes that freed tensors leave between live ones are never returned (peak RSS with and
     without it: docs/performance.md). The cost is one mmap per tensor of 256 KiB+, which a step
     allocates a few thousand of. Returns False where there is no glibc mallopt (macOS, musl): nothing changes."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, threshold))

@@ -35,7 +35,7 @@ from sft_torch.data import load_batch
 from sft_torch.dropout import use_fast_dropout
 from sft_torch.guard import StepGuard, StopSignals, agreed_stop, stop_for_signal
 from sft_torch.levers import Levers, resolve_levers
-from sft_torch.loss import LossSettings, batch_loss, eval_loss
+from sft_torch.loss import LOGITS_BUFFERS, LossSettings, batch_loss, eval_loss
 from sft_torch.methods import apply_method, count_params
 from sft_torch.model import (
     cast_frozen_linears,
@@ -134,6 +134,7 @@ class Trainer:
         levers = resolve_levers(plan, self.device, self.precision, self.world)
         # before the model is loaded, so its weights and every step's tensors follow it
         released = levers.release_memory and runtime.release_freed_memory()
+        kept = levers.keep_memory and runtime.keep_freed_memory()
         torch.set_num_threads(levers.threads)
         self.schedule = Schedule.build(plan, self.rank, self.world)
         runtime.seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -147,6 +148,7 @@ class Trainer:
             chunked_loss=chunked,
             fused_loss=chunked and levers.fused_loss,
             release_memory=released,
+            keep_memory=kept,
             micro_batch_threads=micro_batch_threads.resolve(
                 levers.micro_batch_threads,
                 self.model,
@@ -161,6 +163,7 @@ class Trainer:
             chunk_size=opts.loss_chunk_size,
             fused=opts.fused_loss,
             packed=self.levers.packed_attention,
+            reuse_logits=self.levers.keep_memory,
         )
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.engine.attach_optimizer(self.optimizer)  # DeepSpeed ZeRO wraps the optimizer
@@ -435,6 +438,9 @@ def fit(trainer: Trainer, started: float | None = None) -> TrainResult:
                 )
     if start.global_step >= total:
         evals = trainer.evaluate()
+    if trainer.levers.keep_memory:  # what the steps kept goes back before the exports
+        LOGITS_BUFFERS.clear()
+        runtime.trim_freed_memory()
     return finish(trainer, start, evals, started)
 
 
