@@ -118,6 +118,9 @@ def test_packed_chunked_losses_equal_plain_losses(tmp_path, tiny_llama, method):
         )
         assert r["peak_rss_mib"] > 50 and 0 < r["gemm_fraction"] < 1.5
         assert r["time_to_first_step_s"] >= r["setup_s"] > 0
+        assert len(r["step_minor_faults"]) == len(r["step_system_s"]) == r["measured_steps"]
+        assert min(r["step_minor_faults"]) >= 0 and min(r["step_system_s"]) >= 0
+        assert r["levers"]["keep_memory"] and not r["levers"]["release_memory"]  # CPU default
 
 
 def meta_plan(model: Path, method) -> SimpleNamespace:

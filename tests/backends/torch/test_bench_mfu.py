@@ -75,6 +75,7 @@ def fake_run(steps: int = 4, seconds_per_step: float = 0.5) -> tuple[list[StepWo
         counts.append((trained, tokens))
     events = SimpleNamespace(
         step_times=[seconds_per_step * i for i in range(steps)],
+        step_usage=[(100 * i * i, 0.5 * i) for i in range(steps)],  # (minor faults, system s)
         losses=[1.0] * steps,
         loop_counts=counts,
         info={},
@@ -115,3 +116,6 @@ def test_report_divides_by_the_used_precision(monkeypatch: pytest.MonkeyPatch) -
     text = bench.format_report({**r, "config": "c", "levers": {}, "cpu_features": []})
     assert "MFU" in text and "fp16 dense peak (989 TFLOP/s)" in text
     assert "sustained 8192-square" in text
+    # per-step differences of the cumulative getrusage counters (4 steps: 3 measured)
+    assert r["step_minor_faults"] == [100, 300, 500] and r["step_system_s"] == [0.5, 0.5, 0.5]
+    assert "300 minor faults, 0.50 s system CPU per measured step (median)" in text

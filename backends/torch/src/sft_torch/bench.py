@@ -12,6 +12,9 @@ steps in a temporary run directory and reports:
 - time to first step (from the start of the command: data preparation, model load, first step);
 - peak memory: the process's resident-set high-water mark on CPU (`ru_maxrss`, the peak over
   the whole run), the device's peak allocation on GPU;
+- per measured step, the process's minor page faults and system CPU seconds (`getrusage`):
+  memory the allocator returned to the OS and mapped again costs a fault and a zeroed page
+  per 4 KiB (`torch.release_memory`, docs/performance.md "Kept memory");
 - achieved FLOP/s and its fraction of the machine's GEMM rate in the precision the run computes
   in (bf16, fp16, tf32 or fp32), measured by a matmul probe in the same process before and after
   training (the best rate counts): on CPU squares sized to the time budget, on a GPU a sustained
@@ -40,6 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 from typing import Annotated, Any, Optional
 
 import sft
@@ -319,6 +323,8 @@ class TimedEvents(RunEvents):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.step_times: list[float] = []
+        self.step_usage: list[tuple[int, float]] = []
+        """(minor page faults, system CPU seconds) of the process so far, at each step."""
         self.losses: list[float] = []
         self.info: dict[str, Any] = {}
         self.loop_counts: list[tuple[int, int]] = []
@@ -331,6 +337,8 @@ class TimedEvents(RunEvents):
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if "loss" in metrics and "eval_loss" not in metrics:
             self.step_times.append(time.perf_counter())
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            self.step_usage.append((usage.ru_minflt, usage.ru_stime))
             self.losses.append(float(metrics["loss"]))
             self.loop_counts.append(
                 (int(metrics.get("trained_tokens", -1)), int(metrics.get("tokens", -1)))
@@ -530,6 +538,8 @@ def report(
         "peak_flops": peak,
         "mfu": achieved / peak if peak else None,
         "step_seconds": [b - a for a, b in itertools.pairwise(times)],
+        "step_minor_faults": [b[0] - a[0] for a, b in itertools.pairwise(events.step_usage)],
+        "step_system_s": [b[1] - a[1] for a, b in itertools.pairwise(events.step_usage)],
         "losses": events.losses,
         "trained_tokens": [w.trained for w in work],
         "tokens": [w.tokens for w in work],
@@ -565,6 +575,11 @@ def format_report(r: dict[str, Any]) -> str:
         ("padding", f"{100 * r['padding_fraction']:.1f}%"),
         ("time to first step", f"{r['time_to_first_step_s']:.1f} s (setup {r['setup_s']:.1f} s)"),
         ("peak memory", mem),
+        (
+            "page faults",
+            f"{median(r['step_minor_faults']):.0f} minor faults, "
+            f"{median(r['step_system_s']):.2f} s system CPU per measured step (median)",
+        ),
         (
             "achieved",
             f"{r['achieved_flops'] / 1e9:.1f} GFLOP/s = "
