@@ -261,12 +261,39 @@ def test_reused_logits_buffers_change_nothing(samples_plan, autocast, head_train
     with ctx:
         plain = loss_and_grads(model, batch, LossSettings(chunk_size=7))
         reused = loss_and_grads(model, batch, LossSettings(chunk_size=7, reuse_logits=True))
-        (buf,) = LOGITS_BUFFERS._free
+        bufs = [b.data_ptr() for b in LOGITS_BUFFERS._free]
         again = loss_and_grads(model, batch, LossSettings(chunk_size=7, reuse_logits=True))
-    assert LOGITS_BUFFERS._free == [buf]  # lent again, not a new one
+    # fp32 logits, and under autocast their bf16 product too; lent again, not new ones
+    assert sorted(str(b.dtype) for b in LOGITS_BUFFERS._free) == (
+        ["torch.bfloat16", "torch.float32"] if autocast else ["torch.float32"]
+    )
+    assert [b.data_ptr() for b in LOGITS_BUFFERS._free] == bufs
     assert plain[:2] == reused[:2] == again[:2]
     assert max_diff(plain[2], reused[2]) == 0.0 and max_diff(plain[2], again[2]) == 0.0
     LOGITS_BUFFERS.clear()
+
+
+@pytest.mark.parametrize("head_trains", [True, False])
+def test_fused_loss_under_autocast_is_autocasts_own(samples_plan, head_trains):
+    """Under bf16 autocast the fused loss computes what autograd computes for the checkpointed
+    chunks under the same autocast (head matmuls in bf16, softmax in fp32), although it casts
+    the head's weight once per call instead of at every matmul; and that is not fp32's result
+    (so the comparison would see a matmul left in fp32)."""
+    plan = samples_plan
+    cpu = torch.device("cpu")
+    model = apply_method(load_model(plan, cpu), plan.config.method)
+    model.get_output_embeddings().weight.requires_grad_(head_trains)
+    batch = to_device(collate(plan.data.train, [[0, 1], [2], [3, 4]], pad_id=0), cpu)
+    fp32 = loss_and_grads(model, batch, LossSettings(chunk_size=7, fused=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = loss_and_grads(model, batch, LossSettings(chunk_size=7, fused=True))
+        ref = loss_and_grads(model, batch, LossSettings(chunk_size=7, fused=False))
+    scale = max(float(g.abs().max()) for g in ref[2].values())
+    assert max_diff(fused[2], ref[2]) < 1e-2 * scale  # bf16 rounding of the same products
+    # measured: the losses are equal (0.0) and 9e-6 from fp32's; the frozen head's gradients
+    # are equal too, a training head's within 0.6% (its bf16 chunk products summed in fp32)
+    assert fused[1] == ref[1] and abs(fused[0] - ref[0]) < 1e-7 * abs(ref[0])
+    assert abs(fused[0] - fp32[0]) > 2e-6 * abs(ref[0])
 
 
 def test_logits_buffers_are_lent_to_one_caller_at_a_time():
@@ -279,6 +306,9 @@ def test_logits_buffers_are_lent_to_one_caller_at_a_time():
     with pool.lend(LogitsBuffers.ROWS + 1, 10, torch.device("cpu")) as big:
         assert big.numel() == 2 * LogitsBuffers.ROWS * 10
     assert sorted(x.numel() for x in pool._free) == [640, 1280]  # keep=2: the largest stay
+    with pool.lend(3, 10, torch.device("cpu"), torch.bfloat16) as low:
+        assert low.dtype == torch.bfloat16  # a buffer of another dtype is never lent
+    assert {x.dtype for x in pool._free} <= {torch.float32, torch.bfloat16}
     pool.clear()
     assert pool._free == []
 

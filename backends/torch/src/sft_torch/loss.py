@@ -141,41 +141,49 @@ def varlen_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 class LogitsBuffers:
-    """fp32 buffers for `LinearCrossEntropy`'s logits chunks, kept from one call to the next.
+    """Buffers for `LinearCrossEntropy`'s logits chunks, kept from one call to the next.
 
     Why not just allocate: a chunk of 510 trained tokens x 49,152 is 100 MB of fp32, more than
     the largest block glibc serves from its heap (32 MiB), so each chunk was a fresh mmap: ~25,000
     page faults, each a zeroed page, for every micro-batch, and its unmap on free
-    (docs/performance.md, "Kept memory"). CUDA's caching allocator already
-    reuses such blocks, so the trainer turns this on for CPU only (`LossSettings.reuse_logits`).
-    A buffer is lent to one call at a time (micro-batch threads each get their own); at most
-    `keep` are kept, the largest; `clear` drops them (the trainer does when training ends)."""
+    (docs/performance.md, "Kept memory"); under bf16 autocast the chunk's bf16 logits (50 MB)
+    are a second such block. CUDA's caching allocator already reuses such blocks, so the
+    trainer turns this on for CPU only (`LossSettings.reuse_logits`). A buffer is lent to one
+    call at a time (micro-batch threads each get their own); at most `keep` are kept, the
+    largest; `clear` drops them (the trainer does when training ends)."""
 
     ROWS = 64
     """Buffers are sized in multiples of this many rows, so chunks of 507 and 511 rows share one."""
 
-    def __init__(self, keep: int = 4) -> None:
+    def __init__(self, keep: int = 8) -> None:
         self._keep = keep
         self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def lend(self, rows: int, cols: int, device: torch.device) -> Iterator[torch.Tensor]:
-        """A flat fp32 buffer of at least rows x cols elements, this call's alone until exit."""
+    def lend(
+        self, rows: int, cols: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> Iterator[torch.Tensor]:
+        """A flat `dtype` buffer of at least rows x cols elements, this call's alone until
+        exit."""
         rows = -(-rows // self.ROWS) * self.ROWS
         with self._lock:
-            fits = [b for b in self._free if b.numel() >= rows * cols and b.device == device]
+            fits = [
+                b
+                for b in self._free
+                if b.numel() >= rows * cols and b.device == device and b.dtype == dtype
+            ]
             buf = min(fits, key=torch.Tensor.numel) if fits else None
             if buf is not None:
                 self._free = [b for b in self._free if b is not buf]
         if buf is None:
-            buf = torch.empty(rows * cols, dtype=torch.float32, device=device)
+            buf = torch.empty(rows * cols, dtype=dtype, device=device)
         try:
             yield buf
         finally:
             with self._lock:
                 self._free.append(buf)
-                self._free.sort(key=torch.Tensor.numel, reverse=True)
+                self._free.sort(key=lambda b: b.numel() * b.element_size(), reverse=True)
                 del self._free[self._keep :]
 
     def clear(self) -> None:
@@ -190,6 +198,19 @@ def _chunk_ce(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.T
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+def _lend(
+    reuse: bool, rows: int, cols: int, device: torch.device, dtype: torch.dtype
+) -> contextlib.AbstractContextManager[torch.Tensor | None]:
+    if not reuse:
+        return contextlib.nullcontext()
+    return LOGITS_BUFFERS.lend(rows, cols, device, dtype)
+
+
+def _rows(buf: torch.Tensor | None, rows: int, cols: int) -> torch.Tensor | None:
+    """The first rows x cols elements of a lent buffer as a matrix (None without one)."""
+    return None if buf is None else buf[: rows * cols].view(rows, cols)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum(cross_entropy(hidden @ weight.T, targets)), a chunk of rows at a time, with the
     gradients for hidden and weight worked out in the same pass and kept for backward.
@@ -198,8 +219,11 @@ class LinearCrossEntropy(torch.autograd.Function):
     backward does not compute them again: the head's matmul runs twice per chunk instead of three
     times (forward, recompute, input gradient) when the head is frozen (LoRA), three instead of
     four when it trains. Liger-kernel's fused linear cross-entropy does this in Triton (CUDA
-    only); this is the same computation in torch ops, for every device. Under autocast the matmuls
-    run in the autocast dtype, as autograd's own backward of them would."""
+    only); this is the same computation in torch ops, for every device.
+
+    Under autocast the matmuls run in the autocast dtype, as autograd's own backward of them
+    would, and the softmax in fp32; the weight is cast once per call, not once per matmul as
+    autocast casts a frozen weight (56 MB of bf16 per cast for SmolLM2's head)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -211,17 +235,23 @@ class LinearCrossEntropy(torch.autograd.Function):
         reuse: bool = False,
     ) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        device = hidden.device
+        autocast = torch.is_autocast_enabled(device.type)
+        low = torch.get_autocast_dtype(device.type) if autocast else weight.dtype
+        total = torch.zeros((), dtype=torch.float32, device=device)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        )
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_w else None
         rows, vocab = min(chunk, hidden.shape[0]), weight.shape[0]
-        lent = LOGITS_BUFFERS.lend(rows, vocab, hidden.device) if reuse else None
-        with lent or contextlib.nullcontext() as buf:
+        w = weight.to(low)
+        with (
+            torch.autocast(device.type, enabled=False),  # the dtypes are set here
+            _lend(reuse, rows, vocab, device, torch.float32) as buf,
+            _lend(reuse and low != torch.float32, rows, vocab, device, low) as low_buf,
+        ):
             for s in range(0, hidden.shape[0], chunk):
-                h, t = hidden[s : s + chunk], targets[s : s + chunk]
-                logits = _chunk_logits(h, weight, buf)
+                h, t = hidden[s : s + chunk].to(low), targets[s : s + chunk]
+                n = h.shape[0]
+                logits = _chunk_logits(h, w, _rows(buf, n, vocab), _rows(low_buf, n, vocab))
                 picked = logits.gather(1, t[:, None])
                 # log-sum-exp and softmax in place in the logits buffer: the chunk is 100 MB for
                 # 511 x 49152, and torch.logsumexp then exp(logits - lse) made two more copies
@@ -233,11 +263,14 @@ class LinearCrossEntropy(torch.autograd.Function):
                     continue
                 # d(sum CE)/d logits = softmax - one_hot(target)
                 g = e.div_(sums)
-                g[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                g[torch.arange(n, device=t.device), t] -= 1.0
+                if low != torch.float32:  # into the chunk's low-precision buffer, now free
+                    out = _rows(low_buf, n, vocab)
+                    g = g.to(low) if out is None else out.copy_(g)
                 if grad_h is not None:
-                    grad_h[s : s + chunk] = torch.mm(g.to(weight.dtype), weight)
+                    grad_h[s : s + chunk] = torch.mm(g, w)
                 if grad_w is not None:
-                    grad_w += torch.mm(g.t().to(h.dtype), h).float()
+                    grad_w += torch.mm(g.t(), h).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
@@ -250,14 +283,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
-    """fp32 h @ weight.T, in `buf` when given (the same matmul: F.linear without a bias is it)."""
-    if buf is None:
-        return F.linear(h, weight).float()
-    logits = buf[: h.shape[0] * weight.shape[0]].view(h.shape[0], weight.shape[0])
-    if h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
-        return torch.mm(h, weight.t(), out=logits)
-    return logits.copy_(F.linear(h, weight))
+def _chunk_logits(
+    h: torch.Tensor, w: torch.Tensor, buf: torch.Tensor | None, low_buf: torch.Tensor | None
+) -> torch.Tensor:
+    """fp32 logits h @ w.T, computed in h's dtype (h and w share it), into the lent buffers
+    where given: `low_buf` for the product in bf16/fp16, `buf` for its fp32 copy."""
+    if h.dtype == torch.float32:
+        return torch.mm(h, w.t()) if buf is None else torch.mm(h, w.t(), out=buf)
+    low = torch.mm(h, w.t()) if low_buf is None else torch.mm(h, w.t(), out=low_buf)
+    return low.float() if buf is None else buf.copy_(low)
 
 
 def fusable_head(head: Any) -> bool:
