@@ -101,7 +101,7 @@ def test_calls_it_cannot_fuse_run_peft_forward():
     assert calls_fused(model, x)
     assert not calls_fused(model, x.double())  # mixed dtypes
     with torch.autocast("cpu", torch.bfloat16):
-        assert not calls_fused(model, x)
+        assert calls_fused(model, x)  # in the autocast dtype: test_autocast_runs_fused_in_bf16
     with model.disable_adapter():
         assert not calls_fused(model, x)
     model.merge_adapter()
@@ -124,6 +124,37 @@ def test_calls_it_cannot_fuse_run_peft_forward():
     # and the result of a call peft runs is peft's
     ref = lora_net(False, 0.0, use_dora=True)
     assert_close(dora(x), ref(x))
+
+
+@pytest.mark.parametrize("bf16_base", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_autocast_runs_fused_in_bf16(bf16_base, p):
+    """Under bf16 autocast (the CPU default where the CPU has native bf16) the fused Linear
+    computes what peft's Linears compute under the same autocast: bf16 matmuls, a bf16 output,
+    fp32 gradients for the fp32 adapters and input, equal to bf16 rounding (peft rounds the
+    adapter's wide output and scales it there; the fused path scales the rank-r intermediate).
+    With the base stored in bf16 (`torch.bf16_frozen_weights`) as well as in fp32."""
+    ref = lora_net(True, p)
+    if bf16_base:
+        for mod in ref.modules():
+            if isinstance(mod, PeftLinear):
+                mod.base_layer.to(torch.bfloat16)
+    fused = copy.deepcopy(ref)
+    assert use_fused_lora(fused) == 2
+    x = torch.randn(2, 7, 16)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert calls_fused(fused, x)
+        out_r, g_r = run(ref, x, seed=1)
+        out_f, g_f = run(fused, x, seed=1)
+    assert out_f.dtype == out_r.dtype == torch.bfloat16
+    assert [g.dtype for g in g_f] == [g.dtype for g in g_r] == [torch.float32] * 5
+    torch.testing.assert_close(out_f, out_r, rtol=2e-2, atol=2e-2)
+    for a, b in zip(g_f, g_r, strict=True):
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2 * float(b.abs().max()))
+    # and it is bf16 arithmetic, not fp32's: the fp32 run of the same net differs by more
+    fp32 = copy.deepcopy(fused).to(torch.float32)
+    out_32, _ = run(fp32, x, seed=1)
+    assert (out_f.float() - out_32).abs().max() > 1e-3
 
 
 def test_state_dict_and_merge_unchanged():

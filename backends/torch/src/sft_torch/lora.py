@@ -20,8 +20,12 @@ is applied once each way. Saved tensors are those of peft's path: the dropped in
 Only the plain case is fused; anything else runs peft's own forward, unchanged: merged or
 disabled adapters, several active adapters, `adapter_names` batches, DoRA and other variants, a
 LoRA bias, a trainable base, fan_in_fan_out weights, quantized bases (their peft classes are not
-swapped), module hooks (accelerate offload), parameters of DeepSpeed ZeRO-3 / FSDP, autocast (its
-casting rules belong to the modules), or mixed dtypes. State dicts, saving and merging are
+swapped), module hooks (accelerate offload), parameters of DeepSpeed ZeRO-3 / FSDP, or mixed
+dtypes outside autocast. Under autocast (bf16 on CPU) it runs in the autocast dtype as autocast
+would run peft's Linears: x, the weights and the bias cast to it (the frozen base is already
+bf16 with `torch.bf16_frozen_weights`; the adapters' casts are differentiable, so their
+gradients reach the fp32 parameters as autocast's do), the output in it; x is cast once where
+peft's path casts it for the base and again for lora_A. State dicts, saving and merging are
 untouched: the swapped class is a subclass of peft's and adds no state. With FastDropout (CPU,
 `torch.fast_dropout`) the mask is drawn exactly as that module draws it, so a seed gives peft's
 path's mask; with nn.Dropout it is an equivalent Bernoulli(p) mask from `torch.rand`.
@@ -90,7 +94,8 @@ class FusedLoraLinear(_base_layer_class()):  # type: ignore[misc]
     """peft's lora.Linear whose plain case runs as one autograd Function (module docstring)."""
 
     def _fused_args(self, x: torch.Tensor) -> tuple[Any, ...] | None:
-        """(weight, bias, A, B, dropout module) when this call can be fused, else None."""
+        """(weight, bias, A, B, dropout module, the autocast dtype or None) when this call can
+        be fused, else None."""
         if self.disable_adapters or self.merged or len(self.active_adapters) != 1:
             return None
         name = self.active_adapters[0]
@@ -116,15 +121,20 @@ class FusedLoraLinear(_base_layer_class()):  # type: ignore[misc]
         if base.bias is not None and base.bias.requires_grad:
             return None
         dtypes = {x.dtype} | {p.dtype for p in params if p is not None}
-        if len(dtypes) != 1 or torch.is_autocast_enabled(x.device.type):
+        cast = None
+        if torch.is_autocast_enabled(x.device.type):
+            cast = torch.get_autocast_dtype(x.device.type)
+            if not all(d.is_floating_point for d in dtypes):
+                return None
+        elif len(dtypes) != 1:
             return None
-        return base.weight, base.bias, a.weight, b.weight, dropout
+        return base.weight, base.bias, a.weight, b.weight, dropout, cast
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         fused = None if args or kwargs else self._fused_args(x)
         if fused is None:
             return super().forward(x, *args, **kwargs)
-        weight, bias, a, b, dropout = fused
+        weight, bias, a, b, dropout, cast = fused
         scale = float(self.scaling[self.active_adapters[0]])
         drop = None
         if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
@@ -135,7 +145,12 @@ class FusedLoraLinear(_base_layer_class()):  # type: ignore[misc]
                 drop = u < dropout.p
                 keep_scale = 1.0 / (1.0 - dropout.p)
             scale *= keep_scale
-        out: torch.Tensor = _FusedLora.apply(x, weight, bias, a, b, drop, scale)
+        if cast is None:
+            out: torch.Tensor = _FusedLora.apply(x, weight, bias, a, b, drop, scale)
+            return out
+        args = [None if t is None else t.to(cast) for t in (x, weight, bias, a, b)]
+        with torch.autocast(x.device.type, enabled=False):  # the dtypes are set here
+            out = _FusedLora.apply(*args, drop, scale)
         return out
 
 
