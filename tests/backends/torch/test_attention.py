@@ -69,6 +69,25 @@ def test_segment_attention_equals_sdpa_under_the_block_mask():
     assert not torch.allclose(out, causal.transpose(1, 2), atol=1e-3)
 
 
+def test_bf16_on_cpu_runs_the_fp32_kernel():
+    """bf16 (autocast's q, k, v on CPU): the samples' attention runs in fp32, where torch's CPU
+    flash kernel is faster than in bf16, and the output comes back in bf16: exactly the fp32
+    result of the same bf16 inputs, rounded once; the gradients reach q, k, v in bf16."""
+    torch.manual_seed(0)
+    B, H, Hkv, L, D = 1, 4, 2, 19, 8
+    pos = torch.cat([torch.arange(n) for n in (9, 6, 4)])[None]
+    qkv = [torch.randn(B, h, L, D).bfloat16().requires_grad_() for h in (H, Hkv, Hkv)]
+    wide = [t.detach().float().requires_grad_() for t in qkv]
+    out, _ = attention.segment_attention(Attn(), *qkv, None, position_ids=pos)
+    ref, _ = attention.segment_attention(Attn(), *wide, None, position_ids=pos)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref.bfloat16())
+    g = torch.randn_like(ref).bfloat16().float()  # what reaches a bf16 output is bf16
+    grads = torch.autograd.grad((out.float() * g).sum(), qkv)
+    ref_grads = torch.autograd.grad((ref * g).sum(), wide)
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b.bfloat16())
+
+
 def test_generation_with_a_kv_cache_is_unchanged(tmp_path, tiny_llama):
     plan = make_plan(tmp_path, tiny_llama, method="full")
     cpu = torch.device("cpu")
