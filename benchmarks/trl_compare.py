@@ -268,9 +268,7 @@ def run_trl(
     from transformers import TrainerCallback
 
     t0 = time.perf_counter()
-    trainer = trl_trainer(
-        model_dir, data, steps, packing, work, method, global_batch, precision
-    )
+    trainer = trl_trainer(model_dir, data, steps, packing, work, method, global_batch, precision)
     counter = CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
     times: list[float] = []

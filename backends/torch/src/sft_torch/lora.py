@@ -148,9 +148,9 @@ class FusedLoraLinear(_base_layer_class()):  # type: ignore[misc]
         if cast is None:
             out: torch.Tensor = _FusedLora.apply(x, weight, bias, a, b, drop, scale)
             return out
-        args = [None if t is None else t.to(cast) for t in (x, weight, bias, a, b)]
+        low = [None if t is None else t.to(cast) for t in (x, weight, bias, a, b)]
         with torch.autocast(x.device.type, enabled=False):  # the dtypes are set here
-            out = _FusedLora.apply(*args, drop, scale)
+            out = _FusedLora.apply(*low, drop, scale)
         return out
 
 

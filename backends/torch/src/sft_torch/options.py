@@ -74,9 +74,10 @@ class TorchOptions(BaseModel):
     """Run each LoRA Linear (frozen base, adapter, its dropout) as one autograd Function: the
     scale goes on the rank-r intermediate, the adapter's output and input gradient are
     accumulated into the base's by the GEMMs, the dropout mask is applied once each way
-    (`sft_torch.lora`). The same values as peft's forward, with fewer element-wise passes.
-    Calls it cannot fuse (autocast, DoRA, merged or several adapters, quantized bases, FSDP /
-    DeepSpeed parameters) run peft's forward. `false`: peft's forward always."""
+    (`sft_torch.lora`). The same values as peft's forward, with fewer element-wise passes; under
+    autocast (bf16 on CPU) in the autocast dtype, as peft's Linears would run, to bf16 rounding.
+    Calls it cannot fuse (DoRA, merged or several adapters, quantized bases, FSDP / DeepSpeed
+    parameters) run peft's forward. `false`: peft's forward always."""
 
     micro_batch_threads: int | None = Field(None, gt=0)
     """On CPU, run this many micro-batches of a step at once, each on its own thread with one
