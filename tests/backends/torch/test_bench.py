@@ -65,13 +65,10 @@ def write_config(tmp_path: Path, model: Path, n: int = 8, method: str = "full") 
     return cfg
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "method",
-    ["full", "{name: lora, r: 8, dropout: 0.0}"],  # LoRA: fused_lora; no dropout, same math
-)
-def test_packed_chunked_losses_equal_plain_losses(tmp_path, tiny_llama, method):
-    cfg = write_config(tmp_path, tiny_llama, method=method)
+def levers_and_plain(tmp_path: Path, model: Path, method: str, *extra: str) -> tuple[dict, dict]:
+    """`sft bench` of one config with the levers of a 2-core CPU run (and `extra` overrides),
+    then the same config's plain fp32 run."""
+    cfg = write_config(tmp_path, model, method=method)
     fast = run_bench(
         cfg,
         steps=3,
@@ -80,9 +77,16 @@ def test_packed_chunked_losses_equal_plain_losses(tmp_path, tiny_llama, method):
             "data.packing=true",
             "torch.chunked_loss=true",
             "torch.loss_chunk_size=16",
-            "torch.micro_batch_threads=2",  # the levers of a 2-core CPU run
+            "torch.micro_batch_threads=2",
+            *extra,
         ],
     )
+    return fast, plain_bench(tmp_path, cfg)
+
+
+def plain_bench(tmp_path: Path, cfg: Path) -> dict:
+    """`sft bench` of `cfg` (fp32) with the data levers and the chunked loss off: padded
+    micro-batches, full logits."""
     out = tmp_path / "plain.json"
     code = main(
         [
@@ -99,7 +103,16 @@ def test_packed_chunked_losses_equal_plain_losses(tmp_path, tiny_llama, method):
         ]
     )
     assert code == 0
-    plain = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "method",
+    ["full", "{name: lora, r: 8, dropout: 0.0}"],  # LoRA: fused_lora; no dropout, same math
+)
+def test_packed_chunked_losses_equal_plain_losses(tmp_path, tiny_llama, method):
+    fast, plain = levers_and_plain(tmp_path, tiny_llama, method)
 
     assert fast["levers"]["packing"] and fast["levers"]["chunked_loss"]
     assert fast["levers"]["fused_loss"] and fast["levers"]["packed_attention"] == "segments"
@@ -121,6 +134,31 @@ def test_packed_chunked_losses_equal_plain_losses(tmp_path, tiny_llama, method):
         assert len(r["step_minor_faults"]) == len(r["step_system_s"]) == r["measured_steps"]
         assert min(r["step_minor_faults"]) >= 0 and min(r["step_system_s"]) >= 0
         assert r["levers"]["keep_memory"] and not r["levers"]["release_memory"]  # CPU default
+
+
+BF16_LOSS_TOL = 1e-3
+"""bf16 with every lever vs the plain fp32 run: each step's loss within this relative
+difference (docs/performance.md, "Correctness gates")."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "{name: lora, r: 8, dropout: 0.0}"])
+def test_bf16_levers_losses_track_the_plain_fp32_run(tmp_path, tiny_llama, method):
+    """`precision: bf16` (autocast; what `auto` picks on an AVX512-BF16 / AMX CPU) with
+    packing, the segments attention, the fused chunked loss, fused LoRA, bf16 frozen weights and
+    micro-batch threads: every step's loss within BF16_LOSS_TOL of the plain fp32 run's, and not
+    equal to it (so bf16 really ran)."""
+    fast, plain = levers_and_plain(tmp_path, tiny_llama, method, "train.precision=bf16")
+    assert fast["precision"] == "bf16" and plain["precision"] == "fp32"
+    levers = fast["levers"]
+    assert levers["fused_loss"] and levers["packed_attention"] == "segments"
+    assert levers["micro_batch_threads"] == 2
+    lora = method.startswith("{name: lora")
+    assert levers["fused_lora"] is lora and levers["bf16_frozen_weights"] is lora
+    assert fast["trained_tokens"] == plain["trained_tokens"]
+    assert fast["losses"] == pytest.approx(plain["losses"], rel=BF16_LOSS_TOL)
+    assert fast["losses"] != pytest.approx(plain["losses"], rel=1e-6)
+    assert fast["losses"][-1] < fast["losses"][0]
 
 
 def meta_plan(model: Path, method) -> SimpleNamespace:
