@@ -25,7 +25,14 @@ from sft.data.batching import collate
 from sft.events import read_metrics
 from sft_torch import attention
 from sft_torch.data import to_device
-from sft_torch.loss import LOGITS_BUFFERS, LogitsBuffers, LossSettings, batch_loss, fusable_head
+from sft_torch.loss import (
+    LOGITS_BUFFERS,
+    FrozenCast,
+    LogitsBuffers,
+    LossSettings,
+    batch_loss,
+    fusable_head,
+)
 from sft_torch.methods import apply_method
 from sft_torch.model import load_model
 from sft_torch.train import Trainer, fit
@@ -294,6 +301,27 @@ def test_fused_loss_under_autocast_is_autocasts_own(samples_plan, head_trains):
     # are equal too, a training head's within 0.6% (its bf16 chunk products summed in fp32)
     assert fused[1] == ref[1] and abs(fused[0] - ref[0]) < 1e-7 * abs(ref[0])
     assert abs(fused[0] - fp32[0]) > 2e-6 * abs(ref[0])
+
+
+def test_frozen_cast_is_kept_while_the_weight_is_unchanged():
+    """`FrozenCast` (the frozen head's bf16 copy, kept between micro-batches): the same copy
+    while the weight is unchanged, a new one after an in-place update or for another tensor,
+    and none kept for a trainable weight (it changes every step)."""
+    cache = FrozenCast()
+    w = torch.randn(6, 4)
+    a, b = cache.get(w, torch.bfloat16), cache.get(w, torch.bfloat16)
+    assert a.data_ptr() == b.data_ptr() and torch.equal(a, w.bfloat16())
+    with torch.no_grad():
+        w.add_(1.0)  # an optimizer step, a checkpoint load: the version counter moves
+    c = cache.get(w, torch.bfloat16)
+    assert c.data_ptr() != a.data_ptr() and torch.equal(c, w.bfloat16())
+    other = w.clone()
+    assert cache.get(other, torch.bfloat16).data_ptr() != c.data_ptr()
+    trainable = torch.randn(6, 4, requires_grad=True)
+    cache.clear()
+    cache.get(trainable, torch.bfloat16)
+    assert cache._low is None
+    assert cache.get(w, torch.float32) is w  # already in the dtype: nothing to keep
 
 
 def test_logits_buffers_are_lent_to_one_caller_at_a_time():

@@ -28,6 +28,7 @@ import contextlib
 import itertools
 import math
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -54,8 +55,9 @@ class LossSettings:
     changes the inputs; `segments` is the model's attention function, sft_torch.attention)."""
     reuse_logits: bool = False
     """`LinearCrossEntropy` computes each chunk's logits into a buffer kept between calls
-    (`LOGITS_BUFFERS`) instead of a new tensor: on CPU, where a chunk is larger than glibc's
-    largest mmap threshold (see `LogitsBuffers`)."""
+    (`LOGITS_BUFFERS`) instead of a new tensor, and keeps a frozen head's autocast copy
+    (`FROZEN_CAST`): on CPU, where a chunk or that copy is larger than glibc's largest mmap
+    threshold (see `LogitsBuffers`)."""
 
 
 def block_causal_mask(batch: dict[str, Any], eager: bool) -> torch.Tensor:
@@ -194,6 +196,41 @@ class LogitsBuffers:
 LOGITS_BUFFERS = LogitsBuffers()
 
 
+class FrozenCast:
+    """A frozen weight cast to autocast's dtype, kept while the weight is the same tensor,
+    unchanged (its version counter) and frozen.
+
+    `LinearCrossEntropy` casts the head's weight once per call; a LoRA run's head (tied to the
+    input embeddings, so `torch.bf16_frozen_weights` leaves it in fp32) is the same every call,
+    and its bf16 copy (56 MB for SmolLM2) was a fresh mmap per micro-batch on CPU: ~14,000 page
+    faults each. One weight is kept (the head); a trainable weight is never cached; `clear`
+    drops it (the trainer does when training ends)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: tuple[Any, ...] | None = None
+        self._low: torch.Tensor | None = None
+
+    def get(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if weight.dtype == dtype or weight.requires_grad:
+            return weight.to(dtype)
+        key = (weight.data_ptr(), weight._version, dtype)
+        with self._lock:
+            if self._key is not None and self._key[0]() is weight and self._key[1:] == key:
+                return self._low  # type: ignore[return-value]
+        low = weight.to(dtype)
+        with self._lock:
+            self._key, self._low = (weakref.ref(weight), *key), low
+        return low
+
+    def clear(self) -> None:
+        with self._lock:
+            self._key = self._low = None
+
+
+FROZEN_CAST = FrozenCast()
+
+
 def _chunk_ce(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
@@ -242,7 +279,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_w else None
         rows, vocab = min(chunk, hidden.shape[0]), weight.shape[0]
-        w = weight.to(low)
+        w = FROZEN_CAST.get(weight, low) if reuse else weight.to(low)
         with (
             torch.autocast(device.type, enabled=False),  # the dtypes are set here
             _lend(reuse, rows, vocab, device, torch.float32) as buf,

@@ -35,7 +35,7 @@ from sft_torch.data import load_batch
 from sft_torch.dropout import use_fast_dropout
 from sft_torch.guard import StepGuard, StopSignals, agreed_stop, stop_for_signal
 from sft_torch.levers import Levers, resolve_levers
-from sft_torch.loss import LOGITS_BUFFERS, LossSettings, batch_loss, eval_loss
+from sft_torch.loss import FROZEN_CAST, LOGITS_BUFFERS, LossSettings, batch_loss, eval_loss
 from sft_torch.methods import apply_method, count_params
 from sft_torch.model import (
     cast_frozen_linears,
@@ -440,6 +440,7 @@ def fit(trainer: Trainer, started: float | None = None) -> TrainResult:
         evals = trainer.evaluate()
     if trainer.levers.keep_memory:  # what the steps kept goes back before the exports
         LOGITS_BUFFERS.clear()
+        FROZEN_CAST.clear()
         runtime.trim_freed_memory()
     return finish(trainer, start, evals, started)
 
