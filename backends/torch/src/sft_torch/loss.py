@@ -326,8 +326,8 @@ def _chunk_logits(
     """fp32 logits h @ w.T, computed in h's dtype (h and w share it), into the lent buffers
     where given: `low_buf` for the product in bf16/fp16, `buf` for its fp32 copy."""
     if h.dtype == torch.float32:
-        return torch.mm(h, w.t()) if buf is None else torch.mm(h, w.t(), out=buf)
-    low = torch.mm(h, w.t()) if low_buf is None else torch.mm(h, w.t(), out=low_buf)
+        return torch.mm(h, w.t(), out=buf)  # out=None: a new tensor
+    low = torch.mm(h, w.t(), out=low_buf)
     return low.float() if buf is None else buf.copy_(low)
 
 
