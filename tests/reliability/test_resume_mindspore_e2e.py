@@ -192,7 +192,8 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_143(workdir: Path, refer
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    at_signal = max(train_steps(run))
+    # the worker's own log, not metrics.jsonl: `sft run` writes the rows a little behind it
+    at_signal = worker_step(run)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 143, f"exit {proc.returncode}:\n{out}"
     assert "Traceback" not in out and "SIGTERM" in out and "--resume auto" in out, out
