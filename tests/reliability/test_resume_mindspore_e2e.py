@@ -132,7 +132,9 @@ def test_sigkill_between_checkpoints_resumes_bitwise_with_each_step_once(
     b = load_ckpt(run / "final" / "mindspore" / "model.ckpt")
     assert a.keys() == b.keys()
     differ = [n for n in a if a[n].data.tobytes() != b[n].data.tobytes()]
-    assert not differ, f"SIGKILL after step {killed_at}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+    assert not differ, (
+        f"SIGKILL after step {killed_at}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+    )
     assert np.array_equal(a[next(iter(a))].data, b[next(iter(b))].data)
 
 

@@ -40,7 +40,7 @@ def plan_for(tmp_path, model, threads, dropout=0.0, **kw):
     return make_plan(
         tmp_path,
         model,
-        method={"name": "lora", "r": 4, "dropout": dropout},
+        method=kw.pop("method", {"name": "lora", "r": 4, "dropout": dropout}),
         train={**TRAIN, **kw.pop("train", {})},
         torch_opts={"micro_batch_threads": threads, **kw.pop("torch_opts", {})},
         **kw,
@@ -90,6 +90,9 @@ def test_auto_and_what_blocks_it(tmp_path, tiny_llama):
     assert threads("c", None, torch_opts=two, train={"gradient_accumulation_steps": 1}) == 1
     gc = {"gradient_checkpointing": True}
     assert threads("d", None, torch_opts=two, train=gc) == 1
+    # full fine-tuning: a second thread would hold a second full-size set of gradients
+    assert threads("full", None, torch_opts=two, method={"name": "full"}) == 1
+    assert threads("full2", 2, torch_opts=two, method={"name": "full"}) == 2  # asked for
     slow = {**two, "fast_dropout": False}
     assert threads("e", None, torch_opts=slow, dropout=0.1) == 1  # torch's nn.Dropout
     assert threads("f", 2, torch_opts=slow, dropout=0.0) == 2  # no dropout at all
@@ -121,3 +124,47 @@ def test_every_step_runs_on_the_same_worker_threads():
         micro_batch_threads.run(2, batches, forward, [weight], contextlib.nullcontext)
     assert len(set().union(*seen)) <= 2 and threading.get_native_id() not in seen[0]
     assert torch.equal(weight.grad, torch.full((3,), 3 * 6.0))  # 3 steps of 0+1+2+3 per element
+
+
+def test_gradients_are_summed_in_micro_batch_order_whatever_finishes_first():
+    """Each gradient goes into .grad as soon as it exists (no thread holds a full set), yet in
+    micro-batch order: with the later micro-batches finishing first, .grad is still
+    ((g0 + g1) + g2) + g3 bitwise, as one after the other gives (float sums depend on order)."""
+    import contextlib
+    import time
+
+    from sft_torch import micro_batch_threads
+
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randn(4096, generator=gen) * 10 ** (6 * torch.rand(4096, generator=gen) - 3)]
+    rows += [torch.randn(4096, generator=gen) * 10 ** (6 * torch.rand(4096, generator=gen) - 3)]
+    rows += [-rows[0] * 0.999, rows[1] * 1e-3]
+    expected = ((rows[0] + rows[1]) + rows[2]) + rows[3]
+    assert not torch.equal(expected, ((rows[2] + rows[1]) + rows[0]) + rows[3])  # order shows
+    weight = torch.nn.Parameter(torch.zeros(4096))
+    unused = torch.nn.Parameter(torch.zeros(3))  # no micro-batch reaches it: no gradient
+
+    def forward(r, w):
+        time.sleep(0.3 if r is rows[0] else 0.15 if r is rows[1] else 0.0)  # 2, 1, 0 finish first
+        loss = (weight * r).sum() * w
+        return loss, loss, 1
+
+    batches = [(r, 1.0) for r in rows]
+    micro_batch_threads.run(3, batches, forward, [weight, unused], contextlib.nullcontext)
+    assert torch.equal(weight.grad, expected) and unused.grad is None
+    assert not weight._backward_hooks  # the hooks go with the step
+
+    def failing(r, w):
+        if r is rows[1]:
+            raise RuntimeError("boom in micro-batch 1")
+        return forward(r, w)
+
+    weight.grad = None
+    with pytest.raises(RuntimeError, match="boom"):
+        micro_batch_threads.run(3, batches, failing, [weight], contextlib.nullcontext)
+    # the others were not left waiting for its turn: all three workers are free again
+    import threading
+
+    barrier = threading.Barrier(3, timeout=10)
+    pool = micro_batch_threads.workers(3)
+    assert all(f.result() is not None for f in [pool.submit(barrier.wait) for _ in range(3)])

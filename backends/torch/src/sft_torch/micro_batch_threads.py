@@ -4,9 +4,9 @@ intra-op thread, with the same result as running them one after the other.
     n = resolve(option, model, device, world, gradient_checkpointing, accumulation)  # 1: off
     loss_sum, tokens = run(n, micro_batches, forward, params, autocast)
 
-Each micro-batch returns its own gradients (autograd.grad) and they are summed into .grad in
-micro-batch order, and each draws its dropout masks from a generator seeded from torch's default
-one in that order (`sft_torch.dropout.dropout_generator`), so the result does not depend on the
+Each micro-batch's gradients go into .grad as its backward produces them, in micro-batch order
+(`OrderedGrads`: no thread holds a full set of its own), and each draws its dropout masks from a
+generator seeded from torch's default one in that order (`sft_torch.dropout.dropout_generator`), so the result does not depend on the
 threads' timing. `resolve` allows it only where nothing else draws random numbers or holds
 per-thread state.
 
@@ -15,10 +15,12 @@ per-thread state.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
+from functools import partial
 from typing import Any
 
 import torch
@@ -46,12 +48,14 @@ def resolve(
     a FastDropout (drawing from `dropout_generator`, as fused LoRA does) and attention has none:
     anything else drawing random numbers on concurrent threads would make runs irreproducible;
     and no peft LoRA on MoE expert parameters (its per-forward parametrization is module state).
-    `None` (auto): torch's thread count when that is 2-4 and the step has that many
-    micro-batches (`accumulation`); else 1."""
+    `None` (auto): torch's thread count when that is 2-4, the step has that many micro-batches
+    (`accumulation`) and at most `AUTO_MAX_TRAINED` of the parameters train; else 1."""
     auto = option is None
     if option is None:
         want = torch.get_num_threads()
         option = want if 2 <= want <= 4 and accumulation >= want else 1
+        if option > 1 and trained_share(model) > AUTO_MAX_TRAINED:
+            option = 1
     if option <= 1:
         return 1
     lm = causal_lm(model)
@@ -85,6 +89,22 @@ def resolve(
     )
 
 
+#: Auto picks one thread when more of the parameters than this train (full and most freeze
+#: tuning): each concurrent micro-batch holds its own full-size gradients until they are summed
+#: in order, and its own activations. Full fine-tuning of SmolLM2-135M, global batch 4, on the
+#: avx512_bf16 EPYC of 2026-12-04 (interleaved `sft bench`, docs/performance.md): 2 threads
+#: were no faster than 1 and held 1.7 GB more (6.1 vs 4.4 GB peak RSS); LoRA (2-3% trained)
+#: keeps the threads, whose gradients are the adapters' few MiB.
+AUTO_MAX_TRAINED = 0.10
+
+
+def trained_share(model: torch.nn.Module) -> float:
+    """The fraction of the model's parameters (elements, tied ones once) that train."""
+    params = list(model.parameters())  # deduplicated: a tied head is counted once
+    total = sum(p.numel() for p in params)
+    return sum(p.numel() for p in params if p.requires_grad) / max(total, 1)
+
+
 def run(
     threads: int,
     micro_batches: Sequence[tuple[Any, float]],
@@ -95,26 +115,88 @@ def run(
     """Run `forward` on every (rows, weight) of `micro_batches` on `threads` threads at once and
     accumulate the gradients of `params` in micro-batch order; returns (loss sum, tokens)."""
     seeds = torch.randint(0, 2**62, (len(micro_batches),)).tolist()
+    ordered = OrderedGrads(params)
 
-    def one(i: int) -> tuple[float, int, tuple[torch.Tensor | None, ...]]:
+    def one(i: int) -> tuple[float, int]:
         rows, weight = micro_batches[i]
-        with dropout_generator(seeds[i]), autocast():
-            loss, objective, tokens = forward(rows, weight)
-            grads = torch.autograd.grad(objective, params, allow_unused=True)
-        return float(loss.detach()), tokens, grads
+        try:
+            with ordered.micro_batch(i), dropout_generator(seeds[i]), autocast():
+                loss, objective, tokens = forward(rows, weight)
+                torch.autograd.grad(objective, params, allow_unused=True)  # into .grad: hooks
+        finally:
+            ordered.finish(i)
+        return float(loss.detach()), tokens
 
     saved = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers' ops: one thread each
     loss_sum, tokens = 0.0, 0
+    futures = [workers(threads).submit(one, i) for i in range(len(micro_batches))]
     try:
-        for loss, n, grads in workers(threads).map(one, range(len(micro_batches))):  # in order
+        for future in futures:  # in order
+            loss, n = future.result()
             loss_sum, tokens = loss_sum + loss, tokens + n
-            for p, g in zip(params, grads, strict=True):
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad.add_(g)
     finally:
+        wait(futures)  # after a failure too: no micro-batch still adds to .grad
+        ordered.remove()
         torch.set_num_threads(saved)
     return loss_sum, tokens
+
+
+class OrderedGrads:
+    """Adds each parameter's gradient into its .grad as the backward of a micro-batch produces
+    it, in micro-batch order: micro-batch k adds to a parameter only after k - 1 has added to it
+    (or finished without a gradient for it), so .grad is g0 + g1 + ... summed in that order,
+    whatever the threads' timing, and the same sums as one micro-batch after the other.
+
+    Before, each thread's `autograd.grad` returned all of its gradients at the end and they were
+    summed afterwards: every micro-batch in flight held a full-size set (for full fine-tuning of
+    SmolLM2-135M, 513 MiB each, three sets at once with 2 threads). Here a hook on each
+    parameter takes the gradient the moment it exists and hands autograd back a zero that owns
+    no memory (stride 0), so what a thread holds is its activations alone. Waits only ever go to
+    an earlier micro-batch, which already runs or has finished, so they cannot deadlock; a
+    micro-batch that fails still releases its turn (`finish`), and the error propagates."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params = params
+        self.turn = [0] * len(params)  # the micro-batch whose gradient each parameter takes next
+        self.cond = threading.Condition()
+        self.local = threading.local()
+        self.handles = [p.register_hook(partial(self._take, i)) for i, p in enumerate(params)]
+
+    @contextlib.contextmanager
+    def micro_batch(self, k: int) -> Iterator[None]:
+        self.local.k = k
+        try:
+            yield
+        finally:
+            self.local.k = None
+
+    def _take(self, i: int, grad: torch.Tensor) -> torch.Tensor | None:
+        k = getattr(self.local, "k", None)
+        if k is None:  # a backward outside `run` on this thread: leave it alone
+            return None
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn[i] == k)
+        p = self.params[i]
+        # a clone first: the gradient autograd passes may alias a tensor its backward still uses
+        p.grad = grad.clone() if p.grad is None else p.grad.add_(grad)
+        with self.cond:
+            self.turn[i] = k + 1
+            self.cond.notify_all()
+        return torch.zeros((), dtype=grad.dtype, device=grad.device).expand_as(grad)
+
+    def finish(self, k: int) -> None:
+        """Micro-batch k is done: pass its turn on for every parameter it left without one."""
+        with self.cond:
+            for i in range(len(self.params)):
+                self.cond.wait_for(lambda i=i: self.turn[i] >= k)  # type: ignore[misc]
+                if self.turn[i] == k:
+                    self.turn[i] = k + 1
+            self.cond.notify_all()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 _WORKERS: dict[int, ThreadPoolExecutor] = {}

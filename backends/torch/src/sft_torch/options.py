@@ -82,12 +82,13 @@ class TorchOptions(BaseModel):
     micro_batch_threads: int | None = Field(None, gt=0)
     """On CPU, run this many micro-batches of a step at once, each on its own thread with one
     intra-op thread (small GEMMs scale better side by side than split over threads: see
-    docs/performance.md; each thread holds its own activations). Gradients are summed in
-    micro-batch order and dropout masks come from per-micro-batch generators, so runs are
-    reproducible and resume exactly. Needs one process, no gradient checkpointing and every
-    dropout a FastDropout (`fast_dropout`). Default: torch's thread count when that is 2-4 and a
-    step has that many micro-batches and those conditions hold, else 1 (one micro-batch after
-    the other)."""
+    docs/performance.md; each thread holds its own activations). Gradients are added into
+    .grad in micro-batch order as they are produced and dropout masks come from per-micro-batch
+    generators, so runs are reproducible and resume exactly. Needs one process, no gradient
+    checkpointing and every dropout a FastDropout (`fast_dropout`). Default: torch's thread count
+    when that is 2-4, a step has that many micro-batches, at most 10% of the parameters train
+    (LoRA, not full fine-tuning: there a second thread's activations cost more memory than its
+    speed is worth) and those conditions hold, else 1 (one micro-batch after the other)."""
 
     release_memory: bool = False
     """On Linux (glibc), `true`: serve allocations of 256 KiB and more with their own mmap, so
