@@ -27,6 +27,7 @@ import torch
 from sft.errors import SftError
 
 from sft_torch.dropout import FastDropout, dropout_generator
+from sft_torch.methods import count_params
 from sft_torch.model import causal_lm
 
 #: forward(rows, weight) -> (the micro-batch's weighted loss, what to differentiate, tokens)
@@ -54,7 +55,8 @@ def resolve(
     if option is None:
         want = torch.get_num_threads()
         option = want if 2 <= want <= 4 and accumulation >= want else 1
-        if option > 1 and trained_share(model) > AUTO_MAX_TRAINED:
+        total, trained = count_params(model)
+        if option > 1 and trained > AUTO_MAX_TRAINED * total:
             option = 1
     if option <= 1:
         return 1
@@ -96,13 +98,6 @@ def resolve(
 #: 229-254 trained tokens/s at 5.3 GB peak RSS, 1 thread 201-227 at 4.4 GB. LoRA (2-3% trained)
 #: keeps the threads: its activations are smaller, and there they are 1.12x faster.
 AUTO_MAX_TRAINED = 0.10
-
-
-def trained_share(model: torch.nn.Module) -> float:
-    """The fraction of the model's parameters (elements, tied ones once) that train."""
-    params = list(model.parameters())  # deduplicated: a tied head is counted once
-    total = sum(p.numel() for p in params)
-    return sum(p.numel() for p in params if p.requires_grad) / max(total, 1)
 
 
 def run(
